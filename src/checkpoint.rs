@@ -1,0 +1,469 @@
+//! Finding a checkpoint's weight files and validating all of their headers.
+//!
+//! A checkpoint is a directory in Hugging Face layout or a single `.safetensors` file. Only
+//! headers are read here; tensor data is mapped later, by the engine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::header::{read_header, Header, HeaderError, TensorInfo};
+
+/// Largest `*.safetensors.index.json` accepted, in bytes.
+pub const MAX_INDEX_LEN: u64 = 256 * 1024 * 1024;
+
+/// Weight formats expo does not read; their presence explains a missing safetensors file.
+pub const FOREIGN_WEIGHT_EXTENSIONS: [&str; 8] =
+    ["bin", "pt", "pth", "ckpt", "h5", "msgpack", "gguf", "onnx"];
+
+/// How the weights of a checkpoint are laid out.
+#[derive(Debug, Clone)]
+pub enum Layout {
+    /// A `*.safetensors.index.json` naming the shards.
+    Indexed {
+        /// File name of the index, relative to the checkpoint root.
+        index_name: String,
+        /// The index's `metadata` object, kept to mirror it in the output.
+        metadata: serde_json::Map<String, serde_json::Value>,
+    },
+    /// One safetensors file.
+    Single,
+}
+
+/// One weight file of a checkpoint.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    /// File name relative to the checkpoint root (as the index names it).
+    pub name: String,
+    /// Full path of the file.
+    pub path: PathBuf,
+    /// Its validated header.
+    pub header: Header,
+}
+
+/// Where a tensor lives: shard number and position in that shard's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorLoc {
+    pub shard: usize,
+    pub index: usize,
+}
+
+/// A checkpoint whose headers have all been read and cross-checked.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The path the user gave.
+    pub given: PathBuf,
+    /// The directory holding the weight files (the file's parent for a single-file input).
+    pub root: PathBuf,
+    /// True when the user named a directory (so side files can be copied from it).
+    pub is_dir: bool,
+    pub layout: Layout,
+    /// Weight files, sorted by name.
+    pub shards: Vec<Shard>,
+    by_name: HashMap<String, TensorLoc>,
+}
+
+/// What can be wrong with a checkpoint as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path} does not exist")]
+    NotFound { path: PathBuf },
+    #[error("{path}: reading it failed: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{dir} holds several safetensors indexes ({}); point at the one to use, e.g. {}", found.join(", "), dir.join(&found[0]).display())]
+    AmbiguousIndex { dir: PathBuf, found: Vec<String> },
+    #[error("{dir} holds several safetensors files and no index ({}); point at the one to use, e.g. {}", found.join(", "), dir.join(&found[0]).display())]
+    AmbiguousWeights { dir: PathBuf, found: Vec<String> },
+    #[error("{dir} holds only PyTorch/other weights ({}); expo reads safetensors only: convert the checkpoint first (e.g. load it in transformers and save_pretrained(..., safe_serialization=True))", found.join(", "))]
+    ForeignWeights { dir: PathBuf, found: Vec<String> },
+    #[error("{path} is a {kind} file; expo reads safetensors only: convert the checkpoint first (e.g. load it in transformers and save_pretrained(..., safe_serialization=True))")]
+    ForeignFile { path: PathBuf, kind: String },
+    #[error("{dir} holds no safetensors weights (no *.safetensors.index.json, model.safetensors or *.safetensors)")]
+    NoWeights { dir: PathBuf },
+    #[error("{path}: invalid index: {reason}")]
+    InvalidIndex { path: PathBuf, reason: String },
+    #[error("{index}: tensor `{tensor}` points at `{shard}`, which is not a plain relative file name inside the checkpoint")]
+    UnsafeShardPath {
+        index: PathBuf,
+        tensor: String,
+        shard: String,
+    },
+    #[error("{index} names shard `{shard}` (for {tensors} tensors, e.g. `{example}`), but {path} does not exist (incomplete download?)")]
+    MissingShard {
+        index: PathBuf,
+        shard: String,
+        path: PathBuf,
+        tensors: usize,
+        example: String,
+    },
+    #[error("{index} places tensor `{tensor}` in {shard}, but that file has no such tensor")]
+    TensorNotInShard {
+        index: PathBuf,
+        tensor: String,
+        shard: PathBuf,
+    },
+    #[error("{shard} holds tensor `{tensor}`, which {index} does not list")]
+    TensorNotInIndex {
+        index: PathBuf,
+        tensor: String,
+        shard: PathBuf,
+    },
+    #[error("{index} maps tensor `{tensor}` to both `{first}` and `{second}`")]
+    TensorInTwoShards {
+        index: PathBuf,
+        tensor: String,
+        first: String,
+        second: String,
+    },
+    #[error("{path}: {source}")]
+    Header { path: PathBuf, source: HeaderError },
+}
+
+impl Checkpoint {
+    /// Finds the weights at `given` and validates every header.
+    pub fn open(given: &Path) -> Result<Checkpoint, CheckpointError> {
+        let meta = fs::metadata(given).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => CheckpointError::NotFound {
+                path: given.to_path_buf(),
+            },
+            _ => CheckpointError::Io {
+                path: given.to_path_buf(),
+                source,
+            },
+        })?;
+        if meta.is_dir() {
+            let found = discover(given)?;
+            match found {
+                Found::Index(name) => open_indexed(given, given, &name, true),
+                Found::Single(name) => open_single(given, given, &name, true),
+            }
+        } else {
+            let file_name = given
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let root = match given.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if file_name.ends_with(".safetensors.index.json") {
+                open_indexed(given, &root, &file_name, false)
+            } else if let Some(ext) = foreign_extension(&file_name) {
+                Err(CheckpointError::ForeignFile {
+                    path: given.to_path_buf(),
+                    kind: format!(".{ext}"),
+                })
+            } else {
+                open_single(given, &root, &file_name, false)
+            }
+        }
+    }
+
+    /// Looks a tensor up by name.
+    pub fn get(&self, name: &str) -> Option<(TensorLoc, &TensorInfo)> {
+        let loc = *self.by_name.get(name)?;
+        Some((loc, &self.shards[loc.shard].header.tensors[loc.index]))
+    }
+
+    /// Every tensor in checkpoint order: shards by name, then data order within a shard.
+    pub fn tensors(&self) -> impl Iterator<Item = (TensorLoc, &TensorInfo)> {
+        self.shards.iter().enumerate().flat_map(|(s, shard)| {
+            shard
+                .header
+                .tensors
+                .iter()
+                .enumerate()
+                .map(move |(i, t)| (TensorLoc { shard: s, index: i }, t))
+        })
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// True when the checkpoint holds no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.header.data_len).sum()
+    }
+
+    /// File names of the weight files (and the index) that make up this checkpoint.
+    pub fn weight_file_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.shards.iter().map(|s| s.name.clone()).collect();
+        if let Layout::Indexed { index_name, .. } = &self.layout {
+            names.push(index_name.clone());
+        }
+        names
+    }
+}
+
+enum Found {
+    Index(String),
+    Single(String),
+}
+
+fn foreign_extension(name: &str) -> Option<&'static str> {
+    let ext = Path::new(name).extension()?.to_str()?;
+    FOREIGN_WEIGHT_EXTENSIONS
+        .into_iter()
+        .find(|e| e.eq_ignore_ascii_case(ext))
+}
+
+/// Applies the discovery order: the one index, else `model.safetensors`, else the one
+/// `*.safetensors`.
+fn discover(dir: &Path) -> Result<Found, CheckpointError> {
+    let io_err = |source| CheckpointError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut indexes = Vec::new();
+    let mut weights = Vec::new();
+    let mut foreign = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Follow symlinks (the Hugging Face cache links snapshots to blobs).
+        let is_file = fs::metadata(entry.path())
+            .map(|m| m.is_file())
+            .unwrap_or(false);
+        if !is_file || name.starts_with('.') {
+            continue;
+        }
+        if name.ends_with(".safetensors.index.json") {
+            indexes.push(name);
+        } else if name.ends_with(".safetensors") {
+            weights.push(name);
+        } else if foreign_extension(&name).is_some() {
+            foreign.push(name);
+        }
+    }
+    indexes.sort();
+    weights.sort();
+    foreign.sort();
+    match indexes.len() {
+        1 => return Ok(Found::Index(indexes.remove(0))),
+        0 => {}
+        _ => {
+            return Err(CheckpointError::AmbiguousIndex {
+                dir: dir.to_path_buf(),
+                found: indexes,
+            })
+        }
+    }
+    if weights.iter().any(|w| w == "model.safetensors") {
+        return Ok(Found::Single("model.safetensors".to_string()));
+    }
+    match weights.len() {
+        1 => Ok(Found::Single(weights.remove(0))),
+        0 if !foreign.is_empty() => Err(CheckpointError::ForeignWeights {
+            dir: dir.to_path_buf(),
+            found: foreign,
+        }),
+        0 => Err(CheckpointError::NoWeights {
+            dir: dir.to_path_buf(),
+        }),
+        _ => Err(CheckpointError::AmbiguousWeights {
+            dir: dir.to_path_buf(),
+            found: weights,
+        }),
+    }
+}
+
+fn read_shard(root: &Path, name: &str) -> Result<Shard, CheckpointError> {
+    let path = root.join(name);
+    let header = read_header(&path).map_err(|source| match source {
+        HeaderError::Io { source } if source.kind() == std::io::ErrorKind::NotFound => {
+            CheckpointError::NotFound { path: path.clone() }
+        }
+        source => CheckpointError::Header {
+            path: path.clone(),
+            source,
+        },
+    })?;
+    Ok(Shard {
+        name: name.to_string(),
+        path,
+        header,
+    })
+}
+
+fn open_single(
+    given: &Path,
+    root: &Path,
+    name: &str,
+    is_dir: bool,
+) -> Result<Checkpoint, CheckpointError> {
+    let shard = read_shard(root, name)?;
+    let by_name = shard
+        .header
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), TensorLoc { shard: 0, index: i }))
+        .collect();
+    Ok(Checkpoint {
+        given: given.to_path_buf(),
+        root: root.to_path_buf(),
+        is_dir,
+        layout: Layout::Single,
+        shards: vec![shard],
+        by_name,
+    })
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    #[serde(default)]
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    weight_map: crate::header::Entries<String>,
+}
+
+/// A shard name from an index must stay inside the checkpoint directory.
+fn is_plain_relative(name: &str) -> bool {
+    let path = Path::new(name);
+    !name.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+fn open_indexed(
+    given: &Path,
+    root: &Path,
+    index_name: &str,
+    is_dir: bool,
+) -> Result<Checkpoint, CheckpointError> {
+    let index_path = root.join(index_name);
+    let io_err = |source| CheckpointError::Io {
+        path: index_path.clone(),
+        source,
+    };
+    let file = fs::File::open(&index_path).map_err(io_err)?;
+    let mut text = String::new();
+    file.take(MAX_INDEX_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(io_err)?;
+    if text.len() as u64 > MAX_INDEX_LEN {
+        return Err(CheckpointError::InvalidIndex {
+            path: index_path,
+            reason: format!("larger than {MAX_INDEX_LEN} bytes"),
+        });
+    }
+    let raw: RawIndex = serde_json::from_str(&text).map_err(|e| CheckpointError::InvalidIndex {
+        path: index_path.clone(),
+        reason: e.to_string(),
+    })?;
+
+    // Tensor → shard, refusing duplicates and names that escape the directory.
+    let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut shard_of: HashMap<String, String> = HashMap::new();
+    for (tensor, shard) in raw.weight_map.0 {
+        if !is_plain_relative(&shard) {
+            return Err(CheckpointError::UnsafeShardPath {
+                index: index_path,
+                tensor,
+                shard,
+            });
+        }
+        if let Some(first) = shard_of.get(&tensor) {
+            return Err(CheckpointError::TensorInTwoShards {
+                index: index_path,
+                tensor,
+                first: first.clone(),
+                second: shard,
+            });
+        }
+        shard_of.insert(tensor.clone(), shard.clone());
+        wanted.entry(shard).or_default().push(tensor);
+    }
+
+    let mut shards = Vec::with_capacity(wanted.len());
+    let mut by_name = HashMap::with_capacity(shard_of.len());
+    for (s, (shard_name, tensors)) in wanted.iter().enumerate() {
+        let path = root.join(shard_name);
+        if !path.exists() {
+            return Err(CheckpointError::MissingShard {
+                index: index_path,
+                shard: shard_name.clone(),
+                path,
+                tensors: tensors.len(),
+                example: tensors[0].clone(),
+            });
+        }
+        let shard = read_shard(root, shard_name)?;
+        for (i, t) in shard.header.tensors.iter().enumerate() {
+            match shard_of.get(&t.name) {
+                Some(owner) if owner == shard_name => {
+                    by_name.insert(t.name.clone(), TensorLoc { shard: s, index: i });
+                }
+                Some(owner) => {
+                    return Err(CheckpointError::TensorInTwoShards {
+                        index: index_path,
+                        tensor: t.name.clone(),
+                        first: owner.clone(),
+                        second: shard_name.clone(),
+                    })
+                }
+                None => {
+                    return Err(CheckpointError::TensorNotInIndex {
+                        index: index_path,
+                        tensor: t.name.clone(),
+                        shard: shard.path,
+                    })
+                }
+            }
+        }
+        for tensor in tensors {
+            if !by_name.contains_key(tensor) {
+                return Err(CheckpointError::TensorNotInShard {
+                    index: index_path,
+                    tensor: tensor.clone(),
+                    shard: shard.path,
+                });
+            }
+        }
+        shards.push(shard);
+    }
+    Ok(Checkpoint {
+        given: given.to_path_buf(),
+        root: root.to_path_buf(),
+        is_dir,
+        layout: Layout::Indexed {
+            index_name: index_name.to_string(),
+            metadata: raw.metadata.unwrap_or_default(),
+        },
+        shards,
+        by_name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_must_stay_inside() {
+        assert!(is_plain_relative("model-00001-of-00002.safetensors"));
+        assert!(is_plain_relative("sub/model.safetensors"));
+        assert!(!is_plain_relative("../model.safetensors"));
+        assert!(!is_plain_relative("/etc/passwd"));
+        assert!(!is_plain_relative("a/../../b"));
+        assert!(!is_plain_relative(""));
+    }
+
+    #[test]
+    fn foreign_extensions_are_recognised() {
+        assert_eq!(foreign_extension("pytorch_model.bin"), Some("bin"));
+        assert_eq!(foreign_extension("model.GGUF"), Some("gguf"));
+        assert_eq!(foreign_extension("model.safetensors"), None);
+        assert_eq!(foreign_extension("config.json"), None);
+    }
+}

@@ -1,0 +1,197 @@
+//! The command line, as clap parses it. Values that can be checked without touching the
+//! disk (α, sizes, thread counts) are parsed here so that mistakes are usage errors (exit 2).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::dtype::FloatDtype;
+use crate::plan::DtypeChoice;
+
+/// Make a better-aligned model from an SFT and an aligned checkpoint, with no training.
+///
+/// ExPO (model extrapolation, Zheng et al. 2024): θ2 = θ1 + α·(θ1 − θ0), where θ0 is the SFT
+/// checkpoint and θ1 the model trained from it with DPO/RLHF.
+#[derive(Debug, Parser)]
+#[command(
+    name = "expo",
+    version,
+    propagate_version = true,
+    arg_required_else_help = true
+)]
+#[command(after_help = "Exit status: 0 success, 1 failure, 2 usage error, 130 interrupted.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write θ1 + α·(θ1 − θ0) as a new checkpoint.
+    #[command(
+        long_about = "Write θ2 = θ1 + α·(θ1 − θ0) as a new Hugging Face checkpoint.\n\n\
+            Every float element is computed in float64 and rounded once to the output dtype \
+            (round to nearest even), so the result is bit-identical to a float64 reference. \
+            Non-float tensors must be identical in both inputs and are copied. θ1's config, \
+            tokenizer and other side files are copied byte for byte. The output appears \
+            atomically: nothing is at --output until everything is written and synced.",
+        after_help = "Examples:\n  expo extrapolate --sft zephyr-sft --aligned zephyr-dpo --alpha 0.3 --output zephyr-expo\n  expo extrapolate --sft sft --aligned dpo --alpha 0.5 --output out --max-shard-size 5GB --dry-run"
+    )]
+    Extrapolate(ExtrapolateArgs),
+}
+
+/// Arguments of `expo extrapolate`.
+#[derive(Debug, Args)]
+pub struct ExtrapolateArgs {
+    /// The SFT checkpoint θ0: a directory or a .safetensors file.
+    #[arg(long, value_name = "PATH")]
+    pub sft: PathBuf,
+
+    /// The aligned (DPO/RLHF) checkpoint θ1 trained from --sft: a directory or a .safetensors file.
+    #[arg(long, value_name = "PATH")]
+    pub aligned: PathBuf,
+
+    /// Extrapolation strength: 0.1–0.5 for fully trained models, larger for partially
+    /// trained ones; between -1 and 0 interpolates; 0 reproduces --aligned.
+    #[arg(long, short = 'a', value_name = "ALPHA", allow_negative_numbers = true, value_parser = parse_alpha)]
+    pub alpha: f64,
+
+    /// The directory to create. Must not exist or be empty, unless --force.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub output: PathBuf,
+
+    /// Re-shard the output into files of at most SIZE tensor bytes (5GB, 500MB, 2GiB, bytes).
+    /// Default: mirror --aligned's files.
+    #[arg(long, value_name = "SIZE", value_parser = parse_shard_size)]
+    pub max_shard_size: Option<u64>,
+
+    /// Dtype of the extrapolated tensors; `auto` keeps --aligned's dtype per tensor.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto, value_name = "DTYPE")]
+    pub dtype: DtypeArg,
+
+    /// Replace --output if it exists (only once the new checkpoint is complete).
+    #[arg(long, short = 'f')]
+    pub force: bool,
+
+    /// Validate everything and print the plan, without writing anything.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+
+    /// Number of worker threads [default: all cores].
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+
+    /// No progress bar and no summary (warnings and errors are still printed).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+
+    /// Print a JSON summary (or, with --dry-run, the plan) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Values of `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    Auto,
+    Bf16,
+    F16,
+    F32,
+    F64,
+}
+
+impl DtypeArg {
+    /// The planning choice this stands for.
+    pub fn choice(self) -> DtypeChoice {
+        match self {
+            DtypeArg::Auto => DtypeChoice::Auto,
+            DtypeArg::Bf16 => DtypeChoice::Fixed(FloatDtype::BF16),
+            DtypeArg::F16 => DtypeChoice::Fixed(FloatDtype::F16),
+            DtypeArg::F32 => DtypeChoice::Fixed(FloatDtype::F32),
+            DtypeArg::F64 => DtypeChoice::Fixed(FloatDtype::F64),
+        }
+    }
+
+    /// The spelling on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            DtypeArg::Auto => "auto",
+            DtypeArg::Bf16 => "bf16",
+            DtypeArg::F16 => "f16",
+            DtypeArg::F32 => "f32",
+            DtypeArg::F64 => "f64",
+        }
+    }
+}
+
+fn parse_alpha(s: &str) -> Result<f64, String> {
+    let a: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number (e.g. 0.3)"))?;
+    if !a.is_finite() {
+        return Err(format!("alpha must be a finite number, got `{s}`"));
+    }
+    Ok(a)
+}
+
+fn parse_shard_size(s: &str) -> Result<u64, String> {
+    crate::size::parse_size(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn negative_alpha_parses() {
+        let cli = Cli::try_parse_from([
+            "expo",
+            "extrapolate",
+            "--sft",
+            "a",
+            "--aligned",
+            "b",
+            "--alpha",
+            "-0.5",
+            "-o",
+            "c",
+        ])
+        .unwrap();
+        let Command::Extrapolate(args) = cli.command;
+        assert_eq!(args.alpha, -0.5);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for bad in [
+            &["--alpha", "nan"][..],
+            &["--alpha", "inf"],
+            &["--alpha", "x"],
+            &["--alpha", "0.3", "--threads", "0"],
+            &["--alpha", "0.3", "--max-shard-size", "5XB"],
+            &["--alpha", "0.3", "--dtype", "f8"],
+        ] {
+            let mut argv = vec![
+                "expo",
+                "extrapolate",
+                "--sft",
+                "a",
+                "--aligned",
+                "b",
+                "-o",
+                "c",
+            ];
+            argv.extend_from_slice(bad);
+            let err = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! One module per subcommand, each with a `run`.
+pub mod extrapolate;

@@ -1,0 +1,688 @@
+//! The fused extrapolation kernel: θ2 = θ1 + α·(θ1 − θ0), element by element.
+//!
+//! Every element is widened to f64 (exact), computed as subtract, multiply, add — Rust
+//! never contracts these into a fused multiply-add — and rounded once to the output format
+//! (see [`convert`]). The loops are generic over the three element formats and are compiled
+//! several times: portable, and with AVX2/F16C or AVX-512 enabled, chosen at run time. All
+//! versions run the same IEEE operations in the same order, so they produce the same bits;
+//! the tests check that on every machine they run on.
+//!
+//! Buffers are raw little-endian bytes and need not be aligned: tensors in a safetensors
+//! file sit at arbitrary byte offsets.
+
+pub mod convert;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::dtype::FloatDtype;
+
+/// One element format: how to read it as f64 and how to round an f64 into it.
+trait Elem {
+    const SIZE: usize;
+    fn load(b: &[u8]) -> f64;
+    fn store(x: f64, b: &mut [u8]) -> bool;
+}
+
+struct Bf16;
+struct F16;
+struct F32;
+struct F64;
+
+impl Elem for Bf16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn load(b: &[u8]) -> f64 {
+        convert::bf16_to_f64(u16::from_le_bytes([b[0], b[1]]))
+    }
+    /// Stores the rounded value; returns true when it is ±inf or NaN.
+    #[inline(always)]
+    fn store(x: f64, b: &mut [u8]) -> bool {
+        let h = convert::f64_to_bf16(x);
+        b.copy_from_slice(&h.to_le_bytes());
+        h & 0x7f80 == 0x7f80
+    }
+}
+
+impl Elem for F16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn load(b: &[u8]) -> f64 {
+        convert::f16_to_f64(u16::from_le_bytes([b[0], b[1]]))
+    }
+    #[inline(always)]
+    fn store(x: f64, b: &mut [u8]) -> bool {
+        let h = convert::f64_to_f16(x);
+        b.copy_from_slice(&h.to_le_bytes());
+        h & 0x7c00 == 0x7c00
+    }
+}
+
+impl Elem for F32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn load(b: &[u8]) -> f64 {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64
+    }
+    #[inline(always)]
+    fn store(x: f64, b: &mut [u8]) -> bool {
+        let h = convert::f64_to_f32(x);
+        b.copy_from_slice(&h.to_le_bytes());
+        h & 0x7f80_0000 == 0x7f80_0000
+    }
+}
+
+impl Elem for F64 {
+    const SIZE: usize = 8;
+    #[inline(always)]
+    fn load(b: &[u8]) -> f64 {
+        f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    }
+    #[inline(always)]
+    fn store(x: f64, b: &mut [u8]) -> bool {
+        let h = x.to_bits();
+        b.copy_from_slice(&h.to_le_bytes());
+        h & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
+    }
+}
+
+/// The formats of one kernel call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSpec {
+    /// θ0's element format.
+    pub sft: FloatDtype,
+    /// θ1's element format.
+    pub aligned: FloatDtype,
+    /// The output's element format.
+    pub out: FloatDtype,
+}
+
+/// What a kernel call saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkStats {
+    /// Output elements that are ±inf or NaN.
+    pub nonfinite_out: u64,
+}
+
+/// The instruction sets a kernel can be compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    /// The instruction sets this machine can run, best last.
+    pub fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+                v.push(Isa::Avx2);
+            }
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512dq")
+            {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    /// The best instruction set on this machine (detected once).
+    pub fn best() -> Isa {
+        static BEST: AtomicU8 = AtomicU8::new(u8::MAX);
+        let code = BEST.load(Ordering::Relaxed);
+        let all = Isa::available();
+        if let Some(isa) = all.get(code as usize) {
+            return *isa;
+        }
+        BEST.store((all.len() - 1) as u8, Ordering::Relaxed);
+        *all.last().expect("portable is always available")
+    }
+
+    /// A short name for messages and benchmarks.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+#[inline(always)]
+fn extrapolate_body<A: Elem, B: Elem, O: Elem>(
+    alpha: f64,
+    sft: &[u8],
+    aligned: &[u8],
+    out: &mut [u8],
+) -> ChunkStats {
+    let mut nonfinite = 0u64;
+    for ((o, a), b) in out
+        .chunks_exact_mut(O::SIZE)
+        .zip(sft.chunks_exact(A::SIZE))
+        .zip(aligned.chunks_exact(B::SIZE))
+    {
+        let t0 = A::load(a);
+        let t1 = B::load(b);
+        let delta = t1 - t0;
+        let y = t1 + alpha * delta;
+        nonfinite += O::store(y, o) as u64;
+    }
+    ChunkStats {
+        nonfinite_out: nonfinite,
+    }
+}
+
+#[inline(always)]
+fn cast_body<B: Elem, O: Elem>(aligned: &[u8], out: &mut [u8]) -> ChunkStats {
+    let mut nonfinite = 0u64;
+    for (o, b) in out
+        .chunks_exact_mut(O::SIZE)
+        .zip(aligned.chunks_exact(B::SIZE))
+    {
+        nonfinite += O::store(B::load(b), o) as u64;
+    }
+    ChunkStats {
+        nonfinite_out: nonfinite,
+    }
+}
+
+/// Expands to a `match` over every (θ0, θ1, output) format combination.
+macro_rules! by_formats {
+    ($spec:expr, $body:ident, $($arg:expr),*) => {{
+        use FloatDtype as D;
+        macro_rules! out {
+            ($a:ty, $b:ty) => {
+                match $spec.out {
+                    D::BF16 => $body::<$a, $b, Bf16>($($arg),*),
+                    D::F16 => $body::<$a, $b, F16>($($arg),*),
+                    D::F32 => $body::<$a, $b, F32>($($arg),*),
+                    D::F64 => $body::<$a, $b, F64>($($arg),*),
+                }
+            };
+        }
+        macro_rules! aligned {
+            ($a:ty) => {
+                match $spec.aligned {
+                    D::BF16 => out!($a, Bf16),
+                    D::F16 => out!($a, F16),
+                    D::F32 => out!($a, F32),
+                    D::F64 => out!($a, F64),
+                }
+            };
+        }
+        match $spec.sft {
+            D::BF16 => aligned!(Bf16),
+            D::F16 => aligned!(F16),
+            D::F32 => aligned!(F32),
+            D::F64 => aligned!(F64),
+        }
+    }};
+}
+
+macro_rules! by_out_formats {
+    ($aligned:expr, $out:expr, $body:ident, $($arg:expr),*) => {{
+        use FloatDtype as D;
+        macro_rules! out {
+            ($b:ty) => {
+                match $out {
+                    D::BF16 => $body::<$b, Bf16>($($arg),*),
+                    D::F16 => $body::<$b, F16>($($arg),*),
+                    D::F32 => $body::<$b, F32>($($arg),*),
+                    D::F64 => $body::<$b, F64>($($arg),*),
+                }
+            };
+        }
+        match $aligned {
+            D::BF16 => out!(Bf16),
+            D::F16 => out!(F16),
+            D::F32 => out!(F32),
+            D::F64 => out!(F64),
+        }
+    }};
+}
+
+mod portable {
+    use super::*;
+    pub fn extrapolate(
+        spec: KernelSpec,
+        alpha: f64,
+        sft: &[u8],
+        aligned: &[u8],
+        out: &mut [u8],
+    ) -> ChunkStats {
+        by_formats!(spec, extrapolate_body, alpha, sft, aligned, out)
+    }
+    pub fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
+        by_out_formats!(spec.aligned, spec.out, cast_body, aligned, out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    /// # Safety
+    /// The CPU must support AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn extrapolate(
+        spec: KernelSpec,
+        alpha: f64,
+        sft: &[u8],
+        aligned: &[u8],
+        out: &mut [u8],
+    ) -> ChunkStats {
+        by_formats!(spec, extrapolate_body, alpha, sft, aligned, out)
+    }
+    /// # Safety
+    /// The CPU must support AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
+        by_out_formats!(spec.aligned, spec.out, cast_body, aligned, out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW, VL and DQ.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
+    pub unsafe fn extrapolate(
+        spec: KernelSpec,
+        alpha: f64,
+        sft: &[u8],
+        aligned: &[u8],
+        out: &mut [u8],
+    ) -> ChunkStats {
+        by_formats!(spec, extrapolate_body, alpha, sft, aligned, out)
+    }
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW, VL and DQ.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
+    pub unsafe fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
+        by_out_formats!(spec.aligned, spec.out, cast_body, aligned, out)
+    }
+}
+
+fn check_lengths(spec: KernelSpec, sft: Option<&[u8]>, aligned: &[u8], out: &[u8]) -> usize {
+    let n = out.len() / spec.out.size();
+    assert_eq!(
+        out.len(),
+        n * spec.out.size(),
+        "output is not whole elements"
+    );
+    assert_eq!(
+        aligned.len(),
+        n * spec.aligned.size(),
+        "θ1 length differs from output"
+    );
+    if let Some(sft) = sft {
+        assert_eq!(
+            sft.len(),
+            n * spec.sft.size(),
+            "θ0 length differs from output"
+        );
+    }
+    n
+}
+
+/// Computes `out = round(θ1 + α·(θ1 − θ0))` with the given instruction set.
+///
+/// # Panics
+/// If the three buffers do not hold the same number of elements, or `isa` is not
+/// available on this CPU (see [`Isa::available`]).
+pub fn extrapolate_with(
+    isa: Isa,
+    spec: KernelSpec,
+    alpha: f64,
+    sft: &[u8],
+    aligned: &[u8],
+    out: &mut [u8],
+) -> ChunkStats {
+    check_lengths(spec, Some(sft), aligned, out);
+    match isa {
+        Isa::Portable => portable::extrapolate(spec, alpha, sft, aligned, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(Isa::available().contains(&isa), "AVX2 is not available");
+            // SAFETY: the CPU supports AVX2 and F16C (checked just above).
+            unsafe { avx2::extrapolate(spec, alpha, sft, aligned, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(Isa::available().contains(&isa), "AVX-512 is not available");
+            // SAFETY: the CPU supports the AVX-512 subsets (checked just above).
+            unsafe { avx512::extrapolate(spec, alpha, sft, aligned, out) }
+        }
+    }
+}
+
+/// Computes `out = round(θ1)`: a change of format only (α = 0 with a different `--dtype`).
+///
+/// # Panics
+/// As [`extrapolate_with`].
+pub fn cast_with(isa: Isa, spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
+    check_lengths(spec, None, aligned, out);
+    match isa {
+        Isa::Portable => portable::cast(spec, aligned, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(Isa::available().contains(&isa), "AVX2 is not available");
+            // SAFETY: the CPU supports AVX2 and F16C (checked just above).
+            unsafe { avx2::cast(spec, aligned, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(Isa::available().contains(&isa), "AVX-512 is not available");
+            // SAFETY: the CPU supports the AVX-512 subsets (checked just above).
+            unsafe { avx512::cast(spec, aligned, out) }
+        }
+    }
+}
+
+/// [`extrapolate_with`] on the best instruction set of this machine.
+pub fn extrapolate(
+    spec: KernelSpec,
+    alpha: f64,
+    sft: &[u8],
+    aligned: &[u8],
+    out: &mut [u8],
+) -> ChunkStats {
+    extrapolate_with(Isa::best(), spec, alpha, sft, aligned, out)
+}
+
+/// [`cast_with`] on the best instruction set of this machine.
+pub fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
+    cast_with(Isa::best(), spec, aligned, out)
+}
+
+/// Counts, in a chunk whose output had non-finite values, the elements where the output is
+/// not finite although both inputs were: overflow caused by the extrapolation itself.
+pub fn count_new_nonfinite(spec: KernelSpec, sft: &[u8], aligned: &[u8], out: &[u8]) -> u64 {
+    fn load(d: FloatDtype, b: &[u8], i: usize) -> f64 {
+        let s = d.size();
+        let e = &b[i * s..(i + 1) * s];
+        match d {
+            FloatDtype::BF16 => Bf16::load(e),
+            FloatDtype::F16 => F16::load(e),
+            FloatDtype::F32 => F32::load(e),
+            FloatDtype::F64 => F64::load(e),
+        }
+    }
+    let n = check_lengths(spec, Some(sft), aligned, out);
+    (0..n)
+        .filter(|&i| {
+            !load(spec.out, out, i).is_finite()
+                && load(spec.sft, sft, i).is_finite()
+                && load(spec.aligned, aligned, i).is_finite()
+        })
+        .count() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ALL: [FloatDtype; 4] = [
+        FloatDtype::BF16,
+        FloatDtype::F16,
+        FloatDtype::F32,
+        FloatDtype::F64,
+    ];
+
+    /// Independent decoding with the `half` crate, and rounding with a slow reference.
+    fn decode(d: FloatDtype, b: &[u8]) -> Vec<f64> {
+        b.chunks_exact(d.size())
+            .map(|e| match d {
+                FloatDtype::BF16 => half::bf16::from_le_bytes([e[0], e[1]]).to_f64(),
+                FloatDtype::F16 => half::f16::from_le_bytes([e[0], e[1]]).to_f64(),
+                FloatDtype::F32 => f32::from_le_bytes(e.try_into().unwrap()) as f64,
+                FloatDtype::F64 => f64::from_le_bytes(e.try_into().unwrap()),
+            })
+            .collect()
+    }
+
+    /// Reference rounding: pick the nearer of the two neighbouring encodings by exact f64
+    /// comparison with their midpoint, ties to even. Only for finite, in-range inputs.
+    fn reference_round(d: FloatDtype, x: f64) -> Vec<u8> {
+        match d {
+            FloatDtype::F64 => x.to_le_bytes().to_vec(),
+            FloatDtype::F32 => (x as f32).to_le_bytes().to_vec(), // IEEE conversion, RNE
+            FloatDtype::BF16 | FloatDtype::F16 => {
+                let widen = |h: u16| match d {
+                    FloatDtype::BF16 => half::bf16::from_bits(h).to_f64(),
+                    _ => half::f16::from_bits(h).to_f64(),
+                };
+                let inf: u16 = if d == FloatDtype::BF16 {
+                    0x7f80
+                } else {
+                    0x7c00
+                };
+                let sign = if x.is_sign_negative() { 0x8000u16 } else { 0 };
+                let a = x.abs();
+                let (mut lo, mut hi) = (0u16, inf);
+                // Invariant: widen(lo) <= a < widen(hi) (hi = inf stands for +infinity).
+                let max = widen(inf - 1);
+                let bits = if a >= max {
+                    let mid = max + (max - widen(inf - 2)) / 2.0;
+                    if a < mid {
+                        inf - 1
+                    } else {
+                        inf
+                    }
+                } else {
+                    while hi - lo > 1 {
+                        let m = lo + (hi - lo) / 2;
+                        if widen(m) <= a {
+                            lo = m
+                        } else {
+                            hi = m
+                        }
+                    }
+                    let mid = (widen(lo) + widen(hi)) / 2.0;
+                    if a < mid || (a == mid && lo % 2 == 0) {
+                        lo
+                    } else {
+                        hi
+                    }
+                };
+                (sign | bits).to_le_bytes().to_vec()
+            }
+        }
+    }
+
+    fn encode(d: FloatDtype, xs: &[f64]) -> Vec<u8> {
+        xs.iter().flat_map(|&x| reference_round(d, x)).collect()
+    }
+
+    fn check_all_isas(spec: KernelSpec, alpha: f64, sft: &[u8], aligned: &[u8]) -> Vec<u8> {
+        let n = aligned.len() / spec.aligned.size();
+        let mut first: Option<Vec<u8>> = None;
+        for isa in Isa::available() {
+            let mut out = vec![0u8; n * spec.out.size()];
+            extrapolate_with(isa, spec, alpha, sft, aligned, &mut out);
+            match &first {
+                None => first = Some(out),
+                Some(f) => assert_eq!(f, &out, "{} differs from portable for {spec:?}", isa.name()),
+            }
+        }
+        first.unwrap()
+    }
+
+    fn sample_values(d: FloatDtype, seed: u64, n: usize) -> Vec<f64> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let unit = (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+                let scale = match i % 4 {
+                    0 => 1.0,
+                    1 => 1e-3,
+                    2 => 30.0,
+                    _ => 1e-6,
+                };
+                // Round the sample into the input format so it is representable.
+                let x = unit * scale;
+                decode(d, &encode(d, &[x]))[0]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_f64_formula_for_every_format_combination() {
+        for &a in &ALL {
+            for &b in &ALL {
+                for &o in &ALL {
+                    let spec = KernelSpec {
+                        sft: a,
+                        aligned: b,
+                        out: o,
+                    };
+                    let t0 = sample_values(a, 1, 3001);
+                    let t1: Vec<f64> = sample_values(b, 2, 3001)
+                        .iter()
+                        .zip(&t0)
+                        .map(|(x, y)| decode(b, &encode(b, &[y + x * 1e-2]))[0])
+                        .collect();
+                    for alpha in [0.3, 2.5, -0.5, 8.0, 1e-9] {
+                        let got = check_all_isas(spec, alpha, &encode(a, &t0), &encode(b, &t1));
+                        let want: Vec<f64> = t0
+                            .iter()
+                            .zip(&t1)
+                            .map(|(&x0, &x1)| x1 + alpha * (x1 - x0))
+                            .collect();
+                        let want = encode(o, &want);
+                        assert_eq!(got, want, "{spec:?} alpha {alpha}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn special_values() {
+        let spec = KernelSpec {
+            sft: FloatDtype::F32,
+            aligned: FloatDtype::F32,
+            out: FloatDtype::BF16,
+        };
+        let t0 = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NAN,
+            1e-40,
+            3.0e38,
+            0.0,
+        ];
+        let t1 = [
+            -0.0f32,
+            0.0,
+            1.0,
+            f32::INFINITY,
+            1.0,
+            2e-40,
+            -3.0e38,
+            f32::from_bits(1),
+        ];
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let out = check_all_isas(spec, 0.5, &bytes(&t0), &bytes(&t1));
+        let got: Vec<u16> = out
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        // -0 + 0.5·(-0 - 0) = -0 + -0 = -0
+        assert_eq!(got[0], 0x8000);
+        // 0 + 0.5·(0 + 0) = +0
+        assert_eq!(got[1], 0x0000);
+        assert_eq!(got[2], 0x3f80);
+        // inf - inf = NaN
+        assert_eq!(got[3] & 0x7f80, 0x7f80);
+        assert_ne!(got[3] & 0x7f, 0);
+        // NaN propagates
+        assert_ne!(got[4] & 0x7f, 0);
+        assert_eq!(got[4] & 0x7f80, 0x7f80);
+        // subnormal: 2e-40 + 0.5·1e-40 = 2.5e-40, rounded once to bf16
+        assert_eq!(
+            got[5],
+            u16::from_le_bytes(
+                reference_round(
+                    FloatDtype::BF16,
+                    2e-40f32 as f64 + 0.5 * (2e-40f32 as f64 - 1e-40f32 as f64)
+                )
+                .try_into()
+                .unwrap()
+            )
+        );
+        // overflow to -inf
+        assert_eq!(got[6], 0xff80);
+        // the smallest f32 subnormal ×1.5 underflows to +0 in bf16
+        assert_eq!(got[7], 0x0000);
+        let mut out = vec![0u8; 16];
+        let stats = extrapolate(spec, 0.5, &bytes(&t0), &bytes(&t1), &mut out);
+        assert_eq!(stats.nonfinite_out, 3);
+        assert_eq!(
+            count_new_nonfinite(spec, &bytes(&t0), &bytes(&t1), &out),
+            1,
+            "only the overflow is new"
+        );
+    }
+
+    #[test]
+    fn cast_rounds_once() {
+        for &b in &ALL {
+            for &o in &ALL {
+                let spec = KernelSpec {
+                    sft: b,
+                    aligned: b,
+                    out: o,
+                };
+                let t1 = sample_values(b, 7, 999);
+                let mut first: Option<Vec<u8>> = None;
+                for isa in Isa::available() {
+                    let mut out = vec![0u8; t1.len() * o.size()];
+                    cast_with(isa, spec, &encode(b, &t1), &mut out);
+                    assert_eq!(out, encode(o, &t1), "{spec:?} {}", isa.name());
+                    if let Some(f) = &first {
+                        assert_eq!(f, &out)
+                    }
+                    first = Some(out);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// Any bit patterns at all (NaNs, infinities, subnormals): every instruction set
+        /// gives the same bits as the portable loop.
+        #[test]
+        fn isas_agree_on_arbitrary_bits(
+            a in prop::collection::vec(any::<u16>(), 0..300),
+            b_seed in any::<u64>(),
+            alpha in prop_oneof![Just(0.3f64), Just(-0.5), Just(2.5), -10.0f64..10.0],
+            out_idx in 0usize..4,
+        ) {
+            let mut s = b_seed | 1;
+            let b: Vec<u16> = a.iter().map(|_| { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s as u16 }).collect();
+            for d in [FloatDtype::BF16, FloatDtype::F16] {
+                let spec = KernelSpec { sft: d, aligned: d, out: ALL[out_idx] };
+                let ab: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let bb: Vec<u8> = b.iter().flat_map(|x| x.to_le_bytes()).collect();
+                check_all_isas(spec, alpha, &ab, &bb);
+            }
+        }
+    }
+}

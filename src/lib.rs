@@ -1,0 +1,14 @@
+//! expo: model extrapolation (ExPO) for safetensors checkpoints.
+pub mod checkpoint;
+pub mod cli;
+pub mod cmd;
+pub mod dtype;
+pub mod engine;
+pub mod header;
+pub mod interrupt;
+pub mod kernel;
+pub mod output;
+pub mod plan;
+pub mod report;
+pub mod sidefiles;
+pub mod size;

@@ -1,0 +1,419 @@
+//! Pairing the two checkpoints tensor by tensor and laying out the output shards.
+//!
+//! Planning reads nothing but headers, so every mismatch is found before a byte is written.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::checkpoint::{Checkpoint, Layout, TensorLoc};
+use crate::dtype::{Dtype, DtypeClass, FloatDtype};
+use crate::header::encode_header;
+use crate::kernel::KernelSpec;
+
+/// Name of the index file written for multi-shard output.
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+
+/// What `--dtype` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DtypeChoice {
+    /// Each float tensor keeps θ1's dtype.
+    Auto,
+    /// Every float tensor is written in this dtype.
+    Fixed(FloatDtype),
+}
+
+/// The validated settings planning needs.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    pub alpha: f64,
+    pub dtype: DtypeChoice,
+    /// Re-shard with at most this many tensor bytes per file; `None` mirrors θ1.
+    pub max_shard_size: Option<u64>,
+}
+
+/// How one output tensor is produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Treatment {
+    /// θ1 + α(θ1 − θ0), computed in f64 and rounded once.
+    Extrapolate(KernelSpec),
+    /// θ1 rounded to another float format (α = 0 with `--dtype`).
+    Cast(KernelSpec),
+    /// θ1's bytes unchanged (non-float tensors, and α = 0).
+    Copy,
+}
+
+/// One output tensor and where its inputs live.
+#[derive(Debug, Clone)]
+pub struct TensorPair {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub out_dtype: Dtype,
+    pub treatment: Treatment,
+    pub sft: TensorLoc,
+    pub aligned: TensorLoc,
+    /// Bytes of output data.
+    pub out_len: u64,
+}
+
+impl TensorPair {
+    /// Number of elements.
+    pub fn elements(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// One output file: which tensors, in which order, at which offsets.
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    pub file_name: String,
+    /// Indices into [`Plan::pairs`], in data order.
+    pub tensors: Vec<usize>,
+    /// Offset of each tensor's data relative to the data section, parallel to `tensors`.
+    pub offsets: Vec<u64>,
+    /// The encoded header, including the 8-byte length prefix.
+    pub header: Vec<u8>,
+    /// Bytes of tensor data.
+    pub data_len: u64,
+}
+
+impl ShardPlan {
+    /// Size of the whole file.
+    pub fn file_len(&self) -> u64 {
+        self.header.len() as u64 + self.data_len
+    }
+}
+
+/// Everything the engine needs to write the output.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub pairs: Vec<TensorPair>,
+    pub shards: Vec<ShardPlan>,
+    /// File name and contents of the index, when one is written.
+    pub index: Option<(String, Vec<u8>)>,
+    pub alpha: f64,
+}
+
+impl Plan {
+    /// Total bytes of all output files.
+    pub fn output_bytes(&self) -> u64 {
+        self.shards.iter().map(ShardPlan::file_len).sum::<u64>()
+            + self.index.as_ref().map_or(0, |(_, b)| b.len() as u64)
+    }
+
+    /// Bytes of tensor data written.
+    pub fn data_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.data_len).sum()
+    }
+
+    /// Number of tensors with each treatment: (extrapolated, cast, copied).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut c = (0, 0, 0);
+        for p in &self.pairs {
+            match p.treatment {
+                Treatment::Extrapolate(_) => c.0 += 1,
+                Treatment::Cast(_) => c.1 += 1,
+                Treatment::Copy => c.2 += 1,
+            }
+        }
+        c
+    }
+}
+
+/// One reason the two checkpoints cannot be paired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mismatch {
+    OnlyInSft {
+        tensor: String,
+    },
+    OnlyInAligned {
+        tensor: String,
+    },
+    Shape {
+        tensor: String,
+        sft: Vec<u64>,
+        aligned: Vec<u64>,
+    },
+    Dtype {
+        tensor: String,
+        sft: Dtype,
+        aligned: Dtype,
+    },
+    Unsupported {
+        tensor: String,
+        dtype: Dtype,
+    },
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mismatch::OnlyInSft { tensor } => write!(f, "`{tensor}` is in --sft but not in --aligned"),
+            Mismatch::OnlyInAligned { tensor } => write!(f, "`{tensor}` is in --aligned but not in --sft"),
+            Mismatch::Shape { tensor, sft, aligned } => {
+                write!(f, "`{tensor}` has shape {sft:?} in --sft but {aligned:?} in --aligned")
+            }
+            Mismatch::Dtype { tensor, sft, aligned } => write!(
+                f,
+                "`{tensor}` is {sft} in --sft but {aligned} in --aligned (only float tensors may differ in dtype)"
+            ),
+            Mismatch::Unsupported { tensor, dtype } => write!(
+                f,
+                "`{tensor}` is {dtype}, which expo cannot extrapolate (only F16, BF16, F32 and F64); it can only be copied from --aligned when its alpha is 0"
+            ),
+        }
+    }
+}
+
+/// The checkpoints do not pair up; lists every problem found.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct PairingError {
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// How many mismatches a message lists before summarising the rest.
+const SHOWN_MISMATCHES: usize = 10;
+
+impl fmt::Display for PairingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.mismatches.len();
+        write!(
+            f,
+            "the checkpoints do not match ({n} problem{}); are --sft and --aligned the same architecture?",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for m in self.mismatches.iter().take(SHOWN_MISMATCHES) {
+            write!(f, "\n  {m}")?;
+        }
+        if n > SHOWN_MISMATCHES {
+            write!(f, "\n  … and {} more", n - SHOWN_MISMATCHES)?;
+        }
+        Ok(())
+    }
+}
+
+/// Pairs every tensor of θ1 with θ0's tensor of the same name and decides how to produce it.
+///
+/// Tensors are looked up by name, so the two sides may be sharded differently. The result
+/// is in θ1's order.
+pub fn pair_tensors(
+    sft: &Checkpoint,
+    aligned: &Checkpoint,
+    opts: &PlanOptions,
+) -> Result<Vec<TensorPair>, PairingError> {
+    let mut mismatches = Vec::new();
+    let mut pairs = Vec::with_capacity(aligned.len());
+    for (aligned_loc, t1) in aligned.tensors() {
+        let Some((sft_loc, t0)) = sft.get(&t1.name) else {
+            mismatches.push(Mismatch::OnlyInAligned {
+                tensor: t1.name.clone(),
+            });
+            continue;
+        };
+        if t0.shape != t1.shape {
+            mismatches.push(Mismatch::Shape {
+                tensor: t1.name.clone(),
+                sft: t0.shape.clone(),
+                aligned: t1.shape.clone(),
+            });
+            continue;
+        }
+        let treatment = match (t0.dtype.class(), t1.dtype.class()) {
+            (DtypeClass::Float(a), DtypeClass::Float(b)) => {
+                let out = match opts.dtype {
+                    DtypeChoice::Auto => b,
+                    DtypeChoice::Fixed(d) => d,
+                };
+                let spec = KernelSpec {
+                    sft: a,
+                    aligned: b,
+                    out,
+                };
+                if opts.alpha != 0.0 {
+                    Treatment::Extrapolate(spec)
+                } else if out == b {
+                    Treatment::Copy
+                } else {
+                    Treatment::Cast(spec)
+                }
+            }
+            (DtypeClass::Exact, DtypeClass::Exact) if t0.dtype == t1.dtype => Treatment::Copy,
+            (_, DtypeClass::Opaque) if opts.alpha == 0.0 => Treatment::Copy,
+            (DtypeClass::Opaque, _) | (_, DtypeClass::Opaque) if t0.dtype == t1.dtype => {
+                mismatches.push(Mismatch::Unsupported {
+                    tensor: t1.name.clone(),
+                    dtype: t1.dtype,
+                });
+                continue;
+            }
+            _ => {
+                mismatches.push(Mismatch::Dtype {
+                    tensor: t1.name.clone(),
+                    sft: t0.dtype,
+                    aligned: t1.dtype,
+                });
+                continue;
+            }
+        };
+        let out_dtype = match treatment {
+            Treatment::Extrapolate(spec) | Treatment::Cast(spec) => spec.out.dtype(),
+            Treatment::Copy => t1.dtype,
+        };
+        let out_len = match treatment {
+            Treatment::Copy => t1.len(),
+            _ => t1.elements() * out_dtype.bits() / 8,
+        };
+        pairs.push(TensorPair {
+            name: t1.name.clone(),
+            shape: t1.shape.clone(),
+            out_dtype,
+            treatment,
+            sft: sft_loc,
+            aligned: aligned_loc,
+            out_len,
+        });
+    }
+    for (_, t0) in sft.tensors() {
+        if aligned.get(&t0.name).is_none() {
+            mismatches.push(Mismatch::OnlyInSft {
+                tensor: t0.name.clone(),
+            });
+        }
+    }
+    if mismatches.is_empty() {
+        Ok(pairs)
+    } else {
+        Err(PairingError { mismatches })
+    }
+}
+
+/// A shard header's `__metadata__`.
+type Metadata = Option<BTreeMap<String, String>>;
+
+/// Builds the whole plan: pairs, output shards with their headers, and the index.
+pub fn build_plan(
+    sft: &Checkpoint,
+    aligned: &Checkpoint,
+    opts: &PlanOptions,
+) -> Result<Plan, PairingError> {
+    let pairs = pair_tensors(sft, aligned, opts)?;
+    // Which output file each pair goes to, as (file name, metadata, pair indices).
+    let groups: Vec<(String, Metadata, Vec<usize>)> = match opts.max_shard_size {
+        None => {
+            let mut groups: Vec<_> = aligned
+                .shards
+                .iter()
+                .map(|s| (s.name.clone(), s.header.metadata.clone(), Vec::new()))
+                .collect();
+            for (i, p) in pairs.iter().enumerate() {
+                groups[p.aligned.shard].2.push(i);
+            }
+            groups
+        }
+        Some(max) => {
+            let metadata = aligned
+                .shards
+                .first()
+                .and_then(|s| s.header.metadata.clone());
+            let mut bins: Vec<Vec<usize>> = Vec::new();
+            let mut current = 0u64;
+            for (i, p) in pairs.iter().enumerate() {
+                match bins.last_mut() {
+                    Some(bin) if current + p.out_len <= max => {
+                        bin.push(i);
+                        current += p.out_len;
+                    }
+                    _ => {
+                        bins.push(vec![i]);
+                        current = p.out_len;
+                    }
+                }
+            }
+            if bins.is_empty() {
+                bins.push(Vec::new());
+            }
+            let n = bins.len();
+            bins.into_iter()
+                .enumerate()
+                .map(|(k, bin)| {
+                    let name = if n == 1 {
+                        "model.safetensors".to_string()
+                    } else {
+                        format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+                    };
+                    (name, metadata.clone(), bin)
+                })
+                .collect()
+        }
+    };
+
+    let shards: Vec<ShardPlan> = groups
+        .into_iter()
+        .map(|(file_name, metadata, tensors)| {
+            let mut offsets = Vec::with_capacity(tensors.len());
+            let mut cursor = 0u64;
+            let mut entries = Vec::with_capacity(tensors.len());
+            for &i in &tensors {
+                let p = &pairs[i];
+                offsets.push(cursor);
+                entries.push((
+                    p.name.as_str(),
+                    p.out_dtype,
+                    p.shape.as_slice(),
+                    cursor,
+                    cursor + p.out_len,
+                ));
+                cursor += p.out_len;
+            }
+            let header = encode_header(metadata.as_ref(), &entries);
+            ShardPlan {
+                file_name,
+                tensors,
+                offsets,
+                header,
+                data_len: cursor,
+            }
+        })
+        .collect();
+
+    let write_index = match (&aligned.layout, opts.max_shard_size) {
+        (_, Some(_)) => shards.len() > 1,
+        (Layout::Indexed { .. }, None) => true,
+        (Layout::Single, None) => false,
+    };
+    let index = write_index.then(|| {
+        let (name, mut metadata) = match (&aligned.layout, opts.max_shard_size) {
+            (
+                Layout::Indexed {
+                    index_name,
+                    metadata,
+                },
+                None,
+            ) => (index_name.clone(), metadata.clone()),
+            (Layout::Indexed { metadata, .. }, Some(_)) => {
+                (INDEX_NAME.to_string(), metadata.clone())
+            }
+            (Layout::Single, _) => (INDEX_NAME.to_string(), serde_json::Map::new()),
+        };
+        let total: u64 = shards.iter().map(|s| s.data_len).sum();
+        metadata.insert("total_size".into(), total.into());
+        let mut weight_map = serde_json::Map::new();
+        for s in &shards {
+            for &i in &s.tensors {
+                weight_map.insert(pairs[i].name.clone(), s.file_name.clone().into());
+            }
+        }
+        let mut doc = serde_json::Map::new();
+        doc.insert("metadata".into(), metadata.into());
+        doc.insert("weight_map".into(), weight_map.into());
+        let mut bytes = serde_json::to_vec_pretty(&doc).expect("JSON values always serialize");
+        bytes.push(b'\n');
+        (name, bytes)
+    });
+
+    Ok(Plan {
+        pairs,
+        shards,
+        index,
+        alpha: opts.alpha,
+    })
+}
