@@ -165,17 +165,15 @@ fn extrapolate_body<A: Elem, B: Elem, O: Elem>(
     aligned: &[u8],
     out: &mut [u8],
 ) -> ChunkStats {
+    let n = out.len() / O::SIZE;
+    let (sft, aligned, out) = (&sft[..n * A::SIZE], &aligned[..n * B::SIZE], &mut out[..n * O::SIZE]);
     let mut nonfinite = 0u64;
-    for ((o, a), b) in out
-        .chunks_exact_mut(O::SIZE)
-        .zip(sft.chunks_exact(A::SIZE))
-        .zip(aligned.chunks_exact(B::SIZE))
-    {
-        let t0 = A::load(a);
-        let t1 = B::load(b);
+    for i in 0..n {
+        let t0 = A::load(&sft[i * A::SIZE..i * A::SIZE + A::SIZE]);
+        let t1 = B::load(&aligned[i * B::SIZE..i * B::SIZE + B::SIZE]);
         let delta = t1 - t0;
         let y = t1 + alpha * delta;
-        nonfinite += O::store(y, o) as u64;
+        nonfinite += O::store(y, &mut out[i * O::SIZE..i * O::SIZE + O::SIZE]) as u64;
     }
     ChunkStats {
         nonfinite_out: nonfinite,
@@ -184,12 +182,12 @@ fn extrapolate_body<A: Elem, B: Elem, O: Elem>(
 
 #[inline(always)]
 fn cast_body<B: Elem, O: Elem>(aligned: &[u8], out: &mut [u8]) -> ChunkStats {
+    let n = out.len() / O::SIZE;
+    let (aligned, out) = (&aligned[..n * B::SIZE], &mut out[..n * O::SIZE]);
     let mut nonfinite = 0u64;
-    for (o, b) in out
-        .chunks_exact_mut(O::SIZE)
-        .zip(aligned.chunks_exact(B::SIZE))
-    {
-        nonfinite += O::store(B::load(b), o) as u64;
+    for i in 0..n {
+        let t1 = B::load(&aligned[i * B::SIZE..i * B::SIZE + B::SIZE]);
+        nonfinite += O::store(t1, &mut out[i * O::SIZE..i * O::SIZE + O::SIZE]) as u64;
     }
     ChunkStats {
         nonfinite_out: nonfinite,
