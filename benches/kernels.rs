@@ -61,7 +61,10 @@ fn time(runs: usize, mut f: impl FnMut()) -> f64 {
 fn main() {
     let n = arg("--elements", 32 << 20);
     let runs = arg("--runs", 7);
-    let threads = arg("--threads", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = arg(
+        "--threads",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
@@ -74,7 +77,12 @@ fn main() {
         "{:<22} {:>10} {:>10} {:>12} {:>12}",
         "kernel", "ms", "GB/s", "ceiling GB/s", "% ceiling"
     );
-    for d in [FloatDtype::BF16, FloatDtype::F16, FloatDtype::F32, FloatDtype::F64] {
+    for d in [
+        FloatDtype::BF16,
+        FloatDtype::F16,
+        FloatDtype::F32,
+        FloatDtype::F64,
+    ] {
         let size = d.size();
         let mut a = vec![0u8; n * size];
         let mut b = vec![0u8; n * size];
@@ -98,7 +106,11 @@ fn main() {
                 .for_each(|(o, y)| o.copy_from_slice(y));
             black_box(&out);
         });
-        let spec = KernelSpec { sft: d, aligned: d, out: d };
+        let spec = KernelSpec {
+            sft: d,
+            aligned: d,
+            out: d,
+        };
         for isa in Isa::available() {
             let secs = time(runs, || {
                 out.par_chunks_mut(PIECE * size)

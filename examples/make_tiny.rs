@@ -95,12 +95,8 @@ pub fn generate(dir: &Path) -> Result<()> {
     )?;
 
     // θ1: two shards (embeddings and layer 0 | the rest) and the index.
-    let first: Vec<usize> = (0..specs.len())
-        .filter(|&i| specs[i].shard == 0)
-        .collect();
-    let second: Vec<usize> = (0..specs.len())
-        .filter(|&i| specs[i].shard == 1)
-        .collect();
+    let first: Vec<usize> = (0..specs.len()).filter(|&i| specs[i].shard == 0).collect();
+    let second: Vec<usize> = (0..specs.len()).filter(|&i| specs[i].shard == 1).collect();
     let shard_names = [
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
@@ -455,8 +451,8 @@ tags:
 
 # tiny-dpo (synthetic example)
 
-A synthetic, untrained checkpoint bundled with expo to try `expo extrapolate` in seconds. It is **not** a real model: its weights are random and it
-generates noise.
+A synthetic, untrained checkpoint bundled with expo to try `expo extrapolate` in seconds.
+It is **not** a real model: its weights are random and it generates noise.
 
 - `../tiny-sft` plays θ0, the SFT model: a tiny LLaMA (vocabulary 256, hidden size 32,
   2 layers, intermediate size 128, 4 attention heads, 2 key/value heads) in bf16, in one

@@ -166,7 +166,11 @@ fn extrapolate_body<A: Elem, B: Elem, O: Elem>(
     out: &mut [u8],
 ) -> ChunkStats {
     let n = out.len() / O::SIZE;
-    let (sft, aligned, out) = (&sft[..n * A::SIZE], &aligned[..n * B::SIZE], &mut out[..n * O::SIZE]);
+    let (sft, aligned, out) = (
+        &sft[..n * A::SIZE],
+        &aligned[..n * B::SIZE],
+        &mut out[..n * O::SIZE],
+    );
     let mut nonfinite = 0u64;
     for i in 0..n {
         let t0 = A::load(&sft[i * A::SIZE..i * A::SIZE + A::SIZE]);
