@@ -10,6 +10,8 @@
 //! Buffers are raw little-endian bytes and need not be aligned: tensors in a safetensors
 //! file sit at arbitrary byte offsets.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod convert;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -96,6 +98,17 @@ pub struct KernelSpec {
     pub out: FloatDtype,
 }
 
+impl KernelSpec {
+    /// The same format for both inputs and the output.
+    pub fn same(d: FloatDtype) -> KernelSpec {
+        KernelSpec {
+            sft: d,
+            aligned: d,
+            out: d,
+        }
+    }
+}
+
 /// What a kernel call saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ChunkStats {
@@ -116,22 +129,32 @@ pub enum Isa {
 impl Isa {
     /// The instruction sets this machine can run, best last.
     pub fn available() -> Vec<Isa> {
-        #[allow(unused_mut)]
-        let mut v = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
-                v.push(Isa::Avx2);
+        Isa::ALL.into_iter().filter(|i| i.supported()).collect()
+    }
+
+    /// Every instruction set this build knows, best last.
+    #[cfg(target_arch = "x86_64")]
+    const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+    #[cfg(not(target_arch = "x86_64"))]
+    const ALL: [Isa; 1] = [Isa::Portable];
+
+    /// True when this CPU can run kernels compiled for `self`.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
             }
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("avx512dq")
-            {
-                v.push(Isa::Avx512);
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.supported()
+                    && std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512dq")
             }
         }
-        v
     }
 
     /// The best instruction set on this machine (detected once).
@@ -293,7 +316,7 @@ mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+mod avx512_generic {
     use super::*;
     /// # Safety
     /// The CPU must support AVX-512 F, BW, VL and DQ.
@@ -355,15 +378,25 @@ pub fn extrapolate_with(
         Isa::Portable => portable::extrapolate(spec, alpha, sft, aligned, out),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            assert!(Isa::available().contains(&isa), "AVX2 is not available");
+            assert!(isa.supported(), "AVX2 is not available");
             // SAFETY: the CPU supports AVX2 and F16C (checked just above).
             unsafe { avx2::extrapolate(spec, alpha, sft, aligned, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            assert!(Isa::available().contains(&isa), "AVX-512 is not available");
-            // SAFETY: the CPU supports the AVX-512 subsets (checked just above).
-            unsafe { avx512::extrapolate(spec, alpha, sft, aligned, out) }
+            assert!(isa.supported(), "AVX-512 is not available");
+            // SAFETY: the CPU supports the AVX-512 subsets and F16C (checked just above).
+            unsafe {
+                if spec == KernelSpec::same(FloatDtype::BF16) {
+                    let nonfinite_out = avx512::bf16(alpha, sft, aligned, out);
+                    return ChunkStats { nonfinite_out };
+                }
+                if spec == KernelSpec::same(FloatDtype::F16) {
+                    let nonfinite_out = avx512::f16(alpha, sft, aligned, out);
+                    return ChunkStats { nonfinite_out };
+                }
+                avx512_generic::extrapolate(spec, alpha, sft, aligned, out)
+            }
         }
     }
 }
@@ -378,15 +411,15 @@ pub fn cast_with(isa: Isa, spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> 
         Isa::Portable => portable::cast(spec, aligned, out),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            assert!(Isa::available().contains(&isa), "AVX2 is not available");
+            assert!(isa.supported(), "AVX2 is not available");
             // SAFETY: the CPU supports AVX2 and F16C (checked just above).
             unsafe { avx2::cast(spec, aligned, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            assert!(Isa::available().contains(&isa), "AVX-512 is not available");
-            // SAFETY: the CPU supports the AVX-512 subsets (checked just above).
-            unsafe { avx512::cast(spec, aligned, out) }
+            assert!(isa.supported(), "AVX-512 is not available");
+            // SAFETY: the CPU supports the AVX-512 subsets and F16C (checked just above).
+            unsafe { avx512_generic::cast(spec, aligned, out) }
         }
     }
 }
