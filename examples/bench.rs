@@ -9,7 +9,9 @@
 //! Options: `--params N[M|B]` (default 500M), `--runs R` (5), `--shards S` (3),
 //! `--dir DIR` (where to put the pair and outputs; default a temp dir in the current
 //! directory's filesystem), `--keep` (keep the generated pair), `--threads T`,
-//! `--cold` (also measure a cold-cache run after dropping the page cache; needs root),
+//! `--mode warm|cold|both` (default warm). Cold runs drop the page cache before each run
+//! (needs root) and compare expo's input read rate with `dd` reading the same files, the
+//! disk's sequential read rate; use them for pairs larger than RAM.
 //! `--expo PATH` (default target/release/expo).
 
 use std::collections::BTreeMap;
@@ -280,22 +282,8 @@ fn main() {
     let out = dir.path().join("out");
     let threads = arg("--threads");
 
-    let mut expo_times = Vec::new();
-    let mut cp_times = Vec::new();
-    let mut expo_rss = 0;
-    let mut cp_rss = 0;
-    // Warm the page cache with one untimed run of each.
-    for i in 0..=runs {
-        let _ = fs::remove_dir_all(&out);
-        let mut c = Command::new("sh");
-        c.arg("-c").arg(format!(
-            "cp -r '{}' '{}' && sync '{}'/*",
-            aligned.display(),
-            out.display(),
-            out.display()
-        ));
-        let (s, r) = run(&mut c);
-        let _ = fs::remove_dir_all(&out);
+    let mode = arg("--mode").unwrap_or_else(|| "warm".into());
+    let expo_cmd = || {
         let mut e = Command::new(&expo);
         e.args(["extrapolate", "--quiet", "--alpha", "0.3", "--sft"])
             .arg(&sft)
@@ -306,43 +294,110 @@ fn main() {
         if let Some(t) = &threads {
             e.args(["--threads", t]);
         }
-        let (es, er) = run(&mut e);
-        if i > 0 {
-            cp_times.push(s);
-            expo_times.push(es);
-            cp_rss = cp_rss.max(r);
-            expo_rss = expo_rss.max(er);
-        }
-        eprintln!(
-            "run {i}{}: cp {s:.3}s, expo {es:.3}s ({} MiB peak RSS)",
-            if i == 0 { " (warm-up)" } else { "" },
-            er / 1024
-        );
-    }
-    let _ = fs::remove_dir_all(&out);
-    let (cm, cmin, cmax) = stats(&cp_times);
-    let (em, emin, emax) = stats(&expo_times);
+        e
+    };
     println!();
     println!(
-        "{:.2}B params, {:.2} GB per checkpoint, {} shards, warm cache, median of {} runs",
+        "{:.2}B params, {:.2} GB per checkpoint, {} shards, median of {} runs",
         n_params as f64 / 1e9,
         bytes as f64 / 1e9,
         shards,
         runs
     );
-    println!("| command | median s | min–max s | ratio to cp | peak RSS MiB | GB/s (output) |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| `cp -r aligned out && sync out/*` | {cm:.3} | {cmin:.3}–{cmax:.3} | 1.00 | {} | {:.2} |",
-        cp_rss / 1024,
-        bytes as f64 / cm / 1e9
-    );
-    println!(
-        "| `expo extrapolate --alpha 0.3` | {em:.3} | {emin:.3}–{emax:.3} | {:.2} | {} | {:.2} |",
-        em / cm,
-        expo_rss / 1024,
-        bytes as f64 / em / 1e9
-    );
+    println!("| cache | command | median s | min–max s | ratio | peak RSS MiB | GB/s |");
+    println!("|---|---|---|---|---|---|---|");
+    if mode == "warm" || mode == "both" {
+        let mut expo_times = Vec::new();
+        let mut cp_times = Vec::new();
+        let mut expo_rss = 0;
+        let mut cp_rss = 0;
+        // Run 0 warms the page cache and is not counted.
+        for i in 0..=runs {
+            let _ = fs::remove_dir_all(&out);
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!(
+                "cp -r '{}' '{}' && sync '{}'/*",
+                aligned.display(),
+                out.display(),
+                out.display()
+            ));
+            let (s, r) = run(&mut c);
+            let _ = fs::remove_dir_all(&out);
+            let (es, er) = run(&mut expo_cmd());
+            if i > 0 {
+                cp_times.push(s);
+                expo_times.push(es);
+                cp_rss = cp_rss.max(r);
+                expo_rss = expo_rss.max(er);
+            }
+            eprintln!(
+                "warm run {i}{}: cp {s:.3}s, expo {es:.3}s ({} MiB peak RSS)",
+                if i == 0 { " (not counted)" } else { "" },
+                er / 1024
+            );
+        }
+        let _ = fs::remove_dir_all(&out);
+        let (cm, cmin, cmax) = stats(&cp_times);
+        let (em, emin, emax) = stats(&expo_times);
+        println!(
+            "| warm | `cp -r aligned out && sync out/*` | {cm:.3} | {cmin:.3}–{cmax:.3} | 1.00 | {} | {:.2} written |",
+            cp_rss / 1024,
+            bytes as f64 / cm / 1e9
+        );
+        println!(
+            "| warm | `expo extrapolate --alpha 0.3` | {em:.3} | {emin:.3}–{emax:.3} | {:.2} × cp | {} | {:.2} written |",
+            em / cm,
+            expo_rss / 1024,
+            bytes as f64 / em / 1e9
+        );
+    }
+    if mode == "cold" || mode == "both" {
+        let drop_caches = || {
+            let _ = Command::new("sync").status();
+            fs::write("/proc/sys/vm/drop_caches", "3\n")
+                .expect("cold runs drop the page cache: run as root");
+        };
+        let files = format!(
+            "'{}'/*.safetensors '{}'/*.safetensors",
+            sft.display(),
+            aligned.display()
+        );
+        let mut dd_times = Vec::new();
+        let mut expo_times = Vec::new();
+        let mut expo_rss = 0;
+        for i in 1..=runs {
+            drop_caches();
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!(
+                "for f in {files}; do dd if=\"$f\" of=/dev/null bs=16M status=none; done"
+            ));
+            let (d, _) = run(&mut c);
+            let _ = fs::remove_dir_all(&out);
+            drop_caches();
+            let (es, er) = run(&mut expo_cmd());
+            let _ = fs::remove_dir_all(&out);
+            dd_times.push(d);
+            expo_times.push(es);
+            expo_rss = expo_rss.max(er);
+            eprintln!(
+                "cold run {i}: dd {d:.3}s, expo {es:.3}s ({} MiB peak RSS)",
+                er / 1024
+            );
+        }
+        let input = 2 * bytes;
+        let (dm, dmin, dmax) = stats(&dd_times);
+        let (em, emin, emax) = stats(&expo_times);
+        println!(
+            "| cold | `dd` of both inputs (disk read rate) | {dm:.3} | {dmin:.3}–{dmax:.3} | 1.00 | – | {:.2} read |",
+            input as f64 / dm / 1e9
+        );
+        println!(
+            "| cold | `expo extrapolate --alpha 0.3` | {em:.3} | {emin:.3}–{emax:.3} | {:.0}% of dd rate | {} | {:.2} read |",
+            100.0 * dm / em,
+            expo_rss / 1024,
+            input as f64 / em / 1e9
+        );
+    }
     if flag("--keep") {
         let kept = dir.keep();
         eprintln!("kept the pair at {}", kept.display());

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
 
 use crate::dtype::FloatDtype;
-use crate::plan::DtypeChoice;
+use crate::plan::{AlphaRule, DtypeChoice};
 
 /// Make a better-aligned model from an SFT and an aligned checkpoint, with no training.
 ///
@@ -36,29 +36,82 @@ pub enum Command {
             Non-float tensors must be identical in both inputs and are copied. θ1's config, \
             tokenizer and other side files are copied byte for byte. The output appears \
             atomically: nothing is at --output until everything is written and synced.",
-        after_help = "Examples:\n  expo extrapolate --sft zephyr-sft --aligned zephyr-dpo --alpha 0.3 --output zephyr-expo\n  expo extrapolate --sft sft --aligned dpo --alpha 0.5 --output out --max-shard-size 5GB --dry-run"
+        after_help = "Examples:\n  expo extrapolate --sft zephyr-sft --aligned zephyr-dpo --alpha 0.3 --output zephyr-expo\n  expo extrapolate --sft sft --aligned dpo --alpha 0.5 --output out --max-shard-size 5GB --dry-run\n  expo extrapolate --sft sft --aligned dpo --alpha 0.1:0.5:0.1 --output 'runs/expo-{alpha}'\n  expo extrapolate --sft sft --aligned dpo --alpha 0.3 --skip 'embed_tokens|lm_head' --alpha-for 'self_attn=x0.5' --output out"
     )]
     Extrapolate(ExtrapolateArgs),
+
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish) on stdout.
+    #[command(
+        long_about = "Print a completion script for SHELL on stdout, generated from expo's own \
+            command-line definition.",
+        after_help = "Install:\n  \
+            bash:        echo 'source <(expo completions bash)' >> ~/.bashrc\n  \
+            zsh:         expo completions zsh > ~/.zfunc/_expo   (with fpath+=(~/.zfunc) before compinit in ~/.zshrc)\n  \
+            fish:        expo completions fish > ~/.config/fish/completions/expo.fish\n  \
+            powershell:  expo completions powershell | Out-String | Invoke-Expression   (in $PROFILE)"
+    )]
+    Completions(CompletionsArgs),
+
+    /// Print expo's man page (roff) on stdout, or write all of them with --dir.
+    #[command(after_help = "Examples:\n  \
+        expo man | man -l -\n  \
+        expo man extrapolate > expo-extrapolate.1\n  \
+        expo man --dir ~/.local/share/man/man1")]
+    Man(ManArgs),
+}
+
+/// Arguments of `expo completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to generate completions for.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// Arguments of `expo man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The subcommand whose page to print (expo-SUBCOMMAND(1)); default: expo(1).
+    #[arg(value_name = "SUBCOMMAND", conflicts_with = "dir")]
+    pub subcommand: Option<String>,
+
+    /// Write expo.1 and expo-SUBCOMMAND.1 for every subcommand into DIR instead.
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub dir: Option<PathBuf>,
 }
 
 /// Arguments of `expo extrapolate`.
 #[derive(Debug, Args)]
 pub struct ExtrapolateArgs {
-    /// The SFT checkpoint θ0: a directory or a .safetensors file.
-    #[arg(long, value_name = "PATH")]
+    /// The SFT checkpoint θ0: a directory, a .safetensors file, or a Hub id org/name[@REV]
+    /// found in the local Hugging Face cache.
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::AnyPath)]
     pub sft: PathBuf,
 
-    /// The aligned (DPO/RLHF) checkpoint θ1 trained from --sft: a directory or a .safetensors file.
-    #[arg(long, value_name = "PATH")]
+    /// The aligned (DPO/RLHF) checkpoint θ1 trained from --sft: a directory, a .safetensors
+    /// file, or a Hub id org/name[@REV] found in the local Hugging Face cache.
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::AnyPath)]
     pub aligned: PathBuf,
 
     /// Extrapolation strength: 0.1–0.5 for fully trained models, larger for partially
-    /// trained ones; between -1 and 0 interpolates; 0 reproduces --aligned.
-    #[arg(long, short = 'a', value_name = "ALPHA", allow_negative_numbers = true, value_parser = parse_alpha)]
-    pub alpha: f64,
+    /// trained ones; between -1 and 0 interpolates; 0 reproduces --aligned. A list
+    /// (0.1,0.2,0.3), an inclusive range (0.1:0.5:0.1) or both make one output per value,
+    /// all from one pass over the inputs; --output must then contain {alpha}.
+    #[arg(long, short = 'a', value_name = "ALPHA", allow_negative_numbers = true, value_parser = parse_alpha_list)]
+    pub alpha: AlphaList,
+
+    /// Per-module α: tensors whose name matches REGEX get VALUE, a number or xF (F times
+    /// the run's α). Repeatable; the first matching rule wins (after --skip).
+    #[arg(long, value_name = "REGEX=VALUE", value_parser = crate::alpha::parse_rule)]
+    pub alpha_for: Vec<AlphaRule>,
+
+    /// Tensors whose name matches REGEX are copied from --aligned unchanged (α = 0).
+    /// Repeatable; checked before --alpha-for.
+    #[arg(long, value_name = "REGEX", value_parser = crate::alpha::parse_skip)]
+    pub skip: Vec<AlphaRule>,
 
     /// The directory to create. Must not exist or be empty, unless --force.
-    #[arg(long, short = 'o', value_name = "DIR")]
+    #[arg(long, short = 'o', value_name = "DIR", value_hint = ValueHint::DirPath)]
     pub output: PathBuf,
 
     /// Re-shard the output into files of at most SIZE tensor bytes (5GB, 500MB, 2GiB, bytes).
@@ -125,15 +178,12 @@ impl DtypeArg {
     }
 }
 
-fn parse_alpha(s: &str) -> Result<f64, String> {
-    let a: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number (e.g. 0.3)"))?;
-    if !a.is_finite() {
-        return Err(format!("alpha must be a finite number, got `{s}`"));
-    }
-    Ok(a)
+/// The values of `--alpha`, in the order given, without duplicates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlphaList(pub Vec<f64>);
+
+fn parse_alpha_list(s: &str) -> Result<AlphaList, String> {
+    crate::alpha::parse_alphas(s).map(AlphaList)
 }
 
 fn parse_shard_size(s: &str) -> Result<u64, String> {
@@ -165,8 +215,10 @@ mod tests {
             "c",
         ])
         .unwrap();
-        let Command::Extrapolate(args) = cli.command;
-        assert_eq!(args.alpha, -0.5);
+        let Command::Extrapolate(args) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(args.alpha, AlphaList(vec![-0.5]));
     }
 
     #[test]

@@ -17,9 +17,9 @@ use std::sync::Mutex;
 use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::checkpoint::{Checkpoint, TensorLoc};
-use crate::dtype::DtypeClass;
+use crate::dtype::{DtypeClass, FloatDtype};
 use crate::kernel::{self, KernelSpec};
-use crate::plan::{Plan, Treatment};
+use crate::plan::{Plan, TensorPair, Treatment};
 
 /// Elements per chunk of float work.
 pub const CHUNK_ELEMENTS: u64 = 1 << 20;
@@ -165,29 +165,28 @@ pub fn verify_exact_tensors(
     Ok(())
 }
 
-/// One unit of work: a run of one tensor's elements (or bytes, for copies).
+/// One unit of work: a run of one tensor's elements (or bytes, for non-float tensors).
 #[derive(Debug, Clone, Copy)]
 struct Task {
     shard: usize,
     pair: usize,
-    /// Element range for float work, byte range for copies.
+    /// Element range for float tensors, byte range for the others.
     start: u64,
     end: u64,
     /// Absolute offset of this chunk's output in the shard file.
     out_offset: u64,
 }
 
-fn make_tasks(plan: &Plan) -> Vec<Task> {
+/// Cuts every tensor of the (shared) output layout into chunks, in file order.
+fn make_tasks(plan: &Plan, aligned: &Checkpoint) -> Vec<Task> {
     let mut tasks = Vec::new();
     for (s, shard) in plan.shards.iter().enumerate() {
         let data_start = shard.header.len() as u64;
         for (&i, &offset) in shard.tensors.iter().zip(&shard.offsets) {
             let p = &plan.pairs[i];
-            let (total, step, out_unit) = match p.treatment {
-                Treatment::Copy => (p.out_len, COPY_CHUNK_BYTES, 1),
-                Treatment::Extrapolate(spec) | Treatment::Cast(spec) => {
-                    (p.elements(), CHUNK_ELEMENTS, spec.out.size() as u64)
-                }
+            let (total, step, out_unit) = match float_in(aligned, p) {
+                Some(_) => (p.elements(), CHUNK_ELEMENTS, p.out_dtype.bits() / 8),
+                None => (p.out_len, COPY_CHUNK_BYTES, 1),
             };
             let mut start = 0;
             while start < total {
@@ -206,12 +205,40 @@ fn make_tasks(plan: &Plan) -> Vec<Task> {
     tasks
 }
 
-/// What a finished write reports.
+/// θ1's float format for a float output tensor (chunked by elements), else `None`.
+fn float_in(aligned: &Checkpoint, p: &TensorPair) -> Option<FloatDtype> {
+    let t1 = aligned.get(&p.name)?.1;
+    match (t1.dtype.class(), p.out_dtype.class()) {
+        (DtypeClass::Float(d), DtypeClass::Float(_)) => Some(d),
+        _ => None,
+    }
+}
+
+/// What a finished output reports.
 #[derive(Debug, Clone, Default)]
 pub struct WriteStats {
     /// Tensors whose inputs already held non-finite values, with the count of non-finite
     /// output values in each.
     pub inherited_nonfinite: Vec<(String, u64)>,
+}
+
+/// One output of a run: its plan and the directory its files go to. All outputs of a run
+/// share one layout (same files, tensors, dtypes and offsets); only α differs.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputJob<'a> {
+    pub plan: &'a Plan,
+    pub dir: &'a Path,
+}
+
+/// The result of [`write_outputs`].
+#[derive(Debug)]
+pub struct RunReport {
+    /// One result per output, in the order given.
+    pub outputs: Vec<Result<WriteStats, EngineError>>,
+    /// Σ(θ1 − θ0)² over the float tensors that some output extrapolates.
+    pub delta_sq: f64,
+    /// Σθ0² over the same tensors.
+    pub base_sq: f64,
 }
 
 /// Creates a file at its final size, reserving the space when the filesystem can.
@@ -234,7 +261,7 @@ fn create_sized(path: &Path, len: u64) -> Result<File, EngineError> {
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             match err.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => {
                     return Err(EngineError::NoSpace {
                         path: path.to_path_buf(),
                         needed: len,
@@ -251,35 +278,42 @@ fn create_sized(path: &Path, len: u64) -> Result<File, EngineError> {
     Ok(file)
 }
 
-/// Writes every output shard of `plan` into `dir`, fsyncing each when complete.
-///
-/// `on_progress` is called with the number of output bytes each finished chunk wrote.
-/// Setting `cancel` makes the workers stop at the next chunk with [`EngineError::Interrupted`].
-pub fn write_shards(
-    plan: &Plan,
-    sft: (&Checkpoint, &MappedCheckpoint),
-    aligned: (&Checkpoint, &MappedCheckpoint),
-    dir: &Path,
-    pool: &rayon::ThreadPool,
-    cancel: &AtomicBool,
-    on_progress: &(dyn Fn(u64) + Sync),
-) -> Result<WriteStats, EngineError> {
-    let mut files = Vec::with_capacity(plan.shards.len());
-    for shard in &plan.shards {
-        let path = dir.join(&shard.file_name);
+/// The files of one output and what is left to do in each.
+struct OutputState {
+    files: Vec<(PathBuf, File)>,
+    /// Chunks not yet written, per shard; the worker that writes the last one fsyncs.
+    remaining: Vec<AtomicUsize>,
+    inherited: Vec<AtomicU64>,
+    failure: Mutex<Option<EngineError>>,
+    failed: AtomicBool,
+}
+
+impl OutputState {
+    fn fail(&self, e: EngineError) {
+        let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.failed.store(true, Ordering::Relaxed);
+    }
+}
+
+fn open_output(job: &OutputJob<'_>, tasks: &[Task]) -> Result<OutputState, EngineError> {
+    let mut files = Vec::with_capacity(job.plan.shards.len());
+    for shard in &job.plan.shards {
+        let path = job.dir.join(&shard.file_name);
         let file = create_sized(&path, shard.file_len())?;
         file.write_all_at(&shard.header, 0)
-            .map_err(|source| EngineError::Io {
-                path: path.clone(),
-                op: "write",
-                source,
-            })?;
+            .map_err(|source| map_write_error(&path, source))?;
         files.push((path, file));
     }
-
-    let tasks = make_tasks(plan);
-    let mut remaining: Vec<AtomicUsize> = plan.shards.iter().map(|_| AtomicUsize::new(0)).collect();
-    for t in &tasks {
+    let mut remaining: Vec<AtomicUsize> = job
+        .plan
+        .shards
+        .iter()
+        .map(|_| AtomicUsize::new(0))
+        .collect();
+    for t in tasks {
         *remaining[t.shard].get_mut() += 1;
     }
     // Shards without tensors are complete as soon as their header is written.
@@ -288,60 +322,165 @@ pub fn write_shards(
             sync_file(&files[s].0, &files[s].1)?;
         }
     }
-    let inherited: Vec<AtomicU64> = plan.pairs.iter().map(|_| AtomicU64::new(0)).collect();
+    Ok(OutputState {
+        files,
+        remaining,
+        inherited: job.plan.pairs.iter().map(|_| AtomicU64::new(0)).collect(),
+        failure: Mutex::new(None),
+        failed: AtomicBool::new(false),
+    })
+}
+
+/// Writes every output in one pass over the inputs: each chunk of θ0 and θ1 is read once
+/// and turned into that chunk of every output. Each output's shards are fsynced when
+/// complete. An error in one output (e.g. overflow at a large α) stops that output only.
+///
+/// `on_progress` is called with the number of output bytes each finished chunk wrote.
+/// Setting `cancel` makes the workers stop at the next chunk; every output then reports
+/// [`EngineError::Interrupted`].
+pub fn write_outputs(
+    jobs: &[OutputJob<'_>],
+    sft: (&Checkpoint, &MappedCheckpoint),
+    aligned: (&Checkpoint, &MappedCheckpoint),
+    pool: &rayon::ThreadPool,
+    cancel: &AtomicBool,
+    on_progress: &(dyn Fn(u64) + Sync),
+) -> RunReport {
+    let Some(first) = jobs.first() else {
+        return RunReport {
+            outputs: Vec::new(),
+            delta_sq: 0.0,
+            base_sq: 0.0,
+        };
+    };
+    debug_assert!(jobs
+        .iter()
+        .all(|j| j.plan.shards.len() == first.plan.shards.len()
+            && j.plan
+                .shards
+                .iter()
+                .zip(&first.plan.shards)
+                .all(|(a, b)| a.header == b.header)));
+    let tasks = make_tasks(first.plan, aligned.0);
+    let states: Vec<Result<OutputState, EngineError>> =
+        jobs.iter().map(|j| open_output(j, &tasks)).collect();
+
+    // Which pairs some output extrapolates: only those need θ0, and they make the Δ stats.
+    let extrapolated: Vec<Option<KernelSpec>> = (0..first.plan.pairs.len())
+        .map(|i| {
+            jobs.iter().find_map(|j| match j.plan.pairs[i].treatment {
+                Treatment::Extrapolate(spec) => Some(spec),
+                _ => None,
+            })
+        })
+        .collect();
+    let partials: Vec<(AtomicU64, AtomicU64)> = tasks
+        .iter()
+        .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
+        .collect();
     let next = AtomicUsize::new(0);
-    let failure: Mutex<Option<EngineError>> = Mutex::new(None);
+    let live = |states: &[Result<OutputState, EngineError>]| {
+        states
+            .iter()
+            .any(|s| matches!(s, Ok(st) if !st.failed.load(Ordering::Relaxed)))
+    };
     let max_chunk = (CHUNK_ELEMENTS * 8) as usize;
 
     let worker = || {
         let mut buf: Vec<u8> = Vec::new();
         loop {
-            if cancel.load(Ordering::Relaxed) {
+            if cancel.load(Ordering::Relaxed) || !live(&states) {
                 return;
             }
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(task) = tasks.get(i) else { return };
-            let result = run_task(
-                plan, sft, aligned, task, &files, &mut buf, max_chunk, &inherited,
-            )
-            .and_then(|written| {
-                on_progress(written);
-                if remaining[task.shard].fetch_sub(1, Ordering::AcqRel) == 1 {
-                    let (path, file) = &files[task.shard];
-                    sync_file(path, file)?;
-                }
-                Ok(())
+            let ti = next.fetch_add(1, Ordering::Relaxed);
+            let Some(task) = tasks.get(ti) else { return };
+            let t1_all = aligned
+                .1
+                .tensor(aligned.0, first.plan.pairs[task.pair].aligned);
+            let in1 = float_in(aligned.0, &first.plan.pairs[task.pair]);
+            let t0_chunk = extrapolated[task.pair].map(|spec| {
+                let t0 = sft.1.tensor(sft.0, first.plan.pairs[task.pair].sft);
+                let a =
+                    &t0[task.start as usize * spec.sft.size()..task.end as usize * spec.sft.size()];
+                let b = &t1_all[task.start as usize * spec.aligned.size()
+                    ..task.end as usize * spec.aligned.size()];
+                let (dd, bb) = kernel::delta_sums(spec, a, b);
+                partials[ti].0.store(dd.to_bits(), Ordering::Relaxed);
+                partials[ti].1.store(bb.to_bits(), Ordering::Relaxed);
+                a
             });
-            if let Err(e) = result {
-                let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
-                if slot.is_none() {
-                    *slot = Some(e);
+            let unit = in1.map_or(1, |d| d.size());
+            let b = &t1_all[task.start as usize * unit..task.end as usize * unit];
+            for (job, state) in jobs.iter().zip(&states) {
+                let Ok(state) = state else { continue };
+                if state.failed.load(Ordering::Relaxed) {
+                    continue;
                 }
-                cancel.store(true, Ordering::Relaxed);
-                return;
+                let result = run_task(
+                    job.plan, sft, aligned, task, state, b, t0_chunk, &mut buf, max_chunk,
+                )
+                .and_then(|written| {
+                    on_progress(written);
+                    if state.remaining[task.shard].fetch_sub(1, Ordering::AcqRel) == 1 {
+                        let (path, file) = &state.files[task.shard];
+                        sync_file(path, file)?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = result {
+                    state.fail(e);
+                }
+            }
+            aligned.1.release(b);
+            if let Some(a) = t0_chunk {
+                sft.1.release(a);
             }
         }
     };
     pool.broadcast(|_| worker());
 
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
-    if cancel.load(Ordering::Relaxed) {
-        return Err(EngineError::Interrupted);
-    }
-    let inherited_nonfinite = plan
-        .pairs
+    let interrupted = cancel.load(Ordering::Relaxed);
+    let outputs = jobs
         .iter()
-        .zip(&inherited)
-        .filter_map(|(p, n)| {
-            let n = n.load(Ordering::Relaxed);
-            (n > 0).then(|| (p.name.clone(), n))
+        .zip(states)
+        .map(|(job, state)| {
+            let state = state?;
+            if let Some(e) = state
+                .failure
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+            {
+                return Err(e);
+            }
+            if interrupted {
+                return Err(EngineError::Interrupted);
+            }
+            let inherited_nonfinite = job
+                .plan
+                .pairs
+                .iter()
+                .zip(&state.inherited)
+                .filter_map(|(p, n)| {
+                    let n = n.load(Ordering::Relaxed);
+                    (n > 0).then(|| (p.name.clone(), n))
+                })
+                .collect();
+            Ok(WriteStats {
+                inherited_nonfinite,
+            })
         })
         .collect();
-    Ok(WriteStats {
-        inherited_nonfinite,
-    })
+    // Summed in task order, so the result does not depend on the number of threads.
+    let (mut delta_sq, mut base_sq) = (0.0, 0.0);
+    for (dd, bb) in &partials {
+        delta_sq += f64::from_bits(dd.load(Ordering::Relaxed));
+        base_sq += f64::from_bits(bb.load(Ordering::Relaxed));
+    }
+    RunReport {
+        outputs,
+        delta_sq,
+        base_sq,
+    }
 }
 
 fn sync_file(path: &Path, file: &File) -> Result<(), EngineError> {
@@ -352,71 +491,63 @@ fn sync_file(path: &Path, file: &File) -> Result<(), EngineError> {
     })
 }
 
+/// Writes one chunk of one output. `b` is θ1's chunk, `a` θ0's when some output needs it.
 #[allow(clippy::too_many_arguments)]
 fn run_task(
     plan: &Plan,
     sft: (&Checkpoint, &MappedCheckpoint),
     aligned: (&Checkpoint, &MappedCheckpoint),
     task: &Task,
-    files: &[(PathBuf, File)],
+    state: &OutputState,
+    b: &[u8],
+    a: Option<&[u8]>,
     buf: &mut Vec<u8>,
     max_chunk: usize,
-    inherited: &[AtomicU64],
 ) -> Result<u64, EngineError> {
     let p = &plan.pairs[task.pair];
-    let (path, file) = &files[task.shard];
+    let (path, file) = &state.files[task.shard];
     let write_err = |source| map_write_error(path, source);
-    let t1 = aligned.1.tensor(aligned.0, p.aligned);
-    match p.treatment {
+    let (spec, stats, out) = match p.treatment {
         Treatment::Copy => {
-            let src = &t1[task.start as usize..task.end as usize];
-            file.write_all_at(src, task.out_offset).map_err(write_err)?;
-            aligned.1.release(src);
-            Ok(src.len() as u64)
+            file.write_all_at(b, task.out_offset).map_err(write_err)?;
+            return Ok(b.len() as u64);
         }
-        Treatment::Extrapolate(spec) | Treatment::Cast(spec) => {
-            let (s, e) = (task.start as usize, task.end as usize);
-            let b = &t1[s * spec.aligned.size()..e * spec.aligned.size()];
+        Treatment::Cast(spec) => {
+            let n = (task.end - task.start) as usize;
             if buf.len() < max_chunk {
                 buf.resize(max_chunk, 0);
             }
-            let out = &mut buf[..(e - s) * spec.out.size()];
-            let stats = match p.treatment {
-                Treatment::Cast(_) => {
-                    let stats = kernel::cast(spec, b, out);
-                    let as_cast = KernelSpec {
-                        sft: spec.aligned,
-                        ..spec
-                    };
-                    if stats.nonfinite_out > 0
-                        && kernel::count_new_nonfinite(as_cast, b, b, out) > 0
-                    {
-                        return Err(overflow_error(plan, p, spec, sft, aligned));
-                    }
-                    stats
-                }
-                _ => {
-                    let t0 = sft.1.tensor(sft.0, p.sft);
-                    let a = &t0[s * spec.sft.size()..e * spec.sft.size()];
-                    let stats = kernel::extrapolate(spec, plan.alpha, a, b, out);
-                    if stats.nonfinite_out > 0 {
-                        let new = kernel::count_new_nonfinite(spec, a, b, out);
-                        if new > 0 {
-                            return Err(overflow_error(plan, p, spec, sft, aligned));
-                        }
-                    }
-                    sft.1.release(a);
-                    stats
-                }
+            let out = &mut buf[..n * spec.out.size()];
+            let stats = kernel::cast(spec, b, out);
+            let as_cast = KernelSpec {
+                sft: spec.aligned,
+                ..spec
             };
-            if stats.nonfinite_out > 0 {
-                inherited[task.pair].fetch_add(stats.nonfinite_out, Ordering::Relaxed);
+            if stats.nonfinite_out > 0 && kernel::count_new_nonfinite(as_cast, b, b, out) > 0 {
+                return Err(overflow_error(p, spec, sft, aligned));
             }
-            file.write_all_at(out, task.out_offset).map_err(write_err)?;
-            aligned.1.release(b);
-            Ok(out.len() as u64)
+            (spec, stats, &*out)
         }
+        Treatment::Extrapolate(spec) => {
+            let a = a.expect("θ0 is read for every extrapolated tensor");
+            let n = (task.end - task.start) as usize;
+            if buf.len() < max_chunk {
+                buf.resize(max_chunk, 0);
+            }
+            let out = &mut buf[..n * spec.out.size()];
+            let stats = kernel::extrapolate(spec, p.alpha, a, b, out);
+            if stats.nonfinite_out > 0 && kernel::count_new_nonfinite(spec, a, b, out) > 0 {
+                return Err(overflow_error(p, spec, sft, aligned));
+            }
+            (spec, stats, &*out)
+        }
+    };
+    let _ = spec;
+    if stats.nonfinite_out > 0 {
+        state.inherited[task.pair].fetch_add(stats.nonfinite_out, Ordering::Relaxed);
     }
+    file.write_all_at(out, task.out_offset).map_err(write_err)?;
+    Ok(out.len() as u64)
 }
 
 fn map_write_error(path: &Path, source: std::io::Error) -> EngineError {
@@ -436,8 +567,7 @@ fn map_write_error(path: &Path, source: std::io::Error) -> EngineError {
 
 /// Counts, over the whole tensor, the values that overflow although both inputs are finite.
 fn overflow_error(
-    plan: &Plan,
-    p: &crate::plan::TensorPair,
+    p: &TensorPair,
     spec: KernelSpec,
     sft: (&Checkpoint, &MappedCheckpoint),
     aligned: (&Checkpoint, &MappedCheckpoint),
@@ -454,7 +584,7 @@ fn overflow_error(
         let a = &t0[s * spec.sft.size()..e * spec.sft.size()];
         let b = &t1[s * spec.aligned.size()..e * spec.aligned.size()];
         let o = &mut out[..(e - s) * spec.out.size()];
-        if kernel::extrapolate(spec, plan.alpha, a, b, o).nonfinite_out > 0 {
+        if kernel::extrapolate(spec, p.alpha, a, b, o).nonfinite_out > 0 {
             count += kernel::count_new_nonfinite(spec, a, b, o);
         }
         s = e;
@@ -464,6 +594,6 @@ fn overflow_error(
         count,
         elements: n as u64,
         dtype: spec.out,
-        alpha: plan.alpha,
+        alpha: p.alpha,
     }
 }

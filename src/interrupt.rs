@@ -25,6 +25,31 @@ pub fn install() {
     });
 }
 
+/// Installs a SIGBUS handler that reports an input changed under expo's memory map.
+///
+/// Reading a mapped file that another process truncated raises SIGBUS, which would
+/// otherwise kill expo with no explanation. The handler can only do async-signal-safe
+/// work: it prints a fixed message and exits with status 1. The temporary output
+/// directory it leaves behind is recognised and removed by the next run.
+pub fn install_sigbus_handler() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MSG: &[u8] = b"expo: error: an input file was truncated or replaced while expo was reading it (SIGBUS); nothing was written at the output path\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: the sigaction struct is zero-initialised (a valid value), its mask emptied,
+    // and the handler is an `extern "C" fn(c_int)` as SA_SIGINFO is not set.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+    }
+}
+
 /// The flag workers poll.
 pub fn flag() -> &'static AtomicBool {
     &CANCEL

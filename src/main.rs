@@ -43,5 +43,7 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match &cli.command {
         Command::Extrapolate(args) => expo::cmd::extrapolate::run(args),
+        Command::Completions(args) => expo::cmd::completions::run(args),
+        Command::Man(args) => expo::cmd::man::run(args),
     }
 }

@@ -10,6 +10,10 @@ use std::sync::Mutex;
 /// Prefix of the temporary directories expo creates beside the output.
 pub const STAGING_PREFIX: &str = ".expo-tmp-";
 
+/// A file inside every staging directory, so that only directories expo made are ever
+/// removed as stale.
+pub const STAGING_MARKER: &str = ".expo-staging";
+
 /// What is at the output path before the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Existing {
@@ -110,13 +114,16 @@ impl OutputTarget {
     }
 }
 
-/// The staging directory currently in use, so that a second interrupt can remove it.
-static ACTIVE: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// The staging directories currently in use, so that a second interrupt can remove them.
+static ACTIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-/// Removes the active staging directory, if any (called on a forced exit).
+fn active() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    ACTIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes the active staging directories, if any (called on a forced exit).
 pub fn remove_active_staging() {
-    let active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(path) = active {
+    for path in std::mem::take(&mut *active()) {
         let _ = fs::remove_dir_all(path);
     }
 }
@@ -129,7 +136,8 @@ pub struct StagingDir {
 }
 
 impl StagingDir {
-    /// Creates `.expo-tmp-<name>-<pid>` in the output's parent directory.
+    /// Creates `.expo-tmp-<name>-<pid>` in the output's parent directory, with a marker
+    /// file that identifies it as expo's.
     pub fn create(target: &OutputTarget) -> Result<StagingDir, OutputError> {
         let path = target.parent.join(format!(
             "{STAGING_PREFIX}{}-{}",
@@ -137,11 +145,15 @@ impl StagingDir {
             std::process::id()
         ));
         fs::create_dir(&path).map_err(io_err(&path, "create directory"))?;
-        *ACTIVE.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.clone());
-        Ok(StagingDir {
+        active().push(path.clone());
+        let staging = StagingDir {
             path,
             committed: false,
-        })
+        };
+        let marker = staging.path.join(STAGING_MARKER);
+        fs::write(&marker, format!("{}\n", std::process::id()))
+            .map_err(io_err(&marker, "create"))?;
+        Ok(staging)
     }
 
     /// The directory to write into.
@@ -149,9 +161,11 @@ impl StagingDir {
         &self.path
     }
 
-    /// Syncs the staging directory and moves it to the output path, replacing what was
-    /// there; then syncs the parent so the rename is durable.
+    /// Removes the marker, syncs the staging directory and moves it to the output path,
+    /// replacing what was there; then syncs the parent so the rename is durable.
     pub fn commit(mut self, target: &OutputTarget) -> Result<(), OutputError> {
+        let marker = self.path.join(STAGING_MARKER);
+        fs::remove_file(&marker).map_err(io_err(&marker, "remove"))?;
         sync_dir(&self.path)?;
         match target.existing {
             Existing::Nothing | Existing::EmptyDir => {
@@ -180,7 +194,7 @@ impl StagingDir {
             }
         }
         self.committed = true;
-        ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).take();
+        active().retain(|p| p != &self.path);
         sync_dir(&target.parent)
     }
 }
@@ -189,9 +203,55 @@ impl Drop for StagingDir {
     fn drop(&mut self) {
         if !self.committed {
             let _ = fs::remove_dir_all(&self.path);
-            ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).take();
+            active().retain(|p| p != &self.path);
         }
     }
+}
+
+/// Removes staging directories in `parent` left behind by expo runs that were killed
+/// (SIGKILL, power loss): those named `.expo-tmp-*` that hold expo's marker file and whose
+/// process is gone. Returns the directories removed.
+pub fn remove_stale_staging(parent: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(parent) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(STAGING_PREFIX) else {
+            continue;
+        };
+        let path = entry.path();
+        // Never follow a link, never touch a directory without our marker.
+        let is_dir = fs::symlink_metadata(&path)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        let Ok(marker) = fs::read_to_string(path.join(STAGING_MARKER)) else {
+            continue;
+        };
+        let pid: Option<i32> = marker.trim().parse().ok();
+        let named_pid = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
+        let (Some(pid), true) = (pid, is_dir) else {
+            continue;
+        };
+        if named_pid != Some(pid) || pid as u32 == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        if fs::remove_dir_all(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// True when a process with this id exists.
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return true; // not a real pid: leave it alone
+    }
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// Atomically swaps two directory entries (Linux `renameat2(RENAME_EXCHANGE)`).
@@ -230,4 +290,42 @@ pub fn sync_dir(path: &Path) -> Result<(), OutputError> {
     File::open(path)
         .and_then(|d| d.sync_all())
         .map_err(io_err(path, "fsync directory"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_dead_marked_staging_directories_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        // A dead process's staging directory (pid 0x7ffffffe does not exist).
+        let dead = p.join(format!("{STAGING_PREFIX}out-2147483646"));
+        fs::create_dir(&dead).unwrap();
+        fs::write(dead.join(STAGING_MARKER), "2147483646\n").unwrap();
+        fs::write(dead.join("model.safetensors"), b"partial").unwrap();
+        // Ours (this process is alive).
+        let alive = p.join(format!("{STAGING_PREFIX}out-{}", std::process::id()));
+        fs::create_dir(&alive).unwrap();
+        fs::write(
+            alive.join(STAGING_MARKER),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        // Same name pattern but no marker: not ours.
+        let foreign = p.join(format!("{STAGING_PREFIX}out-2147483645"));
+        fs::create_dir(&foreign).unwrap();
+        // A marker whose pid disagrees with the name.
+        let odd = p.join(format!("{STAGING_PREFIX}x-2147483644"));
+        fs::create_dir(&odd).unwrap();
+        fs::write(odd.join(STAGING_MARKER), "12\n").unwrap();
+        // Unrelated directory.
+        fs::create_dir(p.join("keep")).unwrap();
+
+        let removed = remove_stale_staging(p);
+        assert_eq!(removed, vec![dead.clone()]);
+        assert!(!dead.exists());
+        assert!(alive.exists() && foreign.exists() && odd.exists() && p.join("keep").exists());
+    }
 }

@@ -22,13 +22,55 @@ pub enum DtypeChoice {
     Fixed(FloatDtype),
 }
 
+/// What a per-module rule sets a tensor's α to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RuleValue {
+    /// This α, whatever the run's α.
+    Absolute(f64),
+    /// This multiple of the run's α (`x0.5`).
+    Factor(f64),
+}
+
+/// A per-module rule: tensors whose name matches `pattern` get `value` as their α.
+#[derive(Debug, Clone)]
+pub struct AlphaRule {
+    pub pattern: regex::Regex,
+    pub value: RuleValue,
+    /// The rule as the user wrote it, for messages and provenance.
+    pub spelling: String,
+}
+
+impl AlphaRule {
+    /// The α this rule gives a tensor in a run with `alpha`.
+    pub fn alpha(&self, alpha: f64) -> f64 {
+        match self.value {
+            RuleValue::Absolute(a) => a,
+            RuleValue::Factor(f) => f * alpha,
+        }
+    }
+}
+
 /// The validated settings planning needs.
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
+    /// The run's α.
     pub alpha: f64,
     pub dtype: DtypeChoice,
     /// Re-shard with at most this many tensor bytes per file; `None` mirrors θ1.
     pub max_shard_size: Option<u64>,
+    /// Per-module rules, in priority order: the first whose pattern matches a tensor's
+    /// name sets its α.
+    pub rules: Vec<AlphaRule>,
+}
+
+impl PlanOptions {
+    /// The α of tensor `name` and the index of the rule that set it, if any.
+    pub fn alpha_for(&self, name: &str) -> (f64, Option<usize>) {
+        match self.rules.iter().position(|r| r.pattern.is_match(name)) {
+            Some(i) => (self.rules[i].alpha(self.alpha), Some(i)),
+            None => (self.alpha, None),
+        }
+    }
 }
 
 /// How one output tensor is produced.
@@ -53,6 +95,10 @@ pub struct TensorPair {
     pub aligned: TensorLoc,
     /// Bytes of output data.
     pub out_len: u64,
+    /// This tensor's α (the run's, or a rule's).
+    pub alpha: f64,
+    /// The per-module rule that set `alpha`, as an index into [`PlanOptions::rules`].
+    pub rule: Option<usize>,
 }
 
 impl TensorPair {
@@ -158,7 +204,7 @@ impl fmt::Display for Mismatch {
             ),
             Mismatch::Unsupported { tensor, dtype } => write!(
                 f,
-                "`{tensor}` is {dtype}, which expo cannot extrapolate (only F16, BF16, F32 and F64); it can only be copied from --aligned when its alpha is 0"
+                "`{tensor}` is {dtype}, which expo cannot extrapolate (only F16, BF16, F32 and F64); copy it unchanged from --aligned with --skip or an alpha of 0"
             ),
         }
     }
@@ -203,6 +249,7 @@ pub fn pair_tensors(
     let mut mismatches = Vec::new();
     let mut pairs = Vec::with_capacity(aligned.len());
     for (aligned_loc, t1) in aligned.tensors() {
+        let (alpha, rule) = opts.alpha_for(&t1.name);
         let Some((sft_loc, t0)) = sft.get(&t1.name) else {
             mismatches.push(Mismatch::OnlyInAligned {
                 tensor: t1.name.clone(),
@@ -228,7 +275,7 @@ pub fn pair_tensors(
                     aligned: b,
                     out,
                 };
-                if opts.alpha != 0.0 {
+                if alpha != 0.0 {
                     Treatment::Extrapolate(spec)
                 } else if out == b {
                     Treatment::Copy
@@ -237,7 +284,7 @@ pub fn pair_tensors(
                 }
             }
             (DtypeClass::Exact, DtypeClass::Exact) if t0.dtype == t1.dtype => Treatment::Copy,
-            (_, DtypeClass::Opaque) if opts.alpha == 0.0 => Treatment::Copy,
+            (_, DtypeClass::Opaque) if alpha == 0.0 => Treatment::Copy,
             (DtypeClass::Opaque, _) | (_, DtypeClass::Opaque) if t0.dtype == t1.dtype => {
                 mismatches.push(Mismatch::Unsupported {
                     tensor: t1.name.clone(),
@@ -270,6 +317,8 @@ pub fn pair_tensors(
             sft: sft_loc,
             aligned: aligned_loc,
             out_len,
+            alpha,
+            rule,
         });
     }
     for (_, t0) in sft.tensors() {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, FOREIGN_WEIGHT_EXTENSIONS};
+use crate::hub::ResolvedInput;
 
 /// Name of the provenance record written into the output.
 pub const PROVENANCE_NAME: &str = "expo.json";
@@ -151,18 +152,67 @@ pub struct InputRecord {
     pub files: Vec<String>,
     pub tensors: usize,
     pub bytes: u64,
+    /// The Hub id (`org/name`), when the input came from the Hugging Face cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub_id: Option<String>,
+    /// The revision asked for (`main` unless `@REV` was given), for a Hub input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// The commit of the cached snapshot read, for a Hub input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 impl InputRecord {
-    /// Describes a checkpoint.
+    /// Describes a checkpoint opened from the path the user gave.
     pub fn new(ck: &Checkpoint) -> InputRecord {
-        let path = fs::canonicalize(&ck.given).unwrap_or_else(|_| ck.given.clone());
+        Self::at(ck, &ck.given)
+    }
+
+    /// Describes a checkpoint whose argument was resolved (possibly from the Hugging Face
+    /// cache): `given` is what the user typed, `path` the local directory read.
+    pub fn resolved(ck: &Checkpoint, input: &ResolvedInput) -> InputRecord {
+        let mut record = Self::at(ck, &input.path);
+        record.given = input.given.display().to_string();
+        if let Some(hub) = &input.hub {
+            record.hub_id = Some(hub.repo_id.clone());
+            record.revision = Some(hub.revision.clone());
+            record.commit = Some(hub.commit.clone());
+        }
+        record
+    }
+
+    fn at(ck: &Checkpoint, path: &Path) -> InputRecord {
+        let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         InputRecord {
             given: ck.given.display().to_string(),
-            path: path.display().to_string(),
+            path: canonical.display().to_string(),
             files: ck.weight_file_names(),
             tensors: ck.len(),
             bytes: ck.data_bytes(),
+            hub_id: None,
+            revision: None,
+            commit: None,
+        }
+    }
+
+    /// The name for the model card's `base_model`: the Hub id when known (what the Hub
+    /// expects there), else the path as given.
+    pub fn base_model(&self) -> &str {
+        self.hub_id.as_deref().unwrap_or(&self.given)
+    }
+
+    /// How the model card names this input: the path as given, or for a Hub input the id
+    /// with the revision and the commit it resolved to.
+    pub fn describe(&self) -> String {
+        match (&self.hub_id, &self.revision, &self.commit) {
+            (Some(id), Some(rev), Some(commit)) if rev == commit => {
+                format!("`{id}` at commit `{commit}`")
+            }
+            (Some(id), Some(rev), Some(commit)) => {
+                format!("`{id}` at `{rev}` (commit `{commit}`)")
+            }
+            _ => format!("`{}`", self.given),
         }
     }
 }
@@ -187,8 +237,13 @@ pub struct Provenance {
     pub arithmetic: &'static str,
     pub paper: &'static str,
     pub alpha: f64,
+    /// Per-module rules, in priority order, with what they matched.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleRecord>,
     pub dtype: String,
     pub max_shard_size: Option<u64>,
+    /// Whole-model ‖θ1 − θ0‖ / ‖θ0‖ over the extrapolated tensors.
+    pub relative_change: Option<f64>,
     pub sft: InputRecord,
     pub aligned: InputRecord,
     pub tensors: TensorCounts,
@@ -197,6 +252,17 @@ pub struct Provenance {
     pub shards: Vec<String>,
     pub side_files: Vec<String>,
     pub command: Vec<String>,
+}
+
+/// A per-module rule as recorded in the provenance and the model card.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleRecord {
+    /// The rule as written on the command line.
+    pub rule: String,
+    /// The α it gave in this output.
+    pub alpha: f64,
+    /// How many tensors it matched.
+    pub tensors: usize,
 }
 
 /// The paper this method comes from.
@@ -219,8 +285,8 @@ impl Provenance {
         card.push_str("---\nbase_model:\n");
         card.push_str(&format!(
             "- {}\n- {}\n",
-            q(&self.sft.given),
-            q(&self.aligned.given)
+            q(self.sft.base_model()),
+            q(self.aligned.base_model())
         ));
         card.push_str("base_model_relation: merge\n");
         if let Some(license) = license {
@@ -236,9 +302,25 @@ impl Provenance {
             "    θ2 = θ1 + α·(θ1 − θ0),   α = {}\n\n",
             self.alpha
         ));
+        if !self.rules.is_empty() {
+            card.push_str("Per-module α (the first matching rule sets a tensor's α):\n\n");
+            for r in &self.rules {
+                card.push_str(&format!(
+                    "- `{}`: α = {} for {} tensor{}\n",
+                    r.rule,
+                    r.alpha,
+                    r.tensors,
+                    if r.tensors == 1 { "" } else { "s" }
+                ));
+            }
+            card.push('\n');
+        }
         card.push_str("| | checkpoint |\n|---|---|\n");
-        card.push_str(&format!("| θ0 (SFT) | `{}` |\n", self.sft.given));
-        card.push_str(&format!("| θ1 (aligned) | `{}` |\n\n", self.aligned.given));
+        card.push_str(&format!("| θ0 (SFT) | {} |\n", self.sft.describe()));
+        card.push_str(&format!(
+            "| θ1 (aligned) | {} |\n\n",
+            self.aligned.describe()
+        ));
         card.push_str(&format!(
             "{} of {} tensors were extrapolated: each element computed in float64 \
              (subtract, multiply, add) and rounded once to the output dtype, to nearest even. \

@@ -2,51 +2,102 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::json;
 
+use crate::alpha;
 use crate::checkpoint::Checkpoint;
 use crate::cli::ExtrapolateArgs;
-use crate::engine::{self, MappedCheckpoint};
+use crate::engine::{self, MappedCheckpoint, OutputJob};
+use crate::hub::{self, CacheEnv, OpenError, ResolvedInput};
 use crate::interrupt;
-use crate::output::{OutputTarget, StagingDir};
-use crate::plan::{build_plan, Plan, PlanOptions, Treatment};
+use crate::output::{self, OutputTarget, StagingDir};
+use crate::plan::{build_plan, AlphaRule, Plan, PlanOptions, Treatment};
 use crate::report::{self, Reporter};
-use crate::sidefiles::{self, InputRecord, Provenance, SideFiles, TensorCounts};
+use crate::sidefiles::{self, InputRecord, Provenance, RuleRecord, SideFiles, TensorCounts};
 
 /// A usage error found after parsing (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// One output of the run: its α, its validated location and its plan.
+struct Output {
+    alpha: f64,
+    target: OutputTarget,
+    plan: Plan,
+}
+
 /// Runs `expo extrapolate`.
 pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let reporter = Reporter::new(args.quiet);
-    let opts = PlanOptions {
-        alpha: args.alpha,
-        dtype: args.dtype.choice(),
-        max_shard_size: args.max_shard_size,
-    };
+    let alphas = &args.alpha.0;
+    let templated = args.output.to_string_lossy().contains(alpha::PLACEHOLDER);
+    if alphas.len() > 1 && !templated {
+        return Err(UsageError(format!(
+            "--alpha gives {} values, so --output must contain {} to name each output, e.g. --output '{}-{}'",
+            alphas.len(),
+            alpha::PLACEHOLDER,
+            args.output.display(),
+            alpha::PLACEHOLDER
+        ))
+        .into());
+    }
+    // --skip rules come first: a skipped tensor stays θ1's whatever --alpha-for says.
+    let rules: Vec<_> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
 
-    let sft = Checkpoint::open(&args.sft)
-        .with_context(|| format!("reading --sft checkpoint {}", args.sft.display()))?;
-    let aligned = Checkpoint::open(&args.aligned)
-        .with_context(|| format!("reading --aligned checkpoint {}", args.aligned.display()))?;
-    let target = OutputTarget::check(&args.output, args.force)?;
-    check_paths(&target, &sft, &aligned)?;
-    warn_about_inputs(&reporter, args, &sft, &aligned);
+    let cache_env = CacheEnv::from_process();
+    let (sft, sft_in) = open_input("--sft", &args.sft, &cache_env)?;
+    let (aligned, aligned_in) = open_input("--aligned", &args.aligned, &cache_env)?;
+    let inputs = [
+        ("--sft", &sft, &sft_in),
+        ("--aligned", &aligned, &aligned_in),
+    ];
 
-    let plan = build_plan(&sft, &aligned, &opts).with_context(|| {
-        format!(
-            "pairing --sft {} with --aligned {}",
-            args.sft.display(),
-            args.aligned.display()
-        )
-    })?;
+    let mut outputs: Vec<Output> = Vec::with_capacity(alphas.len());
+    for &a in alphas {
+        let path = alpha::expand_output(&args.output, a);
+        if outputs.iter().any(|o| o.target.path == path) {
+            return Err(UsageError(format!(
+                "--output {} names the same directory for two alpha values",
+                args.output.display()
+            ))
+            .into());
+        }
+        let target = OutputTarget::check(&path, args.force)?;
+        check_paths(&target, &inputs)?;
+        let opts = PlanOptions {
+            alpha: a,
+            dtype: args.dtype.choice(),
+            max_shard_size: args.max_shard_size,
+            rules: rules.clone(),
+        };
+        let plan = build_plan(&sft, &aligned, &opts).with_context(|| {
+            format!(
+                "pairing --sft {} with --aligned {}",
+                args.sft.display(),
+                args.aligned.display()
+            )
+        })?;
+        outputs.push(Output {
+            alpha: a,
+            target,
+            plan,
+        });
+    }
+    warn_about_inputs(&reporter, alphas, &sft_in, &aligned_in);
+    let matches = rule_matches(&outputs[0].plan, rules.len());
+    for (rule, n) in rules.iter().zip(&matches) {
+        if *n == 0 {
+            reporter.warn(format!("{} matches no tensor", rule.spelling));
+        }
+    }
+
     let side = sidefiles::list_side_files(&aligned)?;
     for skipped in &side.skipped_weights {
         reporter.warn(format!(
@@ -61,15 +112,20 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
 
     let sft_maps = MappedCheckpoint::map(&sft).context("mapping --sft")?;
     let aligned_maps = MappedCheckpoint::map(&aligned).context("mapping --aligned")?;
-    engine::verify_exact_tensors(&plan, (&sft, &sft_maps), (&aligned, &aligned_maps))
-        .context("comparing the non-float tensors")?;
+    engine::verify_exact_tensors(
+        &outputs[0].plan,
+        (&sft, &sft_maps),
+        (&aligned, &aligned_maps),
+    )
+    .context("comparing the non-float tensors")?;
 
     if args.dry_run {
-        print_plan(args, &plan, &sft, &aligned, &side, &target, &reporter)?;
+        print_plan(args, &outputs, &rules, &matches, &inputs, &side, &reporter)?;
         return Ok(ExitCode::SUCCESS);
     }
 
     interrupt::install();
+    interrupt::install_sigbus_handler();
     let threads = args
         .threads
         .map(usize::from)
@@ -80,36 +136,171 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
         .build()
         .context("starting worker threads")?;
 
-    let staging = StagingDir::create(&target)?;
-    let bar = reporter.progress(plan.data_bytes());
-    let stats = engine::write_shards(
-        &plan,
+    for o in &outputs {
+        for stale in output::remove_stale_staging(&o.target.parent) {
+            reporter.warn(format!(
+                "removed {}, left behind by an expo run that was killed",
+                stale.display()
+            ));
+        }
+    }
+    let stagings = outputs
+        .iter()
+        .map(|o| StagingDir::create(&o.target))
+        .collect::<Result<Vec<_>, _>>()?;
+    let jobs: Vec<OutputJob> = outputs
+        .iter()
+        .zip(&stagings)
+        .map(|(o, s)| OutputJob {
+            plan: &o.plan,
+            dir: s.path(),
+        })
+        .collect();
+    let total: u64 = outputs.iter().map(|o| o.plan.data_bytes()).sum();
+    let bar = reporter.progress(total);
+    let report = engine::write_outputs(
+        &jobs,
         (&sft, &sft_maps),
         (&aligned, &aligned_maps),
-        staging.path(),
         &pool,
         interrupt::flag(),
         &|n| bar.inc(n),
     );
     bar.finish_and_clear();
-    let stats = match stats {
-        Err(engine::EngineError::Interrupted) => return Err(interrupt::Interrupted.into()),
-        other => other.with_context(|| format!("writing {}", target.path.display()))?,
-    };
     drop((sft_maps, aligned_maps));
-    for (tensor, count) in &stats.inherited_nonfinite {
-        reporter.warn(format!(
-            "tensor `{tensor}`: {count} output values are infinite or NaN because the inputs already were"
-        ));
+    if report
+        .outputs
+        .iter()
+        .any(|r| matches!(r, Err(engine::EngineError::Interrupted)))
+    {
+        return Err(interrupt::Interrupted.into());
+    }
+    let relative_change =
+        (report.base_sq > 0.0).then(|| report.delta_sq.sqrt() / report.base_sq.sqrt());
+
+    let mut failures = Vec::new();
+    let mut summaries = Vec::new();
+    for ((o, staging), result) in outputs.iter().zip(stagings).zip(report.outputs) {
+        let finished = result
+            .map_err(anyhow::Error::new)
+            .and_then(|stats| {
+                for (tensor, count) in &stats.inherited_nonfinite {
+                    reporter.warn(format!(
+                        "{}: tensor `{tensor}`: {count} output values are infinite or NaN because the inputs already were",
+                        o.target.path.display()
+                    ));
+                }
+                finish_output(args, o, &rules, &matches, relative_change, &inputs, &side, staging)
+            });
+        match finished {
+            Ok(()) => summaries.push(o),
+            Err(e) => failures.push(e.context(format!("writing {}", o.target.path.display()))),
+        }
     }
 
+    let seconds = started.elapsed().as_secs_f64();
+    for o in &summaries {
+        let (extrapolated, cast, copied) = o.plan.counts();
+        let data = o.plan.data_bytes();
+        reporter.info(format!(
+            "expo: wrote {} with alpha = {}: {} tensors ({} extrapolated{}, {} copied) in {} file{}, {}",
+            o.target.path.display(),
+            alpha::format_alpha(o.alpha),
+            o.plan.pairs.len(),
+            extrapolated,
+            if cast > 0 { format!(", {cast} converted") } else { String::new() },
+            copied,
+            o.plan.shards.len(),
+            if o.plan.shards.len() == 1 { "" } else { "s" },
+            report::bytes(data),
+        ));
+    }
+    if let Some(rc) = relative_change {
+        reporter.info(format!(
+            "expo: ‖θ1 − θ0‖/‖θ0‖ = {rc:.3e} over the extrapolated tensors; {} written in {seconds:.1}s ({}/s)",
+            report::bytes(total),
+            report::bytes((total as f64 / seconds.max(1e-9)) as u64),
+        ));
+    }
+    if args.json {
+        let per_output: Vec<serde_json::Value> = outputs
+            .iter()
+            .map(|o| {
+                let ok = summaries.iter().any(|s| std::ptr::eq(*s, o));
+                json!({
+                    "output": o.target.path,
+                    "alpha": o.alpha,
+                    "ok": ok,
+                    "tensors": counts(&o.plan),
+                    "rules": rule_records(&rules, &matches, o.alpha),
+                    "shards": shards_json(&o.plan),
+                    "index": o.plan.index.as_ref().map(|(n, _)| n),
+                    "tensor_bytes": o.plan.data_bytes(),
+                    "output_bytes": o.plan.output_bytes(),
+                })
+            })
+            .collect();
+        let mut doc = json!({
+            "dry_run": false,
+            "alphas": alphas,
+            "relative_change": relative_change,
+            "side_files": side.copy,
+            "seconds": seconds,
+            "warnings": reporter.warnings(),
+            "errors": failures.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>(),
+            "outputs": per_output,
+        });
+        // With one α the output's fields also sit at the top level.
+        if let ([only], Some(obj)) = (
+            &doc["outputs"].as_array().cloned().unwrap_or_default()[..],
+            doc.as_object_mut(),
+        ) {
+            if let Some(fields) = only.as_object() {
+                for (k, v) in fields {
+                    obj.entry(k.clone()).or_insert(v.clone());
+                }
+            }
+        }
+        report::print_json(&doc)?;
+    }
+    match failures.len() {
+        0 => Ok(ExitCode::SUCCESS),
+        1 if outputs.len() == 1 => Err(failures.remove(0)),
+        n => {
+            let mut msg = format!("{n} of {} outputs failed", outputs.len());
+            for e in &failures {
+                msg.push_str(&format!("\n  {e:#}"));
+            }
+            if !summaries.is_empty() {
+                msg.push_str("\n  (the other outputs were written completely)");
+            }
+            Err(anyhow::anyhow!(msg))
+        }
+    }
+}
+
+/// Copies side files, writes the index, model card and provenance, and commits one output.
+#[allow(clippy::too_many_arguments)]
+fn finish_output(
+    args: &ExtrapolateArgs,
+    o: &Output,
+    rules: &[AlphaRule],
+    matches: &[usize],
+    relative_change: Option<f64>,
+    inputs: &[Input; 2],
+    side: &SideFiles,
+    staging: StagingDir,
+) -> Result<()> {
     interrupt::check()?;
+    let aligned = inputs[1].1;
     sidefiles::copy_side_files(&aligned.root, &side.copy, staging.path())?;
-    if let Some((name, bytes)) = &plan.index {
+    if let Some((name, bytes)) = &o.plan.index {
         sidefiles::write_file(staging.path(), name, bytes)?;
     }
-    let provenance = provenance(args, &plan, &sft, &aligned, &side);
-    let card = provenance.model_card(sidefiles::aligned_license(&aligned).as_deref());
+    let mut provenance = provenance(args, &o.plan, inputs, side);
+    provenance.rules = rule_records(rules, matches, o.alpha);
+    provenance.relative_change = relative_change;
+    let card = provenance.model_card(sidefiles::aligned_license(aligned).as_deref());
     sidefiles::write_file(staging.path(), sidefiles::MODEL_CARD_NAME, card.as_bytes())?;
     sidefiles::write_file(
         staging.path(),
@@ -117,55 +308,75 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
         &provenance.to_json(),
     )?;
     interrupt::check()?;
-    staging.commit(&target)?;
-
-    let seconds = started.elapsed().as_secs_f64();
-    let (extrapolated, cast, copied) = plan.counts();
-    let data = plan.data_bytes();
-    reporter.info(format!(
-        "expo: wrote {} with alpha = {}: {} tensors ({} extrapolated{}, {} copied) in {} file{}, {} in {:.1}s ({}/s)",
-        target.path.display(),
-        plan.alpha,
-        plan.pairs.len(),
-        extrapolated,
-        if cast > 0 { format!(", {cast} converted") } else { String::new() },
-        copied,
-        plan.shards.len(),
-        if plan.shards.len() == 1 { "" } else { "s" },
-        report::bytes(data),
-        seconds,
-        report::bytes((data as f64 / seconds.max(1e-9)) as u64),
-    ));
-    if args.json {
-        report::print_json(&json!({
-            "output": target.path,
-            "alpha": plan.alpha,
-            "dry_run": false,
-            "tensors": counts(&plan),
-            "shards": shards_json(&plan),
-            "index": plan.index.as_ref().map(|(n, _)| n),
-            "tensor_bytes": data,
-            "output_bytes": plan.output_bytes(),
-            "side_files": side.copy,
-            "seconds": seconds,
-            "warnings": reporter.warnings(),
-        }))?;
-    }
-    Ok(ExitCode::SUCCESS)
+    staging.commit(&o.target)?;
+    Ok(())
 }
 
-/// Refuses an output that is, contains, or lies inside either input.
-fn check_paths(target: &OutputTarget, sft: &Checkpoint, aligned: &Checkpoint) -> Result<()> {
+/// How many tensors each rule set the α of.
+fn rule_matches(plan: &Plan, rules: usize) -> Vec<usize> {
+    let mut n = vec![0; rules];
+    for p in &plan.pairs {
+        if let Some(r) = p.rule {
+            n[r] += 1;
+        }
+    }
+    n
+}
+
+fn rule_records(rules: &[AlphaRule], matches: &[usize], alpha: f64) -> Vec<RuleRecord> {
+    rules
+        .iter()
+        .zip(matches)
+        .map(|(r, &tensors)| RuleRecord {
+            rule: r.spelling.clone(),
+            alpha: r.alpha(alpha),
+            tensors,
+        })
+        .collect()
+}
+
+/// A checkpoint argument: the flag, the opened checkpoint and where it was resolved to.
+type Input<'a> = (&'static str, &'a Checkpoint, &'a ResolvedInput);
+
+/// Resolves a checkpoint argument (a local path, or a Hub id found in the local Hugging Face
+/// cache) and opens it; the checkpoint's `given` stays what the user typed.
+fn open_input(flag: &str, given: &Path, env: &CacheEnv) -> Result<(Checkpoint, ResolvedInput)> {
+    match hub::open_checkpoint(given, env) {
+        Ok(opened) => Ok(opened),
+        Err(OpenError::Hub(e)) => {
+            Err(anyhow::Error::new(*e).context(format!("{flag} {}", given.display())))
+        }
+        Err(OpenError::Checkpoint(e)) => Err(anyhow::Error::new(*e)
+            .context(format!("reading {flag} checkpoint {}", given.display()))),
+    }
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Refuses an output that is, contains, or lies inside either input, that contains the
+/// data behind a symlinked weight file, or that lies in a Hub input's cache entry.
+fn check_paths(target: &OutputTarget, inputs: &[Input]) -> Result<()> {
     let parent = std::fs::canonicalize(&target.parent)
         .with_context(|| format!("resolving {}", target.parent.display()))?;
     let out = parent.join(&target.name);
-    for (flag, ck) in [("--sft", sft), ("--aligned", aligned)] {
-        let input = std::fs::canonicalize(&ck.given).unwrap_or_else(|_| ck.given.clone());
-        let root = std::fs::canonicalize(&ck.root).unwrap_or_else(|_| ck.root.clone());
-        let clash = out == input
+    for &(flag, ck, resolved) in inputs {
+        let input = canonical(&resolved.path);
+        let root = canonical(&ck.root);
+        let mut clash = out == input
             || out.starts_with(&root) && ck.is_dir
             || out.starts_with(&input)
             || input.starts_with(&out);
+        // Weight files may be symlinks (the Hugging Face cache links them into blobs/).
+        clash |= ck
+            .shards
+            .iter()
+            .any(|s| canonical(&s.path).starts_with(&out));
+        if let Some(repo_dir) = &resolved.repo_dir {
+            let repo_dir = canonical(repo_dir);
+            clash |= out.starts_with(&repo_dir) || repo_dir.starts_with(&out);
+        }
         if clash {
             return Err(UsageError(format!(
                 "--output {} overlaps {flag} {}; write the result somewhere else",
@@ -180,13 +391,13 @@ fn check_paths(target: &OutputTarget, sft: &Checkpoint, aligned: &Checkpoint) ->
 
 fn warn_about_inputs(
     reporter: &Reporter,
-    args: &ExtrapolateArgs,
-    sft: &Checkpoint,
-    aligned: &Checkpoint,
+    alphas: &[f64],
+    sft: &ResolvedInput,
+    aligned: &ResolvedInput,
 ) {
     let same = match (
-        std::fs::canonicalize(&sft.given),
-        std::fs::canonicalize(&aligned.given),
+        std::fs::canonicalize(&sft.path),
+        std::fs::canonicalize(&aligned.path),
     ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
@@ -194,10 +405,9 @@ fn warn_about_inputs(
     if same {
         reporter.warn("--sft and --aligned are the same checkpoint: θ1 − θ0 is zero, so the output equals the input");
     }
-    if args.alpha <= -1.0 {
+    for &a in alphas.iter().filter(|&&a| a <= -1.0) {
         reporter.warn(format!(
-            "alpha = {} moves past θ0, away from the aligned model; did you swap --sft and --aligned?",
-            args.alpha
+            "alpha = {a} moves past θ0, away from the aligned model; did you swap --sft and --aligned?"
         ));
     }
 }
@@ -225,10 +435,10 @@ fn treatment_name(t: Treatment) -> &'static str {
 fn provenance(
     args: &ExtrapolateArgs,
     plan: &Plan,
-    sft: &Checkpoint,
-    aligned: &Checkpoint,
+    inputs: &[Input; 2],
     side: &SideFiles,
 ) -> Provenance {
+    let [(_, sft, sft_in), (_, aligned, aligned_in)] = *inputs;
     let (extrapolated, cast, copied) = plan.counts();
     Provenance {
         tool: "expo",
@@ -238,10 +448,12 @@ fn provenance(
         arithmetic: "float64: subtract, multiply, add (no FMA); rounded once to the output dtype, to nearest even",
         paper: sidefiles::PAPER_URL,
         alpha: plan.alpha,
+        rules: Vec::new(),
         dtype: args.dtype.name().to_string(),
         max_shard_size: args.max_shard_size,
-        sft: InputRecord::new(sft),
-        aligned: InputRecord::new(aligned),
+        relative_change: None,
+        sft: InputRecord::resolved(sft, sft_in),
+        aligned: InputRecord::resolved(aligned, aligned_in),
         tensors: TensorCounts {
             total: plan.pairs.len(),
             extrapolated,
@@ -257,13 +469,18 @@ fn provenance(
 
 fn print_plan(
     args: &ExtrapolateArgs,
-    plan: &Plan,
-    sft: &Checkpoint,
-    aligned: &Checkpoint,
+    outputs: &[Output],
+    rules: &[AlphaRule],
+    matches: &[usize],
+    inputs: &[Input; 2],
     side: &SideFiles,
-    target: &OutputTarget,
     reporter: &Reporter,
 ) -> Result<()> {
+    let [(_, sft, sft_in), (_, aligned, aligned_in)] = *inputs;
+    // Every output shares one layout; only the α of each tensor differs.
+    let plan = &outputs[0].plan;
+    let tensor_alphas =
+        |i: usize| -> Vec<f64> { outputs.iter().map(|o| o.plan.pairs[i].alpha).collect() };
     if args.json {
         let shards: Vec<_> = plan
             .shards
@@ -279,6 +496,8 @@ fn print_plan(
                             "dtype": p.out_dtype.name(),
                             "shape": p.shape,
                             "action": treatment_name(p.treatment),
+                            "alphas": tensor_alphas(i),
+                            "rule": p.rule.map(|r| &rules[r].spelling),
                             "bytes": p.out_len,
                         })
                     })
@@ -286,47 +505,85 @@ fn print_plan(
                 json!({"file": s.file_name, "bytes": s.file_len(), "tensors": tensors})
             })
             .collect();
-        report::print_json(&json!({
-            "output": target.path,
-            "alpha": plan.alpha,
+        let per_output: Vec<_> = outputs
+            .iter()
+            .map(|o| {
+                json!({
+                    "output": o.target.path,
+                    "alpha": o.alpha,
+                    "tensors": counts(&o.plan),
+                    "rules": rule_records(rules, matches, o.alpha),
+                    "tensor_bytes": o.plan.data_bytes(),
+                    "output_bytes": o.plan.output_bytes(),
+                })
+            })
+            .collect();
+        let mut doc = json!({
             "dry_run": true,
-            "sft": InputRecord::new(sft),
-            "aligned": InputRecord::new(aligned),
-            "tensors": counts(plan),
+            "alphas": outputs.iter().map(|o| o.alpha).collect::<Vec<_>>(),
+            "sft": InputRecord::resolved(sft, sft_in),
+            "aligned": InputRecord::resolved(aligned, aligned_in),
             "shards": shards,
             "index": plan.index.as_ref().map(|(n, _)| n),
-            "tensor_bytes": plan.data_bytes(),
-            "output_bytes": plan.output_bytes(),
             "side_files": side.copy,
             "warnings": reporter.warnings(),
-        }))?;
+            "outputs": per_output,
+        });
+        if let ([only], Some(obj)) = (
+            &doc["outputs"].as_array().cloned().unwrap_or_default()[..],
+            doc.as_object_mut(),
+        ) {
+            if let Some(fields) = only.as_object() {
+                for (k, v) in fields {
+                    obj.entry(k.clone()).or_insert(v.clone());
+                }
+            }
+        }
+        report::print_json(&doc)?;
         return Ok(());
     }
-    let (extrapolated, cast, copied) = plan.counts();
     let mut s = String::new();
-    let describe = |ck: &Checkpoint| {
+    let describe = |ck: &Checkpoint, input: &ResolvedInput| {
         format!(
-            "{} ({} file{}, {} tensors, {})",
+            "{} ({}{} file{}, {} tensors, {})",
             ck.given.display(),
+            match &input.hub {
+                Some(h) if h.revision == h.commit => format!("cached commit {}; ", h.commit),
+                Some(h) => format!("cached {} = commit {}; ", h.revision, h.commit),
+                None => String::new(),
+            },
             ck.shards.len(),
             if ck.shards.len() == 1 { "" } else { "s" },
             ck.len(),
             report::bytes(ck.data_bytes())
         )
     };
-    let _ = writeln!(
-        s,
-        "plan: θ1 + {}·(θ1 − θ0) into {}",
-        plan.alpha,
-        target.path.display()
-    );
-    let _ = writeln!(s, "  --sft      {}", describe(sft));
-    let _ = writeln!(s, "  --aligned  {}", describe(aligned));
-    let _ = writeln!(
-        s,
-        "  tensors    {} extrapolated, {} converted, {} copied",
-        extrapolated, cast, copied
-    );
+    let _ = writeln!(s, "plan: θ1 + α·(θ1 − θ0)");
+    let _ = writeln!(s, "  --sft      {}", describe(sft, sft_in));
+    let _ = writeln!(s, "  --aligned  {}", describe(aligned, aligned_in));
+    for o in outputs {
+        let (extrapolated, cast, copied) = o.plan.counts();
+        let _ = writeln!(
+            s,
+            "  α = {:<6} → {}  ({} extrapolated, {} converted, {} copied)",
+            alpha::format_alpha(o.alpha),
+            o.target.path.display(),
+            extrapolated,
+            cast,
+            copied
+        );
+    }
+    for (r, n) in rules.iter().zip(matches) {
+        let _ = writeln!(
+            s,
+            "  rule {}: {} tensor{}{}",
+            r.spelling,
+            n,
+            if *n == 1 { "" } else { "s" },
+            if *n == 0 { " (matches nothing)" } else { "" }
+        );
+    }
+    let show_alpha = !rules.is_empty();
     for shard in &plan.shards {
         let _ = writeln!(
             s,
@@ -337,10 +594,20 @@ fn print_plan(
         );
         for &i in &shard.tensors {
             let p = &plan.pairs[i];
+            let alpha_col = if show_alpha {
+                let alphas: Vec<String> = tensor_alphas(i)
+                    .into_iter()
+                    .map(alpha::format_alpha)
+                    .collect();
+                format!(" α={:<8}", alphas.join(","))
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "    {:<11} {:<5} {:<16} {:>10}  {}",
+                "    {:<11}{} {:<5} {:<16} {:>10}  {}",
                 treatment_name(p.treatment),
+                alpha_col,
                 p.out_dtype.name(),
                 format!("{:?}", p.shape),
                 report::bytes(p.out_len),
@@ -369,10 +636,12 @@ fn print_plan(
     );
     let _ = writeln!(
         s,
-        "total: {} in {} file{}; nothing written (--dry-run)",
+        "total: {} in {} file{} per output, {} output{}; nothing written (--dry-run)",
         report::bytes(plan.output_bytes()),
         plan.shards.len(),
-        if plan.shards.len() == 1 { "" } else { "s" }
+        if plan.shards.len() == 1 { "" } else { "s" },
+        outputs.len(),
+        if outputs.len() == 1 { "" } else { "s" }
     );
     let mut out = std::io::stdout().lock();
     out.write_all(s.as_bytes())?;

@@ -1,0 +1,521 @@
+//! Models from the local Hugging Face cache: a fake cache laid out exactly as
+//! `huggingface_hub` lays it out (refs/, snapshots/<commit>/ whose files are relative
+//! symlinks into blobs/), and expo run on it with the cache location set on the command.
+#![cfg(unix)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+const SFT: &str = "org/sft-model";
+const DPO: &str = "org/dpo-model";
+/// Commits of the fake repos (40 hex digits, as on the Hub).
+const SFT_MAIN: &str = "1111111111111111111111111111111111111111";
+const DPO_V1: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678";
+const DPO_MAIN: &str = "b2c3d4e5f60718293a4b5c6d7e8f9012345678a1";
+const DPO_PR: &str = "c3d4e5f60718293a4b5c6d7e8f9012345678a1b2";
+
+/// The weights of each snapshot: one f32 tensor, distinct per commit.
+fn weights(seed: f32) -> Vec<f32> {
+    (0..6).map(|i| seed + i as f32 * 0.25).collect()
+}
+
+fn safetensors_bytes(values: &[f32]) -> Vec<u8> {
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = TensorView::new(Dtype::F32, vec![2, 3], &data).unwrap();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize([("w", view)], Some(meta)).unwrap()
+}
+
+fn read_output(dir: &Path) -> Vec<f32> {
+    let bytes = fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("w").unwrap();
+    assert_eq!(t.dtype(), Dtype::F32);
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// θ1 + α·(θ1 − θ0) in f64, rounded once (the values are exact in f32 here anyway).
+fn expected(sft: &[f32], aligned: &[f32], alpha: f64) -> Vec<f32> {
+    sft.iter()
+        .zip(aligned)
+        .map(|(&a, &b)| {
+            let (a, b) = (a as f64, b as f64);
+            (b + alpha * (b - a)) as f32
+        })
+        .collect()
+}
+
+/// A stand-in for a blob name (the Hub uses the git/LFS hash of the content).
+fn blob_name(content: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in content {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{h:016x}{:024x}", content.len())
+}
+
+/// Adds `files` as snapshot `commit` of `repo_id` in the cache at `cache`, each file a
+/// relative symlink into blobs/, the way huggingface_hub stores them; points `refs` at it.
+fn add_snapshot(
+    cache: &Path,
+    repo_id: &str,
+    commit: &str,
+    refs: &[&str],
+    files: &[(&str, Vec<u8>)],
+) {
+    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    let snapshot = repo.join("snapshots").join(commit);
+    fs::create_dir_all(repo.join("blobs")).unwrap();
+    for (name, content) in files {
+        let blob = blob_name(content);
+        fs::write(repo.join("blobs").join(&blob), content).unwrap();
+        let link = snapshot.join(name);
+        fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let depth = Path::new(name).components().count() + 1;
+        let target = format!("{}blobs/{blob}", "../".repeat(depth));
+        symlink(&target, &link).unwrap();
+        assert!(fs::metadata(&link).is_ok(), "dangling {}", link.display());
+    }
+    for r in refs {
+        let path = repo.join("refs").join(r);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, commit).unwrap(); // no trailing newline, as huggingface_hub writes it
+    }
+}
+
+fn model_files(seed: f32, extra: &str) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("model.safetensors", safetensors_bytes(&weights(seed))),
+        (
+            "config.json",
+            format!("{{\"model_type\": \"llama\", \"note\": \"{extra}\"}}\n").into_bytes(),
+        ),
+        (
+            "README.md",
+            b"---\nlicense: apache-2.0\n---\n# upstream card\n".to_vec(),
+        ),
+        (".gitattributes", b"*.safetensors filter=lfs\n".to_vec()),
+        ("tokenizer/tokenizer_config.json", b"{}\n".to_vec()),
+    ]
+}
+
+/// A temp dir with a fake hub cache at `hub/`: org/sft-model (main) and org/dpo-model
+/// (main, tag v1, refs/pr/1, each a different commit with different weights).
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fixture { dir };
+        f.populate(&f.hub());
+        f
+    }
+
+    fn populate(&self, cache: &Path) {
+        add_snapshot(cache, SFT, SFT_MAIN, &["main"], &model_files(1.0, "sft"));
+        add_snapshot(cache, DPO, DPO_V1, &["v1"], &model_files(2.0, "dpo v1"));
+        add_snapshot(
+            cache,
+            DPO,
+            DPO_MAIN,
+            &["main"],
+            &model_files(3.0, "dpo main"),
+        );
+        add_snapshot(
+            cache,
+            DPO,
+            DPO_PR,
+            &["refs/pr/1"],
+            &model_files(4.0, "dpo pr"),
+        );
+        // huggingface_hub also keeps a .no_exist/ tree; it must not confuse anything.
+        let no_exist = cache
+            .join("models--org--dpo-model/.no_exist")
+            .join(DPO_MAIN);
+        fs::create_dir_all(&no_exist).unwrap();
+        fs::write(no_exist.join("pytorch_model.bin"), b"").unwrap();
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn hub(&self) -> PathBuf {
+        self.path().join("hub")
+    }
+
+    fn out(&self) -> PathBuf {
+        self.path().join("out")
+    }
+
+    /// `expo ARGS` run in the temp dir, with only the given cache variables set.
+    fn expo_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_expo"));
+        cmd.args(args).current_dir(self.path());
+        for var in [
+            "HF_HUB_CACHE",
+            "HUGGINGFACE_HUB_CACHE",
+            "HF_HOME",
+            "XDG_CACHE_HOME",
+            "HF_HUB_OFFLINE",
+        ] {
+            cmd.env_remove(var);
+        }
+        // A home without a cache, so nothing falls through to the real one.
+        cmd.env("HOME", self.path().join("nohome"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// `expo ARGS` with HF_HUB_CACHE pointing at the fake cache.
+    fn expo(&self, args: &[&str]) -> Output {
+        self.expo_env(args, &[("HF_HUB_CACHE", &self.hub())])
+    }
+
+    fn extrapolate(&self, sft: &str, aligned: &str) -> Output {
+        let out = self.out();
+        self.expo(&[
+            "extrapolate",
+            "--sft",
+            sft,
+            "--aligned",
+            aligned,
+            "--alpha",
+            "0.3",
+            "--output",
+            out.to_str().unwrap(),
+            "--quiet",
+        ])
+    }
+
+    fn provenance(&self) -> Value {
+        serde_json::from_slice(&fs::read(self.out().join("expo.json")).unwrap()).unwrap()
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "expo failed: {:?}\n{}",
+        o.status,
+        stderr(o)
+    );
+}
+
+fn assert_fails(o: &Output, code: i32) -> String {
+    assert_eq!(o.status.code(), Some(code), "stderr: {}", stderr(o));
+    stderr(o)
+}
+
+#[test]
+fn hub_ids_resolve_to_the_main_snapshots() {
+    let f = Fixture::new();
+    let o = f.extrapolate(SFT, DPO);
+    assert_ok(&o);
+    assert_eq!(
+        read_output(&f.out()),
+        expected(&weights(1.0), &weights(3.0), 0.3)
+    );
+
+    // Side files come from θ1's snapshot, as regular files with the blobs' contents.
+    let config = f.out().join("config.json");
+    assert!(!fs::symlink_metadata(&config)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(fs::read_to_string(&config).unwrap().contains("dpo main"));
+    assert!(f.out().join("tokenizer/tokenizer_config.json").is_file());
+    assert!(!f.out().join(".gitattributes").exists());
+
+    // Provenance: what was typed, the Hub id, the revision and the commit.
+    let p = f.provenance();
+    for (side, id, commit) in [("sft", SFT, SFT_MAIN), ("aligned", DPO, DPO_MAIN)] {
+        assert_eq!(p[side]["given"], id, "{p}");
+        assert_eq!(p[side]["hub_id"], id, "{p}");
+        assert_eq!(p[side]["revision"], "main", "{p}");
+        assert_eq!(p[side]["commit"], commit, "{p}");
+        let path = p[side]["path"].as_str().unwrap();
+        assert!(path.ends_with(&format!("snapshots/{commit}")), "{path}");
+    }
+
+    // The model card names the Hub ids as base models, and the commits.
+    let card = fs::read_to_string(f.out().join("README.md")).unwrap();
+    assert!(
+        card.contains("base_model:\n- \"org/sft-model\"\n- \"org/dpo-model\"\n"),
+        "{card}"
+    );
+    assert!(card.contains(DPO_MAIN) && card.contains(SFT_MAIN), "{card}");
+    assert!(card.contains("license: apache-2.0"), "{card}");
+}
+
+#[test]
+fn a_branch_or_tag_resolves_through_refs() {
+    let f = Fixture::new();
+    assert_ok(&f.extrapolate(SFT, "org/dpo-model@v1"));
+    assert_eq!(
+        read_output(&f.out()),
+        expected(&weights(1.0), &weights(2.0), 0.3)
+    );
+    let p = f.provenance();
+    assert_eq!(p["aligned"]["given"], "org/dpo-model@v1");
+    assert_eq!(p["aligned"]["hub_id"], DPO);
+    assert_eq!(p["aligned"]["revision"], "v1");
+    assert_eq!(p["aligned"]["commit"], DPO_V1);
+    let card = fs::read_to_string(f.out().join("README.md")).unwrap();
+    assert!(card.contains("- \"org/dpo-model\"\n"), "{card}");
+}
+
+#[test]
+fn a_ref_with_slashes_resolves() {
+    let f = Fixture::new();
+    assert_ok(&f.extrapolate(SFT, "org/dpo-model@refs/pr/1"));
+    assert_eq!(
+        read_output(&f.out()),
+        expected(&weights(1.0), &weights(4.0), 0.3)
+    );
+    assert_eq!(f.provenance()["aligned"]["commit"], DPO_PR);
+}
+
+#[test]
+fn a_commit_hash_is_used_directly() {
+    let f = Fixture::new();
+    // The snapshot of tag v1, by its full hash (no ref names it).
+    assert_ok(&f.extrapolate(SFT, &format!("{DPO}@{DPO_V1}")));
+    assert_eq!(
+        read_output(&f.out()),
+        expected(&weights(1.0), &weights(2.0), 0.3)
+    );
+    let p = f.provenance();
+    assert_eq!(p["aligned"]["revision"], DPO_V1);
+    assert_eq!(p["aligned"]["commit"], DPO_V1);
+
+    // A unique prefix of a cached commit works too.
+    fs::remove_dir_all(f.out()).unwrap();
+    assert_ok(&f.extrapolate(SFT, &format!("{DPO}@{}", &DPO_PR[..10])));
+    assert_eq!(f.provenance()["aligned"]["commit"], DPO_PR);
+}
+
+#[test]
+fn a_missing_model_says_where_expo_looked_and_how_to_download() {
+    let f = Fixture::new();
+    let o = f.extrapolate(SFT, "org/not-downloaded");
+    let err = assert_fails(&o, 1);
+    let looked = f.hub().join("models--org--not-downloaded");
+    assert!(err.contains(&looked.display().to_string()), "{err}");
+    assert!(
+        err.contains("huggingface-cli download org/not-downloaded"),
+        "{err}"
+    );
+    assert!(err.contains("--aligned"), "{err}");
+    assert!(!f.out().exists());
+}
+
+#[test]
+fn a_missing_revision_lists_what_is_cached() {
+    let f = Fixture::new();
+    let o = f.extrapolate("org/sft-model@v9", DPO);
+    let err = assert_fails(&o, 1);
+    assert!(err.contains("revision `v9`"), "{err}");
+    assert!(err.contains("main"), "{err}");
+    assert!(err.contains(SFT_MAIN), "{err}");
+    assert!(
+        err.contains(&f.hub().join("models--org--sft-model").display().to_string()),
+        "{err}"
+    );
+    assert!(
+        err.contains("huggingface-cli download org/sft-model --revision v9"),
+        "{err}"
+    );
+    assert!(!f.out().exists());
+
+    // A ref pointing at a snapshot that is gone is an incomplete download.
+    fs::write(
+        f.hub().join("models--org--dpo-model/refs/broken"),
+        "d".repeat(40),
+    )
+    .unwrap();
+    let err = assert_fails(&f.extrapolate(SFT, "org/dpo-model@broken"), 1);
+    assert!(err.contains("incomplete download"), "{err}");
+
+    // Revisions cannot climb out of the cache entry.
+    let err = assert_fails(&f.extrapolate(SFT, "org/dpo-model@../../x"), 1);
+    assert!(err.contains("not a valid revision"), "{err}");
+}
+
+#[test]
+fn an_existing_local_path_wins_over_the_cache() {
+    let f = Fixture::new();
+    // ./org/dpo-model exists in the working directory: it is read, not the cache.
+    let local = f.path().join(DPO);
+    fs::create_dir_all(&local).unwrap();
+    fs::write(
+        local.join("model.safetensors"),
+        safetensors_bytes(&weights(5.0)),
+    )
+    .unwrap();
+    assert_ok(&f.extrapolate(SFT, DPO));
+    assert_eq!(
+        read_output(&f.out()),
+        expected(&weights(1.0), &weights(5.0), 0.3)
+    );
+    let p = f.provenance();
+    assert_eq!(p["aligned"]["given"], DPO);
+    assert!(p["aligned"].get("hub_id").is_none(), "{p}");
+    assert!(p["aligned"].get("commit").is_none(), "{p}");
+    assert!(p["sft"].get("hub_id").is_some(), "{p}");
+}
+
+#[test]
+fn a_path_that_is_not_a_hub_id_is_just_missing() {
+    let f = Fixture::new();
+    let err = assert_fails(&f.extrapolate("./nowhere/model", DPO), 1);
+    assert!(err.contains("nowhere/model does not exist"), "{err}");
+    assert!(!err.contains("huggingface-cli"), "{err}");
+}
+
+#[test]
+fn hf_home_and_xdg_cache_home_are_fallbacks() {
+    let f = Fixture::new();
+    let args = |out: &Path| {
+        [
+            "extrapolate",
+            "--sft",
+            SFT,
+            "--aligned",
+            DPO,
+            "-a",
+            "0.5",
+            "-o",
+            out.to_str().unwrap(),
+            "-q",
+        ]
+        .map(String::from)
+    };
+
+    // HF_HOME/hub.
+    let hf_home = f.path().join("hf-home");
+    f.populate(&hf_home.join("hub"));
+    let out = f.path().join("out-hf-home");
+    let o = f.expo_env(
+        &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("HF_HOME", &hf_home)],
+    );
+    assert_ok(&o);
+    assert_eq!(
+        read_output(&out),
+        expected(&weights(1.0), &weights(3.0), 0.5)
+    );
+
+    // XDG_CACHE_HOME/huggingface/hub.
+    let xdg = f.path().join("xdg");
+    f.populate(&xdg.join("huggingface/hub"));
+    let out = f.path().join("out-xdg");
+    let o = f.expo_env(
+        &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("XDG_CACHE_HOME", &xdg)],
+    );
+    assert_ok(&o);
+
+    // ~/.cache/huggingface/hub.
+    let home = f.path().join("home");
+    f.populate(&home.join(".cache/huggingface/hub"));
+    let out = f.path().join("out-home");
+    let o = f.expo_env(
+        &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("HOME", &home)],
+    );
+    assert_ok(&o);
+
+    // HF_HUB_CACHE takes precedence over HF_HOME: an empty cache there means "not cached".
+    let empty = f.path().join("empty-cache");
+    fs::create_dir_all(&empty).unwrap();
+    let out = f.path().join("out-none");
+    let o = f.expo_env(
+        &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("HF_HUB_CACHE", &empty), ("HF_HOME", &hf_home)],
+    );
+    let err = assert_fails(&o, 1);
+    assert!(err.contains(&empty.display().to_string()), "{err}");
+}
+
+#[test]
+fn output_inside_the_cache_entry_is_refused() {
+    let f = Fixture::new();
+    let inside = f.hub().join("models--org--dpo-model/blobs/expo-out");
+    let o = f.expo(&[
+        "extrapolate",
+        "--sft",
+        SFT,
+        "--aligned",
+        DPO,
+        "--alpha",
+        "0.3",
+        "--output",
+        inside.to_str().unwrap(),
+    ]);
+    let err = assert_fails(&o, 2);
+    assert!(err.contains("overlaps --aligned"), "{err}");
+    assert!(!inside.exists());
+}
+
+#[test]
+fn dry_run_shows_the_resolved_inputs() {
+    let f = Fixture::new();
+    let out = f.out();
+    let o = f.expo(&[
+        "extrapolate",
+        "--sft",
+        SFT,
+        "--aligned",
+        "org/dpo-model@v1",
+        "--alpha",
+        "0.3",
+        "--output",
+        out.to_str().unwrap(),
+        "--dry-run",
+        "--json",
+    ]);
+    assert_ok(&o);
+    let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(plan["aligned"]["hub_id"], DPO);
+    assert_eq!(plan["aligned"]["revision"], "v1");
+    assert_eq!(plan["aligned"]["commit"], DPO_V1);
+
+    let o = f.expo(&[
+        "extrapolate",
+        "--sft",
+        SFT,
+        "--aligned",
+        "org/dpo-model@v1",
+        "--alpha",
+        "0.3",
+        "--output",
+        out.to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert_ok(&o);
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        text.contains(&format!("org/dpo-model@v1 (cached v1 = commit {DPO_V1};")),
+        "{text}"
+    );
+    assert!(!out.exists());
+}
