@@ -9,7 +9,9 @@
 //! Options: `--params N[M|B]` (default 500M), `--runs R` (5), `--shards S` (3),
 //! `--dir DIR` (where to put the pair and outputs; default a temp dir in the current
 //! directory's filesystem), `--keep` (keep the generated pair), `--threads T`,
-//! `--mode warm|cold|both` (default warm). Cold runs drop the page cache before each run
+//! `--mode warm|cold|both|sweep` (default warm). `sweep` times one 5-α run
+//! (`--alpha 0.1:0.5:0.1`) against five separate runs, warm cache. Cold runs drop the page
+//! cache before each run
 //! (needs root) and compare expo's input read rate with `dd` reading the same files, the
 //! disk's sequential read rate; use them for pairs larger than RAM.
 //! `--expo PATH` (default target/release/expo).
@@ -349,6 +351,61 @@ fn main() {
             em / cm,
             expo_rss / 1024,
             bytes as f64 / em / 1e9
+        );
+    }
+    if mode == "sweep" {
+        let outs = dir.path().join("sweep");
+        let clean = || {
+            let _ = fs::remove_dir_all(&outs);
+            fs::create_dir_all(&outs).unwrap();
+        };
+        let one = |alpha: &str, output: &Path| {
+            let mut e = Command::new(&expo);
+            e.args(["extrapolate", "--quiet", "--alpha", alpha, "--sft"])
+                .arg(&sft)
+                .arg("--aligned")
+                .arg(&aligned)
+                .arg("--output")
+                .arg(output);
+            if let Some(t) = &threads {
+                e.args(["--threads", t]);
+            }
+            e
+        };
+        let mut sweep_times = Vec::new();
+        let mut separate_times = Vec::new();
+        let mut sweep_rss = 0;
+        for i in 0..=runs {
+            clean();
+            let (s, r) = run(&mut one("0.1:0.5:0.1", &outs.join("out-{alpha}")));
+            clean();
+            let t = Instant::now();
+            for a in ["0.1", "0.2", "0.3", "0.4", "0.5"] {
+                run(&mut one(a, &outs.join(format!("out-{a}"))));
+            }
+            let sep = t.elapsed().as_secs_f64();
+            if i > 0 {
+                sweep_times.push(s);
+                separate_times.push(sep);
+                sweep_rss = sweep_rss.max(r);
+            }
+            eprintln!(
+                "sweep run {i}{}: one 5-α run {s:.3}s, five runs {sep:.3}s",
+                if i == 0 { " (not counted)" } else { "" }
+            );
+        }
+        let _ = fs::remove_dir_all(&outs);
+        let (sm, smin, smax) = stats(&sweep_times);
+        let (pm, pmin, pmax) = stats(&separate_times);
+        println!(
+            "| warm | five runs, `--alpha 0.1` … `--alpha 0.5` | {pm:.3} | {pmin:.3}–{pmax:.3} | 1.00 | – | {:.2} written |",
+            5.0 * bytes as f64 / pm / 1e9
+        );
+        println!(
+            "| warm | one run, `--alpha 0.1:0.5:0.1` | {sm:.3} | {smin:.3}–{smax:.3} | {:.2} × five runs | {} | {:.2} written |",
+            sm / pm,
+            sweep_rss / 1024,
+            5.0 * bytes as f64 / sm / 1e9
         );
     }
     if mode == "cold" || mode == "both" {

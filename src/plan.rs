@@ -466,3 +466,141 @@ pub fn build_plan(
         alpha: opts.alpha,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alpha::{parse_rule, parse_skip};
+
+    /// Writes a single-file checkpoint with the given (name, dtype, shape) tensors.
+    fn checkpoint(dir: &std::path::Path, tensors: &[(&str, Dtype, &[u64])]) -> Checkpoint {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut entries = Vec::new();
+        let mut cursor = 0;
+        for (name, dtype, shape) in tensors {
+            let len = shape.iter().product::<u64>() * dtype.bits() / 8;
+            entries.push((*name, *dtype, *shape, cursor, cursor + len));
+            cursor += len;
+        }
+        let mut bytes = encode_header(None, &entries);
+        bytes.resize(bytes.len() + cursor as usize, 0);
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        Checkpoint::open(dir).unwrap()
+    }
+
+    fn opts(alpha: f64, rules: Vec<AlphaRule>, max: Option<u64>) -> PlanOptions {
+        PlanOptions {
+            alpha,
+            dtype: DtypeChoice::Auto,
+            max_shard_size: max,
+            rules,
+        }
+    }
+
+    const LAYOUT: [(&str, Dtype, &[u64]); 5] = [
+        ("model.embed_tokens.weight", Dtype::BF16, &[8, 4]),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            Dtype::BF16,
+            &[4, 4],
+        ),
+        ("model.layers.0.mlp.up_proj.weight", Dtype::BF16, &[8, 4]),
+        ("model.layers.0.mlp.up_proj.bias", Dtype::BF16, &[8]),
+        ("lm_head.weight", Dtype::BF16, &[8, 4]),
+    ];
+
+    #[test]
+    fn first_matching_rule_sets_alpha_and_skips_come_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = checkpoint(&dir.path().join("a"), &LAYOUT);
+        let b = checkpoint(&dir.path().join("b"), &LAYOUT);
+        let rules = vec![
+            parse_skip("embed_tokens|lm_head").unwrap(),
+            parse_rule("self_attn=x0.5").unwrap(),
+            parse_rule("mlp=2").unwrap(),
+            parse_rule("up_proj=7").unwrap(),
+        ];
+        let plan = build_plan(&a, &b, &opts(0.4, rules, None)).unwrap();
+        let by_name = |n: &str| plan.pairs.iter().find(|p| p.name == n).unwrap();
+        assert_eq!(by_name("model.embed_tokens.weight").alpha, 0.0);
+        assert_eq!(
+            by_name("model.embed_tokens.weight").treatment,
+            Treatment::Copy
+        );
+        assert_eq!(by_name("lm_head.weight").rule, Some(0));
+        assert_eq!(by_name("model.layers.0.self_attn.q_proj.weight").alpha, 0.2);
+        // "mlp=2" comes before "up_proj=7": the first match wins.
+        assert_eq!(by_name("model.layers.0.mlp.up_proj.weight").alpha, 2.0);
+        assert_eq!(by_name("model.layers.0.mlp.up_proj.bias").rule, Some(2));
+        assert!(matches!(
+            by_name("model.layers.0.mlp.up_proj.bias").treatment,
+            Treatment::Extrapolate(_)
+        ));
+    }
+
+    #[test]
+    fn resharding_packs_greedily_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = checkpoint(&dir.path().join("a"), &LAYOUT);
+        let b = checkpoint(&dir.path().join("b"), &LAYOUT);
+        // Sizes: 64, 32, 64, 16, 64 bytes.
+        let plan = build_plan(&a, &b, &opts(0.3, vec![], Some(100))).unwrap();
+        let files: Vec<_> = plan
+            .shards
+            .iter()
+            .map(|s| (s.file_name.as_str(), s.tensors.clone()))
+            .collect();
+        assert_eq!(
+            files,
+            vec![
+                ("model-00001-of-00003.safetensors", vec![0, 1]),
+                ("model-00002-of-00003.safetensors", vec![2, 3]),
+                ("model-00003-of-00003.safetensors", vec![4]),
+            ]
+        );
+        assert!(plan.index.is_some());
+        // A tensor larger than the limit gets a file of its own.
+        let plan = build_plan(&a, &b, &opts(0.3, vec![], Some(10))).unwrap();
+        assert_eq!(plan.shards.len(), 5);
+        // Everything fits: one model.safetensors and no index.
+        let plan = build_plan(&a, &b, &opts(0.3, vec![], Some(1 << 20))).unwrap();
+        assert_eq!(plan.shards.len(), 1);
+        assert_eq!(plan.shards[0].file_name, "model.safetensors");
+        assert!(plan.index.is_none());
+    }
+
+    #[test]
+    fn mismatches_are_all_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = checkpoint(
+            &dir.path().join("a"),
+            &[
+                ("x", Dtype::F32, &[2]),
+                ("y", Dtype::I64, &[2]),
+                ("only_a", Dtype::F32, &[1]),
+                ("z", Dtype::F32, &[3]),
+            ],
+        );
+        let b = checkpoint(
+            &dir.path().join("b"),
+            &[
+                ("x", Dtype::F32, &[3]),
+                ("y", Dtype::F32, &[2]),
+                ("only_b", Dtype::F32, &[1]),
+                ("z", Dtype::F8E4M3, &[3]),
+            ],
+        );
+        let err = build_plan(&a, &b, &opts(0.3, vec![], None)).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.mismatches.len(), 5, "{text}");
+        for needle in [
+            "`x` has shape [2]",
+            "`y` is I64 in --sft but F32",
+            "`only_a` is in --sft",
+            "`only_b` is in --aligned",
+            "`z` is F32 in --sft but F8_E4M3",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+    }
+}
