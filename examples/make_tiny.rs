@@ -10,7 +10,7 @@
 //! Both directories hold a tiny, randomly initialised LLaMA-shaped model in bf16 with Hugging
 //! Face tensor names, a `config.json` for `LlamaForCausalLM`, a byte-level tokenizer and the
 //! usual side files, so that `transformers` loads them. `tiny-sft` (θ0) is one
-//! `model.safetensors`; `tiny-dpo` (θ1) is θ0 plus a small perturbation (about 1e-2 relative),
+//! `model.safetensors`; `tiny-dpo` (θ1) is θ0 plus a small, sparse perturbation (1 in 64 elements),
 //! sharded into two files with a `model.safetensors.index.json`, and has its own
 //! `generation_config.json`, a chat template and a model card. The weights are synthetic: the
 //! models produce noise, they only exercise the tooling.
@@ -43,8 +43,13 @@ pub const MAX_POSITIONS: usize = 512;
 const INIT_STD: f64 = 0.02;
 /// Standard deviation of the norm weights around 1.
 const NORM_STD: f64 = 0.05;
-/// Size of θ1 − θ0 relative to the scale of each tensor.
+/// Size of a change θ1 − θ0 relative to the scale of each tensor.
 const DELTA_REL: f64 = 1e-2;
+/// One element in this many is changed. Like a real DPO step, the whole-model relative
+/// change ‖θ1 − θ0‖/‖θ0‖ then stays small (about 1e-3), below the threshold at which expo
+/// warns that the premise of extrapolation is doubtful; dense changes of 1e-2 would not be
+/// representable in bf16 at a realistic size.
+const CHANGE_ONE_IN: u64 = 64;
 const SEED: u64 = 0x5eed_0e4b_0000_0001;
 
 const UNK: &str = "<unk>";
@@ -245,13 +250,21 @@ fn sft_values(spec: &Spec) -> Vec<bf16> {
         .collect()
 }
 
-/// θ1 = θ0 + δ, with δ about [`DELTA_REL`] of the tensor's scale, rounded once to bf16.
+/// θ1 = θ0 + δ on one element in [`CHANGE_ONE_IN`], with δ about [`DELTA_REL`] of the
+/// tensor's scale, rounded to bf16.
 fn dpo_values(spec: &Spec, theta0: &[bf16]) -> Vec<bf16> {
     let mut rng = SplitMix64::for_tensor(&spec.name, 1);
     let scale = if spec.is_norm { 1.0 } else { INIT_STD };
     theta0
         .iter()
-        .map(|&x| bf16::from_f64(x.to_f64() + DELTA_REL * scale * rng.normal()))
+        .map(|&x| {
+            let delta = DELTA_REL * scale * rng.normal();
+            if rng.next_u64().is_multiple_of(CHANGE_ONE_IN) {
+                bf16::from_f64(x.to_f64() + delta)
+            } else {
+                x
+            }
+        })
         .collect()
 }
 
@@ -457,8 +470,8 @@ It is **not** a real model: its weights are random and it generates noise.
 - `../tiny-sft` plays θ0, the SFT model: a tiny LLaMA (vocabulary 256, hidden size 32,
   2 layers, intermediate size 128, 4 attention heads, 2 key/value heads) in bf16, in one
   `model.safetensors`.
-- This directory plays θ1, the aligned model: θ0 plus a small random perturbation (about
-  1e-2 relative), sharded into two files with a `model.safetensors.index.json`, with its own
+- This directory plays θ1, the aligned model: θ0 plus a small random perturbation (1 in 64
+  elements changed by about 1e-2 of the tensor's scale), sharded into two files with a `model.safetensors.index.json`, with its own
   `generation_config.json` and chat template.
 
 ```sh

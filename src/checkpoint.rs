@@ -346,7 +346,12 @@ fn open_indexed(
         path: index_path.clone(),
         source,
     };
-    let file = fs::File::open(&index_path).map_err(io_err)?;
+    let file = crate::header::open_regular(&index_path)
+        .map_err(io_err)?
+        .ok_or_else(|| CheckpointError::InvalidIndex {
+            path: index_path.clone(),
+            reason: "not a regular file".into(),
+        })?;
     let mut text = String::new();
     file.take(MAX_INDEX_LEN + 1)
         .read_to_string(&mut text)

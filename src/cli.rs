@@ -58,6 +58,26 @@ pub enum Command {
         expo man extrapolate > expo-extrapolate.1\n  \
         expo man --dir ~/.local/share/man/man1")]
     Man(ManArgs),
+
+    /// Measure how far training moved a model: ‖θ1 − θ0‖, cosine, changed elements.
+    #[command(
+        long_about = "Measure Δθ = θ1 − θ0 between two checkpoints, as in the ExPO paper's \
+            Table 1: per tensor the Frobenius norm ‖Δ‖, the normalized norm ‖Δ‖/√n, the \
+            relative change ‖Δ‖/‖θ0‖, the cosine similarity of θ0 and θ1 and the fraction of \
+            elements changed; a whole-model summary with a check of ExPO's premise (Δθ small); \
+            the tensors that changed most; and a per-layer roll-up. Everything is accumulated \
+            in float64 with compensated summation.\n\n\
+            With three or more checkpoints (e.g. pre-trained, SFT, DPO) prints the summary of \
+            each consecutive pair and of the first and last, like Table 1.",
+        after_help = "Examples:\n  expo diff --sft zephyr-sft --aligned zephyr-dpo\n  expo diff mistral-7b zephyr-sft zephyr-dpo\n  expo diff --sft sft --aligned dpo --top 20 --json | jq .summary"
+    )]
+    Diff(DiffArgs),
+
+    /// List a checkpoint's tensors (name, dtype, shape, file, bytes) and totals per dtype.
+    #[command(
+        after_help = "Examples:\n  expo inspect zephyr-dpo\n  expo inspect model.safetensors --json | jq '.dtypes'"
+    )]
+    Inspect(InspectArgs),
 }
 
 /// Arguments of `expo completions`.
@@ -142,6 +162,11 @@ pub struct ExtrapolateArgs {
     /// Print a JSON summary (or, with --dry-run, the plan) on stdout.
     #[arg(long)]
     pub json: bool,
+
+    /// Warn when the whole-model ‖θ1 − θ0‖/‖θ0‖ exceeds R: past it, the premise that
+    /// alignment moved the model only a little is doubtful (see `expo diff`).
+    #[arg(long, value_name = "R", default_value_t = crate::stats::DEFAULT_RELATIVE_CHANGE_WARNING, value_parser = parse_ratio)]
+    pub warn_relative_change: f64,
 }
 
 /// Values of `--dtype`.
@@ -178,6 +203,13 @@ impl DtypeArg {
     }
 }
 
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r >= 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!("`{s}` is not a non-negative number (e.g. 2e-3)")),
+    }
+}
+
 /// The values of `--alpha`, in the order given, without duplicates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlphaList(pub Vec<f64>);
@@ -188,6 +220,89 @@ fn parse_alpha_list(s: &str) -> Result<AlphaList, String> {
 
 fn parse_shard_size(s: &str) -> Result<u64, String> {
     crate::size::parse_size(s)
+}
+
+/// Arguments of `expo diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// θ0, the checkpoint trained from (e.g. SFT): a directory, a .safetensors file, or a
+    /// Hub id org/name[@REV] found in the local Hugging Face cache.
+    #[arg(
+        long,
+        value_name = "PATH",
+        value_hint = ValueHint::AnyPath,
+        requires = "aligned",
+        conflicts_with = "paths"
+    )]
+    pub sft: Option<PathBuf>,
+
+    /// θ1, the checkpoint trained from --sft (e.g. DPO/RLHF); the same kinds of argument.
+    #[arg(
+        long,
+        value_name = "PATH",
+        value_hint = ValueHint::AnyPath,
+        requires = "sft",
+        conflicts_with = "paths"
+    )]
+    pub aligned: Option<PathBuf>,
+
+    /// Checkpoints in training order instead of --sft/--aligned: two (θ0 θ1), or three or
+    /// more (e.g. pre-trained SFT DPO) for the pairwise summary table.
+    #[arg(
+        value_name = "PATH",
+        value_hint = ValueHint::AnyPath,
+        num_args = 2..,
+        required_unless_present = "sft"
+    )]
+    pub paths: Vec<PathBuf>,
+
+    /// How many of the most-changed tensors (by ‖Δ‖/‖θ0‖) to list: a number or `all`.
+    #[arg(long, value_name = "K", default_value = "10", value_parser = parse_top)]
+    pub top: usize,
+
+    /// Print everything (summary, every tensor, layers) as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Number of worker threads [default: all cores].
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+
+    /// No progress bar and no timing line on stderr (warnings are still printed).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl DiffArgs {
+    /// The checkpoints to compare, θ0 first.
+    pub fn inputs(&self) -> Vec<PathBuf> {
+        match (&self.sft, &self.aligned) {
+            (Some(sft), Some(aligned)) => vec![sft.clone(), aligned.clone()],
+            _ => self.paths.clone(),
+        }
+    }
+}
+
+/// Arguments of `expo inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The checkpoint: a directory, a .safetensors file, a *.safetensors.index.json, or a
+    /// Hub id org/name[@REV] found in the local Hugging Face cache.
+    #[arg(value_name = "PATH", value_hint = ValueHint::AnyPath)]
+    pub path: PathBuf,
+
+    /// Print the listing as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_top(s: &str) -> Result<usize, String> {
+    if s.trim().eq_ignore_ascii_case("all") {
+        return Ok(usize::MAX);
+    }
+    s.trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a count (e.g. 10) or `all`"))
 }
 
 #[cfg(test)]

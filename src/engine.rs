@@ -35,8 +35,8 @@ pub enum EngineError {
         op: &'static str,
         source: std::io::Error,
     },
-    #[error("not enough space for {path}: it needs {needed} bytes")]
-    NoSpace { path: PathBuf, needed: u64 },
+    #[error("{path}: {reason}")]
+    NoSpace { path: PathBuf, reason: String },
     #[error(
         "{path} changed since its header was read: it is now {actual} bytes, expected {expected}"
     )]
@@ -45,6 +45,8 @@ pub enum EngineError {
         expected: u64,
         actual: u64,
     },
+    #[error("{path} {what} while expo was reading it; inputs must not be modified during a run")]
+    InputModified { path: PathBuf, what: &'static str },
     #[error("tensor `{tensor}` ({dtype}) is not float, so it must be identical in both checkpoints, but it differs (first at byte {offset}); are these two checkpoints of the same model?")]
     ExactTensorDiffers {
         tensor: String,
@@ -65,22 +67,79 @@ pub enum EngineError {
 
 /// Read-only maps of every shard of a checkpoint.
 pub struct MappedCheckpoint {
+    /// Registrations with the SIGBUS handler, parallel to `maps`; declared first so they
+    /// are dropped before the memory is unmapped.
+    guards: Vec<Option<crate::interrupt::MapGuard>>,
     maps: Vec<Mmap>,
+    /// What each file was when it was mapped, to notice changes made during the run.
+    stamps: Vec<(PathBuf, FileStamp)>,
+}
+
+/// The identity, size and modification time of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
 }
 
 impl MappedCheckpoint {
     /// Maps every shard, checking that none changed size since its header was read.
+    ///
+    /// Reading a part of a file that another process truncated after this point makes
+    /// expo exit with status 1 and a message (see
+    /// [`crate::interrupt::install_sigbus_handler`]); [`MappedCheckpoint::map_guarded`]
+    /// turns it into an error instead.
     pub fn map(ck: &Checkpoint) -> Result<MappedCheckpoint, EngineError> {
+        Self::map_with(ck, false)
+    }
+
+    /// Like [`MappedCheckpoint::map`], but a read of a part of a file that was truncated
+    /// after mapping does not stop the process: it sees zeros, and the map is marked
+    /// damaged. The caller must check [`MappedCheckpoint::check_intact`] after reading and
+    /// before using any result ([`write_outputs`] and [`verify_exact_tensors`] do).
+    pub fn map_guarded(ck: &Checkpoint) -> Result<MappedCheckpoint, EngineError> {
+        Self::map_with(ck, true)
+    }
+
+    fn map_with(ck: &Checkpoint, guarded: bool) -> Result<MappedCheckpoint, EngineError> {
+        crate::interrupt::install_sigbus_handler();
         let mut maps = Vec::with_capacity(ck.shards.len());
+        let mut guards = Vec::with_capacity(ck.shards.len());
+        let mut stamps = Vec::with_capacity(ck.shards.len());
         for shard in &ck.shards {
             let io = |op, source| EngineError::Io {
                 path: shard.path.clone(),
                 op,
                 source,
             };
-            let file = File::open(&shard.path).map_err(|e| io("open", e))?;
+            let file = crate::header::open_regular(&shard.path)
+                .map_err(|e| io("open", e))?
+                .ok_or_else(|| {
+                    io(
+                        "open",
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            "no longer a regular file",
+                        ),
+                    )
+                })?;
             let expected = shard.header.data_start + shard.header.data_len;
-            let actual = file.metadata().map_err(|e| io("stat", e))?.len();
+            let meta = file.metadata().map_err(|e| io("stat", e))?;
+            let actual = meta.len();
             if actual != expected {
                 return Err(EngineError::InputChanged {
                     path: shard.path.clone(),
@@ -89,14 +148,59 @@ impl MappedCheckpoint {
                 });
             }
             // SAFETY: the map is read-only and private to this process. Another process
-            // could still truncate or rewrite the file while it is mapped; expo never
-            // writes to its inputs, and the README documents that inputs must not be
-            // modified during a run.
+            // could still truncate or rewrite the file while it is mapped: expo never
+            // writes to its inputs, a truncation is caught by the SIGBUS guard, and any
+            // change of size or modification time fails the run (`check_intact`); the
+            // README documents that inputs must not be modified during a run.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| io("mmap", e))?;
             let _ = map.advise(memmap2::Advice::Sequential);
+            guards.push(if guarded {
+                crate::interrupt::guard_map(map.as_ptr(), map.len())
+            } else {
+                None
+            });
             maps.push(map);
+            stamps.push((shard.path.clone(), FileStamp::of(&meta)));
         }
-        Ok(MappedCheckpoint { maps })
+        Ok(MappedCheckpoint {
+            guards,
+            maps,
+            stamps,
+        })
+    }
+
+    /// True once a read hit a part of a file that was truncated after it was mapped.
+    pub fn damaged(&self) -> bool {
+        self.guards.iter().flatten().any(|g| g.damaged())
+    }
+
+    /// Fails if a file was truncated while it was read, or changed size or modification
+    /// time since it was mapped. A file that was deleted or replaced by another one (a
+    /// rename over it) is fine: the map still holds the original contents.
+    pub fn check_intact(&self) -> Result<(), EngineError> {
+        for (guard, (path, stamp)) in self.guards.iter().zip(&self.stamps) {
+            if guard.as_ref().is_some_and(|g| g.damaged()) {
+                return Err(EngineError::InputModified {
+                    path: path.clone(),
+                    what: "was truncated",
+                });
+            }
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue;
+            };
+            let now = FileStamp::of(&meta);
+            if (now.dev, now.ino) == (stamp.dev, stamp.ino) && now != *stamp {
+                return Err(EngineError::InputModified {
+                    path: path.clone(),
+                    what: if now.len != stamp.len {
+                        "changed size"
+                    } else {
+                        "was modified"
+                    },
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The bytes of one tensor.
@@ -155,6 +259,9 @@ pub fn verify_exact_tensors(
         let a = sft.1.tensor(sft.0, p.sft);
         let b = aligned.1.tensor(aligned.0, p.aligned);
         if let Some(offset) = a.iter().zip(b).position(|(x, y)| x != y) {
+            // A difference read from a damaged map means nothing.
+            sft.1.check_intact()?;
+            aligned.1.check_intact()?;
             return Err(EngineError::ExactTensorDiffers {
                 tensor: p.name.clone(),
                 dtype: p.out_dtype,
@@ -162,7 +269,8 @@ pub fn verify_exact_tensors(
             });
         }
     }
-    Ok(())
+    sft.1.check_intact()?;
+    aligned.1.check_intact()
 }
 
 /// One unit of work: a run of one tensor's elements (or bytes, for non-float tensors).
@@ -260,16 +368,22 @@ fn create_sized(path: &Path, len: u64) -> Result<File, EngineError> {
         let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
+            if let Some(problem) = space_problem(&err) {
+                return Err(EngineError::NoSpace {
+                    path: path.to_path_buf(),
+                    reason: format!("{problem}: the file needs {len} bytes"),
+                });
+            }
             match err.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => {
-                    return Err(EngineError::NoSpace {
-                        path: path.to_path_buf(),
-                        needed: len,
-                    })
-                }
                 // Not supported here: a plain size change is the best we can do.
                 Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
-                    file.set_len(len).map_err(|e| io("resize", e))?
+                    file.set_len(len).map_err(|e| match space_problem(&e) {
+                        Some(problem) => EngineError::NoSpace {
+                            path: path.to_path_buf(),
+                            reason: format!("{problem}: the file needs {len} bytes"),
+                        },
+                        None => io("resize", e),
+                    })?
                 }
                 _ => return Err(io("reserve space for", err)),
             }
@@ -389,7 +503,11 @@ pub fn write_outputs(
     let worker = || {
         let mut buf: Vec<u8> = Vec::new();
         loop {
-            if cancel.load(Ordering::Relaxed) || !live(&states) {
+            if cancel.load(Ordering::Relaxed)
+                || !live(&states)
+                || sft.1.damaged()
+                || aligned.1.damaged()
+            {
                 return;
             }
             let ti = next.fetch_add(1, Ordering::Relaxed);
@@ -440,10 +558,18 @@ pub fn write_outputs(
     pool.broadcast(|_| worker());
 
     let interrupted = cancel.load(Ordering::Relaxed);
+    // An input that changed under the maps makes every output worthless.
+    let intact = sft.1.check_intact().and(aligned.1.check_intact());
     let outputs = jobs
         .iter()
         .zip(states)
         .map(|(job, state)| {
+            if let Err(EngineError::InputModified { path, what }) = &intact {
+                return Err(EngineError::InputModified {
+                    path: path.clone(),
+                    what,
+                });
+            }
             let state = state?;
             if let Some(e) = state
                 .failure
@@ -551,17 +677,26 @@ fn run_task(
 }
 
 fn map_write_error(path: &Path, source: std::io::Error) -> EngineError {
-    match source.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => EngineError::Io {
+    match space_problem(&source) {
+        Some(problem) => EngineError::NoSpace {
             path: path.to_path_buf(),
-            op: "write (disk full or file too large)",
-            source,
+            reason: format!("{problem} while writing"),
         },
-        _ => EngineError::Io {
+        None => EngineError::Io {
             path: path.to_path_buf(),
             op: "write",
             source,
         },
+    }
+}
+
+/// Names an out-of-space condition in words a user can act on.
+fn space_problem(err: &std::io::Error) -> Option<&'static str> {
+    match err.raw_os_error()? {
+        libc::ENOSPC => Some("the disk is full (no space left on device)"),
+        libc::EDQUOT => Some("the disk quota is exceeded"),
+        libc::EFBIG => Some("the file-size limit is exceeded (see `ulimit -f`)"),
+        _ => None,
     }
 }
 

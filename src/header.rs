@@ -14,6 +14,7 @@ use std::path::Path;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::dtype::Dtype;
 
@@ -116,13 +117,17 @@ pub enum HeaderError {
     DataLength { covered: u64, data_len: u64 },
     #[error("reading the header: {source}")]
     Io { source: std::io::Error },
+    #[error("not a regular file")]
+    NotAFile,
 }
 
 /// Reads and validates the header of the safetensors file at `path`.
 ///
 /// Only the header is read; tensor data is not touched.
 pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
-    let mut file = File::open(path).map_err(|source| HeaderError::Io { source })?;
+    let mut file = open_regular(path)
+        .map_err(|source| HeaderError::Io { source })?
+        .ok_or(HeaderError::NotAFile)?;
     let file_len = file
         .metadata()
         .map_err(|source| HeaderError::Io { source })?
@@ -153,10 +158,27 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     parse_header(&bytes, file_len)
 }
 
+/// Opens `path` for reading if it is a regular file (following symlinks), `Ok(None)` if it
+/// is something else. A FIFO or device named by a hostile checkpoint must not make expo
+/// block or read forever, so the file is opened non-blocking and checked before any read.
+pub fn open_regular(path: &Path) -> std::io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(file))
+}
+
 /// Validates header bytes (without the 8-byte length prefix) for a file of `file_len` bytes.
 pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> {
     let text = std::str::from_utf8(bytes).map_err(|source| HeaderError::Utf8 { source })?;
-    let raw: RawHeader =
+    // Entries are kept as borrowed raw JSON and parsed one at a time, so memory stays a
+    // small multiple of the header's size (a generic JSON tree costs over 20×).
+    let raw: RawHeader<'_> =
         serde_json::from_str(text).map_err(|source| HeaderError::Json { source })?;
     let data_start = 8 + bytes.len() as u64;
     let data_len = file_len
@@ -174,6 +196,8 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> 
             return Err(HeaderError::DuplicateTensor { tensor: name });
         }
         if name == METADATA_KEY {
+            let value =
+                serde_json::from_str(value.get()).map_err(|source| HeaderError::Json { source })?;
             metadata = Some(parse_metadata(value)?);
         } else {
             tensors.push(parse_entry(name, value)?);
@@ -239,8 +263,8 @@ struct RawEntry {
     data_offsets: (u64, u64),
 }
 
-fn parse_entry(name: String, value: serde_json::Value) -> Result<TensorInfo, HeaderError> {
-    let entry: RawEntry = match serde_json::from_value(value) {
+fn parse_entry(name: String, value: &RawValue) -> Result<TensorInfo, HeaderError> {
+    let entry: RawEntry = match serde_json::from_str(value.get()) {
         Ok(e) => e,
         Err(e) => {
             return Err(HeaderError::InvalidEntry {
@@ -307,10 +331,10 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 }
 
 /// The top-level header object with its entries in file order, duplicates kept so that
-/// they can be reported.
-struct RawHeader(Vec<(String, serde_json::Value)>);
+/// they can be reported; values stay unparsed slices of the header text.
+struct RawHeader<'a>(Vec<(String, &'a RawValue)>);
 
-impl<'de> Deserialize<'de> for RawHeader {
+impl<'de> Deserialize<'de> for RawHeader<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Entries::deserialize(deserializer).map(|e| RawHeader(e.0))
     }

@@ -14,3 +14,4 @@ pub mod plan;
 pub mod report;
 pub mod sidefiles;
 pub mod size;
+pub mod stats;

@@ -43,6 +43,8 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match &cli.command {
         Command::Extrapolate(args) => expo::cmd::extrapolate::run(args),
+        Command::Diff(args) => expo::cmd::diff::run(args),
+        Command::Inspect(args) => expo::cmd::inspect::run(args),
         Command::Completions(args) => expo::cmd::completions::run(args),
         Command::Man(args) => expo::cmd::man::run(args),
     }

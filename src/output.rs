@@ -44,6 +44,14 @@ pub enum OutputError {
     NotADirectory { path: PathBuf },
     #[error("--output {path}: its parent directory {parent} does not exist; create it first")]
     NoParent { path: PathBuf, parent: PathBuf },
+    #[error("--output {path}: its parent {parent} is not a directory")]
+    ParentNotADirectory { path: PathBuf, parent: PathBuf },
+    #[error("--output {path}: cannot create expo's temporary directory in {parent}: {source}")]
+    Unwritable {
+        path: PathBuf,
+        parent: PathBuf,
+        source: io::Error,
+    },
     #[error("--output {path} is not a usable directory name")]
     BadName { path: PathBuf },
     #[error("{path}: {op} failed: {source}")]
@@ -79,9 +87,16 @@ impl OutputTarget {
             _ => PathBuf::from("."),
         };
         if !parent.is_dir() {
-            return Err(OutputError::NoParent {
-                path: path.to_path_buf(),
-                parent,
+            return Err(if parent.exists() {
+                OutputError::ParentNotADirectory {
+                    path: path.to_path_buf(),
+                    parent,
+                }
+            } else {
+                OutputError::NoParent {
+                    path: path.to_path_buf(),
+                    parent,
+                }
             });
         }
         let existing = match fs::symlink_metadata(path) {
@@ -144,7 +159,11 @@ impl StagingDir {
             target.name,
             std::process::id()
         ));
-        fs::create_dir(&path).map_err(io_err(&path, "create directory"))?;
+        fs::create_dir(&path).map_err(|source| OutputError::Unwritable {
+            path: target.path.clone(),
+            parent: target.parent.clone(),
+            source,
+        })?;
         active().push(path.clone());
         let staging = StagingDir {
             path,
@@ -166,7 +185,7 @@ impl StagingDir {
     pub fn commit(mut self, target: &OutputTarget) -> Result<(), OutputError> {
         let marker = self.path.join(STAGING_MARKER);
         fs::remove_file(&marker).map_err(io_err(&marker, "remove"))?;
-        sync_dir(&self.path)?;
+        sync_tree(&self.path)?;
         match target.existing {
             Existing::Nothing | Existing::EmptyDir => {
                 // rename(2) replaces an empty directory atomically.
@@ -190,6 +209,9 @@ impl StagingDir {
                     }
                     fs::rename(&aside, &self.path).map_err(io_err(&aside, "rename"))?;
                 }
+                // Mark the old output, now at the staging path, as ours: if expo is killed
+                // while deleting it, the next run finishes the job.
+                let _ = fs::write(&marker, format!("{}\n", std::process::id()));
                 fs::remove_dir_all(&self.path).map_err(io_err(&self.path, "remove old output"))?;
             }
         }
@@ -283,6 +305,18 @@ fn exchange(a: &Path, b: &Path) -> io::Result<()> {
         let _ = (a, b);
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
+}
+
+/// fsyncs a directory and every directory below it (shard or side-file subdirectories), so
+/// that all the entries created in them are durable. Links are not followed.
+fn sync_tree(path: &Path) -> Result<(), OutputError> {
+    for entry in fs::read_dir(path).map_err(io_err(path, "read directory"))? {
+        let entry = entry.map_err(io_err(path, "read directory"))?;
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            sync_tree(&entry.path())?;
+        }
+    }
+    sync_dir(path)
 }
 
 /// fsyncs a directory so that the entries created in it are durable.

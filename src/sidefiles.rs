@@ -85,6 +85,9 @@ fn walk(
             }
             continue;
         }
+        if !meta.is_file() {
+            continue; // a FIFO, socket or device: reading it could block or never end
+        }
         let top = depth == 0;
         let rel_str = rel_path.to_string_lossy();
         if used.iter().any(|u| *u == rel_str) {
@@ -371,7 +374,12 @@ pub fn aligned_license(aligned: &Checkpoint) -> Option<String> {
     if !aligned.is_dir {
         return None;
     }
-    let text = fs::read_to_string(aligned.root.join("README.md")).ok()?;
+    // Only the front matter matters: read at most 1 MiB, and only from a regular file (a
+    // FIFO would block forever).
+    let file = crate::header::open_regular(&aligned.root.join("README.md")).ok()??;
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(file, 1 << 20), &mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
     let front = text.strip_prefix("---")?;
     let end = front.find("\n---")?;
     front[..end].lines().find_map(|line| {

@@ -19,6 +19,7 @@ use crate::output::{self, OutputTarget, StagingDir};
 use crate::plan::{build_plan, AlphaRule, Plan, PlanOptions, Treatment};
 use crate::report::{self, Reporter};
 use crate::sidefiles::{self, InputRecord, Provenance, RuleRecord, SideFiles, TensorCounts};
+use crate::stats;
 
 /// A usage error found after parsing (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -110,8 +111,10 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
             .warn("--aligned is a single file, so no config.json or tokenizer files are copied");
     }
 
-    let sft_maps = MappedCheckpoint::map(&sft).context("mapping --sft")?;
-    let aligned_maps = MappedCheckpoint::map(&aligned).context("mapping --aligned")?;
+    // Guarded: an input truncated during the run is an error (the temporary directory is
+    // removed as after any other), not a SIGBUS.
+    let sft_maps = MappedCheckpoint::map_guarded(&sft).context("mapping --sft")?;
+    let aligned_maps = MappedCheckpoint::map_guarded(&aligned).context("mapping --aligned")?;
     engine::verify_exact_tensors(
         &outputs[0].plan,
         (&sft, &sft_maps),
@@ -148,6 +151,20 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
         .iter()
         .map(|o| StagingDir::create(&o.target))
         .collect::<Result<Vec<_>, _>>()?;
+    // An index may place shards in a subdirectory (`weights/model-00001-of-00002.safetensors`,
+    // accepted on input); the mirrored output needs the same subdirectory.
+    for (o, s) in outputs.iter().zip(&stagings) {
+        for shard in &o.plan.shards {
+            if let Some(sub) = Path::new(&shard.file_name)
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+            {
+                let dir = s.path().join(sub);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+        }
+    }
     let jobs: Vec<OutputJob> = outputs
         .iter()
         .zip(&stagings)
@@ -177,6 +194,14 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
     }
     let relative_change =
         (report.base_sq > 0.0).then(|| report.delta_sq.sqrt() / report.base_sq.sqrt());
+    let doubtful =
+        relative_change.is_some_and(|rc| stats::premise_doubtful(rc, args.warn_relative_change));
+    if let (true, Some(rc)) = (doubtful, relative_change) {
+        reporter.warn(format!(
+            "‖θ1 − θ0‖/‖θ0‖ = {rc:.3e} is above {:e}: alignment moved the model far from --sft, so the premise of extrapolation (a small step) is doubtful; evaluate the outputs with care, or check `expo diff` (threshold: --warn-relative-change)",
+            args.warn_relative_change
+        ));
+    }
 
     let mut failures = Vec::new();
     let mut summaries = Vec::new();
@@ -244,6 +269,7 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
             "dry_run": false,
             "alphas": alphas,
             "relative_change": relative_change,
+            "premise_doubtful": doubtful,
             "side_files": side.copy,
             "seconds": seconds,
             "warnings": reporter.warnings(),

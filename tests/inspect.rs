@@ -1,0 +1,302 @@
+//! `expo inspect`: every tensor with its dtype, shape, file and bytes, and totals per dtype,
+//! checked against what the test wrote.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use serde_json::Value;
+
+struct T {
+    name: &'static str,
+    dtype: Dtype,
+    shape: Vec<usize>,
+}
+
+impl T {
+    fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn bytes(&self) -> usize {
+        self.elements() * self.dtype.bitsize() / 8
+    }
+}
+
+fn tensors() -> Vec<T> {
+    let t = |name, dtype, shape: &[usize]| T {
+        name,
+        dtype,
+        shape: shape.to_vec(),
+    };
+    vec![
+        t("model.embed_tokens.weight", Dtype::BF16, &[32, 8]),
+        t(
+            "model.layers.0.self_attn.q_proj.weight",
+            Dtype::BF16,
+            &[8, 8],
+        ),
+        t("model.layers.0.input_layernorm.weight", Dtype::F32, &[8]),
+        t("model.rotary.positions", Dtype::I64, &[5]),
+        t("model.mask", Dtype::BOOL, &[3, 3]),
+        t("model.scalar", Dtype::F64, &[]),
+        t("lm_head.weight", Dtype::F16, &[32, 8]),
+    ]
+}
+
+/// Writes the tensors as two shards and an index; returns the directory and, per tensor,
+/// the shard file it went to.
+fn write_sharded(dir: &Path, ts: &[T]) -> (PathBuf, BTreeMap<String, String>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut where_ = BTreeMap::new();
+    let (first, second) = ts.split_at(3);
+    for (k, part) in [first, second].into_iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", k + 1);
+        let data: Vec<Vec<u8>> = part.iter().map(|t| vec![7u8; t.bytes()]).collect();
+        let views: Vec<(&str, TensorView)> = part
+            .iter()
+            .zip(&data)
+            .map(|(t, d)| {
+                (
+                    t.name,
+                    TensorView::new(t.dtype, t.shape.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        let meta = Some(
+            [("format".to_string(), "pt".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        safetensors::serialize_to_file(views, meta, &dir.join(&file)).unwrap();
+        for t in part {
+            where_.insert(t.name.to_string(), file.clone());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": where_});
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    (dir.to_path_buf(), where_)
+}
+
+fn inspect(args: &[&std::ffi::OsStr]) -> (String, String, Option<i32>) {
+    let out = Command::cargo_bin("expo")
+        .unwrap()
+        .arg("inspect")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+        out.status.code(),
+    )
+}
+
+#[test]
+fn json_lists_every_tensor_and_totals_per_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ts = tensors();
+    let (dir, files) = write_sharded(&tmp.path().join("ck"), &ts);
+    let (out, err, code) = inspect(&[dir.as_os_str(), "--json".as_ref()]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+
+    assert_eq!(v["index"], "model.safetensors.index.json");
+    let listed = v["tensors"].as_array().unwrap();
+    assert_eq!(listed.len(), ts.len());
+    for t in &ts {
+        let j = listed
+            .iter()
+            .find(|j| j["name"] == t.name)
+            .unwrap_or_else(|| panic!("{} missing", t.name));
+        assert_eq!(j["dtype"], t.dtype.to_string(), "{}", t.name);
+        assert_eq!(j["shape"], serde_json::json!(t.shape), "{}", t.name);
+        assert_eq!(j["elements"], t.elements(), "{}", t.name);
+        assert_eq!(j["bytes"], t.bytes(), "{}", t.name);
+        assert_eq!(j["file"], files[t.name], "{}", t.name);
+    }
+
+    // Totals per dtype and overall.
+    let mut want: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+    for t in &ts {
+        let e = want.entry(t.dtype.to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.elements();
+        e.2 += t.bytes();
+    }
+    let dtypes = v["dtypes"].as_object().unwrap();
+    assert_eq!(dtypes.len(), want.len());
+    for (d, (n, elements, bytes)) in &want {
+        assert_eq!(dtypes[d]["tensors"], *n, "{d}");
+        assert_eq!(dtypes[d]["elements"], *elements, "{d}");
+        assert_eq!(dtypes[d]["bytes"], *bytes, "{d}");
+    }
+    let total_bytes: usize = ts.iter().map(T::bytes).sum();
+    assert_eq!(v["total"]["tensors"], ts.len());
+    assert_eq!(v["total"]["bytes"], total_bytes);
+    assert_eq!(
+        v["total"]["elements"],
+        ts.iter().map(T::elements).sum::<usize>()
+    );
+
+    // Files: names, tensors and data bytes that add up, and their header metadata.
+    let fs = v["files"].as_array().unwrap();
+    assert_eq!(fs.len(), 2);
+    assert_eq!(fs[0]["name"], "model-00001-of-00002.safetensors");
+    assert_eq!(fs[0]["tensors"], 3);
+    assert_eq!(fs[0]["metadata"]["format"], "pt");
+    let sum: u64 = fs.iter().map(|f| f["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(sum, total_bytes as u64);
+    for f in fs {
+        let on_disk = std::fs::metadata(dir.join(f["name"].as_str().unwrap()))
+            .unwrap()
+            .len();
+        assert_eq!(f["file_bytes"], on_disk);
+    }
+}
+
+#[test]
+fn human_listing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ts = tensors();
+    let (dir, files) = write_sharded(&tmp.path().join("ck"), &ts);
+    let (out, err, code) = inspect(&[dir.as_os_str()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.is_empty(), "{err}");
+    assert!(
+        out.lines()
+            .next()
+            .unwrap()
+            .contains("2 files listed in model.safetensors.index.json, 7 tensors"),
+        "{out}"
+    );
+    for t in &ts {
+        let line = out
+            .lines()
+            .find(|l| l.ends_with(&format!("  {}", t.name)))
+            .unwrap_or_else(|| panic!("no line for {}:\n{out}", t.name));
+        assert!(line.contains(&t.dtype.to_string()), "{line}");
+        assert!(line.contains(&format!("{:?}", t.shape)), "{line}");
+        assert!(line.contains(&files[t.name]), "{line}");
+    }
+    let total = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("total"))
+        .unwrap();
+    let bytes: usize = ts.iter().map(T::bytes).sum();
+    let grouped = bytes
+        .to_string()
+        .as_bytes()
+        .rchunks(3)
+        .rev()
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(total.contains(&format!("({grouped} B)")), "{total}");
+    assert!(out.lines().any(|l| l.trim_start().starts_with("BF16")));
+}
+
+#[test]
+fn single_files_and_index_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ts = tensors();
+    let (dir, _) = write_sharded(&tmp.path().join("ck"), &ts);
+    let (out, _, code) = inspect(&[
+        dir.join("model-00002-of-00002.safetensors").as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["index"].is_null());
+    assert_eq!(v["tensors"].as_array().unwrap().len(), 4);
+
+    let (out, _, code) = inspect(&[
+        dir.join("model.safetensors.index.json").as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["total"]["tensors"], 7);
+}
+
+#[test]
+fn the_bundled_example() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-dpo");
+    let (out, err, code) = inspect(&[dir.as_os_str(), "--json".as_ref()]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["total"]["tensors"], 21);
+    assert_eq!(v["dtypes"].as_object().unwrap().len(), 1);
+    assert_eq!(v["dtypes"]["BF16"]["bytes"], v["total"]["bytes"]);
+}
+
+#[test]
+fn errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, err, code) = inspect(&[tmp.path().join("nothing").as_os_str()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("does not exist"), "{err}");
+    std::fs::write(tmp.path().join("pytorch_model.bin"), b"x").unwrap();
+    let (_, err, code) = inspect(&[tmp.path().as_os_str()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("safetensors only"), "{err}");
+}
+
+/// A Hugging Face cache holding `org/model` at commit `COMMIT` (refs/main points at it).
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn fake_cache(root: &Path) -> PathBuf {
+    let repo = root.join("hub").join("models--org--model");
+    let snapshot = repo.join("snapshots").join(COMMIT);
+    let (dir, _) = write_sharded(&snapshot, &tensors());
+    assert_eq!(dir, snapshot);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), COMMIT).unwrap();
+    root.join("hub")
+}
+
+#[test]
+fn hub_ids_from_the_local_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = fake_cache(tmp.path());
+    let out = Command::cargo_bin("expo")
+        .unwrap()
+        .args(["inspect", "org/model", "--json"])
+        .env("HF_HUB_CACHE", &cache)
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["path"], "org/model");
+    assert_eq!(v["hub"]["repo_id"], "org/model");
+    assert_eq!(v["hub"]["commit"], COMMIT);
+    assert_eq!(v["total"]["tensors"], 7);
+
+    // diff reads Hub ids the same way.
+    let out = Command::cargo_bin("expo")
+        .unwrap()
+        .args(["diff", "org/model", "org/model@main", "--json", "--quiet"])
+        .env("HF_HUB_CACHE", &cache)
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["from"], "org/model");
+    assert_eq!(v["summary"]["identical_tensors"], 7);
+}
