@@ -211,9 +211,16 @@ impl MappedCheckpoint {
         &self.maps[loc.shard][base + t.start as usize..base + t.end as usize]
     }
 
-    /// Drops the whole pages inside `bytes` (a sub-slice of one of our maps) from this
-    /// process's page tables; the page cache keeps them.
-    fn release(&self, bytes: &[u8]) {
+    /// Drops from this process's page tables the whole pages within [`RELEASE_MARGIN`] of
+    /// `bytes` (a sub-slice of one of these maps); the page cache keeps them.
+    ///
+    /// The margin matters: the kernel maps a page-cache fault together with its neighbours
+    /// ("fault-around", 64 KiB by default), so a worker reading near the edge of its chunk
+    /// re-maps pages of the neighbouring chunk that another worker already released, and
+    /// pages straddling two chunks belong wholly to neither. Releasing a little past both
+    /// edges lets whichever neighbour finishes last drop them, so resident memory stays
+    /// flat with any number of threads.
+    pub fn release(&self, bytes: &[u8]) {
         let Some(map) = self
             .maps
             .iter()
@@ -223,18 +230,24 @@ impl MappedCheckpoint {
         };
         let page = page_size();
         let offset = bytes.as_ptr() as usize - map.as_ptr() as usize;
-        let start = offset.div_ceil(page) * page;
-        let end = (offset + bytes.len()) / page * page;
+        let from = offset.saturating_sub(RELEASE_MARGIN);
+        let to = (offset + bytes.len() + RELEASE_MARGIN).min(map.len());
+        let start = from.div_ceil(page) * page;
+        let end = to / page * page;
         if end > start {
-            // SAFETY: the map is a read-only, file-backed mapping, so MADV_DONTNEED only
-            // drops page-table entries: a later access faults the same file contents back
-            // in. No slice into this range is used after the chunk that covered it.
+            // SAFETY: the range lies inside a read-only, private, file-backed mapping that
+            // no one writes, so MADV_DONTNEED only drops page-table entries: a later access
+            // (also by another worker still reading there) faults the same file contents
+            // back in. The range is page-aligned as madvise requires.
             unsafe {
                 let _ = map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
             }
         }
     }
 }
+
+/// How far past a finished chunk's edges [`MappedCheckpoint::release`] drops pages.
+pub const RELEASE_MARGIN: usize = 256 << 10;
 
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
@@ -518,15 +531,10 @@ pub fn write_outputs(
             let in1 = float_in(aligned.0, &first.plan.pairs[task.pair]);
             let t0_chunk = extrapolated[task.pair].map(|spec| {
                 let t0 = sft.1.tensor(sft.0, first.plan.pairs[task.pair].sft);
-                let a =
-                    &t0[task.start as usize * spec.sft.size()..task.end as usize * spec.sft.size()];
-                let b = &t1_all[task.start as usize * spec.aligned.size()
-                    ..task.end as usize * spec.aligned.size()];
-                let (dd, bb) = kernel::delta_sums(spec, a, b);
-                partials[ti].0.store(dd.to_bits(), Ordering::Relaxed);
-                partials[ti].1.store(bb.to_bits(), Ordering::Relaxed);
-                a
+                &t0[task.start as usize * spec.sft.size()..task.end as usize * spec.sft.size()]
             });
+            // The sums of squares come from the first output that extrapolates the chunk.
+            let mut summed = false;
             let unit = in1.map_or(1, |d| d.size());
             let b = &t1_all[task.start as usize * unit..task.end as usize * unit];
             for (job, state) in jobs.iter().zip(&states) {
@@ -537,7 +545,12 @@ pub fn write_outputs(
                 let result = run_task(
                     job.plan, sft, aligned, task, state, b, t0_chunk, &mut buf, max_chunk,
                 )
-                .and_then(|written| {
+                .and_then(|(written, sums)| {
+                    if let (Some((dd, bb)), false) = (sums, summed) {
+                        partials[ti].0.store(dd.to_bits(), Ordering::Relaxed);
+                        partials[ti].1.store(bb.to_bits(), Ordering::Relaxed);
+                        summed = true;
+                    }
                     on_progress(written);
                     if state.remaining[task.shard].fetch_sub(1, Ordering::AcqRel) == 1 {
                         let (path, file) = &state.files[task.shard];
@@ -629,14 +642,14 @@ fn run_task(
     a: Option<&[u8]>,
     buf: &mut Vec<u8>,
     max_chunk: usize,
-) -> Result<u64, EngineError> {
+) -> Result<(u64, Option<(f64, f64)>), EngineError> {
     let p = &plan.pairs[task.pair];
     let (path, file) = &state.files[task.shard];
     let write_err = |source| map_write_error(path, source);
     let (spec, stats, out) = match p.treatment {
         Treatment::Copy => {
             file.write_all_at(b, task.out_offset).map_err(write_err)?;
-            return Ok(b.len() as u64);
+            return Ok((b.len() as u64, None));
         }
         Treatment::Cast(spec) => {
             let n = (task.end - task.start) as usize;
@@ -673,7 +686,9 @@ fn run_task(
         state.inherited[task.pair].fetch_add(stats.nonfinite_out, Ordering::Relaxed);
     }
     file.write_all_at(out, task.out_offset).map_err(write_err)?;
-    Ok(out.len() as u64)
+    let sums =
+        matches!(p.treatment, Treatment::Extrapolate(_)).then_some((stats.delta_sq, stats.base_sq));
+    Ok((out.len() as u64, sums))
 }
 
 fn map_write_error(path: &Path, source: std::io::Error) -> EngineError {

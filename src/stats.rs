@@ -632,9 +632,9 @@ fn run_task(
                 }
                 at += m;
             }
-            for ((input, &loc), bytes) in inputs.iter().zip(&entry.locs).zip(slices) {
+            for (input, bytes) in inputs.iter().zip(slices) {
                 read += bytes.len() as u64;
-                release(input, loc, bytes);
+                input.maps.release(bytes);
             }
         }
         EntryKind::Bytes(dtype) => {
@@ -657,60 +657,13 @@ fn run_task(
                     .filter(|(p, q)| p != q)
                     .count() as u64;
             }
-            for ((input, &loc), bytes) in inputs.iter().zip(&entry.locs).zip(slices) {
+            for (input, bytes) in inputs.iter().zip(slices) {
                 read += bytes.len() as u64;
-                release(input, loc, bytes);
+                input.maps.release(bytes);
             }
         }
     }
     (sums, read)
-}
-
-/// How far beyond its own bytes a finished chunk drops pages. The kernel maps a page-cache
-/// fault together with its neighbours ("fault-around", 64 KiB by default), so a worker
-/// reading near the edge of its chunk re-maps pages of the neighbouring chunk that another
-/// worker has already released; whichever of two neighbours finishes last drops them again.
-const RELEASE_MARGIN: usize = 256 << 10;
-
-/// Drops from this process's page tables the whole pages within [`RELEASE_MARGIN`] of
-/// `chunk`, a sub-slice of the tensor at `loc`, without leaving the shard's data section;
-/// the page cache keeps them.
-///
-/// The engine has the same operation as a private method of [`MappedCheckpoint`]; this is
-/// the local equivalent.
-fn release(input: &Input, loc: TensorLoc, chunk: &[u8]) {
-    let shard = &input.checkpoint.shards[loc.shard];
-    let tensor = input.tensor(loc);
-    // The data section is mapped contiguously: it starts `start` bytes before the tensor.
-    let section_start = tensor.as_ptr() as usize - shard.header.tensors[loc.index].start as usize;
-    let section_end = section_start + shard.header.data_len as usize;
-    let from = (chunk.as_ptr() as usize)
-        .saturating_sub(RELEASE_MARGIN)
-        .max(section_start);
-    let to = (chunk.as_ptr() as usize + chunk.len() + RELEASE_MARGIN).min(section_end);
-    let page = page_size();
-    let start = from.div_ceil(page) * page;
-    let end = to / page * page;
-    if end > start {
-        // SAFETY: [start, end) lies inside the data section of one shard, which
-        // MappedCheckpoint maps read-only, private and file-backed, and which no one writes.
-        // MADV_DONTNEED therefore only drops page-table entries: a later access (also by
-        // another worker still reading there) faults the same file contents back in. The
-        // range is page-aligned as madvise requires.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
-        }
-    }
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if n > 0 {
-        n as usize
-    } else {
-        4096
-    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ pub fn run(args: &DiffArgs) -> Result<ExitCode> {
     let maps = checkpoints
         .iter()
         .map(|ck| {
-            MappedCheckpoint::map(ck).with_context(|| format!("mapping {}", ck.given.display()))
+            MappedCheckpoint::map_guarded(ck)
+                .with_context(|| format!("mapping {}", ck.given.display()))
         })
         .collect::<Result<Vec<_>>>()?;
     let inputs: Vec<Input> = checkpoints
@@ -60,6 +61,10 @@ pub fn run(args: &DiffArgs) -> Result<ExitCode> {
     let bar = reporter.progress(total_bytes);
     let sums = stats::compare(&inputs, &entries, &pairs, &pool, &|n| bar.inc(n));
     bar.finish_and_clear();
+    // A truncated input reads as zeros under the guard: fail rather than report on them.
+    for m in &maps {
+        m.check_intact()?;
+    }
     drop(maps);
 
     let reports: Vec<PairReport> = pairs

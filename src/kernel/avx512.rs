@@ -22,10 +22,41 @@ unsafe fn widen(x: __m512) -> (__m512d, __m512d) {
     )
 }
 
+/// Partial sums of squares, Σ(θ1 − θ0)² and Σθ0², one per f64 lane.
+struct Sums {
+    dd: __m512d,
+    bb: __m512d,
+}
+
+impl Sums {
+    #[inline(always)]
+    unsafe fn new() -> Sums {
+        Sums {
+            dd: _mm512_setzero_pd(),
+            bb: _mm512_setzero_pd(),
+        }
+    }
+
+    /// Adds the lanes in the same pairwise order as the portable loop's `sum_lanes`.
+    #[inline(always)]
+    unsafe fn total(v: __m512d) -> f64 {
+        let mut a = [0f64; 8];
+        _mm512_storeu_pd(a.as_mut_ptr(), v);
+        super::sum_lanes(a)
+    }
+}
+
 /// θ1 + α(θ1 − θ0) on 8 f64 lanes, rounded to f32 with round-to-odd.
 #[inline(always)]
-unsafe fn extrapolate_round_odd(alpha: __m512d, t0: __m512d, t1: __m512d) -> (__m256, __mmask8) {
+unsafe fn extrapolate_round_odd(
+    alpha: __m512d,
+    t0: __m512d,
+    t1: __m512d,
+    sums: &mut Sums,
+) -> (__m256, __mmask8) {
     let delta = _mm512_sub_pd(t1, t0);
+    sums.dd = _mm512_add_pd(sums.dd, _mm512_mul_pd(delta, delta));
+    sums.bb = _mm512_add_pd(sums.bb, _mm512_mul_pd(t0, t0));
     let y = _mm512_add_pd(t1, _mm512_mul_pd(alpha, delta));
     let r = _mm512_cvt_roundpd_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
     // Inexact (or NaN, which compares unordered): force the last bit to 1.
@@ -35,11 +66,11 @@ unsafe fn extrapolate_round_odd(alpha: __m512d, t0: __m512d, t1: __m512d) -> (__
 
 /// Computes 16 lanes and returns the f32 results, rounded to odd.
 #[inline(always)]
-unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512) -> __m512i {
+unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut Sums) -> __m512i {
     let (a_lo, a_hi) = widen(t0);
     let (b_lo, b_hi) = widen(t1);
-    let (r_lo, m_lo) = extrapolate_round_odd(alpha, a_lo, b_lo);
-    let (r_hi, m_hi) = extrapolate_round_odd(alpha, a_hi, b_hi);
+    let (r_lo, m_lo) = extrapolate_round_odd(alpha, a_lo, b_lo, sums);
+    let (r_hi, m_hi) = extrapolate_round_odd(alpha, a_hi, b_hi, sums);
     let r = _mm512_castps_si512(_mm512_insertf32x8::<1>(_mm512_castps256_ps512(r_lo), r_hi));
     let inexact = (m_lo as __mmask16) | ((m_hi as __mmask16) << 8);
     _mm512_mask_or_epi32(r, inexact, r, _mm512_set1_epi32(1))
@@ -51,10 +82,11 @@ unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512) -> __m512i {
 /// The CPU must support AVX-512 F, BW, VL and DQ; `sft`, `aligned` and `out` must hold the
 /// same number of 2-byte elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> u64 {
+pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
     let n = out.len() / 2;
     debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
     let va = _mm512_set1_pd(alpha);
+    let mut sums = Sums::new();
     let mut nonfinite = 0u64;
     let mut i = 0;
     while i + LANES <= n {
@@ -64,7 +96,7 @@ pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> u6
         let b = _mm256_loadu_si256(aligned.as_ptr().add(2 * i) as *const __m256i);
         let t0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(a)));
         let t1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)));
-        let r = block(va, t0, t1);
+        let r = block(va, t0, t1, &mut sums);
         // f32 → bf16, round to nearest even; NaN keeps its top payload bits and gets quiet.
         let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(r), _mm512_set1_epi32(1));
         let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
@@ -90,7 +122,11 @@ pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> u6
         &aligned[2 * i..2 * n],
         &mut out[2 * i..2 * n],
     );
-    nonfinite + tail.nonfinite_out
+    super::ChunkStats {
+        nonfinite_out: nonfinite + tail.nonfinite_out,
+        delta_sq: Sums::total(sums.dd) + tail.delta_sq,
+        base_sq: Sums::total(sums.bb) + tail.base_sq,
+    }
 }
 
 /// f16, f16 → f16.
@@ -98,17 +134,18 @@ pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> u6
 /// # Safety
 /// As [`bf16`], and the CPU must support F16C.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c")]
-pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> u64 {
+pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
     let n = out.len() / 2;
     debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
     let va = _mm512_set1_pd(alpha);
+    let mut sums = Sums::new();
     let mut nonfinite = 0u64;
     let mut i = 0;
     while i + LANES <= n {
         // SAFETY: as in `bf16`.
         let a = _mm256_loadu_si256(sft.as_ptr().add(2 * i) as *const __m256i);
         let b = _mm256_loadu_si256(aligned.as_ptr().add(2 * i) as *const __m256i);
-        let r = block(va, _mm512_cvtph_ps(a), _mm512_cvtph_ps(b));
+        let r = block(va, _mm512_cvtph_ps(a), _mm512_cvtph_ps(b), &mut sums);
         // f32 → f16 with round to nearest even (subnormals, overflow and NaN per IEEE).
         let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_castsi512_ps(r),
@@ -125,5 +162,9 @@ pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> u64
         &aligned[2 * i..2 * n],
         &mut out[2 * i..2 * n],
     );
-    nonfinite + tail.nonfinite_out
+    super::ChunkStats {
+        nonfinite_out: nonfinite + tail.nonfinite_out,
+        delta_sq: Sums::total(sums.dd) + tail.delta_sq,
+        base_sq: Sums::total(sums.bb) + tail.base_sq,
+    }
 }

@@ -110,10 +110,24 @@ impl KernelSpec {
 }
 
 /// What a kernel call saw.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ChunkStats {
     /// Output elements that are ±inf or NaN.
     pub nonfinite_out: u64,
+    /// Σ(θ1 − θ0)² over the chunk (extrapolation only), for the whole-model relative change.
+    pub delta_sq: f64,
+    /// Σθ0² over the chunk (extrapolation only).
+    pub base_sq: f64,
+}
+
+/// Lanes of the partial sums of squares: the sums vectorize, in a fixed order per
+/// instruction set.
+const SUM_LANES: usize = 8;
+
+/// Adds eight partial sums pairwise.
+#[inline(always)]
+fn sum_lanes(v: [f64; SUM_LANES]) -> f64 {
+    ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
 }
 
 /// The instruction sets a kernel can be compiled for.
@@ -195,15 +209,30 @@ fn extrapolate_body<A: Elem, B: Elem, O: Elem>(
         &mut out[..n * O::SIZE],
     );
     let mut nonfinite = 0u64;
-    for i in 0..n {
+    let mut dd = [0f64; SUM_LANES];
+    let mut bb = [0f64; SUM_LANES];
+    let mut element = |i: usize, lane: usize| {
         let t0 = A::load(&sft[i * A::SIZE..i * A::SIZE + A::SIZE]);
         let t1 = B::load(&aligned[i * B::SIZE..i * B::SIZE + B::SIZE]);
         let delta = t1 - t0;
         let y = t1 + alpha * delta;
-        nonfinite += O::store(y, &mut out[i * O::SIZE..i * O::SIZE + O::SIZE]) as u64;
+        dd[lane] += delta * delta;
+        bb[lane] += t0 * t0;
+        O::store(y, &mut out[i * O::SIZE..i * O::SIZE + O::SIZE]) as u64
+    };
+    let blocks = n / SUM_LANES;
+    for b in 0..blocks {
+        for lane in 0..SUM_LANES {
+            nonfinite += element(b * SUM_LANES + lane, lane);
+        }
+    }
+    for (lane, i) in (blocks * SUM_LANES..n).enumerate() {
+        nonfinite += element(i, lane);
     }
     ChunkStats {
         nonfinite_out: nonfinite,
+        delta_sq: sum_lanes(dd),
+        base_sq: sum_lanes(bb),
     }
 }
 
@@ -218,59 +247,8 @@ fn cast_body<B: Elem, O: Elem>(aligned: &[u8], out: &mut [u8]) -> ChunkStats {
     }
     ChunkStats {
         nonfinite_out: nonfinite,
+        ..ChunkStats::default()
     }
-}
-
-/// Sums of squares for the whole-model relative change: (Σ(θ1 − θ0)², Σθ0²), with eight
-/// lane accumulators so the loop vectorizes (the order is fixed for a given instruction set).
-#[inline(always)]
-fn delta_sums_body<A: Elem, B: Elem>(sft: &[u8], aligned: &[u8]) -> (f64, f64) {
-    const L: usize = 8;
-    let n = (aligned.len() / B::SIZE).min(sft.len() / A::SIZE);
-    let mut dd = [0f64; L];
-    let mut bb = [0f64; L];
-    let blocks = n / L;
-    for blk in 0..blocks {
-        for j in 0..L {
-            let i = blk * L + j;
-            let t0 = A::load(&sft[i * A::SIZE..i * A::SIZE + A::SIZE]);
-            let t1 = B::load(&aligned[i * B::SIZE..i * B::SIZE + B::SIZE]);
-            let d = t1 - t0;
-            dd[j] += d * d;
-            bb[j] += t0 * t0;
-        }
-    }
-    for (j, i) in (blocks * L..n).enumerate() {
-        let t0 = A::load(&sft[i * A::SIZE..i * A::SIZE + A::SIZE]);
-        let t1 = B::load(&aligned[i * B::SIZE..i * B::SIZE + B::SIZE]);
-        let d = t1 - t0;
-        dd[j] += d * d;
-        bb[j] += t0 * t0;
-    }
-    let pairwise = |v: [f64; L]| ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-    (pairwise(dd), pairwise(bb))
-}
-
-macro_rules! by_in_formats {
-    ($sft:expr, $aligned:expr, $body:ident, $($arg:expr),*) => {{
-        use FloatDtype as D;
-        macro_rules! aligned {
-            ($a:ty) => {
-                match $aligned {
-                    D::BF16 => $body::<$a, Bf16>($($arg),*),
-                    D::F16 => $body::<$a, F16>($($arg),*),
-                    D::F32 => $body::<$a, F32>($($arg),*),
-                    D::F64 => $body::<$a, F64>($($arg),*),
-                }
-            };
-        }
-        match $sft {
-            D::BF16 => aligned!(Bf16),
-            D::F16 => aligned!(F16),
-            D::F32 => aligned!(F32),
-            D::F64 => aligned!(F64),
-        }
-    }};
 }
 
 /// Expands to a `match` over every (θ0, θ1, output) format combination.
@@ -342,9 +320,6 @@ mod portable {
     pub fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
         by_out_formats!(spec.aligned, spec.out, cast_body, aligned, out)
     }
-    pub fn delta_sums(spec: KernelSpec, sft: &[u8], aligned: &[u8]) -> (f64, f64) {
-        by_in_formats!(spec.sft, spec.aligned, delta_sums_body, sft, aligned)
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -368,12 +343,6 @@ mod avx2 {
     pub unsafe fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
         by_out_formats!(spec.aligned, spec.out, cast_body, aligned, out)
     }
-    /// # Safety
-    /// As [`extrapolate`].
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn delta_sums(spec: KernelSpec, sft: &[u8], aligned: &[u8]) -> (f64, f64) {
-        by_in_formats!(spec.sft, spec.aligned, delta_sums_body, sft, aligned)
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -396,12 +365,6 @@ mod avx512_generic {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
     pub unsafe fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
         by_out_formats!(spec.aligned, spec.out, cast_body, aligned, out)
-    }
-    /// # Safety
-    /// As [`extrapolate`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
-    pub unsafe fn delta_sums(spec: KernelSpec, sft: &[u8], aligned: &[u8]) -> (f64, f64) {
-        by_in_formats!(spec.sft, spec.aligned, delta_sums_body, sft, aligned)
     }
 }
 
@@ -455,12 +418,10 @@ pub fn extrapolate_with(
             // SAFETY: the CPU supports the AVX-512 subsets and F16C (checked just above).
             unsafe {
                 if spec == KernelSpec::same(FloatDtype::BF16) {
-                    let nonfinite_out = avx512::bf16(alpha, sft, aligned, out);
-                    return ChunkStats { nonfinite_out };
+                    return avx512::bf16(alpha, sft, aligned, out);
                 }
                 if spec == KernelSpec::same(FloatDtype::F16) {
-                    let nonfinite_out = avx512::f16(alpha, sft, aligned, out);
-                    return ChunkStats { nonfinite_out };
+                    return avx512::f16(alpha, sft, aligned, out);
                 }
                 avx512_generic::extrapolate(spec, alpha, sft, aligned, out)
             }
@@ -505,20 +466,6 @@ pub fn extrapolate(
 /// [`cast_with`] on the best instruction set of this machine.
 pub fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
     cast_with(Isa::best(), spec, aligned, out)
-}
-
-/// (Σ(θ1 − θ0)², Σθ0²) over a chunk, on the best instruction set, for the whole-model
-/// relative change ‖Δ‖/‖θ0‖.
-pub fn delta_sums(spec: KernelSpec, sft: &[u8], aligned: &[u8]) -> (f64, f64) {
-    match Isa::best() {
-        Isa::Portable => portable::delta_sums(spec, sft, aligned),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `best` only returns instruction sets this CPU supports.
-        Isa::Avx2 => unsafe { avx2::delta_sums(spec, sft, aligned) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx512 => unsafe { avx512_generic::delta_sums(spec, sft, aligned) },
-    }
 }
 
 /// Counts, in a chunk whose output had non-finite values, the elements where the output is
@@ -782,23 +729,39 @@ mod tests {
     }
 
     #[test]
-    fn delta_sums_match_a_plain_sum() {
-        let spec = KernelSpec {
-            sft: FloatDtype::F32,
-            aligned: FloatDtype::BF16,
-            out: FloatDtype::BF16,
-        };
-        let t0 = sample_values(FloatDtype::F32, 3, 1003);
-        let t1 = sample_values(FloatDtype::BF16, 4, 1003);
-        let (dd, bb) = delta_sums(
-            spec,
-            &encode(FloatDtype::F32, &t0),
-            &encode(FloatDtype::BF16, &t1),
-        );
-        let want_dd: f64 = t0.iter().zip(&t1).map(|(a, b)| (b - a) * (b - a)).sum();
-        let want_bb: f64 = t0.iter().map(|a| a * a).sum();
-        assert!((dd - want_dd).abs() <= 1e-12 * want_dd, "{dd} vs {want_dd}");
-        assert!((bb - want_bb).abs() <= 1e-12 * want_bb, "{bb} vs {want_bb}");
+    fn sums_of_squares_match_a_plain_sum() {
+        for (a, b) in [
+            (FloatDtype::F32, FloatDtype::BF16),
+            (FloatDtype::BF16, FloatDtype::BF16),
+            (FloatDtype::F16, FloatDtype::F16),
+        ] {
+            let spec = KernelSpec {
+                sft: a,
+                aligned: b,
+                out: b,
+            };
+            let t0 = sample_values(a, 3, 1003);
+            let t1 = sample_values(b, 4, 1003);
+            let want_dd: f64 = t0.iter().zip(&t1).map(|(x, y)| (y - x) * (y - x)).sum();
+            let want_bb: f64 = t0.iter().map(|x| x * x).sum();
+            for isa in Isa::available() {
+                let mut out = vec![0u8; 1003 * b.size()];
+                let st =
+                    extrapolate_with(isa, spec, 0.3, &encode(a, &t0), &encode(b, &t1), &mut out);
+                assert!(
+                    (st.delta_sq - want_dd).abs() <= 1e-12 * want_dd,
+                    "{spec:?} {}: {} vs {want_dd}",
+                    isa.name(),
+                    st.delta_sq
+                );
+                assert!(
+                    (st.base_sq - want_bb).abs() <= 1e-12 * want_bb,
+                    "{spec:?} {}: {} vs {want_bb}",
+                    isa.name(),
+                    st.base_sq
+                );
+            }
+        }
     }
 
     proptest! {
