@@ -110,8 +110,8 @@ impl Gen {
         self.0 ^= self.0 << 17;
         self.0
     }
-    /// Fills `out` with bf16 values; with `perturb`, `base` values get small changes in
-    /// their low mantissa bits (an aligned model close to its SFT model).
+    /// Fills `out` with bf16 values; with `base`, its values get small changes in their
+    /// last mantissa bit (an aligned model close to its SFT model).
     fn fill(&mut self, out: &mut [u8], base: Option<&[u8]>) {
         for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
             let r = self.next();
@@ -128,7 +128,9 @@ impl Gen {
                     Some(b) => {
                         let j = i * 8 + k * 2;
                         let old = u16::from_le_bytes([b[j], b[j + 1]]);
-                        old ^ (bits & 0x3)
+                        // One element in 16 moves by one unit in the last place:
+                        // a relative change of about 1e-3, like a real DPO step.
+                        old ^ u16::from(bits & 0xf == 0)
                     }
                 };
             }
@@ -222,8 +224,11 @@ fn generate(dir: &Path, specs: &[Spec], shards: usize) -> u64 {
     total
 }
 
-/// Runs a command and returns (seconds, peak RSS in KiB).
+/// Runs a command and returns (seconds, peak RSS in KiB). Dirty data left by the previous
+/// command (or by deleting its output) is flushed first, untimed, so that each command pays
+/// only for its own writes.
 fn run(cmd: &mut Command) -> (f64, u64) {
+    let _ = Command::new("sync").status();
     let t = Instant::now();
     let child = cmd.spawn().expect("spawn");
     let pid = child.id() as libc::pid_t;

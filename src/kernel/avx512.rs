@@ -1,5 +1,6 @@
-//! Hand-written AVX-512 kernels for the two formats whose exact rounding is expensive when
-//! left to the compiler: bf16 and f16 in and out.
+//! Hand-written AVX-512 kernels for one format in and out (bf16, f16, f32, f64): the hot
+//! cases. They also accumulate the sums of squares for the relative change in registers,
+//! which the compiler will not do in the portable loop without giving up vectorization.
 //!
 //! They compute exactly what the portable loop computes — widen exactly, subtract, multiply,
 //! add in f64, round once — with two shortcuts the instruction set offers: the f64 → f32
@@ -37,13 +38,29 @@ impl Sums {
         }
     }
 
-    /// Adds the lanes in the same pairwise order as the portable loop's `sum_lanes`.
+    /// Adds the accumulators, then the lanes pairwise, as the portable loop's `sum_lanes`
+    /// does (the sums differ from the portable ones in the last bits).
     #[inline(always)]
-    unsafe fn total(v: __m512d) -> f64 {
+    unsafe fn total<const N: usize>(sums: &[Sums; N], field: impl Fn(&Sums) -> __m512d) -> f64 {
+        let mut v = _mm512_setzero_pd();
+        for s in sums {
+            v = _mm512_add_pd(v, field(s));
+        }
         let mut a = [0f64; 8];
         _mm512_storeu_pd(a.as_mut_ptr(), v);
         super::sum_lanes(a)
     }
+}
+
+/// θ1 + α(θ1 − θ0) on 8 f64 lanes (subtract, multiply, add), adding to the sums.
+#[inline(always)]
+unsafe fn extrapolate_lanes(alpha: __m512d, t0: __m512d, t1: __m512d, sums: &mut Sums) -> __m512d {
+    let delta = _mm512_sub_pd(t1, t0);
+    // The statistics may use fused multiply-adds (they are not part of the output, whose
+    // arithmetic is exactly subtract, multiply, add).
+    sums.dd = _mm512_fmadd_pd(delta, delta, sums.dd);
+    sums.bb = _mm512_fmadd_pd(t0, t0, sums.bb);
+    _mm512_add_pd(t1, _mm512_mul_pd(alpha, delta))
 }
 
 /// θ1 + α(θ1 − θ0) on 8 f64 lanes, rounded to f32 with round-to-odd.
@@ -54,10 +71,7 @@ unsafe fn extrapolate_round_odd(
     t1: __m512d,
     sums: &mut Sums,
 ) -> (__m256, __mmask8) {
-    let delta = _mm512_sub_pd(t1, t0);
-    sums.dd = _mm512_add_pd(sums.dd, _mm512_mul_pd(delta, delta));
-    sums.bb = _mm512_add_pd(sums.bb, _mm512_mul_pd(t0, t0));
-    let y = _mm512_add_pd(t1, _mm512_mul_pd(alpha, delta));
+    let y = extrapolate_lanes(alpha, t0, t1, sums);
     let r = _mm512_cvt_roundpd_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
     // Inexact (or NaN, which compares unordered): force the last bit to 1.
     let inexact = _mm512_cmp_pd_mask::<_CMP_NEQ_UQ>(_mm512_cvtps_pd(r), y);
@@ -66,11 +80,12 @@ unsafe fn extrapolate_round_odd(
 
 /// Computes 16 lanes and returns the f32 results, rounded to odd.
 #[inline(always)]
-unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut Sums) -> __m512i {
+unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) -> __m512i {
     let (a_lo, a_hi) = widen(t0);
     let (b_lo, b_hi) = widen(t1);
-    let (r_lo, m_lo) = extrapolate_round_odd(alpha, a_lo, b_lo, sums);
-    let (r_hi, m_hi) = extrapolate_round_odd(alpha, a_hi, b_hi, sums);
+    // Two sets of accumulators: each add waits only for its own previous one.
+    let (r_lo, m_lo) = extrapolate_round_odd(alpha, a_lo, b_lo, &mut sums[0]);
+    let (r_hi, m_hi) = extrapolate_round_odd(alpha, a_hi, b_hi, &mut sums[1]);
     let r = _mm512_castps_si512(_mm512_insertf32x8::<1>(_mm512_castps256_ps512(r_lo), r_hi));
     let inexact = (m_lo as __mmask16) | ((m_hi as __mmask16) << 8);
     _mm512_mask_or_epi32(r, inexact, r, _mm512_set1_epi32(1))
@@ -79,14 +94,14 @@ unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut Sums) -> __m5
 /// bf16, bf16 → bf16.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW, VL and DQ; `sft`, `aligned` and `out` must hold the
+/// The CPU must support AVX-512 F, BW, VL and DQ, F16C and FMA; `sft`, `aligned` and `out` must hold the
 /// same number of 2-byte elements.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
 pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
     let n = out.len() / 2;
     debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
     let va = _mm512_set1_pd(alpha);
-    let mut sums = Sums::new();
+    let mut sums = [Sums::new(), Sums::new()];
     let mut nonfinite = 0u64;
     let mut i = 0;
     while i + LANES <= n {
@@ -124,8 +139,8 @@ pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> su
     );
     super::ChunkStats {
         nonfinite_out: nonfinite + tail.nonfinite_out,
-        delta_sq: Sums::total(sums.dd) + tail.delta_sq,
-        base_sq: Sums::total(sums.bb) + tail.base_sq,
+        delta_sq: Sums::total(&sums, |s| s.dd) + tail.delta_sq,
+        base_sq: Sums::total(&sums, |s| s.bb) + tail.base_sq,
     }
 }
 
@@ -133,12 +148,12 @@ pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> su
 ///
 /// # Safety
 /// As [`bf16`], and the CPU must support F16C.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
 pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
     let n = out.len() / 2;
     debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
     let va = _mm512_set1_pd(alpha);
-    let mut sums = Sums::new();
+    let mut sums = [Sums::new(), Sums::new()];
     let mut nonfinite = 0u64;
     let mut i = 0;
     while i + LANES <= n {
@@ -164,7 +179,91 @@ pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> sup
     );
     super::ChunkStats {
         nonfinite_out: nonfinite + tail.nonfinite_out,
-        delta_sq: Sums::total(sums.dd) + tail.delta_sq,
-        base_sq: Sums::total(sums.bb) + tail.base_sq,
+        delta_sq: Sums::total(&sums, |s| s.dd) + tail.delta_sq,
+        base_sq: Sums::total(&sums, |s| s.bb) + tail.base_sq,
+    }
+}
+
+/// f32, f32 → f32 (rounded once from f64 with the default round-to-nearest-even, as the
+/// portable loop's `as f32`).
+///
+/// # Safety
+/// As [`bf16`], with 4-byte elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+pub unsafe fn f32(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
+    let n = out.len() / 4;
+    debug_assert!(sft.len() >= 4 * n && aligned.len() >= 4 * n);
+    let va = _mm512_set1_pd(alpha);
+    let mut sums = [Sums::new(), Sums::new()];
+    let mut nonfinite = 0u64;
+    let mut i = 0;
+    while i + LANES <= n {
+        // SAFETY: i + 16 <= n, so bytes [4i, 4i + 64) are in bounds of all three slices;
+        // the loads and stores are unaligned variants.
+        let a = _mm512_loadu_ps(sft.as_ptr().add(4 * i) as *const f32);
+        let b = _mm512_loadu_ps(aligned.as_ptr().add(4 * i) as *const f32);
+        let (a_lo, a_hi) = widen(a);
+        let (b_lo, b_hi) = widen(b);
+        let y_lo = _mm512_cvtpd_ps(extrapolate_lanes(va, a_lo, b_lo, &mut sums[0]));
+        let y_hi = _mm512_cvtpd_ps(extrapolate_lanes(va, a_hi, b_hi, &mut sums[1]));
+        let r = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(y_lo), y_hi);
+        let exp = _mm512_and_si512(_mm512_castps_si512(r), _mm512_set1_epi32(0x7f80_0000));
+        nonfinite +=
+            _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0x7f80_0000)).count_ones() as u64;
+        _mm512_storeu_ps(out.as_mut_ptr().add(4 * i) as *mut f32, r);
+        i += LANES;
+    }
+    let tail = super::portable::extrapolate(
+        super::KernelSpec::same(crate::dtype::FloatDtype::F32),
+        alpha,
+        &sft[4 * i..4 * n],
+        &aligned[4 * i..4 * n],
+        &mut out[4 * i..4 * n],
+    );
+    super::ChunkStats {
+        nonfinite_out: nonfinite + tail.nonfinite_out,
+        delta_sq: Sums::total(&sums, |s| s.dd) + tail.delta_sq,
+        base_sq: Sums::total(&sums, |s| s.bb) + tail.base_sq,
+    }
+}
+
+/// f64, f64 → f64 (no rounding at all).
+///
+/// # Safety
+/// As [`bf16`], with 8-byte elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+pub unsafe fn f64(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
+    let n = out.len() / 8;
+    debug_assert!(sft.len() >= 8 * n && aligned.len() >= 8 * n);
+    let va = _mm512_set1_pd(alpha);
+    let mut sums = [Sums::new()];
+    let mut nonfinite = 0u64;
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n, so bytes [8i, 8i + 64) are in bounds of all three slices;
+        // the loads and stores are unaligned variants.
+        let a = _mm512_loadu_pd(sft.as_ptr().add(8 * i) as *const f64);
+        let b = _mm512_loadu_pd(aligned.as_ptr().add(8 * i) as *const f64);
+        let y = extrapolate_lanes(va, a, b, &mut sums[0]);
+        let exp = _mm512_and_si512(
+            _mm512_castpd_si512(y),
+            _mm512_set1_epi64(0x7ff0_0000_0000_0000),
+        );
+        nonfinite += _mm512_cmpeq_epi64_mask(exp, _mm512_set1_epi64(0x7ff0_0000_0000_0000))
+            .count_ones() as u64;
+        _mm512_storeu_pd(out.as_mut_ptr().add(8 * i) as *mut f64, y);
+        i += 8;
+    }
+    let tail = super::portable::extrapolate(
+        super::KernelSpec::same(crate::dtype::FloatDtype::F64),
+        alpha,
+        &sft[8 * i..8 * n],
+        &aligned[8 * i..8 * n],
+        &mut out[8 * i..8 * n],
+    );
+    super::ChunkStats {
+        nonfinite_out: nonfinite + tail.nonfinite_out,
+        delta_sq: Sums::total(&sums, |s| s.dd) + tail.delta_sq,
+        base_sq: Sums::total(&sums, |s| s.bb) + tail.base_sq,
     }
 }
