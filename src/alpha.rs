@@ -87,14 +87,20 @@ fn parse_range(item: &str) -> Result<Vec<f64>, String> {
     let (e, de) = parse_decimal(end)?;
     let (t, dt) = parse_decimal(step)?;
     let d = ds.max(de).max(dt);
-    let scale = |v: i128, dv: u32| v * 10i128.pow(d - dv);
-    let (s, e, t) = (scale(s, ds), scale(e, de), scale(t, dt));
-    if t == 0 || (e - s).signum() * t.signum() < 0 {
+    let too_big = || format!("`{item}`: the numbers are too large or too precise");
+    let scale = |v: i128, dv: u32| v.checked_mul(10i128.checked_pow(d - dv)?);
+    let (Some(s), Some(e), Some(t)) = (scale(s, ds), scale(e, de), scale(t, dt)) else {
+        return Err(too_big());
+    };
+    let Some(span) = e.checked_sub(s) else {
+        return Err(too_big());
+    };
+    if t == 0 || span.signum() * t.signum() < 0 {
         return Err(format!(
             "`{item}`: the step must be non-zero and go from {start} towards {end}"
         ));
     }
-    let count = (e - s) / t + 1;
+    let count = span / t + 1;
     if count > MAX_ALPHAS as i128 {
         return Err(format!(
             "`{item}` gives {count} values; at most {MAX_ALPHAS} per run (each is a whole checkpoint)"
@@ -118,13 +124,35 @@ pub fn format_alpha(alpha: f64) -> String {
     format!("{alpha}")
 }
 
-/// Replaces every `{alpha}` in `template` with [`format_alpha`]`(alpha)`.
+/// Replaces every `{alpha}` in `template` with [`format_alpha`]`(alpha)`. A template
+/// without the placeholder is returned unchanged, byte for byte (also when not UTF-8).
 pub fn expand_output(template: &Path, alpha: f64) -> PathBuf {
-    PathBuf::from(
-        template
-            .to_string_lossy()
-            .replace(PLACEHOLDER, &format_alpha(alpha)),
-    )
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let bytes = template.as_os_str().as_bytes();
+    let needle = PLACEHOLDER.as_bytes();
+    let value = format_alpha(alpha);
+    let mut out = Vec::with_capacity(bytes.len() + 8);
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(needle) {
+            out.extend_from_slice(value.as_bytes());
+            i += needle.len();
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// True when `template` contains `{alpha}`.
+pub fn has_placeholder(template: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    template
+        .as_os_str()
+        .as_bytes()
+        .windows(PLACEHOLDER.len())
+        .any(|w| w == PLACEHOLDER.as_bytes())
 }
 
 /// Parses `--alpha-for REGEX=VALUE`, where VALUE is a number or `xF` (F times the run's α).

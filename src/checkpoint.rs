@@ -42,6 +42,15 @@ pub struct Shard {
     pub path: PathBuf,
     /// Its validated header.
     pub header: Header,
+    /// Device, inode and modification time of the file whose header was validated, so
+    /// that a file replaced before it is mapped is noticed.
+    pub identity: Option<(u64, u64, i64, i64)>,
+}
+
+/// Device, inode and modification time of a file.
+pub fn file_identity(meta: &fs::Metadata) -> (u64, u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec())
 }
 
 /// Where a tensor lives: shard number and position in that shard's header.
@@ -291,10 +300,12 @@ fn read_shard(root: &Path, name: &str) -> Result<Shard, CheckpointError> {
             source,
         },
     })?;
+    let identity = fs::metadata(&path).ok().map(|m| file_identity(&m));
     Ok(Shard {
         name: name.to_string(),
         path,
         header,
+        identity,
     })
 }
 

@@ -117,7 +117,7 @@ pub struct ExtrapolateArgs {
     /// trained ones; between -1 and 0 interpolates; 0 reproduces --aligned. A list
     /// (0.1,0.2,0.3), an inclusive range (0.1:0.5:0.1) or both make one output per value,
     /// all from one pass over the inputs; --output must then contain {alpha}.
-    #[arg(long, short = 'a', value_name = "ALPHA", allow_negative_numbers = true, value_parser = parse_alpha_list)]
+    #[arg(long, short = 'a', value_name = "ALPHA", allow_hyphen_values = true, value_parser = parse_alpha_list)]
     pub alpha: AlphaList,
 
     /// Per-module α: tensors whose name matches REGEX get VALUE, a number or xF (F times
@@ -125,7 +125,8 @@ pub struct ExtrapolateArgs {
     #[arg(long, value_name = "REGEX=VALUE", value_parser = crate::alpha::parse_rule)]
     pub alpha_for: Vec<AlphaRule>,
 
-    /// Tensors whose name matches REGEX are copied from --aligned unchanged (α = 0).
+    /// Tensors whose name matches REGEX get α = 0: --aligned's values, unchanged (converted
+    /// only if --dtype asks for another dtype).
     /// Repeatable; checked before --alpha-for.
     #[arg(long, value_name = "REGEX", value_parser = crate::alpha::parse_skip)]
     pub skip: Vec<AlphaRule>,

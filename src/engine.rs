@@ -38,7 +38,7 @@ pub enum EngineError {
     #[error("{path}: {reason}")]
     NoSpace { path: PathBuf, reason: String },
     #[error(
-        "{path} changed since its header was read: it is now {actual} bytes, expected {expected}"
+        "{path} changed since its header was read (it is now {actual} bytes, expected {expected}, or it was replaced or modified); inputs must not be modified during a run"
     )]
     InputChanged {
         path: PathBuf,
@@ -60,6 +60,13 @@ pub enum EngineError {
         elements: u64,
         dtype: crate::dtype::FloatDtype,
         alpha: f64,
+    },
+    #[error("tensor `{tensor}`: {count} of {elements} values do not fit in {dtype} (they become infinite) although --aligned's are finite; choose a wider --dtype")]
+    CastOverflow {
+        tensor: String,
+        count: u64,
+        elements: u64,
+        dtype: crate::dtype::FloatDtype,
     },
     #[error("interrupted")]
     Interrupted,
@@ -140,15 +147,21 @@ impl MappedCheckpoint {
             let expected = shard.header.data_start + shard.header.data_len;
             let meta = file.metadata().map_err(|e| io("stat", e))?;
             let actual = meta.len();
-            if actual != expected {
+            // A different file (renamed over the validated one) or one modified since its
+            // header was read: the validated offsets would not describe it.
+            let replaced = shard
+                .identity
+                .is_some_and(|id| id != crate::checkpoint::file_identity(&meta));
+            if actual != expected || replaced {
                 return Err(EngineError::InputChanged {
                     path: shard.path.clone(),
                     expected,
                     actual,
                 });
             }
-            // SAFETY: the map is read-only and private to this process. Another process
-            // could still truncate or rewrite the file while it is mapped: expo never
+            // SAFETY: the map is read-only (PROT_READ; memmap2 maps it shared, and expo never
+            // writes through it). Another process could still truncate or rewrite the file
+            // while it is mapped, which would change what the slices read: expo never
             // writes to its inputs, a truncation is caught by the SIGBUS guard, and any
             // change of size or modification time fails the run (`check_intact`); the
             // README documents that inputs must not be modified during a run.
@@ -235,7 +248,7 @@ impl MappedCheckpoint {
         let start = from.div_ceil(page) * page;
         let end = to / page * page;
         if end > start {
-            // SAFETY: the range lies inside a read-only, private, file-backed mapping that
+            // SAFETY: the range lies inside a read-only, file-backed mapping (no dirty pages) that
             // no one writes, so MADV_DONTNEED only drops page-table entries: a later access
             // (also by another worker still reading there) faults the same file contents
             // back in. The range is page-aligned as madvise requires.
@@ -249,7 +262,8 @@ impl MappedCheckpoint {
 /// How far past a finished chunk's edges [`MappedCheckpoint::release`] drops pages.
 pub const RELEASE_MARGIN: usize = 256 << 10;
 
-fn page_size() -> usize {
+/// The system's page size.
+pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if n > 0 {
@@ -646,7 +660,7 @@ fn run_task(
     let p = &plan.pairs[task.pair];
     let (path, file) = &state.files[task.shard];
     let write_err = |source| map_write_error(path, source);
-    let (spec, stats, out) = match p.treatment {
+    let (stats, out) = match p.treatment {
         Treatment::Copy => {
             file.write_all_at(b, task.out_offset).map_err(write_err)?;
             return Ok((b.len() as u64, None));
@@ -658,14 +672,11 @@ fn run_task(
             }
             let out = &mut buf[..n * spec.out.size()];
             let stats = kernel::cast(spec, b, out);
-            let as_cast = KernelSpec {
-                sft: spec.aligned,
-                ..spec
-            };
-            if stats.nonfinite_out > 0 && kernel::count_new_nonfinite(as_cast, b, b, out) > 0 {
-                return Err(overflow_error(p, spec, sft, aligned));
+            if stats.nonfinite_out > 0 && kernel::count_new_nonfinite(as_cast(spec), b, b, out) > 0
+            {
+                return Err(overflow_error(p, sft, aligned));
             }
-            (spec, stats, &*out)
+            (stats, &*out)
         }
         Treatment::Extrapolate(spec) => {
             let a = a.expect("θ0 is read for every extrapolated tensor");
@@ -676,12 +687,11 @@ fn run_task(
             let out = &mut buf[..n * spec.out.size()];
             let stats = kernel::extrapolate(spec, p.alpha, a, b, out);
             if stats.nonfinite_out > 0 && kernel::count_new_nonfinite(spec, a, b, out) > 0 {
-                return Err(overflow_error(p, spec, sft, aligned));
+                return Err(overflow_error(p, sft, aligned));
             }
-            (spec, stats, &*out)
+            (stats, &*out)
         }
     };
-    let _ = spec;
     if stats.nonfinite_out > 0 {
         state.inherited[task.pair].fetch_add(stats.nonfinite_out, Ordering::Relaxed);
     }
@@ -718,10 +728,14 @@ fn space_problem(err: &std::io::Error) -> Option<&'static str> {
 /// Counts, over the whole tensor, the values that overflow although both inputs are finite.
 fn overflow_error(
     p: &TensorPair,
-    spec: KernelSpec,
     sft: (&Checkpoint, &MappedCheckpoint),
     aligned: (&Checkpoint, &MappedCheckpoint),
 ) -> EngineError {
+    let (spec, cast) = match p.treatment {
+        Treatment::Extrapolate(spec) => (spec, false),
+        Treatment::Cast(spec) => (as_cast(spec), true),
+        Treatment::Copy => unreachable!("copies do not compute"),
+    };
     let t0 = sft.1.tensor(sft.0, p.sft);
     let t1 = aligned.1.tensor(aligned.0, p.aligned);
     let n = p.elements() as usize;
@@ -731,19 +745,44 @@ fn overflow_error(
     let mut s = 0;
     while s < n {
         let e = (s + step).min(n);
-        let a = &t0[s * spec.sft.size()..e * spec.sft.size()];
         let b = &t1[s * spec.aligned.size()..e * spec.aligned.size()];
         let o = &mut out[..(e - s) * spec.out.size()];
-        if kernel::extrapolate(spec, p.alpha, a, b, o).nonfinite_out > 0 {
-            count += kernel::count_new_nonfinite(spec, a, b, o);
-        }
+        count += if cast {
+            match kernel::cast(spec, b, o).nonfinite_out {
+                0 => 0,
+                _ => kernel::count_new_nonfinite(spec, b, b, o),
+            }
+        } else {
+            let a = &t0[s * spec.sft.size()..e * spec.sft.size()];
+            match kernel::extrapolate(spec, p.alpha, a, b, o).nonfinite_out {
+                0 => 0,
+                _ => kernel::count_new_nonfinite(spec, a, b, o),
+            }
+        };
         s = e;
     }
-    EngineError::Overflow {
-        tensor: p.name.clone(),
-        count,
-        elements: n as u64,
-        dtype: spec.out,
-        alpha: p.alpha,
+    if cast {
+        EngineError::CastOverflow {
+            tensor: p.name.clone(),
+            count,
+            elements: n as u64,
+            dtype: spec.out,
+        }
+    } else {
+        EngineError::Overflow {
+            tensor: p.name.clone(),
+            count,
+            elements: n as u64,
+            dtype: spec.out,
+            alpha: p.alpha,
+        }
+    }
+}
+
+/// A conversion seen as an extrapolation whose θ0 is θ1 (for counting non-finite values).
+fn as_cast(spec: KernelSpec) -> KernelSpec {
+    KernelSpec {
+        sft: spec.aligned,
+        ..spec
     }
 }

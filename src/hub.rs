@@ -227,11 +227,6 @@ pub fn repo_folder_name(repo_id: &str) -> String {
     format!("models--{}", repo_id.replace('/', "--"))
 }
 
-/// Resolves a checkpoint argument with the process environment; see [`resolve_with`].
-pub fn resolve(spec: &str) -> Result<ResolvedInput, HubError> {
-    resolve_with(spec, &CacheEnv::from_process())
-}
-
 /// Resolves a checkpoint argument given as a path (non-UTF-8 paths are always local).
 pub fn resolve_path(given: &Path, env: &CacheEnv) -> Result<ResolvedInput, HubError> {
     match given.to_str() {
@@ -432,6 +427,24 @@ pub fn open_checkpoint(
     let mut ck = Checkpoint::open(&resolved.path)?;
     ck.given = resolved.given.clone();
     Ok((ck, resolved))
+}
+
+/// [`open_checkpoint`] for the commands: errors become `anyhow` errors that name the
+/// argument (`what`, e.g. `--sft` or `checkpoint`) and what was typed.
+pub fn open_for(
+    what: &str,
+    given: &Path,
+    env: &CacheEnv,
+) -> anyhow::Result<(Checkpoint, ResolvedInput)> {
+    match open_checkpoint(given, env) {
+        Ok(opened) => Ok(opened),
+        Err(OpenError::Hub(e)) => {
+            Err(anyhow::Error::new(*e).context(format!("{what} {}", given.display())))
+        }
+        Err(OpenError::Checkpoint(e)) => {
+            Err(anyhow::Error::new(*e).context(format!("reading {what} {}", given.display())))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -48,7 +48,7 @@ pub fn install() {
 pub fn install_sigbus_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        PAGE.store(page_size(), Ordering::Relaxed);
+        PAGE.store(crate::engine::page_size(), Ordering::Relaxed);
         // SAFETY: the sigaction struct is zero-initialised (a valid value), its mask
         // emptied, and with SA_SIGINFO the handler has the three-argument signature.
         unsafe {
@@ -77,7 +77,10 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
         // SAFETY: [from, end) lies inside one of our read-only input maps (the kernel
         // rounds `end` up to the page the map already covers); replacing it with private
         // zero pages only changes what later reads of that map see, and those reads are
-        // discarded because the map is marked damaged. errno is saved and restored.
+        // discarded because the map is marked damaged. The range is still mapped: a slot
+        // is cleared (MapGuard::drop) only after every worker reading that map has joined,
+        // on the thread that then unmaps it, so no fault can race with the unmapping and
+        // land here for memory that has been reused. errno is saved and restored.
         let replaced = unsafe {
             let errno = *libc::__errno_location();
             let p = libc::mmap(
@@ -125,16 +128,6 @@ static SLOTS: [Slot; SLOT_COUNT] = [const {
 }; SLOT_COUNT];
 
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if n > 0 {
-        n as usize
-    } else {
-        4096
-    }
-}
 
 /// A registered input map (see [`install_sigbus_handler`]); unregistered on drop, which
 /// must happen before the memory is unmapped.

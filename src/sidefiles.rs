@@ -69,18 +69,22 @@ fn walk(
     let dir = root.join(rel);
     for entry in fs::read_dir(&dir).map_err(err(&dir, "read directory"))? {
         let entry = entry.map_err(err(&dir, "read directory"))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let file_name = entry.file_name();
+        // The lossy form is only compared with ASCII names; paths keep the real bytes.
+        let name = file_name.to_string_lossy().into_owned();
         if name.starts_with('.') {
             continue;
         }
-        let rel_path = rel.join(&name);
+        let rel_path = rel.join(&file_name);
         let full = root.join(&rel_path);
-        // Follow symlinks: the Hugging Face cache links every file into blobs/.
+        // Follow symlinked files (the Hugging Face cache links every file into blobs/), but
+        // never a symlinked directory: it could loop, or pull in a whole other tree.
+        let is_link = entry.file_type().map(|t| t.is_symlink()).unwrap_or(false);
         let Ok(meta) = fs::metadata(&full) else {
             continue; // a dangling link: nothing to copy
         };
         if meta.is_dir() {
-            if depth + 1 < MAX_DEPTH {
+            if !is_link && depth + 1 < MAX_DEPTH {
                 walk(root, &rel_path, depth + 1, used, out)?;
             }
             continue;
@@ -122,6 +126,13 @@ pub fn copy_side_files(
 ) -> Result<u64, SideFileError> {
     let mut bytes = 0;
     for rel in files {
+        if crate::interrupt::check().is_err() {
+            return Err(SideFileError {
+                path: src_root.join(rel),
+                op: "copy",
+                source: io::Error::new(io::ErrorKind::Interrupted, "interrupted"),
+            });
+        }
         let src = src_root.join(rel);
         let dst = dest.join(rel);
         if let Some(parent) = dst.parent() {
@@ -167,11 +178,6 @@ pub struct InputRecord {
 }
 
 impl InputRecord {
-    /// Describes a checkpoint opened from the path the user gave.
-    pub fn new(ck: &Checkpoint) -> InputRecord {
-        Self::at(ck, &ck.given)
-    }
-
     /// Describes a checkpoint whose argument was resolved (possibly from the Hugging Face
     /// cache): `given` is what the user typed, `path` the local directory read.
     pub fn resolved(ck: &Checkpoint, input: &ResolvedInput) -> InputRecord {

@@ -3,7 +3,6 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -14,7 +13,7 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::DiffArgs;
 use crate::cmd::inspect::grouped;
 use crate::engine::MappedCheckpoint;
-use crate::hub::{self, CacheEnv, OpenError, ResolvedInput};
+use crate::hub::{self, CacheEnv};
 use crate::report::{self, Reporter};
 use crate::stats::{
     self, DeltaSums, Input, LayerDelta, PairReport, TensorDelta, DEFAULT_RELATIVE_CHANGE_WARNING,
@@ -30,7 +29,7 @@ pub fn run(args: &DiffArgs) -> Result<ExitCode> {
     let env = CacheEnv::from_process();
     let checkpoints = paths
         .iter()
-        .map(|p| open_checkpoint(p, &env).map(|(ck, _)| ck))
+        .map(|p| hub::open_for("checkpoint", p, &env).map(|(ck, _)| ck))
         .collect::<Result<Vec<_>>>()?;
     let refs: Vec<&Checkpoint> = checkpoints.iter().collect();
     let entries = stats::match_tensors(&refs, &labels).context("comparing the checkpoints")?;
@@ -48,15 +47,7 @@ pub fn run(args: &DiffArgs) -> Result<ExitCode> {
         .collect();
     let pairs = pairs_for(paths.len());
 
-    let threads = args
-        .threads
-        .map(usize::from)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("expo-worker-{i}"))
-        .build()
-        .context("starting worker threads")?;
+    let pool = super::worker_pool(args.threads)?;
     let total_bytes: u64 = checkpoints.iter().map(Checkpoint::data_bytes).sum();
     let bar = reporter.progress(total_bytes);
     let sums = stats::compare(&inputs, &entries, &pairs, &pool, &|n| bar.inc(n));
@@ -117,18 +108,6 @@ pub fn run(args: &DiffArgs) -> Result<ExitCode> {
         report::bytes((total_bytes as f64 / seconds.max(1e-9)) as u64),
     ));
     Ok(ExitCode::SUCCESS)
-}
-
-/// Opens one checkpoint argument with the same rules as `expo extrapolate`: a local path,
-/// or a Hub id found in the local Hugging Face cache.
-pub(crate) fn open_checkpoint(given: &Path, env: &CacheEnv) -> Result<(Checkpoint, ResolvedInput)> {
-    match hub::open_checkpoint(given, env) {
-        Ok(opened) => Ok(opened),
-        Err(OpenError::Hub(e)) => Err(anyhow::Error::new(*e).context(given.display().to_string())),
-        Err(OpenError::Checkpoint(e)) => {
-            Err(anyhow::Error::new(*e).context(format!("reading checkpoint {}", given.display())))
-        }
-    }
 }
 
 /// The pairs compared: the one pair for two checkpoints; otherwise each consecutive pair

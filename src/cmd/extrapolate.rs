@@ -13,7 +13,7 @@ use crate::alpha;
 use crate::checkpoint::Checkpoint;
 use crate::cli::ExtrapolateArgs;
 use crate::engine::{self, MappedCheckpoint, OutputJob};
-use crate::hub::{self, CacheEnv, OpenError, ResolvedInput};
+use crate::hub::{self, CacheEnv, ResolvedInput};
 use crate::interrupt;
 use crate::output::{self, OutputTarget, StagingDir};
 use crate::plan::{build_plan, AlphaRule, Plan, PlanOptions, Treatment};
@@ -38,7 +38,7 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let reporter = Reporter::new(args.quiet);
     let alphas = &args.alpha.0;
-    let templated = args.output.to_string_lossy().contains(alpha::PLACEHOLDER);
+    let templated = alpha::has_placeholder(&args.output);
     if alphas.len() > 1 && !templated {
         return Err(UsageError(format!(
             "--alpha gives {} values, so --output must contain {} to name each output, e.g. --output '{}-{}'",
@@ -53,8 +53,8 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
     let rules: Vec<_> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
 
     let cache_env = CacheEnv::from_process();
-    let (sft, sft_in) = open_input("--sft", &args.sft, &cache_env)?;
-    let (aligned, aligned_in) = open_input("--aligned", &args.aligned, &cache_env)?;
+    let (sft, sft_in) = hub::open_for("--sft checkpoint", &args.sft, &cache_env)?;
+    let (aligned, aligned_in) = hub::open_for("--aligned checkpoint", &args.aligned, &cache_env)?;
     let inputs = [
         ("--sft", &sft, &sft_in),
         ("--aligned", &aligned, &aligned_in),
@@ -129,15 +129,7 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
 
     interrupt::install();
     interrupt::install_sigbus_handler();
-    let threads = args
-        .threads
-        .map(usize::from)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("expo-worker-{i}"))
-        .build()
-        .context("starting worker threads")?;
+    let pool = super::worker_pool(args.threads)?;
 
     for o in &outputs {
         for stale in output::remove_stale_staging(&o.target.parent) {
@@ -192,8 +184,11 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
     {
         return Err(interrupt::Interrupted.into());
     }
-    let relative_change =
-        (report.base_sq > 0.0).then(|| report.delta_sq.sqrt() / report.base_sq.sqrt());
+    // Not finite when an input holds inf or NaN: no meaningful figure then (`expo diff`
+    // measures such checkpoints leaving those elements out).
+    let relative_change = (report.base_sq > 0.0)
+        .then(|| report.delta_sq.sqrt() / report.base_sq.sqrt())
+        .filter(|rc| rc.is_finite());
     let doubtful =
         relative_change.is_some_and(|rc| stats::premise_doubtful(rc, args.warn_relative_change));
     if let (true, Some(rc)) = (doubtful, relative_change) {
@@ -276,18 +271,15 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
             "errors": failures.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>(),
             "outputs": per_output,
         });
-        // With one α the output's fields also sit at the top level.
-        if let ([only], Some(obj)) = (
-            &doc["outputs"].as_array().cloned().unwrap_or_default()[..],
-            doc.as_object_mut(),
-        ) {
-            if let Some(fields) = only.as_object() {
-                for (k, v) in fields {
-                    obj.entry(k.clone()).or_insert(v.clone());
-                }
-            }
+        lift_single_output(&mut doc);
+        // Failed outputs are reported even when stdout is gone (`| head`).
+        let printed = report::print_json(&doc);
+        if failures.is_empty() {
+            printed?;
         }
-        report::print_json(&doc)?;
+    }
+    if interrupt::check().is_err() {
+        return Err(interrupt::Interrupted.into());
     }
     match failures.len() {
         0 => Ok(ExitCode::SUCCESS),
@@ -338,6 +330,19 @@ fn finish_output(
     Ok(())
 }
 
+/// With a single α, repeats that output's fields at the top level of the JSON document.
+fn lift_single_output(doc: &mut serde_json::Value) {
+    let single = match doc["outputs"].as_array().map(Vec::as_slice) {
+        Some([only]) => only.as_object().cloned(),
+        _ => None,
+    };
+    if let (Some(fields), Some(obj)) = (single, doc.as_object_mut()) {
+        for (k, v) in fields {
+            obj.entry(k).or_insert(v);
+        }
+    }
+}
+
 /// How many tensors each rule set the α of.
 fn rule_matches(plan: &Plan, rules: usize) -> Vec<usize> {
     let mut n = vec![0; rules];
@@ -363,19 +368,6 @@ fn rule_records(rules: &[AlphaRule], matches: &[usize], alpha: f64) -> Vec<RuleR
 
 /// A checkpoint argument: the flag, the opened checkpoint and where it was resolved to.
 type Input<'a> = (&'static str, &'a Checkpoint, &'a ResolvedInput);
-
-/// Resolves a checkpoint argument (a local path, or a Hub id found in the local Hugging Face
-/// cache) and opens it; the checkpoint's `given` stays what the user typed.
-fn open_input(flag: &str, given: &Path, env: &CacheEnv) -> Result<(Checkpoint, ResolvedInput)> {
-    match hub::open_checkpoint(given, env) {
-        Ok(opened) => Ok(opened),
-        Err(OpenError::Hub(e)) => {
-            Err(anyhow::Error::new(*e).context(format!("{flag} {}", given.display())))
-        }
-        Err(OpenError::Checkpoint(e)) => Err(anyhow::Error::new(*e)
-            .context(format!("reading {flag} checkpoint {}", given.display()))),
-    }
-}
 
 fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
@@ -489,7 +481,9 @@ fn provenance(
         tensor_bytes: plan.data_bytes(),
         shards: plan.shards.iter().map(|s| s.file_name.clone()).collect(),
         side_files: side.copy.iter().map(|p| p.display().to_string()).collect(),
-        command: std::env::args().collect(),
+        command: std::env::args_os()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
     }
 }
 
@@ -555,16 +549,7 @@ fn print_plan(
             "warnings": reporter.warnings(),
             "outputs": per_output,
         });
-        if let ([only], Some(obj)) = (
-            &doc["outputs"].as_array().cloned().unwrap_or_default()[..],
-            doc.as_object_mut(),
-        ) {
-            if let Some(fields) = only.as_object() {
-                for (k, v) in fields {
-                    obj.entry(k.clone()).or_insert(v.clone());
-                }
-            }
-        }
+        lift_single_output(&mut doc);
         report::print_json(&doc)?;
         return Ok(());
     }

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::{Checkpoint, Layout};
 use crate::cli::InspectArgs;
-use crate::cmd::diff::open_checkpoint;
 use crate::dtype::Dtype;
+use crate::hub;
 use crate::hub::{CacheEnv, ResolvedInput};
 use crate::report;
 
@@ -50,7 +50,7 @@ pub fn totals(ck: &Checkpoint) -> (BTreeMap<Dtype, Totals>, Totals) {
 
 /// Runs `expo inspect`.
 pub fn run(args: &InspectArgs) -> Result<ExitCode> {
-    let (ck, resolved) = open_checkpoint(&args.path, &CacheEnv::from_process())?;
+    let (ck, resolved) = hub::open_for("checkpoint", &args.path, &CacheEnv::from_process())?;
     let text = if args.json {
         let mut s = serde_json::to_string_pretty(&to_json(&ck, &resolved))?;
         s.push('\n');

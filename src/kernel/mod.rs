@@ -14,7 +14,7 @@
 mod avx512;
 pub mod convert;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use crate::dtype::FloatDtype;
 
@@ -174,14 +174,12 @@ impl Isa {
 
     /// The best instruction set on this machine (detected once).
     pub fn best() -> Isa {
-        static BEST: AtomicU8 = AtomicU8::new(u8::MAX);
-        let code = BEST.load(Ordering::Relaxed);
-        let all = Isa::available();
-        if let Some(isa) = all.get(code as usize) {
-            return *isa;
-        }
-        BEST.store((all.len() - 1) as u8, Ordering::Relaxed);
-        *all.last().expect("portable is always available")
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            *Isa::available()
+                .last()
+                .expect("portable is always available")
+        })
     }
 
     /// A short name for messages and benchmarks.
