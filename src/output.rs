@@ -1,18 +1,60 @@
 //! Atomic output: everything is written into a temporary sibling directory, synced, and
 //! renamed into place only when complete. On any error the temporary directory is removed
 //! and the output path is left as it was.
+//!
+//! # Temporary directories and stale cleanup
+//!
+//! A run's temporary ("staging") directory is `.expo-tmp-<name>-<pid>-<random>` beside the
+//! output. The random part (64 bits from `/dev/urandom`) makes the name unique even when
+//! pids repeat, as they do across containers (every container's first process is pid 1)
+//! and across pid namespaces sharing a volume. The pid is only informative.
+//!
+//! Each staging directory holds a marker file, [`STAGING_MARKER`], that the run keeps open
+//! with an exclusive `flock(2)` for its whole life. A later run treats a directory as left
+//! behind by a killed run only if it is a real directory (not a symlink) named
+//! `.expo-tmp-*`, holds the marker as a regular file with expo's content, and
+//! `flock(LOCK_EX | LOCK_NB)` on that marker succeeds: the kernel drops a dead process's
+//! locks, whatever its pid or namespace, and keeps a live one's (on NFS through the lock
+//! manager). Nothing else is ever removed. Where `flock` is unsupported nothing is removed.
+//! The marker's content says what the directory holds:
+//!
+//! - `expo-staging <pid>`: a run's temporary directory (removed when stale);
+//! - `expo-old <pid>`: a previous output that `--force` has replaced (removed when stale);
+//! - `expo-aside <pid>`: a previous output moved aside by `--force` on a file system that
+//!   cannot swap directories, before the new one was in place. Never removed: a stale one
+//!   is reported, with where it belongs, so that it can be moved back.
+//!
+//! Directories from expo versions before the random suffix (`.expo-tmp-<name>-<pid>`, the
+//! marker holding just the pid) are removed only when, in addition, their pid is this
+//! process's own or names no process.
 
-use std::fs::{self, File};
-use std::io;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Prefix of the temporary directories expo creates beside the output.
 pub const STAGING_PREFIX: &str = ".expo-tmp-";
 
-/// A file inside every staging directory, so that only directories expo made are ever
-/// removed as stale.
+/// A file inside every staging directory (and every old output being deleted), held
+/// locked by the run that made it, so that only directories expo made, and whose run is
+/// gone, are ever removed as stale.
 pub const STAGING_MARKER: &str = ".expo-staging";
+
+/// Suffix of the name a previous output is moved to under `--force` when the file system
+/// cannot swap two directories atomically: `.expo-tmp-<name>-<pid>-<random>-old`.
+pub const ASIDE_SUFFIX: &str = "-old";
+
+/// Marker contents (followed by a space and the pid).
+const MARK_STAGING: &str = "expo-staging";
+const MARK_OLD: &str = "expo-old";
+const MARK_ASIDE: &str = "expo-aside";
+
+/// Output names expo never creates or replaces by itself, even with `--force`: the files
+/// that make a directory recognisable as a model checkpoint.
+const CHECKPOINT_FILES: [&str; 3] = ["expo.json", "config.json", "model.safetensors.index.json"];
 
 /// What is at the output path before the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +84,10 @@ pub enum OutputError {
     Exists { path: PathBuf },
     #[error("--output {path} exists and is not a directory; expo will not replace it")]
     NotADirectory { path: PathBuf },
+    #[error("--output {path} does not look like a model checkpoint (it has no expo.json, config.json, model.safetensors.index.json or *.safetensors file at its top level), so expo will not replace it, even with --force; choose a new directory, or remove this one by hand first if it really is to be replaced")]
+    NotACheckpoint { path: PathBuf },
+    #[error("--output {path} is {why}, so expo will not replace it, even with --force; choose a new directory, or remove this one by hand first if it really is to be replaced")]
+    Protected { path: PathBuf, why: String },
     #[error("--output {path}: its parent directory {parent} does not exist; create it first")]
     NoParent { path: PathBuf, parent: PathBuf },
     #[error("--output {path}: its parent {parent} is not a directory")]
@@ -54,6 +100,14 @@ pub enum OutputError {
     },
     #[error("--output {path} is not a usable directory name")]
     BadName { path: PathBuf },
+    #[error("--output {path}: names starting with `{STAGING_PREFIX}` are reserved for expo's temporary directories")]
+    ReservedName { path: PathBuf },
+    #[error("{path}: rename into place failed: {source}; its previous content could not be moved back and is now at {aside}: move it back by hand (`mv {aside} {path}`)")]
+    LeftAside {
+        path: PathBuf,
+        aside: PathBuf,
+        source: io::Error,
+    },
     #[error("{path}: {op} failed: {source}")]
     Io {
         path: PathBuf,
@@ -72,8 +126,22 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Out
 
 impl OutputTarget {
     /// Checks the output path: its parent must exist, and it must be absent, an empty
-    /// directory, or (with `force`) a directory.
+    /// directory, or (with `force`) a directory that looks like a model checkpoint; and it
+    /// must not be `/`, the home directory or the current directory (or contain them).
+    /// Equivalent to [`OutputTarget::locate`] followed by
+    /// [`OutputTarget::check_replaceable`].
     pub fn check(path: &Path, force: bool) -> Result<OutputTarget, OutputError> {
+        let target = OutputTarget::locate(path, force)?;
+        target.check_replaceable()?;
+        Ok(target)
+    }
+
+    /// The first half of [`OutputTarget::check`]: the parent must exist, the name must be
+    /// usable, and the path must be absent, an empty directory, or (with `force`) a
+    /// non-empty directory. Does not look at what a non-empty directory holds: call
+    /// [`OutputTarget::check_replaceable`] before writing anything (a caller may check
+    /// other things in between, so that their errors take precedence).
+    pub fn locate(path: &Path, force: bool) -> Result<OutputTarget, OutputError> {
         let name = match path.file_name() {
             Some(n) => n.to_string_lossy().into_owned(),
             None => {
@@ -82,6 +150,11 @@ impl OutputTarget {
                 })
             }
         };
+        if name.starts_with(STAGING_PREFIX) {
+            return Err(OutputError::ReservedName {
+                path: path.to_path_buf(),
+            });
+        }
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -127,9 +200,84 @@ impl OutputTarget {
             existing,
         })
     }
+
+    /// The second half of [`OutputTarget::check`]: an existing directory is refused, even
+    /// with `--force`, when it is `/`, the home directory (`$HOME`), the current directory,
+    /// or one of their ancestors (compared after resolving symlinks); a non-empty one also
+    /// when it does not look like a model checkpoint: none of `expo.json`, `config.json`,
+    /// `model.safetensors.index.json`, a `*.safetensors.index.json` or a `*.safetensors`
+    /// file at its top level. So a mistyped `--output ~/project --force` deletes nothing.
+    pub fn check_replaceable(&self) -> Result<(), OutputError> {
+        if self.existing == Existing::Nothing {
+            return Ok(());
+        }
+        let out = fs::canonicalize(&self.path).map_err(io_err(&self.path, "resolve"))?;
+        if let Some(why) = protected(&out) {
+            return Err(OutputError::Protected {
+                path: self.path.clone(),
+                why,
+            });
+        }
+        if self.existing == Existing::Dir && !looks_like_checkpoint(&self.path)? {
+            return Err(OutputError::NotACheckpoint {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why a resolved output directory must never be replaced, if it must not.
+fn protected(out: &Path) -> Option<String> {
+    if out.parent().is_none() {
+        return Some("the root directory".into());
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        let home = fs::canonicalize(&home).unwrap_or_else(|_| PathBuf::from(&home));
+        if home == out {
+            return Some("your home directory ($HOME)".into());
+        }
+        if home.starts_with(out) {
+            return Some(format!(
+                "a parent of your home directory {}",
+                home.display()
+            ));
+        }
+    }
+    if let Ok(cwd) = std::env::current_dir().and_then(fs::canonicalize) {
+        if cwd == out {
+            return Some("the current directory".into());
+        }
+        if cwd.starts_with(out) {
+            return Some(format!(
+                "a parent of the current directory {}",
+                cwd.display()
+            ));
+        }
+    }
+    None
+}
+
+/// True when `dir` holds, at its top level, a file that a model checkpoint (or an expo
+/// output) has.
+fn looks_like_checkpoint(dir: &Path) -> Result<bool, OutputError> {
+    for entry in fs::read_dir(dir).map_err(io_err(dir, "read"))? {
+        let entry = entry.map_err(io_err(dir, "read"))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let known = CHECKPOINT_FILES.contains(&name.as_ref())
+            || name.ends_with(".safetensors")
+            || name.ends_with(".safetensors.index.json");
+        if known && fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The staging directories currently in use, so that a second interrupt can remove them.
+/// [`StagingDir::commit`] holds this lock while it renames, so that the removal never
+/// races a rename into place.
 static ACTIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 fn active() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
@@ -139,7 +287,39 @@ fn active() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
 /// Removes the active staging directories, if any (called on a forced exit).
 pub fn remove_active_staging() {
     for path in std::mem::take(&mut *active()) {
-        let _ = fs::remove_dir_all(path);
+        let _ = remove_marked_tree(&path);
+    }
+}
+
+/// What a successful [`StagingDir::commit`] could not finish. The new output is in place
+/// either way; these are for warnings, not errors.
+#[derive(Debug, Default)]
+pub struct CommitOutcome {
+    /// Under `--force`: the previous output, which could not be (completely) deleted, where
+    /// it now is, and why. It is marked, so a later run in the same directory removes it.
+    pub leftover: Option<(PathBuf, io::Error)>,
+    /// The parent directory, whose fsync after the rename failed: the new output is in
+    /// place but may not survive a power loss.
+    pub unsynced: Option<(PathBuf, io::Error)>,
+}
+
+impl CommitOutcome {
+    /// One line per problem, for `warning: …`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some((path, e)) = &self.leftover {
+            w.push(format!(
+                "the previous output could not be deleted completely ({e}); what is left of it is {}: remove it by hand (the next expo run in that directory will also try)",
+                path.display()
+            ));
+        }
+        if let Some((path, e)) = &self.unsynced {
+            w.push(format!(
+                "fsync of {} failed after the output was renamed into place ({e}); the output may not survive a power loss",
+                path.display()
+            ));
+        }
+        w
     }
 }
 
@@ -147,32 +327,50 @@ pub fn remove_active_staging() {
 #[derive(Debug)]
 pub struct StagingDir {
     path: PathBuf,
+    /// The marker, open and `flock`ed for the life of the value: while it is held, no other
+    /// run takes this directory for a dead run's.
+    _lock: File,
     committed: bool,
 }
 
 impl StagingDir {
-    /// Creates `.expo-tmp-<name>-<pid>` in the output's parent directory, with a marker
-    /// file that identifies it as expo's.
+    /// Creates `.expo-tmp-<name>-<pid>-<random>` in the output's parent directory, with a
+    /// locked marker file that identifies it as a live run's.
     pub fn create(target: &OutputTarget) -> Result<StagingDir, OutputError> {
-        let path = target.parent.join(format!(
-            "{STAGING_PREFIX}{}-{}",
-            target.name,
-            std::process::id()
-        ));
-        fs::create_dir(&path).map_err(|source| OutputError::Unwritable {
-            path: target.path.clone(),
-            parent: target.parent.clone(),
-            source,
-        })?;
-        active().push(path.clone());
-        let staging = StagingDir {
-            path,
-            committed: false,
+        let pid = std::process::id();
+        let mut attempts = 0;
+        let path = loop {
+            let path = target.parent.join(format!(
+                "{STAGING_PREFIX}{}-{pid}-{}",
+                target.name,
+                random_token()
+            ));
+            match fs::create_dir(&path) {
+                Ok(()) => break path,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => attempts += 1,
+                Err(source) => {
+                    return Err(OutputError::Unwritable {
+                        path: target.path.clone(),
+                        parent: target.parent.clone(),
+                        source,
+                    })
+                }
+            }
         };
-        let marker = staging.path.join(STAGING_MARKER);
-        fs::write(&marker, format!("{}\n", std::process::id()))
-            .map_err(io_err(&marker, "create"))?;
-        Ok(staging)
+        let marker = path.join(STAGING_MARKER);
+        let lock = match create_marker(&marker, MARK_STAGING, true) {
+            Ok(lock) => lock,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&path);
+                return Err(e);
+            }
+        };
+        active().push(path.clone());
+        Ok(StagingDir {
+            path,
+            _lock: lock,
+            committed: false,
+        })
     }
 
     /// The directory to write into.
@@ -180,63 +378,251 @@ impl StagingDir {
         &self.path
     }
 
-    /// Removes the marker, syncs the staging directory and moves it to the output path,
-    /// replacing what was there; then syncs the parent so the rename is durable.
-    pub fn commit(mut self, target: &OutputTarget) -> Result<(), OutputError> {
+    /// Syncs the staging directory, removes the marker and moves the directory to the
+    /// output path, replacing what was there; then syncs the parent so the rename is
+    /// durable. An error means the output path is as it was (see
+    /// [`OutputError::LeftAside`] for the one exception). Once the new output is in place
+    /// the result is `Ok`, with what could not be finished in the [`CommitOutcome`].
+    pub fn commit(mut self, target: &OutputTarget) -> Result<CommitOutcome, OutputError> {
+        sync_tree(&self.path)?;
         let marker = self.path.join(STAGING_MARKER);
         fs::remove_file(&marker).map_err(io_err(&marker, "remove"))?;
-        sync_tree(&self.path)?;
-        match target.existing {
+        // A kill from here to the rename leaves a complete but unmarked staging directory,
+        // which no run removes (a window of one unlink, one fsync and one rename).
+        sync_dir(&self.path)?;
+        let mut outcome = CommitOutcome::default();
+        let old = match target.existing {
             Existing::Nothing | Existing::EmptyDir => {
+                let mut active = active();
                 // rename(2) replaces an empty directory atomically.
                 fs::rename(&self.path, &target.path)
                     .map_err(io_err(&target.path, "rename into place"))?;
+                self.committed = true;
+                active.retain(|p| p != &self.path);
+                None
             }
-            Existing::Dir => {
-                if exchange(&self.path, &target.path).is_ok() {
-                    // The old output now sits at the staging path; drop it below.
-                } else {
-                    // No atomic exchange on this filesystem: move the old one aside first.
-                    let aside = target.parent.join(format!(
-                        "{STAGING_PREFIX}{}-{}-old",
-                        target.name,
-                        std::process::id()
-                    ));
-                    fs::rename(&target.path, &aside).map_err(io_err(&target.path, "move aside"))?;
-                    if let Err(e) = fs::rename(&self.path, &target.path) {
-                        let _ = fs::rename(&aside, &target.path);
-                        return Err(io_err(&target.path, "rename into place")(e));
-                    }
-                    fs::rename(&aside, &self.path).map_err(io_err(&aside, "rename"))?;
-                }
-                // Mark the old output, now at the staging path, as ours: if expo is killed
-                // while deleting it, the next run finishes the job.
-                let _ = fs::write(&marker, format!("{}\n", std::process::id()));
-                fs::remove_dir_all(&self.path).map_err(io_err(&self.path, "remove old output"))?;
-            }
+            Existing::Dir => Some(self.swap(target)?),
+        };
+        if let Err(OutputError::Io { path, source, .. }) = sync_dir(&target.parent) {
+            outcome.unsynced = Some((path, source));
         }
+        if let Some((old, lock)) = old {
+            // The marker goes last, so that what a failure or a kill leaves is still marked.
+            if let Err(e) = remove_marked_tree(&old) {
+                outcome.leftover = Some((old, e));
+            }
+            drop(lock);
+        }
+        Ok(outcome)
+    }
+
+    /// Puts the staging directory at the output path in place of the previous output (a
+    /// non-empty directory). Returns where the previous output now is, marked `expo-old`,
+    /// with its locked marker, for deletion.
+    ///
+    /// The previous output is marked first (a locked `.expo-staging` written into it). With
+    /// `renameat2(RENAME_EXCHANGE)` the two directories then swap atomically: the old
+    /// output moves to the staging name, a kill at any point leaves either the old output
+    /// in place (with the marker file, which is harmless there) or the new one, and a
+    /// marked old tree that the next run removes.
+    ///
+    /// Without it (not Linux, or a file system that cannot exchange): (1) the old output
+    /// is renamed aside to `<staging name>-old`, marked `expo-aside`; (2) the staging
+    /// directory is renamed into place; (3) the marker becomes `expo-old`. If (2) fails,
+    /// the old output is renamed back. A kill between (1) and (3) leaves the output path
+    /// absent and the `expo-aside` directory, which no run removes: the next run reports it
+    /// and where it belongs (see [`clean_stale_staging`]). After (3) it is removed like an
+    /// exchanged old tree.
+    fn swap(&mut self, target: &OutputTarget) -> Result<(PathBuf, Option<File>), OutputError> {
+        let old_marker = target.path.join(STAGING_MARKER);
+        // If the old output cannot be marked (say it has a directory of that name), it is
+        // still replaced; only a kill during its deletion then leaves it for good.
+        let lock = create_marker(&old_marker, MARK_OLD, false).ok();
+        let unmark = |dir: &Path| {
+            if lock.is_some() {
+                let _ = fs::remove_file(dir.join(STAGING_MARKER));
+            }
+        };
+        let mut active = active();
+        let old = if exchange_enabled() && exchange(&self.path, &target.path).is_ok() {
+            self.path.clone()
+        } else {
+            let aside = PathBuf::from(format!("{}{ASIDE_SUFFIX}", self.path.display()));
+            if let Some(f) = &lock {
+                let _ = rewrite_marker(f, MARK_ASIDE);
+            }
+            if let Err(e) = fs::rename(&target.path, &aside) {
+                drop(active);
+                unmark(&target.path);
+                return Err(io_err(&target.path, "move the previous output aside")(e));
+            }
+            if let Err(e) = fs::rename(&self.path, &target.path) {
+                let back = fs::rename(&aside, &target.path);
+                drop(active);
+                return match back {
+                    Ok(()) => {
+                        unmark(&target.path);
+                        Err(io_err(&target.path, "rename into place")(e))
+                    }
+                    Err(_) => Err(OutputError::LeftAside {
+                        path: target.path.clone(),
+                        aside,
+                        source: e,
+                    }),
+                };
+            }
+            if let Some(f) = &lock {
+                let _ = rewrite_marker(f, MARK_OLD);
+            }
+            aside
+        };
         self.committed = true;
-        active().retain(|p| p != &self.path);
-        sync_dir(&target.parent)
+        active.retain(|p| p != &self.path);
+        Ok((old, lock))
     }
 }
 
 impl Drop for StagingDir {
     fn drop(&mut self) {
         if !self.committed {
-            let _ = fs::remove_dir_all(&self.path);
-            active().retain(|p| p != &self.path);
+            let mut active = active();
+            let _ = remove_marked_tree(&self.path);
+            active.retain(|p| p != &self.path);
         }
     }
 }
 
-/// Removes staging directories in `parent` left behind by expo runs that were killed
-/// (SIGKILL, power loss): those named `.expo-tmp-*` that hold expo's marker file and whose
-/// process is gone. Returns the directories removed.
-pub fn remove_stale_staging(parent: &Path) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
+#[cfg(test)]
+thread_local! {
+    /// Tests of the path without `RENAME_EXCHANGE` turn it off for their thread.
+    static NO_EXCHANGE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn exchange_enabled() -> bool {
+    #[cfg(test)]
+    if NO_EXCHANGE.with(|c| c.get()) {
+        return false;
+    }
+    true
+}
+
+/// 64 random bits in hex, for staging names.
+fn random_token() -> String {
+    let mut bytes = [0u8; 8];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_ok()
+    {
+        return format!("{:016x}", u64::from_le_bytes(bytes));
+    }
+    // No /dev/urandom (a minimal chroot): std's randomly keyed hasher, the time and a
+    // counter.
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    format!("{:016x}", h.finish())
+}
+
+/// Creates (or, unless `new`, truncates) a marker file, locks it, and writes `kind` and
+/// the pid into it. The content is written only once the lock is held: a marker that a
+/// cleaner can lock but finds empty belongs to a run in the middle of creating it.
+fn create_marker(path: &Path, kind: &str, new: bool) -> Result<File, OutputError> {
+    let mut opts = OpenOptions::new();
+    opts.read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    if new {
+        opts.create_new(true);
+    } else {
+        opts.create(true).truncate(true);
+    }
+    let file = opts.open(path).map_err(io_err(path, "create"))?;
+    lock_exclusive(&file);
+    rewrite_marker(&file, kind).map_err(io_err(path, "write"))?;
+    Ok(file)
+}
+
+/// Replaces a marker's content with `kind` and the pid, and syncs it.
+fn rewrite_marker(mut file: &File, kind: &str) -> io::Result<()> {
+    file.set_len(0)?;
+    file.rewind()?;
+    file.write_all(format!("{kind} {}\n", std::process::id()).as_bytes())?;
+    file.sync_data()
+}
+
+/// Takes an exclusive `flock` on a file, waiting if needed. Failure (a file system without
+/// `flock`) is ignored: a cleaner cannot lock such a marker either, so it never takes the
+/// directory for a dead run's.
+fn lock_exclusive(file: &File) {
+    loop {
+        // SAFETY: flock on a file descriptor we own, for as long as `file` lives.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return;
+        }
+    }
+}
+
+/// Takes an exclusive `flock` without waiting: true when no other open file holds one.
+fn try_lock(file: &File) -> bool {
+    // SAFETY: flock on a file descriptor we own; the lock goes with it when it is closed.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Removes a directory tree, its marker last, so that what a failure or a kill leaves
+/// is still recognisable. Links are removed, never followed.
+fn remove_marked_tree(dir: &Path) -> io::Result<()> {
+    let remove = |path: &Path| -> io::Result<()> {
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+            Ok(_) => fs::remove_file(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    };
+    let mut first_error = None;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name() == STAGING_MARKER {
+            continue;
+        }
+        if let Err(e) = remove(&entry.path()) {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    remove(&dir.join(STAGING_MARKER))?;
+    fs::remove_dir(dir)
+}
+
+/// What [`clean_stale_staging`] did and found.
+#[derive(Debug, Default)]
+pub struct StaleCleanup {
+    /// Directories removed: temporary directories of runs that were killed, and previous
+    /// outputs that a killed `--force` run had already replaced.
+    pub removed: Vec<PathBuf>,
+    /// Previous outputs that a `--force` run moved aside and was killed before putting the
+    /// new output in place: (where it is, the output path it belongs at). Never removed;
+    /// the user should move it back.
+    pub moved_aside: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Removes the stale directories of killed runs in `parent` (see the module
+/// documentation), and lists the previous outputs that a killed `--force` run left moved
+/// aside.
+pub fn clean_stale_staging(parent: &Path) -> StaleCleanup {
+    let mut found = StaleCleanup::default();
     let Ok(entries) = fs::read_dir(parent) else {
-        return removed;
+        return found;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -245,25 +631,69 @@ pub fn remove_stale_staging(parent: &Path) -> Vec<PathBuf> {
         };
         let path = entry.path();
         // Never follow a link, never touch a directory without our marker.
-        let is_dir = fs::symlink_metadata(&path)
-            .map(|m| m.is_dir())
-            .unwrap_or(false);
-        let Ok(marker) = fs::read_to_string(path.join(STAGING_MARKER)) else {
-            continue;
-        };
-        let pid: Option<i32> = marker.trim().parse().ok();
-        let named_pid = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
-        let (Some(pid), true) = (pid, is_dir) else {
-            continue;
-        };
-        if named_pid != Some(pid) || pid as u32 == std::process::id() || process_alive(pid) {
+        if !fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
             continue;
         }
-        if fs::remove_dir_all(&path).is_ok() {
-            removed.push(path);
+        let Some(mut marker) = open_marker(&path.join(STAGING_MARKER)) else {
+            continue;
+        };
+        // Held by a live run (or flock unsupported): not stale.
+        if !try_lock(&marker) {
+            continue;
+        }
+        let mut content = String::new();
+        if marker.read_to_string(&mut content).is_err() {
+            continue;
+        }
+        let kind = content.split_whitespace().next().unwrap_or("");
+        let stale = match kind {
+            MARK_STAGING | MARK_OLD => true,
+            MARK_ASIDE => {
+                if let Some(home) = aside_home(parent, rest) {
+                    found.moved_aside.push((path.clone(), home));
+                }
+                false
+            }
+            // An empty marker: a run is creating it right now.
+            "" => false,
+            legacy => legacy_stale(rest, legacy),
+        };
+        if stale && remove_marked_tree(&path).is_ok() {
+            found.removed.push(path);
         }
     }
-    removed
+    found
+}
+
+/// Opens a marker for locking and reading: a regular file, not through a link.
+fn open_marker(path: &Path) -> Option<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    file.metadata().ok()?.is_file().then_some(file)
+}
+
+/// Where an `expo-aside` directory `.expo-tmp-<rest>` belongs: `rest` is
+/// `<name>-<pid>-<random>-old`.
+fn aside_home(parent: &Path, rest: &str) -> Option<PathBuf> {
+    let stem = rest.strip_suffix(ASIDE_SUFFIX)?;
+    let mut parts = stem.rsplitn(3, '-');
+    let (_random, _pid, name) = (parts.next()?, parts.next()?, parts.next()?);
+    (!name.is_empty()).then(|| parent.join(name))
+}
+
+/// The rule for directories of expo versions before the random suffix:
+/// `.expo-tmp-<name>-<pid>` whose marker holds that pid, stale when the pid is this
+/// process's own (the directory is then not ours: ours all have the random suffix) or names
+/// no process.
+fn legacy_stale(rest: &str, marker_pid: &str) -> bool {
+    let Ok(pid) = marker_pid.parse::<i32>() else {
+        return false;
+    };
+    let named = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
+    named == Some(pid) && (pid as u32 == std::process::id() || !process_alive(pid))
 }
 
 /// True when a process with this id exists.
@@ -330,36 +760,294 @@ pub fn sync_dir(path: &Path) -> Result<(), OutputError> {
 mod tests {
     use super::*;
 
+    fn marked(dir: &Path, content: &str) {
+        fs::create_dir(dir).unwrap();
+        fs::write(dir.join(STAGING_MARKER), content).unwrap();
+        fs::write(dir.join("model.safetensors"), b"partial").unwrap();
+    }
+
+    fn target(parent: &Path, name: &str, force: bool) -> OutputTarget {
+        OutputTarget::check(&parent.join(name), force).unwrap()
+    }
+
     #[test]
-    fn only_dead_marked_staging_directories_are_removed() {
+    fn only_unlocked_marked_staging_directories_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
-        // A dead process's staging directory (pid 0x7ffffffe does not exist).
-        let dead = p.join(format!("{STAGING_PREFIX}out-2147483646"));
-        fs::create_dir(&dead).unwrap();
-        fs::write(dead.join(STAGING_MARKER), "2147483646\n").unwrap();
-        fs::write(dead.join("model.safetensors"), b"partial").unwrap();
-        // Ours (this process is alive).
-        let alive = p.join(format!("{STAGING_PREFIX}out-{}", std::process::id()));
-        fs::create_dir(&alive).unwrap();
-        fs::write(
-            alive.join(STAGING_MARKER),
-            format!("{}\n", std::process::id()),
-        )
-        .unwrap();
+        // A killed run's staging directory: marked, nobody holds the lock. Its pid is this
+        // process's own, as after a restart in a container where expo is always pid 1.
+        let dead = p.join(format!(
+            "{STAGING_PREFIX}out-{}-0123456789abcdef",
+            std::process::id()
+        ));
+        marked(&dead, &format!("expo-staging {}\n", std::process::id()));
+        // A killed --force run's old output.
+        let old = p.join(format!("{STAGING_PREFIX}out-1-00000000000000ff"));
+        marked(&old, "expo-old 1\n");
+        // A live run's (another namespace, say: its pid means nothing here).
+        let live = p.join(format!("{STAGING_PREFIX}out-2147483646-fedcba9876543210"));
+        marked(&live, "expo-staging 2147483646\n");
+        let held = File::open(live.join(STAGING_MARKER)).unwrap();
+        assert!(try_lock(&held));
         // Same name pattern but no marker: not ours.
-        let foreign = p.join(format!("{STAGING_PREFIX}out-2147483645"));
+        let foreign = p.join(format!("{STAGING_PREFIX}out-2147483645-0000000000000000"));
         fs::create_dir(&foreign).unwrap();
-        // A marker whose pid disagrees with the name.
-        let odd = p.join(format!("{STAGING_PREFIX}x-2147483644"));
-        fs::create_dir(&odd).unwrap();
-        fs::write(odd.join(STAGING_MARKER), "12\n").unwrap();
-        // Unrelated directory.
-        fs::create_dir(p.join("keep")).unwrap();
+        // A marker being created (empty), a marker that is a link, a marker that is a
+        // directory, a marker with foreign content.
+        let creating = p.join(format!("{STAGING_PREFIX}c-1-0000000000000001"));
+        marked(&creating, "");
+        let linked = p.join(format!("{STAGING_PREFIX}l-1-0000000000000002"));
+        fs::create_dir(&linked).unwrap();
+        std::os::unix::fs::symlink(dead.join(STAGING_MARKER), linked.join(STAGING_MARKER)).unwrap();
+        let dir_marker = p.join(format!("{STAGING_PREFIX}d-1-0000000000000003"));
+        fs::create_dir_all(dir_marker.join(STAGING_MARKER)).unwrap();
+        let odd = p.join(format!("{STAGING_PREFIX}o-1-0000000000000004"));
+        marked(&odd, "hello\n");
+        // A link to a marked directory.
+        let target_dir = p.join("elsewhere");
+        marked(&target_dir, "expo-staging 1\n");
+        let link = p.join(format!("{STAGING_PREFIX}link-1-0000000000000005"));
+        std::os::unix::fs::symlink(&target_dir, &link).unwrap();
+        // Unrelated directory with a marker.
+        let keep = p.join("keep");
+        marked(&keep, "expo-staging 1\n");
 
-        let removed = remove_stale_staging(p);
-        assert_eq!(removed, vec![dead.clone()]);
-        assert!(!dead.exists());
-        assert!(alive.exists() && foreign.exists() && odd.exists() && p.join("keep").exists());
+        let mut removed = clean_stale_staging(p).removed;
+        removed.sort();
+        let mut want = vec![dead.clone(), old.clone()];
+        want.sort();
+        assert_eq!(removed, want);
+        assert!(!dead.exists() && !old.exists());
+        for kept in [
+            &live,
+            &foreign,
+            &creating,
+            &linked,
+            &dir_marker,
+            &odd,
+            &target_dir,
+            &keep,
+        ] {
+            assert!(kept.is_dir(), "{} was removed", kept.display());
+        }
+        assert!(link.exists());
+        // Once the live run is gone, its directory is stale.
+        drop(held);
+        assert_eq!(clean_stale_staging(p).removed, vec![live]);
+    }
+
+    #[test]
+    fn legacy_staging_directories_need_a_dead_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let dead = p.join(format!("{STAGING_PREFIX}out-2147483646"));
+        marked(&dead, "2147483646\n");
+        let alive = p.join(format!("{STAGING_PREFIX}out-1"));
+        marked(&alive, "1\n");
+        let mismatch = p.join(format!("{STAGING_PREFIX}x-2147483644"));
+        marked(&mismatch, "12\n");
+        assert_eq!(clean_stale_staging(p).removed, vec![dead]);
+        assert!(alive.exists() && mismatch.exists());
+    }
+
+    #[test]
+    fn moved_aside_outputs_are_reported_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let aside = p.join(format!(
+            "{STAGING_PREFIX}my-model-7-0123456789abcdef{ASIDE_SUFFIX}"
+        ));
+        marked(&aside, "expo-aside 7\n");
+        let found = clean_stale_staging(p);
+        assert!(found.removed.is_empty());
+        assert_eq!(found.moved_aside, vec![(aside.clone(), p.join("my-model"))]);
+        assert!(aside.join("model.safetensors").is_file());
+    }
+
+    #[test]
+    fn staging_names_are_unique_and_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path(), "out", false);
+        let a = StagingDir::create(&t).unwrap();
+        let b = StagingDir::create(&t).unwrap();
+        assert_ne!(a.path(), b.path());
+        let name = a.path().file_name().unwrap().to_string_lossy().into_owned();
+        let prefix = format!("{STAGING_PREFIX}out-{}-", std::process::id());
+        let random = name.strip_prefix(&prefix).unwrap();
+        assert!(random.len() == 16 && random.bytes().all(|c| c.is_ascii_hexdigit()));
+        // Both are live: nothing is stale.
+        assert!(clean_stale_staging(dir.path()).removed.is_empty());
+        let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
+        drop(a);
+        assert!(!pa.exists() && pb.exists());
+        drop(b);
+        assert!(fs::read_dir(dir.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn commit_replaces_a_checkpoint_and_leaves_nothing_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir_all(out.join("sub")).unwrap();
+        fs::write(out.join("config.json"), "{}").unwrap();
+        fs::write(out.join("sub/x"), "old").unwrap();
+        let t = target(dir.path(), "out", true);
+        assert_eq!(t.existing, Existing::Dir);
+        let s = StagingDir::create(&t).unwrap();
+        fs::write(s.path().join("model.safetensors"), "new").unwrap();
+        let outcome = s.commit(&t).unwrap();
+        assert!(outcome.leftover.is_none() && outcome.warnings().is_empty());
+        let mut names: Vec<_> = fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["model.safetensors"]);
+        let beside: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(beside, ["out"]);
+    }
+
+    #[test]
+    fn force_refuses_directories_that_are_not_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let project = p.join("project");
+        fs::create_dir_all(project.join("src")).unwrap();
+        fs::write(project.join("Cargo.toml"), "").unwrap();
+        // A directory named like a checkpoint file does not count.
+        fs::create_dir(project.join("config.json")).unwrap();
+        let err = OutputTarget::check(&project, true).unwrap_err();
+        assert!(matches!(err, OutputError::NotACheckpoint { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&*project.to_string_lossy()) && msg.contains("by hand"),
+            "{msg}"
+        );
+        // Without --force it is refused as non-empty, as before.
+        assert!(matches!(
+            OutputTarget::check(&project, false),
+            Err(OutputError::Exists { .. })
+        ));
+        // `locate` alone accepts it.
+        assert_eq!(
+            OutputTarget::locate(&project, true).unwrap().existing,
+            Existing::Dir
+        );
+        for file in [
+            "expo.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+        ] {
+            let ck = p.join(format!("ck-{file}"));
+            fs::create_dir(&ck).unwrap();
+            fs::write(ck.join(file), "x").unwrap();
+            OutputTarget::check(&ck, true).unwrap();
+        }
+        // Reserved names.
+        assert!(matches!(
+            OutputTarget::check(&p.join(".expo-tmp-x"), false),
+            Err(OutputError::ReservedName { .. })
+        ));
+    }
+
+    #[test]
+    fn protected_directories() {
+        assert!(protected(Path::new("/")).is_some());
+        let cwd = fs::canonicalize(std::env::current_dir().unwrap()).unwrap();
+        assert!(protected(&cwd).is_some());
+        if let Some(parent) = cwd.parent() {
+            assert!(protected(parent).unwrap().contains("current directory"));
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            if let Ok(home) = fs::canonicalize(home) {
+                assert!(protected(&home).is_some());
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let inner = fs::canonicalize(dir.path()).unwrap().join("x");
+        fs::create_dir(&inner).unwrap();
+        if !cwd.starts_with(&inner) {
+            assert_eq!(protected(&inner), None);
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn commit_without_exchange_moves_the_old_output_aside_then_deletes_it() {
+        NO_EXCHANGE.with(|c| c.set(true));
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir_all(out.join("sub")).unwrap();
+        fs::write(out.join("model.safetensors"), "old").unwrap();
+        fs::write(out.join("sub/x"), "old").unwrap();
+        let t = target(dir.path(), "out", true);
+        let s = StagingDir::create(&t).unwrap();
+        fs::write(s.path().join("model.safetensors"), "new").unwrap();
+        let outcome = s.commit(&t).unwrap();
+        NO_EXCHANGE.with(|c| c.set(false));
+        assert!(outcome.leftover.is_none(), "{outcome:?}");
+        assert_eq!(names(&out), ["model.safetensors"]);
+        assert_eq!(fs::read(out.join("model.safetensors")).unwrap(), b"new");
+        assert_eq!(names(dir.path()), ["out"]);
+    }
+
+    /// A previous output that cannot be deleted (here: a mount point inside it) is a
+    /// warning, not an error: the new output is in place, and what is left is marked so a
+    /// later run removes it.
+    #[test]
+    fn an_undeletable_old_output_is_a_leftover_not_an_error() {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let mnt = out.join("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        fs::write(out.join("config.json"), "{}").unwrap();
+        let c = CString::new(mnt.as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                c.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"size=1m".as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            eprintln!("cannot mount a tmpfs: skipping");
+            return;
+        }
+        let t = target(dir.path(), "out", true);
+        let s = StagingDir::create(&t).unwrap();
+        fs::write(s.path().join("model.safetensors"), "new").unwrap();
+        let outcome = s.commit(&t);
+        let (left, _) = outcome.as_ref().unwrap().leftover.as_ref().unwrap();
+        let left = left.clone();
+        let warnings = outcome.as_ref().unwrap().warnings();
+        assert!(
+            warnings[0].contains(&*left.to_string_lossy()),
+            "{warnings:?}"
+        );
+        assert_eq!(names(&out), ["model.safetensors"]);
+        // What is left: marked as a replaced output, not locked any more.
+        let marker = fs::read_to_string(left.join(STAGING_MARKER)).unwrap();
+        assert!(marker.starts_with("expo-old "), "{marker}");
+        let c = CString::new(left.join("mnt").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid path; MNT_DETACH never blocks.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        assert_eq!(clean_stale_staging(dir.path()).removed, vec![left]);
+        assert_eq!(names(dir.path()), ["out"]);
     }
 }

@@ -545,11 +545,12 @@ fn overflow_with_force_keeps_the_old_output() {
     let (sft, dpo) = dirs(&s, &t0s, &t1s);
     let out = s.out("o");
     fs::create_dir(&out).unwrap();
-    fs::write(out.join("keep"), "old").unwrap();
+    // A checkpoint (--force refuses to replace anything else).
+    fs::write(out.join("config.json"), "old").unwrap();
     extrapolate(&sft, &dpo, "8", &out)
         .arg("--force")
         .assert_fails(1, &["`hot`", "1 of 2"]);
-    assert_eq!(list_dir(&out), ["keep"]);
+    assert_eq!(list_dir(&out), ["config.json"]);
     assert_eq!(list_dir(&s.outputs()), ["o"], "no staging directory left");
 }
 

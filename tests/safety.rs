@@ -147,14 +147,18 @@ fn signal(child: &Child, sig: libc::c_int) {
 /// temporary directory. The output itself must not exist yet.
 fn stop_mid_run(child: &mut Child, parent: &Path, out: &Path) -> PathBuf {
     let started = Instant::now();
+    // `.expo-tmp-<name>-<pid>-<random>`.
     let wanted = format!(
-        ".expo-tmp-{}-{}",
+        ".expo-tmp-{}-{}-",
         out.file_name().unwrap().to_string_lossy(),
         child.id()
     );
     loop {
-        let staging = parent.join(&wanted);
-        if staging.join("model.safetensors").exists() {
+        let staging = list_dir(parent)
+            .into_iter()
+            .find(|n| n.starts_with(&wanted))
+            .map(|n| parent.join(n));
+        if let Some(staging) = staging.filter(|s| s.join("model.safetensors").exists()) {
             signal(child, libc::SIGSTOP);
             // The run must still be in progress: nothing committed yet.
             assert!(
@@ -269,6 +273,16 @@ fn after_sigkill_the_next_run_removes_the_stale_temporary_directory_and_nothing_
         format!("{}\n", std::process::id()),
     )
     .unwrap();
+    // A live run's, whatever its pid says (another container's, say): its marker is locked.
+    let locked = outputs.join(".expo-tmp-locked-1-0123456789abcdef");
+    fs::create_dir(&locked).unwrap();
+    fs::write(locked.join(".expo-staging"), "expo-staging 1\n").unwrap();
+    let lock = fs::File::open(locked.join(".expo-staging")).unwrap();
+    // SAFETY: flock on a file we own.
+    assert_eq!(
+        unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX,) },
+        0
+    );
     let file = outputs.join(".expo-tmp-file-2147483646");
     fs::write(&file, "a file").unwrap();
     let elsewhere = s.path("elsewhere-2147483646");
@@ -294,6 +308,8 @@ fn after_sigkill_the_next_run_removes_the_stale_temporary_directory_and_nothing_
     assert!(second.join("model.safetensors").is_file());
     assert!(unmarked.join("data").is_file());
     assert!(alive.join(".expo-staging").is_file());
+    assert!(locked.join(".expo-staging").is_file());
+    drop(lock);
     assert!(file.is_file());
     assert!(link.exists() && elsewhere.join(".expo-staging").is_file());
 }

@@ -70,8 +70,11 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
             ))
             .into());
         }
-        let target = OutputTarget::check(&path, args.force)?;
+        let target = OutputTarget::locate(&path, args.force)?;
+        // An overlap with an input is a usage error (2), reported before the refusal to
+        // replace a directory that is not a checkpoint (1).
         check_paths(&target, &inputs)?;
+        target.check_replaceable()?;
         let opts = PlanOptions {
             alpha: a,
             dtype: args.dtype.choice(),
@@ -132,10 +135,18 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
     let pool = super::worker_pool(args.threads)?;
 
     for o in &outputs {
-        for stale in output::remove_stale_staging(&o.target.parent) {
+        let found = output::clean_stale_staging(&o.target.parent);
+        for stale in found.removed {
             reporter.warn(format!(
                 "removed {}, left behind by an expo run that was killed",
                 stale.display()
+            ));
+        }
+        for (aside, home) in found.moved_aside {
+            reporter.warn(format!(
+                "{} is the previous content of {}, moved aside by an expo --force run that was killed; move it back by hand",
+                aside.display(),
+                home.display()
             ));
         }
     }
@@ -210,7 +221,14 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
                         o.target.path.display()
                     ));
                 }
-                finish_output(args, o, &rules, &matches, relative_change, &inputs, &side, staging)
+                let run = OutputRun {
+                    rules: &rules,
+                    matches: &matches,
+                    relative_change,
+                    inputs: &inputs,
+                    side: &side,
+                };
+                finish_output(args, o, &run, staging, &reporter)
             });
         match finished {
             Ok(()) => summaries.push(o),
@@ -297,18 +315,30 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
     }
 }
 
+/// What every output of a run shares, for [`finish_output`].
+struct OutputRun<'a> {
+    rules: &'a [AlphaRule],
+    matches: &'a [usize],
+    relative_change: Option<f64>,
+    inputs: &'a [Input<'a>; 2],
+    side: &'a SideFiles,
+}
+
 /// Copies side files, writes the index, model card and provenance, and commits one output.
-#[allow(clippy::too_many_arguments)]
 fn finish_output(
     args: &ExtrapolateArgs,
     o: &Output,
-    rules: &[AlphaRule],
-    matches: &[usize],
-    relative_change: Option<f64>,
-    inputs: &[Input; 2],
-    side: &SideFiles,
+    run: &OutputRun,
     staging: StagingDir,
+    reporter: &Reporter,
 ) -> Result<()> {
+    let OutputRun {
+        rules,
+        matches,
+        relative_change,
+        inputs,
+        side,
+    } = *run;
     interrupt::check()?;
     let aligned = inputs[1].1;
     sidefiles::copy_side_files(&aligned.root, &side.copy, staging.path())?;
@@ -326,7 +356,10 @@ fn finish_output(
         &provenance.to_json(),
     )?;
     interrupt::check()?;
-    staging.commit(&o.target)?;
+    // Once committed, the new output is in place: what is left to tidy is only a warning.
+    for w in staging.commit(&o.target)?.warnings() {
+        reporter.warn(w);
+    }
     Ok(())
 }
 
