@@ -78,6 +78,36 @@ unsafe fn extrapolate_round_odd(
     (r, inexact)
 }
 
+/// Runs the portable loop on the elements from `done` on (fewer than a vector's worth) and
+/// adds what the vector loop counted and summed.
+#[inline(always)]
+fn finish<const N: usize>(
+    format: crate::dtype::FloatDtype,
+    alpha: f64,
+    (sft, aligned, out): (&[u8], &[u8], &mut [u8]),
+    done: usize,
+    nonfinite: u64,
+    sums: &[Sums; N],
+) -> super::ChunkStats {
+    let size = format.size();
+    let n = out.len() / size;
+    let tail = super::portable::extrapolate(
+        super::KernelSpec::same(format),
+        alpha,
+        &sft[size * done..size * n],
+        &aligned[size * done..size * n],
+        &mut out[size * done..size * n],
+    );
+    // SAFETY: only reached from the kernels below, whose callers guarantee the CPU
+    // features (`total` reads registers with AVX-512 stores).
+    let (dd, bb) = unsafe { (Sums::total(sums, |s| s.dd), Sums::total(sums, |s| s.bb)) };
+    super::ChunkStats {
+        nonfinite_out: nonfinite + tail.nonfinite_out,
+        delta_sq: dd + tail.delta_sq,
+        base_sq: bb + tail.base_sq,
+    }
+}
+
 /// Computes 16 lanes and returns the f32 results, rounded to odd.
 #[inline(always)]
 unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) -> __m512i {
@@ -130,18 +160,14 @@ pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> su
         );
         i += LANES;
     }
-    let tail = super::portable::extrapolate(
-        super::KernelSpec::same(crate::dtype::FloatDtype::BF16),
+    finish(
+        crate::dtype::FloatDtype::BF16,
         alpha,
-        &sft[2 * i..2 * n],
-        &aligned[2 * i..2 * n],
-        &mut out[2 * i..2 * n],
-    );
-    super::ChunkStats {
-        nonfinite_out: nonfinite + tail.nonfinite_out,
-        delta_sq: Sums::total(&sums, |s| s.dd) + tail.delta_sq,
-        base_sq: Sums::total(&sums, |s| s.bb) + tail.base_sq,
-    }
+        (sft, aligned, out),
+        i,
+        nonfinite,
+        &sums,
+    )
 }
 
 /// f16, f16 → f16.
@@ -170,18 +196,14 @@ pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> sup
         _mm256_storeu_si256(out.as_mut_ptr().add(2 * i) as *mut __m256i, h);
         i += LANES;
     }
-    let tail = super::portable::extrapolate(
-        super::KernelSpec::same(crate::dtype::FloatDtype::F16),
+    finish(
+        crate::dtype::FloatDtype::F16,
         alpha,
-        &sft[2 * i..2 * n],
-        &aligned[2 * i..2 * n],
-        &mut out[2 * i..2 * n],
-    );
-    super::ChunkStats {
-        nonfinite_out: nonfinite + tail.nonfinite_out,
-        delta_sq: Sums::total(&sums, |s| s.dd) + tail.delta_sq,
-        base_sq: Sums::total(&sums, |s| s.bb) + tail.base_sq,
-    }
+        (sft, aligned, out),
+        i,
+        nonfinite,
+        &sums,
+    )
 }
 
 /// f32, f32 → f32 (rounded once from f64 with the default round-to-nearest-even, as the
@@ -213,18 +235,14 @@ pub unsafe fn f32(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> sup
         _mm512_storeu_ps(out.as_mut_ptr().add(4 * i) as *mut f32, r);
         i += LANES;
     }
-    let tail = super::portable::extrapolate(
-        super::KernelSpec::same(crate::dtype::FloatDtype::F32),
+    finish(
+        crate::dtype::FloatDtype::F32,
         alpha,
-        &sft[4 * i..4 * n],
-        &aligned[4 * i..4 * n],
-        &mut out[4 * i..4 * n],
-    );
-    super::ChunkStats {
-        nonfinite_out: nonfinite + tail.nonfinite_out,
-        delta_sq: Sums::total(&sums, |s| s.dd) + tail.delta_sq,
-        base_sq: Sums::total(&sums, |s| s.bb) + tail.base_sq,
-    }
+        (sft, aligned, out),
+        i,
+        nonfinite,
+        &sums,
+    )
 }
 
 /// f64, f64 → f64 (no rounding at all).
@@ -254,16 +272,12 @@ pub unsafe fn f64(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> sup
         _mm512_storeu_pd(out.as_mut_ptr().add(8 * i) as *mut f64, y);
         i += 8;
     }
-    let tail = super::portable::extrapolate(
-        super::KernelSpec::same(crate::dtype::FloatDtype::F64),
+    finish(
+        crate::dtype::FloatDtype::F64,
         alpha,
-        &sft[8 * i..8 * n],
-        &aligned[8 * i..8 * n],
-        &mut out[8 * i..8 * n],
-    );
-    super::ChunkStats {
-        nonfinite_out: nonfinite + tail.nonfinite_out,
-        delta_sq: Sums::total(&sums, |s| s.dd) + tail.delta_sq,
-        base_sq: Sums::total(&sums, |s| s.bb) + tail.base_sq,
-    }
+        (sft, aligned, out),
+        i,
+        nonfinite,
+        &sums,
+    )
 }
