@@ -219,21 +219,31 @@ pub struct PairingError {
 /// How many mismatches a message lists before summarising the rest.
 const SHOWN_MISMATCHES: usize = 10;
 
+/// Writes "the checkpoints do not match (N problems); are WHO the same architecture?" and
+/// the first [`SHOWN_MISMATCHES`] problems, one per line, then how many more there are.
+pub(crate) fn write_mismatches<M: fmt::Display>(
+    f: &mut fmt::Formatter<'_>,
+    mismatches: &[M],
+    who: &str,
+) -> fmt::Result {
+    let n = mismatches.len();
+    write!(
+        f,
+        "the checkpoints do not match ({n} problem{}); are {who} the same architecture?",
+        if n == 1 { "" } else { "s" }
+    )?;
+    for m in mismatches.iter().take(SHOWN_MISMATCHES) {
+        write!(f, "\n  {m}")?;
+    }
+    if n > SHOWN_MISMATCHES {
+        write!(f, "\n  … and {} more", n - SHOWN_MISMATCHES)?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for PairingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.mismatches.len();
-        write!(
-            f,
-            "the checkpoints do not match ({n} problem{}); are --sft and --aligned the same architecture?",
-            if n == 1 { "" } else { "s" }
-        )?;
-        for m in self.mismatches.iter().take(SHOWN_MISMATCHES) {
-            write!(f, "\n  {m}")?;
-        }
-        if n > SHOWN_MISMATCHES {
-            write!(f, "\n  … and {} more", n - SHOWN_MISMATCHES)?;
-        }
-        Ok(())
+        write_mismatches(f, &self.mismatches, "--sft and --aligned")
     }
 }
 

@@ -395,24 +395,9 @@ pub struct MatchError {
     pub mismatches: Vec<Mismatch>,
 }
 
-/// How many mismatches a message lists before summarising the rest.
-const SHOWN_MISMATCHES: usize = 10;
-
 impl fmt::Display for MatchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.mismatches.len();
-        write!(
-            f,
-            "the checkpoints do not match ({n} problem{}); are they the same architecture?",
-            if n == 1 { "" } else { "s" }
-        )?;
-        for m in self.mismatches.iter().take(SHOWN_MISMATCHES) {
-            write!(f, "\n  {m}")?;
-        }
-        if n > SHOWN_MISMATCHES {
-            write!(f, "\n  … and {} more", n - SHOWN_MISMATCHES)?;
-        }
-        Ok(())
+        crate::plan::write_mismatches(f, &self.mismatches, "they")
     }
 }
 

@@ -121,13 +121,71 @@ unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) ->
     _mm512_mask_or_epi32(r, inexact, r, _mm512_set1_epi32(1))
 }
 
-/// bf16, bf16 → bf16.
-///
-/// # Safety
-/// The CPU must support AVX-512 F, BW, VL and DQ, F16C and FMA; `sft`, `aligned` and `out` must hold the
-/// same number of 2-byte elements.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
-pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
+/// A 2-byte format: how 16 elements widen to f32 exactly and how 16 round-to-odd f32
+/// results narrow to it, counting the non-finite ones.
+trait Half {
+    const FORMAT: crate::dtype::FloatDtype;
+    unsafe fn widen(x: __m256i) -> __m512;
+    unsafe fn narrow(r: __m512i) -> (__m256i, u64);
+}
+
+struct Bf16;
+struct F16;
+
+impl Half for Bf16 {
+    const FORMAT: crate::dtype::FloatDtype = crate::dtype::FloatDtype::BF16;
+
+    #[inline(always)]
+    unsafe fn widen(x: __m256i) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)))
+    }
+
+    /// f32 → bf16, round to nearest even; NaN keeps its top payload bits and gets quiet.
+    #[inline(always)]
+    unsafe fn narrow(r: __m512i) -> (__m256i, u64) {
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(r), _mm512_set1_epi32(1));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+            r,
+            _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb),
+        ));
+        let abs = _mm512_and_si512(r, _mm512_set1_epi32(0x7fff_ffff));
+        let is_nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
+        let nan = _mm512_or_si512(_mm512_srli_epi32::<16>(r), _mm512_set1_epi32(0x40));
+        let h = _mm512_mask_blend_epi32(is_nan, rounded, nan);
+        let exp = _mm512_and_si512(h, _mm512_set1_epi32(0x7f80));
+        let nonfinite = _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0x7f80)).count_ones();
+        (_mm512_cvtepi32_epi16(h), nonfinite as u64)
+    }
+}
+
+impl Half for F16 {
+    const FORMAT: crate::dtype::FloatDtype = crate::dtype::FloatDtype::F16;
+
+    #[inline(always)]
+    unsafe fn widen(x: __m256i) -> __m512 {
+        _mm512_cvtph_ps(x)
+    }
+
+    /// f32 → f16 with round to nearest even (subnormals, overflow and NaN per IEEE).
+    #[inline(always)]
+    unsafe fn narrow(r: __m512i) -> (__m256i, u64) {
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_castsi512_ps(r),
+        );
+        let exp = _mm256_and_si256(h, _mm256_set1_epi16(0x7c00));
+        let nonfinite = _mm256_cmpeq_epi16_mask(exp, _mm256_set1_epi16(0x7c00)).count_ones();
+        (h, nonfinite as u64)
+    }
+}
+
+/// The loop shared by the two 2-byte formats.
+#[inline(always)]
+unsafe fn half_loop<H: Half>(
+    alpha: f64,
+    sft: &[u8],
+    aligned: &[u8],
+    out: &mut [u8],
+) -> super::ChunkStats {
     let n = out.len() / 2;
     debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
     let va = _mm512_set1_pd(alpha);
@@ -139,35 +197,23 @@ pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> su
         // bounds of all three slices; the loads and stores are unaligned variants.
         let a = _mm256_loadu_si256(sft.as_ptr().add(2 * i) as *const __m256i);
         let b = _mm256_loadu_si256(aligned.as_ptr().add(2 * i) as *const __m256i);
-        let t0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(a)));
-        let t1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)));
-        let r = block(va, t0, t1, &mut sums);
-        // f32 → bf16, round to nearest even; NaN keeps its top payload bits and gets quiet.
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(r), _mm512_set1_epi32(1));
-        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
-            r,
-            _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb),
-        ));
-        let abs = _mm512_and_si512(r, _mm512_set1_epi32(0x7fff_ffff));
-        let is_nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
-        let nan = _mm512_or_si512(_mm512_srli_epi32::<16>(r), _mm512_set1_epi32(0x40));
-        let h = _mm512_mask_blend_epi32(is_nan, rounded, nan);
-        let exp = _mm512_and_si512(h, _mm512_set1_epi32(0x7f80));
-        nonfinite += _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0x7f80)).count_ones() as u64;
-        _mm256_storeu_si256(
-            out.as_mut_ptr().add(2 * i) as *mut __m256i,
-            _mm512_cvtepi32_epi16(h),
-        );
+        let r = block(va, H::widen(a), H::widen(b), &mut sums);
+        let (h, bad) = H::narrow(r);
+        nonfinite += bad;
+        _mm256_storeu_si256(out.as_mut_ptr().add(2 * i) as *mut __m256i, h);
         i += LANES;
     }
-    finish(
-        crate::dtype::FloatDtype::BF16,
-        alpha,
-        (sft, aligned, out),
-        i,
-        nonfinite,
-        &sums,
-    )
+    finish(H::FORMAT, alpha, (sft, aligned, out), i, nonfinite, &sums)
+}
+
+/// bf16, bf16 → bf16.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and DQ, F16C and FMA; `sft`, `aligned` and `out`
+/// must hold the same number of 2-byte elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
+    half_loop::<Bf16>(alpha, sft, aligned, out)
 }
 
 /// f16, f16 → f16.
@@ -176,34 +222,7 @@ pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> su
 /// As [`bf16`], and the CPU must support F16C.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
 pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
-    let n = out.len() / 2;
-    debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
-    let va = _mm512_set1_pd(alpha);
-    let mut sums = [Sums::new(), Sums::new()];
-    let mut nonfinite = 0u64;
-    let mut i = 0;
-    while i + LANES <= n {
-        // SAFETY: as in `bf16`.
-        let a = _mm256_loadu_si256(sft.as_ptr().add(2 * i) as *const __m256i);
-        let b = _mm256_loadu_si256(aligned.as_ptr().add(2 * i) as *const __m256i);
-        let r = block(va, _mm512_cvtph_ps(a), _mm512_cvtph_ps(b), &mut sums);
-        // f32 → f16 with round to nearest even (subnormals, overflow and NaN per IEEE).
-        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_castsi512_ps(r),
-        );
-        let exp = _mm256_and_si256(h, _mm256_set1_epi16(0x7c00));
-        nonfinite += _mm256_cmpeq_epi16_mask(exp, _mm256_set1_epi16(0x7c00)).count_ones() as u64;
-        _mm256_storeu_si256(out.as_mut_ptr().add(2 * i) as *mut __m256i, h);
-        i += LANES;
-    }
-    finish(
-        crate::dtype::FloatDtype::F16,
-        alpha,
-        (sft, aligned, out),
-        i,
-        nonfinite,
-        &sums,
-    )
+    half_loop::<F16>(alpha, sft, aligned, out)
 }
 
 /// f32, f32 → f32 (rounded once from f64 with the default round-to-nearest-even, as the
