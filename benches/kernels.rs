@@ -1,31 +1,68 @@
-//! Kernel micro-benchmark: each exact kernel on all cores against a streaming ceiling
-//! measured in the same run (XOR of the two inputs into the output, same byte counts), and
-//! a memcpy baseline. "% ceiling" is the median over rounds of ceiling time / kernel time,
-//! each round timing both back to back, so drifting machine bandwidth cancels out.
+//! Kernel micro-benchmarks, in two parts.
 //!
-//! `cargo bench --bench kernels [-- --elements N --runs R --threads T]`
+//! 1. divan: every exact kernel (each format, each instruction set this CPU has) on all
+//!    cores, beside the streaming ceiling (XOR of the two inputs into the output: the same
+//!    bytes moved, no arithmetic) and a memcpy of one input, as time and GB/s. Bytes are
+//!    2 inputs + 1 output, so the kernels and the ceiling are directly comparable.
+//! 2. "% of ceiling": the machine's bandwidth drifts between runs, so comparing medians
+//!    taken seconds apart is noisy. Each round times the ceiling and the kernel back to
+//!    back; the table gives the median over rounds of ceiling time / kernel time.
+//!
+//! `cargo bench --bench kernels` (divan's options after `--`, e.g. `-- bf16` to filter the
+//! first part; `EXPO_BENCH_ROUNDS` sets the rounds of the second, default 15).
 
 use std::hint::black_box;
+use std::sync::OnceLock;
 use std::time::Instant;
 
+use divan::counter::BytesCount;
+use divan::Bencher;
 use expo::dtype::FloatDtype;
 use expo::kernel::{self, Isa, KernelSpec};
 use rayon::prelude::*;
 
-/// Elements per parallel piece (matches the engine's chunk size).
+/// Elements per buffer: far beyond the last-level cache, so memory bandwidth is the limit.
+const ELEMENTS: usize = 32 << 20;
+
+/// Elements per parallel piece (the engine's chunk size).
 const PIECE: usize = 1 << 20;
 
-fn arg(name: &str, default: usize) -> usize {
+const FORMATS: [FloatDtype; 4] = [
+    FloatDtype::BF16,
+    FloatDtype::F16,
+    FloatDtype::F32,
+    FloatDtype::F64,
+];
+
+fn main() {
+    divan::main();
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    if !args.iter().any(|a| a == "--list" || a == "--test") {
+        ceiling_table();
+    }
 }
 
-fn fill(buf: &mut [u8], d: FloatDtype, seed: u64) {
+/// θ0 and θ1 for one format: ELEMENTS values of a few hundredths, as in real checkpoints.
+struct Inputs {
+    sft: Vec<u8>,
+    aligned: Vec<u8>,
+}
+
+fn inputs(d: FloatDtype) -> &'static Inputs {
+    static INPUTS: [OnceLock<Inputs>; 4] = [const { OnceLock::new() }; 4];
+    let slot = FORMATS
+        .iter()
+        .position(|&f| f == d)
+        .expect("a known format");
+    INPUTS[slot].get_or_init(|| Inputs {
+        sft: fill(d, 1),
+        aligned: fill(d, 2),
+    })
+}
+
+fn fill(d: FloatDtype, seed: u64) -> Vec<u8> {
     let mut s = seed | 1;
+    let mut buf = vec![0u8; ELEMENTS * d.size()];
     for e in buf.chunks_exact_mut(d.size()) {
         s ^= s << 13;
         s ^= s >> 7;
@@ -38,6 +75,99 @@ fn fill(buf: &mut [u8], d: FloatDtype, seed: u64) {
             FloatDtype::F64 => e.copy_from_slice(&x.to_le_bytes()),
         }
     }
+    buf
+}
+
+/// An output buffer with its pages already faulted in.
+fn output(d: FloatDtype) -> Vec<u8> {
+    vec![1u8; ELEMENTS * d.size()]
+}
+
+/// Bytes one pass moves: two inputs read, one output written.
+fn pass_bytes(d: FloatDtype) -> usize {
+    3 * ELEMENTS * d.size()
+}
+
+fn xor_pass(d: FloatDtype, out: &mut [u8]) {
+    let (piece, x) = (PIECE * d.size(), inputs(d));
+    out.par_chunks_mut(piece)
+        .zip(x.sft.par_chunks(piece).zip(x.aligned.par_chunks(piece)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = a ^ b;
+            }
+        });
+    black_box(out);
+}
+
+fn kernel_pass(d: FloatDtype, isa: Isa, out: &mut [u8]) {
+    let (piece, x) = (PIECE * d.size(), inputs(d));
+    out.par_chunks_mut(piece)
+        .zip(x.sft.par_chunks(piece).zip(x.aligned.par_chunks(piece)))
+        .for_each(|(o, (a, b))| {
+            kernel::extrapolate_with(isa, KernelSpec::same(d), 0.3, a, b, o);
+        });
+    black_box(out);
+}
+
+/// One format on one instruction set (divan's argument).
+#[derive(Clone, Copy)]
+struct Case {
+    format: FloatDtype,
+    isa: Isa,
+}
+
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.format, self.isa.name())
+    }
+}
+
+fn cases() -> Vec<Case> {
+    FORMATS
+        .iter()
+        .flat_map(|&format| {
+            Isa::available()
+                .into_iter()
+                .map(move |isa| Case { format, isa })
+        })
+        .collect()
+}
+
+#[divan::bench(args = FORMATS, sample_count = 20, sample_size = 1)]
+fn xor_ceiling(bencher: Bencher, d: FloatDtype) {
+    let mut out = output(d);
+    bencher
+        .counter(BytesCount::new(pass_bytes(d)))
+        .bench_local(|| xor_pass(d, &mut out));
+}
+
+#[divan::bench(args = FORMATS, sample_count = 20, sample_size = 1)]
+fn memcpy_one_input(bencher: Bencher, d: FloatDtype) {
+    let (piece, x) = (PIECE * d.size(), inputs(d));
+    let mut out = output(d);
+    bencher
+        .counter(BytesCount::new(2 * ELEMENTS * d.size()))
+        .bench_local(|| {
+            out.par_chunks_mut(piece)
+                .zip(x.aligned.par_chunks(piece))
+                .for_each(|(o, b)| o.copy_from_slice(b));
+            black_box(&out);
+        });
+}
+
+#[divan::bench(args = cases(), sample_count = 20, sample_size = 1)]
+fn extrapolate(bencher: Bencher, case: Case) {
+    let mut out = output(case.format);
+    bencher
+        .counter(BytesCount::new(pass_bytes(case.format)))
+        .bench_local(|| kernel_pass(case.format, case.isa, &mut out));
+}
+
+fn seconds(f: impl FnOnce()) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_secs_f64()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -45,108 +175,42 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median seconds of `runs` calls of `f`.
-fn time(runs: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up: page faults, caches
-    median(
-        (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
-}
-
-fn main() {
-    let n = arg("--elements", 32 << 20);
-    let runs = arg("--runs", 7);
-    let threads = arg(
-        "--threads",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-    );
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .expect("thread pool");
+/// Part 2: each kernel against the ceiling timed in the same round.
+fn ceiling_table() {
+    let rounds: usize = std::env::var("EXPO_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15)
+        .max(1);
     println!(
-        "kernels: {n} elements, {threads} threads, median of {runs} runs; bytes = 2 inputs + 1 output; isa = {}",
-        Isa::best().name()
+        "\n% of ceiling: {ELEMENTS} elements, {} threads, median over {rounds} rounds of \
+         (XOR ceiling time / kernel time), timed back to back",
+        rayon::current_num_threads()
     );
     println!(
-        "{:<22} {:>10} {:>10} {:>12} {:>12}",
-        "kernel", "ms", "GB/s", "ceiling GB/s", "% ceiling"
+        "{:<22} {:>12} {:>14} {:>11}",
+        "kernel", "kernel GB/s", "ceiling GB/s", "% ceiling"
     );
-    for d in [
-        FloatDtype::BF16,
-        FloatDtype::F16,
-        FloatDtype::F32,
-        FloatDtype::F64,
-    ] {
-        let size = d.size();
-        let mut a = vec![0u8; n * size];
-        let mut b = vec![0u8; n * size];
-        let mut out = vec![0u8; n * size];
-        fill(&mut a, d, 1);
-        fill(&mut b, d, 2);
-        let bytes = (3 * n * size) as f64;
-        let ceiling_once = |out: &mut [u8]| {
-            out.par_chunks_mut(PIECE * size)
-                .zip(a.par_chunks(PIECE * size).zip(b.par_chunks(PIECE * size)))
-                .for_each(|(o, (x, y))| {
-                    for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
-                        *o = x ^ y;
-                    }
-                });
-            black_box(&*out);
-        };
-        let ceiling = time(runs, || ceiling_once(&mut out));
-        let memcpy = time(runs, || {
-            out.par_chunks_mut(PIECE * size)
-                .zip(b.par_chunks(PIECE * size))
-                .for_each(|(o, y)| o.copy_from_slice(y));
-            black_box(&out);
-        });
-        let spec = KernelSpec {
-            sft: d,
-            aligned: d,
-            out: d,
-        };
-        for isa in Isa::available() {
-            // The machine's bandwidth drifts: time the ceiling and the kernel back to back
-            // in every round and report the median of the per-round ratios.
-            let mut kernel_times = Vec::new();
-            let mut ratios = Vec::new();
-            for _ in 0..runs {
-                let c = time(1, || ceiling_once(&mut out));
-                let k = time(1, || {
-                    out.par_chunks_mut(PIECE * size)
-                        .zip(a.par_chunks(PIECE * size).zip(b.par_chunks(PIECE * size)))
-                        .for_each(|(o, (x, y))| {
-                            kernel::extrapolate_with(isa, spec, 0.3, x, y, o);
-                        });
-                    black_box(&out);
-                });
-                kernel_times.push(k);
-                ratios.push(c / k);
-            }
-            let secs = median(kernel_times);
-            println!(
-                "{:<22} {:>10.1} {:>10.2} {:>12.2} {:>11.0}%",
-                format!("{d} {}", isa.name()),
-                secs * 1e3,
-                bytes / secs / 1e9,
-                bytes / ceiling / 1e9,
-                100.0 * median(ratios)
-            );
+    for case in cases() {
+        let d = case.format;
+        let mut out = output(d);
+        xor_pass(d, &mut out);
+        kernel_pass(d, case.isa, &mut out);
+        let (mut ceiling, mut kernel, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let c = seconds(|| xor_pass(d, &mut out));
+            let k = seconds(|| kernel_pass(d, case.isa, &mut out));
+            ceiling.push(c);
+            kernel.push(k);
+            ratio.push(c / k);
         }
+        let gbs = |secs: f64| pass_bytes(d) as f64 / secs / 1e9;
         println!(
-            "{:<22} {:>10.1} {:>10.2}   (memcpy of one input: {:.2} GB/s)",
-            format!("{d} xor ceiling"),
-            ceiling * 1e3,
-            bytes / ceiling / 1e9,
-            (2 * n * size) as f64 / memcpy / 1e9
+            "{:<22} {:>12.2} {:>14.2} {:>10.0}%",
+            case.to_string(),
+            gbs(median(kernel)),
+            gbs(median(ceiling)),
+            100.0 * median(ratio)
         );
     }
 }

@@ -6,8 +6,11 @@
 //! add in f64, round once — with two shortcuts the instruction set offers: the f64 → f32
 //! round-to-odd step uses a conversion with embedded round-toward-zero (`{rz-sae}`) instead
 //! of round-to-nearest plus a correction, and f16 conversions use the F16C instructions.
-//! Both give the same bits as the portable code; the kernel tests compare them on every
-//! format and on arbitrary bit patterns, NaNs included.
+//! Where the CPU has AVX512_BF16, the bf16 kernel ([`bf16_native`]) narrows with the
+//! hardware conversion, which rounds exactly as the portable code does except that it
+//! flushes subnormal inputs to zero; blocks with a subnormal intermediate take the exact
+//! integer narrowing instead. All give the same bits as the portable code; the kernel tests
+//! compare them on every format and on arbitrary bit patterns, NaNs included.
 
 use std::arch::x86_64::*;
 
@@ -78,6 +81,27 @@ unsafe fn extrapolate_round_odd(
     (r, inexact)
 }
 
+/// θ1 + α(θ1 − θ0) on 8 f64 lanes, rounded to f32 with round-to-odd **where the f32
+/// result is normal** (or zero, infinite or NaN): the sticky bit — whether any of the 29
+/// bits below an f32 significand is set — is ORed into the last bit an f32 keeps, and the
+/// conversion truncates. Where the result is an f32 subnormal the last kept bit is higher
+/// up and the result may be wrong; callers check for that and redo those lanes.
+#[inline(always)]
+unsafe fn extrapolate_round_odd_normal(
+    alpha: __m512d,
+    t0: __m512d,
+    t1: __m512d,
+    sums: &mut Sums,
+) -> __m256 {
+    let y = _mm512_castpd_si512(extrapolate_lanes(alpha, t0, t1, sums));
+    let below = _mm512_set1_epi64(0x1fff_ffff);
+    // (y & below) + below carries into bit 29 exactly when some bit below it is set.
+    let carry = _mm512_add_epi64(_mm512_and_si512(y, below), below);
+    // y | (carry & bit 29)
+    let sticky = _mm512_ternarylogic_epi64::<0xf8>(y, carry, _mm512_set1_epi64(1 << 29));
+    _mm512_cvt_roundpd_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm512_castsi512_pd(sticky))
+}
+
 /// Runs the portable loop on the elements from `done` on (fewer than a vector's worth) and
 /// adds what the vector loop counted and summed.
 #[inline(always)]
@@ -121,11 +145,12 @@ unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) ->
     _mm512_mask_or_epi32(r, inexact, r, _mm512_set1_epi32(1))
 }
 
-/// A 2-byte format: how 16 elements widen to f32 exactly and how 16 round-to-odd f32
-/// results narrow to it, counting the non-finite ones.
+/// A 2-byte format: how 16 elements widen to f32 exactly, how their results round to odd
+/// f32 and how those narrow to the format, counting the non-finite ones.
 trait Half {
     const FORMAT: crate::dtype::FloatDtype;
     unsafe fn widen(x: __m256i) -> __m512;
+    unsafe fn round_odd(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) -> __m512i;
     unsafe fn narrow(r: __m512i) -> (__m256i, u64);
 }
 
@@ -140,22 +165,34 @@ impl Half for Bf16 {
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)))
     }
 
-    /// f32 → bf16, round to nearest even; NaN keeps its top payload bits and gets quiet.
+    /// Exact everywhere: bf16 has f32's exponent range, so f32-subnormal results matter.
+    #[inline(always)]
+    unsafe fn round_odd(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) -> __m512i {
+        block(alpha, t0, t1, sums)
+    }
+
     #[inline(always)]
     unsafe fn narrow(r: __m512i) -> (__m256i, u64) {
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(r), _mm512_set1_epi32(1));
-        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
-            r,
-            _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb),
-        ));
-        let abs = _mm512_and_si512(r, _mm512_set1_epi32(0x7fff_ffff));
-        let is_nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
-        let nan = _mm512_or_si512(_mm512_srli_epi32::<16>(r), _mm512_set1_epi32(0x40));
-        let h = _mm512_mask_blend_epi32(is_nan, rounded, nan);
+        let h = bf16_lanes(r);
         let exp = _mm512_and_si512(h, _mm512_set1_epi32(0x7f80));
         let nonfinite = _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0x7f80)).count_ones();
         (_mm512_cvtepi32_epi16(h), nonfinite as u64)
     }
+}
+
+/// f32 → bf16 with round to nearest even, in the low half of each 32-bit lane (the high
+/// half is zero); NaN keeps its top payload bits and gets quiet.
+#[inline(always)]
+unsafe fn bf16_lanes(r: __m512i) -> __m512i {
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(r), _mm512_set1_epi32(1));
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+        r,
+        _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb),
+    ));
+    let abs = _mm512_and_si512(r, _mm512_set1_epi32(0x7fff_ffff));
+    let is_nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
+    let nan = _mm512_or_si512(_mm512_srli_epi32::<16>(r), _mm512_set1_epi32(0x40));
+    _mm512_mask_blend_epi32(is_nan, rounded, nan)
 }
 
 impl Half for F16 {
@@ -164,6 +201,14 @@ impl Half for F16 {
     #[inline(always)]
     unsafe fn widen(x: __m256i) -> __m512 {
         _mm512_cvtph_ps(x)
+    }
+
+    /// The sticky-bit rounding, wrong only where the f32 result is subnormal: there the
+    /// value is below 2⁻¹²⁶ in magnitude, and any such f32 narrows to the same ±0 in f16
+    /// (whose smallest subnormal is 2⁻²⁴) as the exact value does.
+    #[inline(always)]
+    unsafe fn round_odd(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) -> __m512i {
+        _mm512_castps_si512(block_normal(alpha, t0, t1, sums))
     }
 
     /// f32 → f16 with round to nearest even (subnormals, overflow and NaN per IEEE).
@@ -197,7 +242,7 @@ unsafe fn half_loop<H: Half>(
         // bounds of all three slices; the loads and stores are unaligned variants.
         let a = _mm256_loadu_si256(sft.as_ptr().add(2 * i) as *const __m256i);
         let b = _mm256_loadu_si256(aligned.as_ptr().add(2 * i) as *const __m256i);
-        let r = block(va, H::widen(a), H::widen(b), &mut sums);
+        let r = H::round_odd(va, H::widen(a), H::widen(b), &mut sums);
         let (h, bad) = H::narrow(r);
         nonfinite += bad;
         _mm256_storeu_si256(out.as_mut_ptr().add(2 * i) as *mut __m256i, h);
@@ -209,18 +254,125 @@ unsafe fn half_loop<H: Half>(
 /// bf16, bf16 → bf16.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW, VL and DQ, F16C and FMA; `sft`, `aligned` and `out`
+/// The CPU must support AVX-512 F, BW, VL and DQ, F16C, FMA and POPCNT; `sft`, `aligned` and `out`
 /// must hold the same number of 2-byte elements.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,popcnt")]
 pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
     half_loop::<Bf16>(alpha, sft, aligned, out)
+}
+
+/// bf16 elements 2k and 2k + 1 of 32 as two vectors of 16 f32 lanes, without a shuffle:
+/// each 32-bit lane holds an even element in its low half and an odd one in its high half.
+#[inline(always)]
+unsafe fn split_bf16(x: __m512i) -> (__m512, __m512) {
+    (
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x)),
+        _mm512_castsi512_ps(_mm512_and_si512(
+            x,
+            _mm512_set1_epi32(0xffff_0000_u32 as i32),
+        )),
+    )
+}
+
+/// 16 lanes of [`extrapolate_round_odd_normal`].
+#[inline(always)]
+unsafe fn block_normal(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) -> __m512 {
+    let (a_lo, a_hi) = widen(t0);
+    let (b_lo, b_hi) = widen(t1);
+    let r_lo = extrapolate_round_odd_normal(alpha, a_lo, b_lo, &mut sums[0]);
+    let r_hi = extrapolate_round_odd_normal(alpha, a_hi, b_hi, &mut sums[1]);
+    _mm512_insertf32x8::<1>(_mm512_castps256_ps512(r_lo), r_hi)
+}
+
+/// The exact bf16 results of 32 elements split as by [`split_bf16`], interleaved back:
+/// for the rare blocks with an f32-subnormal intermediate, which the hardware conversion
+/// would flush to zero. Adds nothing to the sums (the caller already has).
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+unsafe fn bf16_exact_block(
+    alpha: __m512d,
+    (t0_even, t0_odd): (__m512, __m512),
+    (t1_even, t1_odd): (__m512, __m512),
+) -> __m512i {
+    let mut ignored = [Sums::new(), Sums::new()];
+    let even = bf16_lanes(block(alpha, t0_even, t1_even, &mut ignored));
+    let odd = bf16_lanes(block(alpha, t0_odd, t1_odd, &mut ignored));
+    _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd))
+}
+
+/// bf16, bf16 → bf16 with the AVX512_BF16 conversion.
+///
+/// Per 32 elements: split into even and odd elements (no shuffles), compute both halves
+/// in f64 and round them to odd f32 with the sticky-bit trick, narrow both with one
+/// `vcvtne2ps2bf16` (round to nearest even, NaNs quieted as the portable code does), and
+/// put the elements back in order with one permute. That conversion flushes subnormal
+/// inputs to zero, so a block with an f32-subnormal intermediate (which the sticky-bit
+/// trick does not round correctly either) is redone by [`bf16_exact_block`].
+///
+/// # Safety
+/// As [`bf16`], and the CPU must support AVX512_BF16 and POPCNT.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,popcnt")]
+pub unsafe fn bf16_native(
+    alpha: f64,
+    sft: &[u8],
+    aligned: &[u8],
+    out: &mut [u8],
+) -> super::ChunkStats {
+    const BLOCK: usize = 32;
+    let n = out.len() / 2;
+    debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
+    let va = _mm512_set1_pd(alpha);
+    // `vcvtne2ps2bf16(odd, even)` puts the even elements' results in 16-bit lanes 0..16 and
+    // the odd ones' in 16..32; output lane 2k takes lane k, lane 2k + 1 takes 16 + k.
+    let mut order = [0u16; BLOCK];
+    for (k, pair) in order.chunks_exact_mut(2).enumerate() {
+        pair[0] = k as u16;
+        pair[1] = (BLOCK / 2 + k) as u16;
+    }
+    let interleave = _mm512_loadu_si512(order.as_ptr() as *const __m512i);
+    let mut sums = [Sums::new(), Sums::new()];
+    let mut nonfinite = 0u64;
+    let mut i = 0;
+    while i + BLOCK <= n {
+        // SAFETY (all pointer arithmetic below): i + 32 <= n, so bytes [2i, 2i + 64) are in
+        // bounds of all three slices; the loads and stores are unaligned variants.
+        let t0 = split_bf16(_mm512_loadu_si512(sft.as_ptr().add(2 * i) as *const __m512i));
+        let t1 = split_bf16(_mm512_loadu_si512(
+            aligned.as_ptr().add(2 * i) as *const __m512i
+        ));
+        let even = block_normal(va, t0.0, t1.0, &mut sums);
+        let odd = block_normal(va, t0.1, t1.1, &mut sums);
+        const SUBNORMAL: i32 = 0x20;
+        let h = if _mm512_fpclass_ps_mask::<SUBNORMAL>(even)
+            | _mm512_fpclass_ps_mask::<SUBNORMAL>(odd)
+            == 0
+        {
+            let packed = _mm512_cvtne2ps_pbh(odd, even);
+            _mm512_permutexvar_epi16(interleave, std::mem::transmute::<__m512bh, __m512i>(packed))
+        } else {
+            bf16_exact_block(va, t0, t1)
+        };
+        let exp = _mm512_and_si512(h, _mm512_set1_epi16(0x7f80));
+        nonfinite += _mm512_cmpeq_epi16_mask(exp, _mm512_set1_epi16(0x7f80)).count_ones() as u64;
+        _mm512_storeu_si512(out.as_mut_ptr().add(2 * i) as *mut __m512i, h);
+        i += BLOCK;
+    }
+    finish(
+        crate::dtype::FloatDtype::BF16,
+        alpha,
+        (sft, aligned, out),
+        i,
+        nonfinite,
+        &sums,
+    )
 }
 
 /// f16, f16 → f16.
 ///
 /// # Safety
 /// As [`bf16`], and the CPU must support F16C.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,popcnt")]
 pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
     half_loop::<F16>(alpha, sft, aligned, out)
 }
@@ -230,7 +382,7 @@ pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> sup
 ///
 /// # Safety
 /// As [`bf16`], with 4-byte elements.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,popcnt")]
 pub unsafe fn f32(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
     let n = out.len() / 4;
     debug_assert!(sft.len() >= 4 * n && aligned.len() >= 4 * n);
@@ -268,7 +420,7 @@ pub unsafe fn f32(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> sup
 ///
 /// # Safety
 /// As [`bf16`], with 8-byte elements.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,popcnt")]
 pub unsafe fn f64(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
     let n = out.len() / 8;
     debug_assert!(sft.len() >= 8 * n && aligned.len() >= 8 * n);

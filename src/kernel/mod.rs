@@ -138,6 +138,9 @@ pub enum Isa {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// AVX-512 with the BF16 conversions (only the bf16 kernel differs).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Bf16,
 }
 
 impl Isa {
@@ -148,7 +151,7 @@ impl Isa {
 
     /// Every instruction set this build knows, best last.
     #[cfg(target_arch = "x86_64")]
-    const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+    const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
     #[cfg(not(target_arch = "x86_64"))]
     const ALL: [Isa; 1] = [Isa::Portable];
 
@@ -168,6 +171,11 @@ impl Isa {
                     && std::is_x86_feature_detected!("avx512vl")
                     && std::is_x86_feature_detected!("avx512dq")
                     && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("popcnt")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => {
+                Isa::Avx512.supported() && std::is_x86_feature_detected!("avx512bf16")
             }
         }
     }
@@ -190,6 +198,8 @@ impl Isa {
             Isa::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => "avx512-bf16",
         }
     }
 }
@@ -429,12 +439,17 @@ pub fn extrapolate_with(
             unsafe { avx2::extrapolate(spec, alpha, sft, aligned, out) }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
-            assert!(isa.supported(), "AVX-512 is not available");
-            // SAFETY: the CPU supports the AVX-512 subsets, F16C and FMA (checked just above).
+        Isa::Avx512 | Isa::Avx512Bf16 => {
+            assert!(isa.supported(), "{} is not available", isa.name());
+            // SAFETY: the CPU supports the AVX-512 subsets, F16C, FMA, POPCNT and, for
+            // Avx512Bf16, AVX512_BF16 (checked just above).
             unsafe {
                 if spec == KernelSpec::same(FloatDtype::BF16) {
-                    return avx512::bf16(alpha, sft, aligned, out);
+                    return if isa == Isa::Avx512Bf16 {
+                        avx512::bf16_native(alpha, sft, aligned, out)
+                    } else {
+                        avx512::bf16(alpha, sft, aligned, out)
+                    };
                 }
                 if spec == KernelSpec::same(FloatDtype::F16) {
                     return avx512::f16(alpha, sft, aligned, out);
@@ -466,9 +481,9 @@ pub fn cast_with(isa: Isa, spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> 
             unsafe { avx2::cast(spec, aligned, out) }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
-            assert!(isa.supported(), "AVX-512 is not available");
-            // SAFETY: the CPU supports the AVX-512 subsets, F16C and FMA (checked just above).
+        Isa::Avx512 | Isa::Avx512Bf16 => {
+            assert!(isa.supported(), "{} is not available", isa.name());
+            // SAFETY: the CPU supports the AVX-512 subsets and F16C (checked just above).
             unsafe { avx512_generic::cast(spec, aligned, out) }
         }
     }
@@ -592,16 +607,24 @@ mod tests {
 
     fn check_all_isas(spec: KernelSpec, alpha: f64, sft: &[u8], aligned: &[u8]) -> Vec<u8> {
         let n = aligned.len() / spec.aligned.size();
-        let mut first: Option<Vec<u8>> = None;
+        let mut first: Option<(Vec<u8>, u64)> = None;
         for isa in Isa::available() {
             let mut out = vec![0u8; n * spec.out.size()];
-            extrapolate_with(isa, spec, alpha, sft, aligned, &mut out);
+            let stats = extrapolate_with(isa, spec, alpha, sft, aligned, &mut out);
             match &first {
-                None => first = Some(out),
-                Some(f) => assert_eq!(f, &out, "{} differs from portable for {spec:?}", isa.name()),
+                None => first = Some((out, stats.nonfinite_out)),
+                Some((f, nonfinite)) => {
+                    assert_eq!(f, &out, "{} differs from portable for {spec:?}", isa.name());
+                    assert_eq!(
+                        *nonfinite,
+                        stats.nonfinite_out,
+                        "{} counts non-finite values differently for {spec:?}",
+                        isa.name()
+                    );
+                }
             }
         }
-        first.unwrap()
+        first.unwrap().0
     }
 
     fn sample_values(d: FloatDtype, seed: u64, n: usize) -> Vec<f64> {
@@ -786,6 +809,45 @@ mod tests {
         }
     }
 
+    fn u16_bytes(bits: &[u16]) -> Vec<u8> {
+        bits.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// The bf16 kernels work on blocks of 32 elements and redo a block whose f32
+    /// intermediate is subnormal: one such element at any position of a block, in an even
+    /// or odd lane, and the tail.
+    #[test]
+    fn bf16_block_with_one_subnormal_result() {
+        let spec = KernelSpec::same(FloatDtype::BF16);
+        let n = 2 * 32 + 7;
+        let normal: Vec<u16> = (0..n as u16).map(|k| 0x3f80 + 3 * k).collect();
+        // (θ0, θ1): θ1 + 0.3(θ1 − θ0) is an f32 (and bf16) subnormal, or just below the
+        // smallest normal, or exactly the smallest normal.
+        let cases = [
+            (0x0005, 0x0005),
+            (0x0003, 0x0041),
+            (0x0081, 0x0080),
+            (0x0080, 0x0080),
+        ];
+        for (t0_bits, t1_bits) in cases {
+            for pos in 0..n {
+                let mut t0 = normal.clone();
+                let mut t1: Vec<u16> = normal.iter().map(|x| x + 1).collect();
+                t0[pos] = t0_bits;
+                t1[pos] = t1_bits;
+                let got = check_all_isas(spec, 0.3, &u16_bytes(&t0), &u16_bytes(&t1));
+                let x0 = decode(FloatDtype::BF16, &u16_bytes(&t0));
+                let x1 = decode(FloatDtype::BF16, &u16_bytes(&t1));
+                let want: Vec<f64> = x0.iter().zip(&x1).map(|(a, b)| b + 0.3 * (b - a)).collect();
+                assert_eq!(
+                    got,
+                    encode(FloatDtype::BF16, &want),
+                    "({t0_bits:#06x}, {t1_bits:#06x}) at {pos}"
+                );
+            }
+        }
+    }
+
     proptest! {
         /// Any bit patterns at all (NaNs, infinities, subnormals): every instruction set
         /// gives the same bits as the portable loop.
@@ -803,6 +865,38 @@ mod tests {
                 let ab: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
                 let bb: Vec<u8> = b.iter().flat_map(|x| x.to_le_bytes()).collect();
                 check_all_isas(spec, alpha, &ab, &bb);
+            }
+        }
+
+        /// bf16 and f16 results next to the halfway points between two values of the
+        /// format, where a wrong sticky bit or a double rounding shows: θ0 a few units in
+        /// the last place from θ1, α dyadic (exact ties) or not. Every instruction set
+        /// equals the reference.
+        #[test]
+        fn half_formats_near_ties_round_once(
+            magnitudes in prop::collection::vec(0.0f64..1.0, 0..200),
+            steps in prop::collection::vec(-4i16..=4, 200),
+            negative in any::<bool>(),
+            alpha in prop_oneof![
+                Just(0.5f64), Just(0.25), Just(1.5), Just(-0.5), Just(0.3), Just(3.0),
+                // just off a tie: only the sticky bit tells the two roundings apart
+                Just(0.5 + 1e-9), Just(0.5 - 1e-9), Just(1.5 + 1e-12), Just(-0.25 + 1e-10),
+                -8.0f64..8.0,
+            ],
+        ) {
+            let sign = if negative { 0x8000 } else { 0 };
+            // Normal values of each format, short of the largest binades (no overflow).
+            for (d, lowest, highest) in [(FloatDtype::BF16, 0x0080u16, 0x7f00u16), (FloatDtype::F16, 0x0400, 0x7800)] {
+                let t1: Vec<u16> = magnitudes
+                    .iter()
+                    .map(|m| (lowest + (m * f64::from(highest - lowest)) as u16) | sign)
+                    .collect();
+                let t0: Vec<u16> = t1.iter().zip(&steps).map(|(x, d)| x.wrapping_add_signed(*d)).collect();
+                let got = check_all_isas(KernelSpec::same(d), alpha, &u16_bytes(&t0), &u16_bytes(&t1));
+                let x0 = decode(d, &u16_bytes(&t0));
+                let x1 = decode(d, &u16_bytes(&t1));
+                let want: Vec<f64> = x0.iter().zip(&x1).map(|(a, b)| b + alpha * (b - a)).collect();
+                prop_assert_eq!(got, encode(d, &want), "{}", d);
             }
         }
     }
