@@ -253,7 +253,41 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     (s[s.len() / 2], s[0], s[s.len() - 1])
 }
 
+/// Rejects anything but the documented options (a mistyped one would otherwise run the
+/// default benchmark), and prints the options for `--help`.
+fn check_args() {
+    const VALUED: [&str; 7] = [
+        "--params",
+        "--runs",
+        "--shards",
+        "--dir",
+        "--threads",
+        "--mode",
+        "--expo",
+    ];
+    const FLAGS: [&str; 1] = ["--keep"];
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: bench [--params N[M|B]] [--runs R] [--shards S] [--dir DIR] [--keep] \
+                 [--threads T] [--mode warm|cold|both|sweep] [--expo PATH]";
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "--help" || a == "-h" {
+            println!("{usage}");
+            std::process::exit(0);
+        } else if VALUED.contains(&a) && i + 1 < args.len() {
+            i += 2;
+        } else if FLAGS.contains(&a) || a == "--bench" {
+            i += 1;
+        } else {
+            eprintln!("bench: unexpected argument {a:?}\n{usage}");
+            std::process::exit(2);
+        }
+    }
+}
+
 fn main() {
+    check_args();
     let params = parse_count(&arg("--params").unwrap_or_else(|| "500M".into()));
     let runs: usize = arg("--runs").map_or(5, |r| r.parse().expect("--runs N"));
     let shards: usize = arg("--shards").map_or(3, |r| r.parse().expect("--shards N"));

@@ -3,14 +3,19 @@
 //! which the compiler will not do in the portable loop without giving up vectorization.
 //!
 //! They compute exactly what the portable loop computes — widen exactly, subtract, multiply,
-//! add in f64, round once — with two shortcuts the instruction set offers: the f64 → f32
-//! round-to-odd step uses a conversion with embedded round-toward-zero (`{rz-sae}`) instead
-//! of round-to-nearest plus a correction, and f16 conversions use the F16C instructions.
-//! Where the CPU has AVX512_BF16, the bf16 kernel ([`bf16_native`]) narrows with the
-//! hardware conversion, which rounds exactly as the portable code does except that it
-//! flushes subnormal inputs to zero; blocks with a subnormal intermediate take the exact
-//! integer narrowing instead. All give the same bits as the portable code; the kernel tests
-//! compare them on every format and on arbitrary bit patterns, NaNs included.
+//! add in f64, round once — with shortcuts the instruction set offers:
+//! - f64 → f32 round to odd (the step that makes the final rounding to bf16/f16 exact):
+//!   a conversion with embedded round-toward-zero (`{rz-sae}`), after ORing the sticky bit
+//!   (any bit below the f32 significand set) into the last bit an f32 keeps. That is right
+//!   wherever the f32 result is normal; where it is subnormal, bf16 redoes the block
+//!   exactly (compare back and fix the last bit) and f16 does not need to (see [`f16`]).
+//! - bf16 is processed as even and odd elements, split and merged with shifts rather than
+//!   shuffles; its final rounding is integer arithmetic, or with AVX512_BF16
+//!   ([`bf16_native`]) one `vcvtne2ps2bf16` per 32 elements.
+//! - f16 conversions use the F16C instructions.
+//!
+//! All give the same bits as the portable code; the kernel tests compare them on every
+//! format, on values next to rounding ties and on arbitrary bit patterns, NaNs included.
 
 use std::arch::x86_64::*;
 
@@ -145,41 +150,6 @@ unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) ->
     _mm512_mask_or_epi32(r, inexact, r, _mm512_set1_epi32(1))
 }
 
-/// A 2-byte format: how 16 elements widen to f32 exactly, how their results round to odd
-/// f32 and how those narrow to the format, counting the non-finite ones.
-trait Half {
-    const FORMAT: crate::dtype::FloatDtype;
-    unsafe fn widen(x: __m256i) -> __m512;
-    unsafe fn round_odd(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) -> __m512i;
-    unsafe fn narrow(r: __m512i) -> (__m256i, u64);
-}
-
-struct Bf16;
-struct F16;
-
-impl Half for Bf16 {
-    const FORMAT: crate::dtype::FloatDtype = crate::dtype::FloatDtype::BF16;
-
-    #[inline(always)]
-    unsafe fn widen(x: __m256i) -> __m512 {
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)))
-    }
-
-    /// Exact everywhere: bf16 has f32's exponent range, so f32-subnormal results matter.
-    #[inline(always)]
-    unsafe fn round_odd(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) -> __m512i {
-        block(alpha, t0, t1, sums)
-    }
-
-    #[inline(always)]
-    unsafe fn narrow(r: __m512i) -> (__m256i, u64) {
-        let h = bf16_lanes(r);
-        let exp = _mm512_and_si512(h, _mm512_set1_epi32(0x7f80));
-        let nonfinite = _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0x7f80)).count_ones();
-        (_mm512_cvtepi32_epi16(h), nonfinite as u64)
-    }
-}
-
 /// f32 → bf16 with round to nearest even, in the low half of each 32-bit lane (the high
 /// half is zero); NaN keeps its top payload bits and gets quiet.
 #[inline(always)]
@@ -193,72 +163,6 @@ unsafe fn bf16_lanes(r: __m512i) -> __m512i {
     let is_nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
     let nan = _mm512_or_si512(_mm512_srli_epi32::<16>(r), _mm512_set1_epi32(0x40));
     _mm512_mask_blend_epi32(is_nan, rounded, nan)
-}
-
-impl Half for F16 {
-    const FORMAT: crate::dtype::FloatDtype = crate::dtype::FloatDtype::F16;
-
-    #[inline(always)]
-    unsafe fn widen(x: __m256i) -> __m512 {
-        _mm512_cvtph_ps(x)
-    }
-
-    /// The sticky-bit rounding, wrong only where the f32 result is subnormal: there the
-    /// value is below 2⁻¹²⁶ in magnitude, and any such f32 narrows to the same ±0 in f16
-    /// (whose smallest subnormal is 2⁻²⁴) as the exact value does.
-    #[inline(always)]
-    unsafe fn round_odd(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) -> __m512i {
-        _mm512_castps_si512(block_normal(alpha, t0, t1, sums))
-    }
-
-    /// f32 → f16 with round to nearest even (subnormals, overflow and NaN per IEEE).
-    #[inline(always)]
-    unsafe fn narrow(r: __m512i) -> (__m256i, u64) {
-        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_castsi512_ps(r),
-        );
-        let exp = _mm256_and_si256(h, _mm256_set1_epi16(0x7c00));
-        let nonfinite = _mm256_cmpeq_epi16_mask(exp, _mm256_set1_epi16(0x7c00)).count_ones();
-        (h, nonfinite as u64)
-    }
-}
-
-/// The loop shared by the two 2-byte formats.
-#[inline(always)]
-unsafe fn half_loop<H: Half>(
-    alpha: f64,
-    sft: &[u8],
-    aligned: &[u8],
-    out: &mut [u8],
-) -> super::ChunkStats {
-    let n = out.len() / 2;
-    debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
-    let va = _mm512_set1_pd(alpha);
-    let mut sums = [Sums::new(), Sums::new()];
-    let mut nonfinite = 0u64;
-    let mut i = 0;
-    while i + LANES <= n {
-        // SAFETY (all pointer arithmetic below): i + 16 <= n, so bytes [2i, 2i + 32) are in
-        // bounds of all three slices; the loads and stores are unaligned variants.
-        let a = _mm256_loadu_si256(sft.as_ptr().add(2 * i) as *const __m256i);
-        let b = _mm256_loadu_si256(aligned.as_ptr().add(2 * i) as *const __m256i);
-        let r = H::round_odd(va, H::widen(a), H::widen(b), &mut sums);
-        let (h, bad) = H::narrow(r);
-        nonfinite += bad;
-        _mm256_storeu_si256(out.as_mut_ptr().add(2 * i) as *mut __m256i, h);
-        i += LANES;
-    }
-    finish(H::FORMAT, alpha, (sft, aligned, out), i, nonfinite, &sums)
-}
-
-/// bf16, bf16 → bf16.
-///
-/// # Safety
-/// The CPU must support AVX-512 F, BW, VL and DQ, F16C, FMA and POPCNT; `sft`, `aligned` and `out`
-/// must hold the same number of 2-byte elements.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,popcnt")]
-pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
-    half_loop::<Bf16>(alpha, sft, aligned, out)
 }
 
 /// bf16 elements 2k and 2k + 1 of 32 as two vectors of 16 f32 lanes, without a shuffle:
@@ -285,8 +189,8 @@ unsafe fn block_normal(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums;
 }
 
 /// The exact bf16 results of 32 elements split as by [`split_bf16`], interleaved back:
-/// for the rare blocks with an f32-subnormal intermediate, which the hardware conversion
-/// would flush to zero. Adds nothing to the sums (the caller already has).
+/// for the rare blocks with an f32-subnormal intermediate, which the fast narrowings get
+/// wrong. Adds nothing to the sums (the caller already has).
 #[cold]
 #[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
@@ -301,36 +205,79 @@ unsafe fn bf16_exact_block(
     _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd))
 }
 
-/// bf16, bf16 → bf16 with the AVX512_BF16 conversion.
-///
-/// Per 32 elements: split into even and odd elements (no shuffles), compute both halves
-/// in f64 and round them to odd f32 with the sticky-bit trick, narrow both with one
-/// `vcvtne2ps2bf16` (round to nearest even, NaNs quieted as the portable code does), and
-/// put the elements back in order with one permute. That conversion flushes subnormal
-/// inputs to zero, so a block with an f32-subnormal intermediate (which the sticky-bit
-/// trick does not round correctly either) is redone by [`bf16_exact_block`].
-///
-/// # Safety
-/// As [`bf16`], and the CPU must support AVX512_BF16 and POPCNT.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,popcnt")]
-pub unsafe fn bf16_native(
+/// How the bf16 loop turns the even and odd elements' f32 results (rounded to odd, none
+/// subnormal) into 32 bf16 values in element order.
+trait PairNarrowing {
+    /// Anything to compute once per call.
+    type State: Copy;
+    unsafe fn state() -> Self::State;
+    unsafe fn narrow(state: Self::State, even: __m512, odd: __m512) -> __m512i;
+}
+
+/// Integer rounding on each half; the odd results shift into the high halves of the
+/// lanes, which puts every element back in place.
+struct IntegerNarrowing;
+
+impl PairNarrowing for IntegerNarrowing {
+    type State = ();
+
+    #[inline(always)]
+    unsafe fn state() {}
+
+    #[inline(always)]
+    unsafe fn narrow((): (), even: __m512, odd: __m512) -> __m512i {
+        let even = bf16_lanes(_mm512_castps_si512(even));
+        let odd = bf16_lanes(_mm512_castps_si512(odd));
+        _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd))
+    }
+}
+
+/// `vcvtne2ps2bf16` (AVX512_BF16) on both halves at once — round to nearest even, NaNs
+/// quieted as the integer code does, subnormal inputs flushed (none reach it) — then one
+/// permute back into element order.
+struct HardwareNarrowing;
+
+impl PairNarrowing for HardwareNarrowing {
+    /// The permute's indices.
+    type State = __m512i;
+
+    #[inline(always)]
+    unsafe fn state() -> __m512i {
+        // The conversion puts the even elements' results in 16-bit lanes 0..16 and the
+        // odd ones' in 16..32: output lane 2k takes lane k, lane 2k + 1 takes 16 + k.
+        let mut order = [0u16; 32];
+        for (k, pair) in order.chunks_exact_mut(2).enumerate() {
+            pair[0] = k as u16;
+            pair[1] = (16 + k) as u16;
+        }
+        _mm512_loadu_si512(order.as_ptr() as *const __m512i)
+    }
+
+    #[inline(always)]
+    unsafe fn narrow(interleave: __m512i, even: __m512, odd: __m512) -> __m512i {
+        let packed = _mm512_cvtne2ps_pbh(odd, even);
+        _mm512_permutexvar_epi16(interleave, std::mem::transmute::<__m512bh, __m512i>(packed))
+    }
+}
+
+/// The bf16 loop. Per 32 elements: split into even and odd elements (no shuffles),
+/// compute both halves in f64 and round them to odd f32 with the sticky-bit trick, then
+/// narrow. A block with an f32-subnormal intermediate, which the sticky-bit trick does not
+/// round correctly (nor the hardware conversion, which flushes it), is redone by
+/// [`bf16_exact_block`].
+#[inline(always)]
+unsafe fn bf16_loop<N: PairNarrowing>(
     alpha: f64,
     sft: &[u8],
     aligned: &[u8],
     out: &mut [u8],
 ) -> super::ChunkStats {
     const BLOCK: usize = 32;
+    const SUBNORMAL: i32 = 0x20;
     let n = out.len() / 2;
     debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
     let va = _mm512_set1_pd(alpha);
-    // `vcvtne2ps2bf16(odd, even)` puts the even elements' results in 16-bit lanes 0..16 and
-    // the odd ones' in 16..32; output lane 2k takes lane k, lane 2k + 1 takes 16 + k.
-    let mut order = [0u16; BLOCK];
-    for (k, pair) in order.chunks_exact_mut(2).enumerate() {
-        pair[0] = k as u16;
-        pair[1] = (BLOCK / 2 + k) as u16;
-    }
-    let interleave = _mm512_loadu_si512(order.as_ptr() as *const __m512i);
+    let state = N::state();
     let mut sums = [Sums::new(), Sums::new()];
     let mut nonfinite = 0u64;
     let mut i = 0;
@@ -343,13 +290,11 @@ pub unsafe fn bf16_native(
         ));
         let even = block_normal(va, t0.0, t1.0, &mut sums);
         let odd = block_normal(va, t0.1, t1.1, &mut sums);
-        const SUBNORMAL: i32 = 0x20;
         let h = if _mm512_fpclass_ps_mask::<SUBNORMAL>(even)
             | _mm512_fpclass_ps_mask::<SUBNORMAL>(odd)
             == 0
         {
-            let packed = _mm512_cvtne2ps_pbh(odd, even);
-            _mm512_permutexvar_epi16(interleave, std::mem::transmute::<__m512bh, __m512i>(packed))
+            N::narrow(state, even, odd)
         } else {
             bf16_exact_block(va, t0, t1)
         };
@@ -368,13 +313,69 @@ pub unsafe fn bf16_native(
     )
 }
 
+/// bf16, bf16 → bf16.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and DQ, FMA and POPCNT; `sft`, `aligned` and
+/// `out` must hold the same number of 2-byte elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,popcnt")]
+pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
+    bf16_loop::<IntegerNarrowing>(alpha, sft, aligned, out)
+}
+
+/// bf16, bf16 → bf16 with the AVX512_BF16 conversion.
+///
+/// # Safety
+/// As [`bf16`], and the CPU must support AVX512_BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,popcnt")]
+pub unsafe fn bf16_native(
+    alpha: f64,
+    sft: &[u8],
+    aligned: &[u8],
+    out: &mut [u8],
+) -> super::ChunkStats {
+    bf16_loop::<HardwareNarrowing>(alpha, sft, aligned, out)
+}
+
 /// f16, f16 → f16.
+///
+/// The round to odd uses the sticky-bit trick with no check: it is wrong only where the
+/// f32 result is subnormal, below 2⁻¹²⁶ in magnitude, and every such f32 narrows to the
+/// same ±0 in f16 (whose smallest subnormal is 2⁻²⁴) as the exact value does. The F16C
+/// conversion then rounds to nearest even, with f16 subnormals, overflow and NaN per IEEE.
 ///
 /// # Safety
 /// As [`bf16`], and the CPU must support F16C.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,popcnt")]
 pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
-    half_loop::<F16>(alpha, sft, aligned, out)
+    let n = out.len() / 2;
+    debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
+    let va = _mm512_set1_pd(alpha);
+    let mut sums = [Sums::new(), Sums::new()];
+    let mut nonfinite = 0u64;
+    let mut i = 0;
+    while i + LANES <= n {
+        // SAFETY (all pointer arithmetic below): i + 16 <= n, so bytes [2i, 2i + 32) are in
+        // bounds of all three slices; the loads and stores are unaligned variants.
+        let a = _mm512_cvtph_ps(_mm256_loadu_si256(sft.as_ptr().add(2 * i) as *const __m256i));
+        let b = _mm512_cvtph_ps(_mm256_loadu_si256(
+            aligned.as_ptr().add(2 * i) as *const __m256i
+        ));
+        let r = block_normal(va, a, b, &mut sums);
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r);
+        let exp = _mm256_and_si256(h, _mm256_set1_epi16(0x7c00));
+        nonfinite += _mm256_cmpeq_epi16_mask(exp, _mm256_set1_epi16(0x7c00)).count_ones() as u64;
+        _mm256_storeu_si256(out.as_mut_ptr().add(2 * i) as *mut __m256i, h);
+        i += LANES;
+    }
+    finish(
+        crate::dtype::FloatDtype::F16,
+        alpha,
+        (sft, aligned, out),
+        i,
+        nonfinite,
+        &sums,
+    )
 }
 
 /// f32, f32 → f32 (rounded once from f64 with the default round-to-nearest-even, as the
