@@ -49,7 +49,7 @@ impl Sums {
     /// Adds the accumulators, then the lanes pairwise, as the portable loop's `sum_lanes`
     /// does (the sums differ from the portable ones in the last bits).
     #[inline(always)]
-    unsafe fn total<const N: usize>(sums: &[Sums; N], field: impl Fn(&Sums) -> __m512d) -> f64 {
+    unsafe fn total(sums: &[Sums; 2], field: impl Fn(&Sums) -> __m512d) -> f64 {
         let mut v = _mm512_setzero_pd();
         for s in sums {
             v = _mm512_add_pd(v, field(s));
@@ -107,37 +107,8 @@ unsafe fn extrapolate_round_odd_normal(
     _mm512_cvt_roundpd_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm512_castsi512_pd(sticky))
 }
 
-/// Runs the portable loop on the elements from `done` on (fewer than a vector's worth) and
-/// adds what the vector loop counted and summed.
-#[inline(always)]
-fn finish<const N: usize>(
-    format: crate::dtype::FloatDtype,
-    alpha: f64,
-    (sft, aligned, out): (&[u8], &[u8], &mut [u8]),
-    done: usize,
-    nonfinite: u64,
-    sums: &[Sums; N],
-) -> super::ChunkStats {
-    let size = format.size();
-    let n = out.len() / size;
-    let tail = super::portable::extrapolate(
-        super::KernelSpec::same(format),
-        alpha,
-        &sft[size * done..size * n],
-        &aligned[size * done..size * n],
-        &mut out[size * done..size * n],
-    );
-    // SAFETY: only reached from the kernels below, whose callers guarantee the CPU
-    // features (`total` reads registers with AVX-512 stores).
-    let (dd, bb) = unsafe { (Sums::total(sums, |s| s.dd), Sums::total(sums, |s| s.bb)) };
-    super::ChunkStats {
-        nonfinite_out: nonfinite + tail.nonfinite_out,
-        delta_sq: dd + tail.delta_sq,
-        base_sq: bb + tail.base_sq,
-    }
-}
-
-/// Computes 16 lanes and returns the f32 results, rounded to odd.
+/// Computes 16 lanes and returns the f32 results rounded to odd, exactly everywhere (f32
+/// subnormals included): compare back and force the last bit of inexact results.
 #[inline(always)]
 unsafe fn block(alpha: __m512d, t0: __m512, t1: __m512, sums: &mut [Sums; 2]) -> __m512i {
     let (a_lo, a_hi) = widen(t0);
@@ -208,10 +179,7 @@ unsafe fn bf16_exact_block(
 /// How the bf16 loop turns the even and odd elements' f32 results (rounded to odd, none
 /// subnormal) into 32 bf16 values in element order.
 trait PairNarrowing {
-    /// Anything to compute once per call.
-    type State: Copy;
-    unsafe fn state() -> Self::State;
-    unsafe fn narrow(state: Self::State, even: __m512, odd: __m512) -> __m512i;
+    unsafe fn narrow(even: __m512, odd: __m512) -> __m512i;
 }
 
 /// Integer rounding on each half; the odd results shift into the high halves of the
@@ -219,13 +187,8 @@ trait PairNarrowing {
 struct IntegerNarrowing;
 
 impl PairNarrowing for IntegerNarrowing {
-    type State = ();
-
     #[inline(always)]
-    unsafe fn state() {}
-
-    #[inline(always)]
-    unsafe fn narrow((): (), even: __m512, odd: __m512) -> __m512i {
+    unsafe fn narrow(even: __m512, odd: __m512) -> __m512i {
         let even = bf16_lanes(_mm512_castps_si512(even));
         let odd = bf16_lanes(_mm512_castps_si512(odd));
         _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd))
@@ -237,90 +200,216 @@ impl PairNarrowing for IntegerNarrowing {
 /// permute back into element order.
 struct HardwareNarrowing;
 
-impl PairNarrowing for HardwareNarrowing {
-    /// The permute's indices.
-    type State = __m512i;
-
-    #[inline(always)]
-    unsafe fn state() -> __m512i {
-        // The conversion puts the even elements' results in 16-bit lanes 0..16 and the
-        // odd ones' in 16..32: output lane 2k takes lane k, lane 2k + 1 takes 16 + k.
-        let mut order = [0u16; 32];
-        for (k, pair) in order.chunks_exact_mut(2).enumerate() {
-            pair[0] = k as u16;
-            pair[1] = (16 + k) as u16;
-        }
-        _mm512_loadu_si512(order.as_ptr() as *const __m512i)
+/// The permute that follows the conversion: it puts the even elements' results in 16-bit
+/// lanes 0..16 and the odd ones' in 16..32, so output lane 2k takes lane k and lane 2k + 1
+/// takes lane 16 + k.
+const INTERLEAVE: [u16; 32] = {
+    let mut order = [0u16; 32];
+    let mut k = 0;
+    while k < 16 {
+        order[2 * k] = k as u16;
+        order[2 * k + 1] = 16 + k as u16;
+        k += 1;
     }
+    order
+};
 
+impl PairNarrowing for HardwareNarrowing {
     #[inline(always)]
-    unsafe fn narrow(interleave: __m512i, even: __m512, odd: __m512) -> __m512i {
+    unsafe fn narrow(even: __m512, odd: __m512) -> __m512i {
         let packed = _mm512_cvtne2ps_pbh(odd, even);
-        _mm512_permutexvar_epi16(interleave, std::mem::transmute::<__m512bh, __m512i>(packed))
+        let order = _mm512_loadu_si512(INTERLEAVE.as_ptr() as *const __m512i);
+        _mm512_permutexvar_epi16(order, std::mem::transmute::<__m512bh, __m512i>(packed))
     }
 }
 
-/// The bf16 loop. Per 32 elements: split into even and odd elements (no shuffles),
-/// compute both halves in f64 and round them to odd f32 with the sticky-bit trick, then
-/// narrow. A block with an f32-subnormal intermediate, which the sticky-bit trick does not
-/// round correctly (nor the hardware conversion, which flushes it), is redone by
-/// [`bf16_exact_block`].
+/// One AVX-512 kernel: the format, how many elements a step takes, and the step.
+trait Step {
+    const FORMAT: crate::dtype::FloatDtype;
+    /// Elements per step.
+    const ELEMENTS: usize;
+    /// Computes `ELEMENTS` elements, stores them, adds to the sums and returns how many of
+    /// them are ±inf or NaN.
+    ///
+    /// # Safety
+    /// `ELEMENTS` elements of the format are readable at `sft` and `aligned` and writable
+    /// at `out` (no alignment needed).
+    unsafe fn step(
+        alpha: __m512d,
+        sft: *const u8,
+        aligned: *const u8,
+        out: *mut u8,
+        sums: &mut [Sums; 2],
+    ) -> u64;
+}
+
+/// The loop every AVX-512 kernel runs: whole steps, then the tail, then the totals.
 #[inline(always)]
-unsafe fn bf16_loop<N: PairNarrowing>(
+unsafe fn run<S: Step>(
     alpha: f64,
     sft: &[u8],
     aligned: &[u8],
     out: &mut [u8],
 ) -> super::ChunkStats {
-    const BLOCK: usize = 32;
-    const SUBNORMAL: i32 = 0x20;
-    let n = out.len() / 2;
-    debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
+    let size = S::FORMAT.size();
+    let n = out.len() / size;
+    debug_assert!(sft.len() >= size * n && aligned.len() >= size * n);
     let va = _mm512_set1_pd(alpha);
-    let state = N::state();
     let mut sums = [Sums::new(), Sums::new()];
     let mut nonfinite = 0u64;
     let mut i = 0;
-    while i + BLOCK <= n {
-        // SAFETY (all pointer arithmetic below): i + 32 <= n, so bytes [2i, 2i + 64) are in
-        // bounds of all three slices; the loads and stores are unaligned variants.
-        let t0 = split_bf16(_mm512_loadu_si512(sft.as_ptr().add(2 * i) as *const __m512i));
-        let t1 = split_bf16(_mm512_loadu_si512(
-            aligned.as_ptr().add(2 * i) as *const __m512i
-        ));
-        let even = block_normal(va, t0.0, t1.0, &mut sums);
-        let odd = block_normal(va, t0.1, t1.1, &mut sums);
+    while i + S::ELEMENTS <= n {
+        // SAFETY: i + ELEMENTS <= n, so bytes [size·i, size·(i + ELEMENTS)) are in bounds
+        // of all three slices.
+        nonfinite += S::step(
+            va,
+            sft.as_ptr().add(size * i),
+            aligned.as_ptr().add(size * i),
+            out.as_mut_ptr().add(size * i),
+            &mut sums,
+        );
+        i += S::ELEMENTS;
+    }
+    // The tail (fewer elements than a step) in the portable loop.
+    let tail = super::portable::extrapolate(
+        super::KernelSpec::same(S::FORMAT),
+        alpha,
+        &sft[size * i..size * n],
+        &aligned[size * i..size * n],
+        &mut out[size * i..size * n],
+    );
+    super::ChunkStats {
+        nonfinite_out: nonfinite + tail.nonfinite_out,
+        delta_sq: Sums::total(&sums, |s| s.dd) + tail.delta_sq,
+        base_sq: Sums::total(&sums, |s| s.bb) + tail.base_sq,
+    }
+}
+
+/// bf16 with the narrowing `N`. Per 32 elements: split into even and odd elements (no
+/// shuffles), compute both halves in f64 and round them to odd f32 with the sticky-bit
+/// trick, then narrow. A block with an f32-subnormal intermediate, which the sticky-bit
+/// trick does not round correctly (nor the hardware conversion, which flushes it), is
+/// redone by [`bf16_exact_block`].
+struct Bf16<N>(std::marker::PhantomData<N>);
+
+impl<N: PairNarrowing> Step for Bf16<N> {
+    const FORMAT: crate::dtype::FloatDtype = crate::dtype::FloatDtype::BF16;
+    const ELEMENTS: usize = 32;
+    #[inline(always)]
+    unsafe fn step(
+        alpha: __m512d,
+        sft: *const u8,
+        aligned: *const u8,
+        out: *mut u8,
+        sums: &mut [Sums; 2],
+    ) -> u64 {
+        const SUBNORMAL: i32 = 0x20;
+        let t0 = split_bf16(_mm512_loadu_si512(sft as *const __m512i));
+        let t1 = split_bf16(_mm512_loadu_si512(aligned as *const __m512i));
+        let even = block_normal(alpha, t0.0, t1.0, sums);
+        let odd = block_normal(alpha, t0.1, t1.1, sums);
         let h = if _mm512_fpclass_ps_mask::<SUBNORMAL>(even)
             | _mm512_fpclass_ps_mask::<SUBNORMAL>(odd)
             == 0
         {
-            N::narrow(state, even, odd)
+            N::narrow(even, odd)
         } else {
-            bf16_exact_block(va, t0, t1)
+            bf16_exact_block(alpha, t0, t1)
         };
+        _mm512_storeu_si512(out as *mut __m512i, h);
         let exp = _mm512_and_si512(h, _mm512_set1_epi16(0x7f80));
-        nonfinite += _mm512_cmpeq_epi16_mask(exp, _mm512_set1_epi16(0x7f80)).count_ones() as u64;
-        _mm512_storeu_si512(out.as_mut_ptr().add(2 * i) as *mut __m512i, h);
-        i += BLOCK;
+        _mm512_cmpeq_epi16_mask(exp, _mm512_set1_epi16(0x7f80)).count_ones() as u64
     }
-    finish(
-        crate::dtype::FloatDtype::BF16,
-        alpha,
-        (sft, aligned, out),
-        i,
-        nonfinite,
-        &sums,
-    )
+}
+
+/// f16. The round to odd uses the sticky-bit trick with no check: it is wrong only where
+/// the f32 result is subnormal, below 2⁻¹²⁶ in magnitude, and every such f32 narrows to
+/// the same ±0 in f16 (whose smallest subnormal is 2⁻²⁴) as the exact value does. The
+/// F16C conversion then rounds to nearest even, with f16 subnormals, overflow and NaN per
+/// IEEE.
+struct F16;
+
+impl Step for F16 {
+    const FORMAT: crate::dtype::FloatDtype = crate::dtype::FloatDtype::F16;
+    const ELEMENTS: usize = LANES;
+    #[inline(always)]
+    unsafe fn step(
+        alpha: __m512d,
+        sft: *const u8,
+        aligned: *const u8,
+        out: *mut u8,
+        sums: &mut [Sums; 2],
+    ) -> u64 {
+        let a = _mm512_cvtph_ps(_mm256_loadu_si256(sft as *const __m256i));
+        let b = _mm512_cvtph_ps(_mm256_loadu_si256(aligned as *const __m256i));
+        let r = block_normal(alpha, a, b, sums);
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r);
+        _mm256_storeu_si256(out as *mut __m256i, h);
+        let exp = _mm256_and_si256(h, _mm256_set1_epi16(0x7c00));
+        _mm256_cmpeq_epi16_mask(exp, _mm256_set1_epi16(0x7c00)).count_ones() as u64
+    }
+}
+
+/// f32, rounded once from f64 with the default round to nearest even, as the portable
+/// loop's `as f32`.
+struct F32;
+
+impl Step for F32 {
+    const FORMAT: crate::dtype::FloatDtype = crate::dtype::FloatDtype::F32;
+    const ELEMENTS: usize = LANES;
+    #[inline(always)]
+    unsafe fn step(
+        alpha: __m512d,
+        sft: *const u8,
+        aligned: *const u8,
+        out: *mut u8,
+        sums: &mut [Sums; 2],
+    ) -> u64 {
+        let (a_lo, a_hi) = widen(_mm512_loadu_ps(sft as *const f32));
+        let (b_lo, b_hi) = widen(_mm512_loadu_ps(aligned as *const f32));
+        let y_lo = _mm512_cvtpd_ps(extrapolate_lanes(alpha, a_lo, b_lo, &mut sums[0]));
+        let y_hi = _mm512_cvtpd_ps(extrapolate_lanes(alpha, a_hi, b_hi, &mut sums[1]));
+        let r = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(y_lo), y_hi);
+        _mm512_storeu_ps(out as *mut f32, r);
+        let exp = _mm512_and_si512(_mm512_castps_si512(r), _mm512_set1_epi32(0x7f80_0000));
+        _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0x7f80_0000)).count_ones() as u64
+    }
+}
+
+/// f64 (no rounding at all).
+struct F64;
+
+impl Step for F64 {
+    const FORMAT: crate::dtype::FloatDtype = crate::dtype::FloatDtype::F64;
+    const ELEMENTS: usize = 8;
+    #[inline(always)]
+    unsafe fn step(
+        alpha: __m512d,
+        sft: *const u8,
+        aligned: *const u8,
+        out: *mut u8,
+        sums: &mut [Sums; 2],
+    ) -> u64 {
+        let a = _mm512_loadu_pd(sft as *const f64);
+        let b = _mm512_loadu_pd(aligned as *const f64);
+        let y = extrapolate_lanes(alpha, a, b, &mut sums[0]);
+        _mm512_storeu_pd(out as *mut f64, y);
+        let exp = _mm512_and_si512(
+            _mm512_castpd_si512(y),
+            _mm512_set1_epi64(0x7ff0_0000_0000_0000),
+        );
+        _mm512_cmpeq_epi64_mask(exp, _mm512_set1_epi64(0x7ff0_0000_0000_0000)).count_ones() as u64
+    }
 }
 
 /// bf16, bf16 → bf16.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and DQ, FMA and POPCNT; `sft`, `aligned` and
-/// `out` must hold the same number of 2-byte elements.
+/// `out` must hold the same number of elements of the kernel's format.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,popcnt")]
 pub unsafe fn bf16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
-    bf16_loop::<IntegerNarrowing>(alpha, sft, aligned, out)
+    run::<Bf16<IntegerNarrowing>>(alpha, sft, aligned, out)
 }
 
 /// bf16, bf16 → bf16 with the AVX512_BF16 conversion.
@@ -334,122 +423,32 @@ pub unsafe fn bf16_native(
     aligned: &[u8],
     out: &mut [u8],
 ) -> super::ChunkStats {
-    bf16_loop::<HardwareNarrowing>(alpha, sft, aligned, out)
+    run::<Bf16<HardwareNarrowing>>(alpha, sft, aligned, out)
 }
 
 /// f16, f16 → f16.
-///
-/// The round to odd uses the sticky-bit trick with no check: it is wrong only where the
-/// f32 result is subnormal, below 2⁻¹²⁶ in magnitude, and every such f32 narrows to the
-/// same ±0 in f16 (whose smallest subnormal is 2⁻²⁴) as the exact value does. The F16C
-/// conversion then rounds to nearest even, with f16 subnormals, overflow and NaN per IEEE.
 ///
 /// # Safety
 /// As [`bf16`], and the CPU must support F16C.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,popcnt")]
 pub unsafe fn f16(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
-    let n = out.len() / 2;
-    debug_assert!(sft.len() >= 2 * n && aligned.len() >= 2 * n);
-    let va = _mm512_set1_pd(alpha);
-    let mut sums = [Sums::new(), Sums::new()];
-    let mut nonfinite = 0u64;
-    let mut i = 0;
-    while i + LANES <= n {
-        // SAFETY (all pointer arithmetic below): i + 16 <= n, so bytes [2i, 2i + 32) are in
-        // bounds of all three slices; the loads and stores are unaligned variants.
-        let a = _mm512_cvtph_ps(_mm256_loadu_si256(sft.as_ptr().add(2 * i) as *const __m256i));
-        let b = _mm512_cvtph_ps(_mm256_loadu_si256(
-            aligned.as_ptr().add(2 * i) as *const __m256i
-        ));
-        let r = block_normal(va, a, b, &mut sums);
-        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r);
-        let exp = _mm256_and_si256(h, _mm256_set1_epi16(0x7c00));
-        nonfinite += _mm256_cmpeq_epi16_mask(exp, _mm256_set1_epi16(0x7c00)).count_ones() as u64;
-        _mm256_storeu_si256(out.as_mut_ptr().add(2 * i) as *mut __m256i, h);
-        i += LANES;
-    }
-    finish(
-        crate::dtype::FloatDtype::F16,
-        alpha,
-        (sft, aligned, out),
-        i,
-        nonfinite,
-        &sums,
-    )
+    run::<F16>(alpha, sft, aligned, out)
 }
 
-/// f32, f32 → f32 (rounded once from f64 with the default round-to-nearest-even, as the
-/// portable loop's `as f32`).
+/// f32, f32 → f32.
 ///
 /// # Safety
-/// As [`bf16`], with 4-byte elements.
+/// As [`bf16`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,popcnt")]
 pub unsafe fn f32(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
-    let n = out.len() / 4;
-    debug_assert!(sft.len() >= 4 * n && aligned.len() >= 4 * n);
-    let va = _mm512_set1_pd(alpha);
-    let mut sums = [Sums::new(), Sums::new()];
-    let mut nonfinite = 0u64;
-    let mut i = 0;
-    while i + LANES <= n {
-        // SAFETY: i + 16 <= n, so bytes [4i, 4i + 64) are in bounds of all three slices;
-        // the loads and stores are unaligned variants.
-        let a = _mm512_loadu_ps(sft.as_ptr().add(4 * i) as *const f32);
-        let b = _mm512_loadu_ps(aligned.as_ptr().add(4 * i) as *const f32);
-        let (a_lo, a_hi) = widen(a);
-        let (b_lo, b_hi) = widen(b);
-        let y_lo = _mm512_cvtpd_ps(extrapolate_lanes(va, a_lo, b_lo, &mut sums[0]));
-        let y_hi = _mm512_cvtpd_ps(extrapolate_lanes(va, a_hi, b_hi, &mut sums[1]));
-        let r = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(y_lo), y_hi);
-        let exp = _mm512_and_si512(_mm512_castps_si512(r), _mm512_set1_epi32(0x7f80_0000));
-        nonfinite +=
-            _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0x7f80_0000)).count_ones() as u64;
-        _mm512_storeu_ps(out.as_mut_ptr().add(4 * i) as *mut f32, r);
-        i += LANES;
-    }
-    finish(
-        crate::dtype::FloatDtype::F32,
-        alpha,
-        (sft, aligned, out),
-        i,
-        nonfinite,
-        &sums,
-    )
+    run::<F32>(alpha, sft, aligned, out)
 }
 
-/// f64, f64 → f64 (no rounding at all).
+/// f64, f64 → f64.
 ///
 /// # Safety
-/// As [`bf16`], with 8-byte elements.
+/// As [`bf16`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,popcnt")]
 pub unsafe fn f64(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
-    let n = out.len() / 8;
-    debug_assert!(sft.len() >= 8 * n && aligned.len() >= 8 * n);
-    let va = _mm512_set1_pd(alpha);
-    let mut sums = [Sums::new()];
-    let mut nonfinite = 0u64;
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: i + 8 <= n, so bytes [8i, 8i + 64) are in bounds of all three slices;
-        // the loads and stores are unaligned variants.
-        let a = _mm512_loadu_pd(sft.as_ptr().add(8 * i) as *const f64);
-        let b = _mm512_loadu_pd(aligned.as_ptr().add(8 * i) as *const f64);
-        let y = extrapolate_lanes(va, a, b, &mut sums[0]);
-        let exp = _mm512_and_si512(
-            _mm512_castpd_si512(y),
-            _mm512_set1_epi64(0x7ff0_0000_0000_0000),
-        );
-        nonfinite += _mm512_cmpeq_epi64_mask(exp, _mm512_set1_epi64(0x7ff0_0000_0000_0000))
-            .count_ones() as u64;
-        _mm512_storeu_pd(out.as_mut_ptr().add(8 * i) as *mut f64, y);
-        i += 8;
-    }
-    finish(
-        crate::dtype::FloatDtype::F64,
-        alpha,
-        (sft, aligned, out),
-        i,
-        nonfinite,
-        &sums,
-    )
+    run::<F64>(alpha, sft, aligned, out)
 }
