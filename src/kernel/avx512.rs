@@ -14,8 +14,9 @@
 //!   ([`bf16_native`]) one `vcvtne2ps2bf16` per 32 elements.
 //! - f16 conversions use the F16C instructions.
 //!
-//! All give the same bits as the portable code; the kernel tests compare them on every
-//! format, on values next to rounding ties and on arbitrary bit patterns, NaNs included.
+//! All give the same bits and non-finite counts as the portable code; the kernel tests
+//! compare them on every format, on arbitrary bit patterns (NaNs included) and, for bf16
+//! and f16, on values next to rounding ties, subnormal ones included.
 
 use std::arch::x86_64::*;
 
@@ -87,10 +88,13 @@ unsafe fn extrapolate_round_odd(
 }
 
 /// θ1 + α(θ1 − θ0) on 8 f64 lanes, rounded to f32 with round-to-odd **where the f32
-/// result is normal** (or zero, infinite or NaN): the sticky bit — whether any of the 29
-/// bits below an f32 significand is set — is ORed into the last bit an f32 keeps, and the
-/// conversion truncates. Where the result is an f32 subnormal the last kept bit is higher
-/// up and the result may be wrong; callers check for that and redo those lanes.
+/// result is normal** (or infinite or NaN, or y is zero): the sticky bit — whether any of
+/// the 29 bits below an f32 significand is set — is ORed into the last bit an f32 keeps, and
+/// the conversion truncates. Where the result is an f32 subnormal the last kept bit is
+/// higher up and the result may be wrong: bf16 callers check for subnormal results and redo
+/// those blocks. A nonzero |y| below 2⁻¹⁴⁹ truncates to ±0 where round to odd gives ±2⁻¹⁴⁹;
+/// no check sees that (zero is not subnormal), and none is needed: bf16 (smallest
+/// subnormal 2⁻¹³³) and f16 round both to the same ±0.
 #[inline(always)]
 unsafe fn extrapolate_round_odd_normal(
     alpha: __m512d,
