@@ -1,13 +1,10 @@
 //! `expo completions` and `expo man`, run as a user would.
 
+mod common;
+
 use std::process::Command;
 
-fn expo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_expo"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::expo;
 
 fn have(program: &str) -> bool {
     Command::new(program)
@@ -66,38 +63,29 @@ fn bash_completions_load() {
 #[test]
 fn every_shell_has_a_script() {
     for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
-        let o = expo(&["completions", shell]);
-        assert!(o.status.success(), "{shell}");
-        let text = String::from_utf8(o.stdout).unwrap();
+        let text = expo(&["completions", shell]).assert_ok().stdout;
         assert!(
             text.contains("extrapolate") && text.contains("--sft"),
             "{shell}"
         );
     }
-    let o = expo(&["completions", "tcsh"]);
-    assert_eq!(o.status.code(), Some(2));
+    expo(&["completions", "tcsh"]).assert_fails(2, &["tcsh"]);
 }
 
 #[test]
 fn man_pages() {
-    let o = expo(&["man"]);
-    assert!(o.status.success());
-    let page = String::from_utf8(o.stdout).unwrap();
+    let page = expo(&["man"]).assert_ok().stdout;
     assert!(page.contains(".TH expo 1"), "{page}");
     assert!(page.contains("expo\\-extrapolate(1)"), "{page}");
 
-    let o = expo(&["man", "extrapolate"]);
-    assert!(o.status.success());
-    let page = String::from_utf8(o.stdout).unwrap();
+    let page = expo(&["man", "extrapolate"]).assert_ok().stdout;
     assert!(page.contains(".TH expo-extrapolate 1"), "{page}");
     assert!(page.contains("\\-\\-max\\-shard\\-size"), "{page}");
 
-    let o = expo(&["man", "nope"]);
-    assert_eq!(o.status.code(), Some(2));
+    expo(&["man", "nope"]).assert_fails(2, &["nope"]);
 
     let dir = tempfile::tempdir().unwrap();
-    let o = expo(&["man", "--dir", dir.path().to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    expo(&["man", "--dir", dir.path().to_str().unwrap()]).assert_ok();
     for name in [
         "expo.1",
         "expo-extrapolate.1",

@@ -6,13 +6,16 @@
 //! every term in f64 and sums the terms sorted by magnitude, smallest first — a different
 //! method from expo's blocked compensated summation.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::Value;
+
+use common::expo;
 
 /// One tensor to write: name, dtype, shape and its values (as f64; rounded to the dtype).
 #[derive(Clone)]
@@ -295,39 +298,21 @@ fn close(got: &Value, want: f64, tol: f64, what: &str) {
     );
 }
 
-fn expo() -> Command {
-    Command::cargo_bin("expo").unwrap()
-}
-
 /// Runs `expo diff ARGS --json` and parses stdout.
 fn diff_json(args: &[&Path], extra: &[&str]) -> Value {
-    let out = expo()
-        .arg("diff")
+    expo(&["diff"])
         .args(args)
         .args(extra)
-        .args(["--json", "--quiet"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "expo diff failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("stdout is one JSON value")
+        .args(&["--json", "--quiet"])
+        .assert_ok()
+        .json
+        .expect("stdout is one JSON object")
 }
 
 /// Runs `expo diff ARGS` and returns (stdout, stderr).
 fn diff_text(args: &[&Path], extra: &[&str]) -> (String, String) {
-    let out = expo().arg("diff").args(args).args(extra).output().unwrap();
-    assert!(
-        out.status.success(),
-        "expo diff failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    let out = expo(&["diff"]).args(args).args(extra).assert_ok();
+    (out.stdout, out.stderr)
 }
 
 /// The tolerance the issue asks for is 1e-9; expo is far tighter.
@@ -505,21 +490,15 @@ fn numbers_match_an_independent_f64_reference() {
 
 /// `expo diff --sft A --aligned B --json`.
 fn expo_pair(a: &Path, b: &Path) -> Value {
-    let out = expo()
-        .arg("diff")
+    expo(&["diff"])
         .arg("--sft")
         .arg(a)
         .arg("--aligned")
         .arg(b)
-        .args(["--json", "--quiet"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+        .args(&["--json", "--quiet"])
+        .assert_ok()
+        .json
+        .expect("stdout is one JSON object")
 }
 
 #[test]
@@ -765,20 +744,13 @@ fn nonfinite_values_are_counted_and_left_out() {
     let a1 = a0.with(Dtype::F32, &[1.5, 2.0, f64::NAN, f64::INFINITY, 5.0, 7.0]);
     let a = single(&tmp.path().join("a"), std::slice::from_ref(&a0));
     let b = single(&tmp.path().join("b"), std::slice::from_ref(&a1));
-    let out = expo()
-        .arg("diff")
-        .arg(&a)
-        .arg(&b)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    let out = expo(&["diff"]).arg(&a).arg(&b).arg("--json").assert_ok();
+    let stderr = out.stderr;
     assert!(
         stderr.contains("warning:") && stderr.contains("infinite or NaN"),
         "{stderr}"
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = out.json.expect("stdout is one JSON object");
     let t = &v["tensors"][0];
     assert_eq!(t["nonfinite_elements"], 2);
     // NaN against NaN is unchanged; 4 → inf, 1 → 1.5 and 6 → 7 changed.
@@ -857,29 +829,22 @@ fn mismatched_checkpoints_are_errors() {
     bad[pos] = T::new("model.rotary.positions", Dtype::F32, &[8], &[0.0; 8]);
     bad.retain(|t| t.name != "lm_head.weight");
     let b = single(&tmp.path().join("b"), &bad);
-    let out = expo().arg("diff").arg(&a).arg(&b).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.starts_with("expo: error:"), "{err}");
-    for needle in [
-        "model.embed_tokens.weight` has shape [64, 48]",
-        "[48, 64]",
-        "`model.rotary.positions` is I64",
-        "`lm_head.weight` is in",
-        "3 problems",
-    ] {
-        assert!(err.contains(needle), "{needle}: {err}");
-    }
-    assert!(out.stdout.is_empty());
+    let out = expo(&["diff"]).arg(&a).arg(&b).assert_fails(
+        1,
+        &[
+            "model.embed_tokens.weight` has shape [64, 48]",
+            "[48, 64]",
+            "`model.rotary.positions` is I64",
+            "`lm_head.weight` is in",
+            "3 problems",
+        ],
+    );
+    assert!(out.stderr.starts_with("expo: error:"), "{}", out.stderr);
 
-    let out = expo()
-        .arg("diff")
+    expo(&["diff"])
         .arg(&a)
         .arg(tmp.path().join("missing"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+        .assert_fails(1, &["does not exist"]);
 }
 
 #[test]
@@ -894,8 +859,7 @@ fn usage_errors() {
         &["diff", "a", "b", "--threads", "0"],
         &["inspect"],
     ] {
-        let out = expo().args(args).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        expo(args).assert_fails(2, &[]);
     }
 }
 

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
-
+mod common;
 #[path = "../examples/make_tiny.rs"]
 mod make_tiny;
 
@@ -68,17 +67,14 @@ fn extrapolate_runs_on_the_examples() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("expo-demo");
     let examples = examples_dir();
-    Command::cargo_bin("expo")
-        .unwrap()
-        .arg("extrapolate")
-        .arg("--sft")
-        .arg(examples.join("tiny-sft"))
-        .arg("--aligned")
-        .arg(examples.join("tiny-dpo"))
-        .args(["--alpha", "0.3", "--quiet", "--output"])
-        .arg(&out)
-        .assert()
-        .success();
+    common::extrapolate(
+        &examples.join("tiny-sft"),
+        &examples.join("tiny-dpo"),
+        "0.3",
+        &out,
+    )
+    .arg("--quiet")
+    .assert_ok();
 
     for file in [
         "model-00001-of-00002.safetensors",

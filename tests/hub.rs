@@ -3,15 +3,18 @@
 //! symlinks into blobs/), and expo run on it with the cache location set on the command.
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
+
+use common::{expo, Expo};
 
 const SFT: &str = "org/sft-model";
 const DPO: &str = "org/dpo-model";
@@ -161,9 +164,8 @@ impl Fixture {
     }
 
     /// `expo ARGS` run in the temp dir, with only the given cache variables set.
-    fn expo_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_expo"));
-        cmd.args(args).current_dir(self.path());
+    fn expo_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Expo {
+        let mut cmd = expo(args).current_dir(self.path());
         for var in [
             "HF_HUB_CACHE",
             "HUGGINGFACE_HUB_CACHE",
@@ -171,22 +173,22 @@ impl Fixture {
             "XDG_CACHE_HOME",
             "HF_HUB_OFFLINE",
         ] {
-            cmd.env_remove(var);
+            cmd = cmd.env_remove(var);
         }
         // A home without a cache, so nothing falls through to the real one.
-        cmd.env("HOME", self.path().join("nohome"));
+        cmd = cmd.env("HOME", self.path().join("nohome"));
         for (k, v) in env {
-            cmd.env(k, v);
+            cmd = cmd.env(k, v);
         }
-        cmd.output().unwrap()
+        cmd
     }
 
     /// `expo ARGS` with HF_HUB_CACHE pointing at the fake cache.
-    fn expo(&self, args: &[&str]) -> Output {
+    fn expo(&self, args: &[&str]) -> Expo {
         self.expo_env(args, &[("HF_HUB_CACHE", &self.hub())])
     }
 
-    fn extrapolate(&self, sft: &str, aligned: &str) -> Output {
+    fn extrapolate(&self, sft: &str, aligned: &str) -> Expo {
         let out = self.out();
         self.expo(&[
             "extrapolate",
@@ -207,29 +209,10 @@ impl Fixture {
     }
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "expo failed: {:?}\n{}",
-        o.status,
-        stderr(o)
-    );
-}
-
-fn assert_fails(o: &Output, code: i32) -> String {
-    assert_eq!(o.status.code(), Some(code), "stderr: {}", stderr(o));
-    stderr(o)
-}
-
 #[test]
 fn hub_ids_resolve_to_the_main_snapshots() {
     let f = Fixture::new();
-    let o = f.extrapolate(SFT, DPO);
-    assert_ok(&o);
+    f.extrapolate(SFT, DPO).assert_ok();
     assert_eq!(
         read_output(&f.out()),
         expected(&weights(1.0), &weights(3.0), 0.3)
@@ -269,7 +252,7 @@ fn hub_ids_resolve_to_the_main_snapshots() {
 #[test]
 fn a_branch_or_tag_resolves_through_refs() {
     let f = Fixture::new();
-    assert_ok(&f.extrapolate(SFT, "org/dpo-model@v1"));
+    f.extrapolate(SFT, "org/dpo-model@v1").assert_ok();
     assert_eq!(
         read_output(&f.out()),
         expected(&weights(1.0), &weights(2.0), 0.3)
@@ -286,7 +269,7 @@ fn a_branch_or_tag_resolves_through_refs() {
 #[test]
 fn a_ref_with_slashes_resolves() {
     let f = Fixture::new();
-    assert_ok(&f.extrapolate(SFT, "org/dpo-model@refs/pr/1"));
+    f.extrapolate(SFT, "org/dpo-model@refs/pr/1").assert_ok();
     assert_eq!(
         read_output(&f.out()),
         expected(&weights(1.0), &weights(4.0), 0.3)
@@ -298,7 +281,7 @@ fn a_ref_with_slashes_resolves() {
 fn a_commit_hash_is_used_directly() {
     let f = Fixture::new();
     // The snapshot of tag v1, by its full hash (no ref names it).
-    assert_ok(&f.extrapolate(SFT, &format!("{DPO}@{DPO_V1}")));
+    f.extrapolate(SFT, &format!("{DPO}@{DPO_V1}")).assert_ok();
     assert_eq!(
         read_output(&f.out()),
         expected(&weights(1.0), &weights(2.0), 0.3)
@@ -309,15 +292,18 @@ fn a_commit_hash_is_used_directly() {
 
     // A unique prefix of a cached commit works too.
     fs::remove_dir_all(f.out()).unwrap();
-    assert_ok(&f.extrapolate(SFT, &format!("{DPO}@{}", &DPO_PR[..10])));
+    f.extrapolate(SFT, &format!("{DPO}@{}", &DPO_PR[..10]))
+        .assert_ok();
     assert_eq!(f.provenance()["aligned"]["commit"], DPO_PR);
 }
 
 #[test]
 fn a_missing_model_says_where_expo_looked_and_how_to_download() {
     let f = Fixture::new();
-    let o = f.extrapolate(SFT, "org/not-downloaded");
-    let err = assert_fails(&o, 1);
+    let err = f
+        .extrapolate(SFT, "org/not-downloaded")
+        .assert_fails(1, &[])
+        .stderr;
     let looked = f.hub().join("models--org--not-downloaded");
     assert!(err.contains(&looked.display().to_string()), "{err}");
     assert!(
@@ -331,8 +317,10 @@ fn a_missing_model_says_where_expo_looked_and_how_to_download() {
 #[test]
 fn a_missing_revision_lists_what_is_cached() {
     let f = Fixture::new();
-    let o = f.extrapolate("org/sft-model@v9", DPO);
-    let err = assert_fails(&o, 1);
+    let err = f
+        .extrapolate("org/sft-model@v9", DPO)
+        .assert_fails(1, &[])
+        .stderr;
     assert!(err.contains("revision `v9`"), "{err}");
     assert!(err.contains("main"), "{err}");
     assert!(err.contains(SFT_MAIN), "{err}");
@@ -352,11 +340,17 @@ fn a_missing_revision_lists_what_is_cached() {
         "d".repeat(40),
     )
     .unwrap();
-    let err = assert_fails(&f.extrapolate(SFT, "org/dpo-model@broken"), 1);
+    let err = f
+        .extrapolate(SFT, "org/dpo-model@broken")
+        .assert_fails(1, &[])
+        .stderr;
     assert!(err.contains("incomplete download"), "{err}");
 
     // Revisions cannot climb out of the cache entry.
-    let err = assert_fails(&f.extrapolate(SFT, "org/dpo-model@../../x"), 1);
+    let err = f
+        .extrapolate(SFT, "org/dpo-model@../../x")
+        .assert_fails(1, &[])
+        .stderr;
     assert!(err.contains("not a valid revision"), "{err}");
 }
 
@@ -371,7 +365,7 @@ fn an_existing_local_path_wins_over_the_cache() {
         safetensors_bytes(&weights(5.0)),
     )
     .unwrap();
-    assert_ok(&f.extrapolate(SFT, DPO));
+    f.extrapolate(SFT, DPO).assert_ok();
     assert_eq!(
         read_output(&f.out()),
         expected(&weights(1.0), &weights(5.0), 0.3)
@@ -386,7 +380,10 @@ fn an_existing_local_path_wins_over_the_cache() {
 #[test]
 fn a_path_that_is_not_a_hub_id_is_just_missing() {
     let f = Fixture::new();
-    let err = assert_fails(&f.extrapolate("./nowhere/model", DPO), 1);
+    let err = f
+        .extrapolate("./nowhere/model", DPO)
+        .assert_fails(1, &[])
+        .stderr;
     assert!(err.contains("nowhere/model does not exist"), "{err}");
     assert!(!err.contains("huggingface-cli"), "{err}");
 }
@@ -414,11 +411,11 @@ fn hf_home_and_xdg_cache_home_are_fallbacks() {
     let hf_home = f.path().join("hf-home");
     f.populate(&hf_home.join("hub"));
     let out = f.path().join("out-hf-home");
-    let o = f.expo_env(
+    f.expo_env(
         &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
         &[("HF_HOME", &hf_home)],
-    );
-    assert_ok(&o);
+    )
+    .assert_ok();
     assert_eq!(
         read_output(&out),
         expected(&weights(1.0), &weights(3.0), 0.5)
@@ -428,31 +425,33 @@ fn hf_home_and_xdg_cache_home_are_fallbacks() {
     let xdg = f.path().join("xdg");
     f.populate(&xdg.join("huggingface/hub"));
     let out = f.path().join("out-xdg");
-    let o = f.expo_env(
+    f.expo_env(
         &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
         &[("XDG_CACHE_HOME", &xdg)],
-    );
-    assert_ok(&o);
+    )
+    .assert_ok();
 
     // ~/.cache/huggingface/hub.
     let home = f.path().join("home");
     f.populate(&home.join(".cache/huggingface/hub"));
     let out = f.path().join("out-home");
-    let o = f.expo_env(
+    f.expo_env(
         &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
         &[("HOME", &home)],
-    );
-    assert_ok(&o);
+    )
+    .assert_ok();
 
     // HF_HUB_CACHE takes precedence over HF_HOME: an empty cache there means "not cached".
     let empty = f.path().join("empty-cache");
     fs::create_dir_all(&empty).unwrap();
     let out = f.path().join("out-none");
-    let o = f.expo_env(
-        &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
-        &[("HF_HUB_CACHE", &empty), ("HF_HOME", &hf_home)],
-    );
-    let err = assert_fails(&o, 1);
+    let err = f
+        .expo_env(
+            &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
+            &[("HF_HUB_CACHE", &empty), ("HF_HOME", &hf_home)],
+        )
+        .assert_fails(1, &[])
+        .stderr;
     assert!(err.contains(&empty.display().to_string()), "{err}");
 }
 
@@ -460,18 +459,20 @@ fn hf_home_and_xdg_cache_home_are_fallbacks() {
 fn output_inside_the_cache_entry_is_refused() {
     let f = Fixture::new();
     let inside = f.hub().join("models--org--dpo-model/blobs/expo-out");
-    let o = f.expo(&[
-        "extrapolate",
-        "--sft",
-        SFT,
-        "--aligned",
-        DPO,
-        "--alpha",
-        "0.3",
-        "--output",
-        inside.to_str().unwrap(),
-    ]);
-    let err = assert_fails(&o, 2);
+    let err = f
+        .expo(&[
+            "extrapolate",
+            "--sft",
+            SFT,
+            "--aligned",
+            DPO,
+            "--alpha",
+            "0.3",
+            "--output",
+            inside.to_str().unwrap(),
+        ])
+        .assert_fails(2, &[])
+        .stderr;
     assert!(err.contains("overlaps --aligned"), "{err}");
     assert!(!inside.exists());
 }
@@ -480,7 +481,7 @@ fn output_inside_the_cache_entry_is_refused() {
 fn dry_run_shows_the_resolved_inputs() {
     let f = Fixture::new();
     let out = f.out();
-    let o = f.expo(&[
+    let dry_run = [
         "extrapolate",
         "--sft",
         SFT,
@@ -491,28 +492,13 @@ fn dry_run_shows_the_resolved_inputs() {
         "--output",
         out.to_str().unwrap(),
         "--dry-run",
-        "--json",
-    ]);
-    assert_ok(&o);
-    let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+    ];
+    let plan = f.expo(&dry_run).arg("--json").assert_ok().json.unwrap();
     assert_eq!(plan["aligned"]["hub_id"], DPO);
     assert_eq!(plan["aligned"]["revision"], "v1");
     assert_eq!(plan["aligned"]["commit"], DPO_V1);
 
-    let o = f.expo(&[
-        "extrapolate",
-        "--sft",
-        SFT,
-        "--aligned",
-        "org/dpo-model@v1",
-        "--alpha",
-        "0.3",
-        "--output",
-        out.to_str().unwrap(),
-        "--dry-run",
-    ]);
-    assert_ok(&o);
-    let text = String::from_utf8(o.stdout).unwrap();
+    let text = f.expo(&dry_run).assert_ok().stdout;
     assert!(
         text.contains(&format!("org/dpo-model@v1 (cached v1 = commit {DPO_V1};")),
         "{text}"

@@ -1,13 +1,14 @@
 //! `expo inspect`: every tensor with its dtype, shape, file and bytes, and totals per dtype,
 //! checked against what the test wrote.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
+use common::{expo, Expo, Outcome};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use serde_json::Value;
 
 struct T {
     name: &'static str,
@@ -84,18 +85,9 @@ fn write_sharded(dir: &Path, ts: &[T]) -> (PathBuf, BTreeMap<String, String>) {
     (dir.to_path_buf(), where_)
 }
 
-fn inspect(args: &[&std::ffi::OsStr]) -> (String, String, Option<i32>) {
-    let out = Command::cargo_bin("expo")
-        .unwrap()
-        .arg("inspect")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-        out.status.code(),
-    )
+/// `expo inspect ARGS…`.
+fn inspect(args: &[&std::ffi::OsStr]) -> Expo {
+    expo(&["inspect"]).args(args)
 }
 
 #[test]
@@ -103,9 +95,10 @@ fn json_lists_every_tensor_and_totals_per_dtype() {
     let tmp = tempfile::tempdir().unwrap();
     let ts = tensors();
     let (dir, files) = write_sharded(&tmp.path().join("ck"), &ts);
-    let (out, err, code) = inspect(&[dir.as_os_str(), "--json".as_ref()]);
-    assert_eq!(code, Some(0), "{err}");
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let v = inspect(&[dir.as_os_str(), "--json".as_ref()])
+        .assert_ok()
+        .json
+        .unwrap();
 
     assert_eq!(v["index"], "model.safetensors.index.json");
     let listed = v["tensors"].as_array().unwrap();
@@ -166,8 +159,11 @@ fn human_listing() {
     let tmp = tempfile::tempdir().unwrap();
     let ts = tensors();
     let (dir, files) = write_sharded(&tmp.path().join("ck"), &ts);
-    let (out, err, code) = inspect(&[dir.as_os_str()]);
-    assert_eq!(code, Some(0), "{err}");
+    let Outcome {
+        stdout: out,
+        stderr: err,
+        ..
+    } = inspect(&[dir.as_os_str()]).assert_ok();
     assert!(err.is_empty(), "{err}");
     assert!(
         out.lines()
@@ -207,30 +203,33 @@ fn single_files_and_index_paths() {
     let tmp = tempfile::tempdir().unwrap();
     let ts = tensors();
     let (dir, _) = write_sharded(&tmp.path().join("ck"), &ts);
-    let (out, _, code) = inspect(&[
+    let v = inspect(&[
         dir.join("model-00002-of-00002.safetensors").as_os_str(),
         "--json".as_ref(),
-    ]);
-    assert_eq!(code, Some(0));
-    let v: Value = serde_json::from_str(&out).unwrap();
+    ])
+    .assert_ok()
+    .json
+    .unwrap();
     assert!(v["index"].is_null());
     assert_eq!(v["tensors"].as_array().unwrap().len(), 4);
 
-    let (out, _, code) = inspect(&[
+    let v = inspect(&[
         dir.join("model.safetensors.index.json").as_os_str(),
         "--json".as_ref(),
-    ]);
-    assert_eq!(code, Some(0));
-    let v: Value = serde_json::from_str(&out).unwrap();
+    ])
+    .assert_ok()
+    .json
+    .unwrap();
     assert_eq!(v["total"]["tensors"], 7);
 }
 
 #[test]
 fn the_bundled_example() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-dpo");
-    let (out, err, code) = inspect(&[dir.as_os_str(), "--json".as_ref()]);
-    assert_eq!(code, Some(0), "{err}");
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let v = inspect(&[dir.as_os_str(), "--json".as_ref()])
+        .assert_ok()
+        .json
+        .unwrap();
     assert_eq!(v["total"]["tensors"], 21);
     assert_eq!(v["dtypes"].as_object().unwrap().len(), 1);
     assert_eq!(v["dtypes"]["BF16"]["bytes"], v["total"]["bytes"]);
@@ -239,13 +238,9 @@ fn the_bundled_example() {
 #[test]
 fn errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, err, code) = inspect(&[tmp.path().join("nothing").as_os_str()]);
-    assert_eq!(code, Some(1));
-    assert!(err.contains("does not exist"), "{err}");
+    inspect(&[tmp.path().join("nothing").as_os_str()]).assert_fails(1, &["does not exist"]);
     std::fs::write(tmp.path().join("pytorch_model.bin"), b"x").unwrap();
-    let (_, err, code) = inspect(&[tmp.path().as_os_str()]);
-    assert_eq!(code, Some(1));
-    assert!(err.contains("safetensors only"), "{err}");
+    inspect(&[tmp.path().as_os_str()]).assert_fails(1, &["safetensors only"]);
 }
 
 /// A Hugging Face cache holding `org/model` at commit `COMMIT` (refs/main points at it).
@@ -265,38 +260,24 @@ fn fake_cache(root: &Path) -> PathBuf {
 fn hub_ids_from_the_local_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = fake_cache(tmp.path());
-    let out = Command::cargo_bin("expo")
-        .unwrap()
-        .args(["inspect", "org/model", "--json"])
+    let v = expo(&["inspect", "org/model", "--json"])
         .env("HF_HUB_CACHE", &cache)
         .current_dir(tmp.path())
-        .output()
+        .assert_ok()
+        .json
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["path"], "org/model");
     assert_eq!(v["hub"]["repo_id"], "org/model");
     assert_eq!(v["hub"]["commit"], COMMIT);
     assert_eq!(v["total"]["tensors"], 7);
 
     // diff reads Hub ids the same way.
-    let out = Command::cargo_bin("expo")
-        .unwrap()
-        .args(["diff", "org/model", "org/model@main", "--json", "--quiet"])
+    let v = expo(&["diff", "org/model", "org/model@main", "--json", "--quiet"])
         .env("HF_HUB_CACHE", &cache)
         .current_dir(tmp.path())
-        .output()
+        .assert_ok()
+        .json
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["from"], "org/model");
     assert_eq!(v["summary"]["identical_tensors"], 7);
 }

@@ -946,6 +946,8 @@ pub struct Outcome {
 pub struct Expo {
     args: Vec<OsString>,
     cwd: Option<PathBuf>,
+    /// Environment changes: `Some(value)` sets the variable, `None` removes it.
+    env: Vec<(OsString, Option<OsString>)>,
 }
 
 /// `expo ARGS…`; finish with [`Expo::assert_ok`] or [`Expo::assert_fails`].
@@ -953,6 +955,7 @@ pub fn expo<S: AsRef<OsStr>>(args: &[S]) -> Expo {
     Expo {
         args: args.iter().map(|a| a.as_ref().to_os_string()).collect(),
         cwd: None,
+        env: Vec::new(),
     }
 }
 
@@ -988,6 +991,19 @@ impl Expo {
         self
     }
 
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Expo {
+        self.env.push((
+            key.as_ref().to_os_string(),
+            Some(value.as_ref().to_os_string()),
+        ));
+        self
+    }
+
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Expo {
+        self.env.push((key.as_ref().to_os_string(), None));
+        self
+    }
+
     fn has(&self, flags: &[&str]) -> bool {
         self.args.iter().any(|a| flags.iter().any(|f| a == *f))
     }
@@ -1008,6 +1024,12 @@ impl Expo {
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
         }
+        for (key, value) in &self.env {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
         let output = cmd.output().expect("running expo");
         Outcome {
             code: output.status.code().unwrap_or(-1),
@@ -1018,8 +1040,10 @@ impl Expo {
     }
 
     /// Asserts success: exit 0, no error on stderr; with `--json` stdout is exactly one JSON
-    /// object (returned parsed); `--dry-run`, `--help` and `--version` print on stdout;
-    /// otherwise stdout is empty. A normal run prints its summary on stderr unless `--quiet`.
+    /// object (returned parsed). A command that writes files (`extrapolate` without
+    /// `--dry-run`, `man --dir`) prints nothing else on stdout and says `expo: wrote …` on
+    /// stderr unless `--quiet`; every other command (`diff`, `inspect`, `completions`, `man`,
+    /// `--dry-run`, `--help`, `--version`) prints its result on stdout.
     pub fn assert_ok(self) -> Outcome {
         let mut out = self.run();
         let what = self.describe();
@@ -1032,17 +1056,20 @@ impl Expo {
         let info = self.has(&["--help", "-h", "--version", "-V", "help"]);
         let dry_run = self.has(&["--dry-run", "-n"]);
         let quiet = self.has(&["--quiet", "-q"]);
+        let writes_files = !info
+            && !dry_run
+            && (self.args.first().is_some_and(|a| a == "extrapolate") || self.has(&["--dir"]));
         if self.has(&["--json"]) {
             out.json = Some(single_json_object(&out.stdout, &dump));
-        } else if info || dry_run {
+        } else if writes_files {
+            assert_eq!(out.stdout, "", "stdout must be empty\n{dump}");
+        } else {
             assert!(
                 !out.stdout.trim().is_empty(),
                 "expected output on stdout\n{dump}"
             );
-        } else {
-            assert_eq!(out.stdout, "", "stdout must be empty\n{dump}");
         }
-        if !info && !dry_run && !quiet {
+        if writes_files && !quiet {
             assert!(
                 out.stderr.contains("expo: wrote "),
                 "expected the summary on stderr\n{dump}"
