@@ -5,6 +5,7 @@ pub mod cli;
 pub mod cmd;
 pub mod dtype;
 pub mod engine;
+pub mod failpoint;
 pub mod header;
 pub mod hub;
 pub mod interrupt;
