@@ -241,7 +241,7 @@ impl MappedCheckpoint {
         else {
             return;
         };
-        let page = page_size();
+        let page = crate::sys::page_size();
         let offset = bytes.as_ptr() as usize - map.as_ptr() as usize;
         let from = offset.saturating_sub(RELEASE_MARGIN);
         let to = (offset + bytes.len() + RELEASE_MARGIN).min(map.len());
@@ -262,25 +262,15 @@ impl MappedCheckpoint {
 /// How far past a finished chunk's edges [`MappedCheckpoint::release`] drops pages.
 pub const RELEASE_MARGIN: usize = 256 << 10;
 
-/// The system's page size.
-pub(crate) fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if n > 0 {
-        n as usize
-    } else {
-        4096
-    }
-}
-
-/// Checks that non-float tensors are byte-identical in both checkpoints.
+/// Checks that the tensors that must be byte-identical in both checkpoints are (integer and
+/// bool tensors whose α is not 0, see [`TensorPair::must_be_identical`]).
 pub fn verify_exact_tensors(
     plan: &Plan,
     sft: (&Checkpoint, &MappedCheckpoint),
     aligned: (&Checkpoint, &MappedCheckpoint),
 ) -> Result<(), EngineError> {
     for p in &plan.pairs {
-        if p.treatment != Treatment::Copy || p.out_dtype.class() != DtypeClass::Exact {
+        if !p.must_be_identical() {
             continue;
         }
         let a = sft.1.tensor(sft.0, p.sft);

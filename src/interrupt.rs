@@ -48,7 +48,7 @@ pub fn install() {
 pub fn install_sigbus_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        PAGE.store(crate::engine::page_size(), Ordering::Relaxed);
+        PAGE.store(crate::sys::page_size(), Ordering::Relaxed);
         // SAFETY: the sigaction struct is zero-initialised (a valid value), its mask
         // emptied, and with SA_SIGINFO the handler has the three-argument signature.
         unsafe {

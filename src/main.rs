@@ -8,21 +8,57 @@ use clap::Parser;
 use expo::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    match run() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
+    match run(&cli) {
         Ok(code) => code,
-        Err(err) => {
-            // A closed pipe (e.g. `expo … --json | head -1`) is not an error.
-            if err
-                .chain()
-                .filter_map(|e| e.downcast_ref::<std::io::Error>())
-                .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-            {
-                return ExitCode::SUCCESS;
-            }
-            let _ = writeln!(std::io::stderr(), "expo: error: {err:#}");
-            ExitCode::from(exit_code(&err))
-        }
+        Err(err) => fail(&err, wants_json(&cli)),
     }
+}
+
+/// Whether the command was asked for JSON on stdout.
+fn wants_json(cli: &Cli) -> bool {
+    match &cli.command {
+        Command::Extrapolate(args) => args.json,
+        Command::Diff(args) => args.json,
+        Command::Inspect(args) => args.json,
+        Command::Completions(_) | Command::Man(_) => false,
+    }
+}
+
+/// Reports a failed command: the error once on stderr, and with `--json` one JSON object
+/// on stdout unless the command already printed its own.
+fn fail(err: &anyhow::Error, json: bool) -> ExitCode {
+    // A closed pipe (e.g. `expo … --json | head -1`) is not an error.
+    if err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    {
+        return ExitCode::SUCCESS;
+    }
+    let _ = writeln!(std::io::stderr(), "expo: error: {err:#}");
+    if json && !expo::report::json_printed() {
+        let _ = expo::report::print_json(&expo::report::failure_json(err));
+    }
+    ExitCode::from(exit_code(err))
+}
+
+/// A command line clap refused (exit 2), or `--help`/`--version` (exit 0). With `--json`
+/// among the arguments, a refusal also prints the failure object on stdout.
+fn usage_error(err: clap::Error) -> ExitCode {
+    let refused = err.use_stderr();
+    let json = std::env::args_os().skip(1).any(|a| a == "--json");
+    let _ = err.print();
+    if refused && json {
+        let message = err.render().to_string();
+        let message = message.trim_start_matches("error: ").trim_end();
+        let _ =
+            expo::report::print_json(&expo::report::failure_json(&anyhow::anyhow!("{message}")));
+    }
+    ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2))
 }
 
 /// Exit codes: 1 failure, 2 usage error, 130 interrupted.
@@ -39,8 +75,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
-fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Extrapolate(args) => expo::cmd::extrapolate::run(args),
         Command::Diff(args) => expo::cmd::diff::run(args),

@@ -1,4 +1,5 @@
-//! Pairing the two checkpoints tensor by tensor and laying out the output shards.
+//! Laying out the output: the tensors of θ0 and θ1 paired (by [`crate::pairing`]), each
+//! tensor's α from the per-module rules, and the output shards with their headers.
 //!
 //! Planning reads nothing but headers, so every mismatch is found before a byte is written.
 
@@ -6,21 +7,18 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::checkpoint::{Checkpoint, Layout, TensorLoc};
-use crate::dtype::{Dtype, DtypeClass, FloatDtype};
+use crate::dtype::Dtype;
 use crate::header::encode_header;
-use crate::kernel::KernelSpec;
+use crate::pairing::{self, PairingError, Purpose, Side};
+use crate::report::number;
+
+pub use crate::pairing::{DtypeChoice, Treatment};
 
 /// Name of the index file written for multi-shard output.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 
-/// What `--dtype` asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DtypeChoice {
-    /// Each float tensor keeps θ1's dtype.
-    Auto,
-    /// Every float tensor is written in this dtype.
-    Fixed(FloatDtype),
-}
+/// How messages name the two checkpoints of a plan.
+pub const SIDE_LABELS: [&str; 2] = ["--sft", "--aligned"];
 
 /// What a per-module rule sets a tensor's α to.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,7 +61,62 @@ pub struct PlanOptions {
     pub rules: Vec<AlphaRule>,
 }
 
+/// A per-module rule gives an α that is not a usable number.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AlphaError {
+    #[error("{rule} at alpha = {alpha}: {factor} × {alpha} underflows to 0; give the rule its α directly (REGEX=VALUE) or use a larger factor")]
+    Underflow {
+        rule: String,
+        alpha: Short,
+        factor: Short,
+    },
+    #[error(
+        "{rule} at alpha = {alpha}: {factor} × {alpha} overflows to infinity; use a smaller factor"
+    )]
+    Overflow {
+        rule: String,
+        alpha: Short,
+        factor: Short,
+    },
+}
+
+/// A number printed short in a message (see [`crate::report::number`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Short(pub f64);
+
+impl fmt::Display for Short {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&number(self.0))
+    }
+}
+
 impl PlanOptions {
+    /// Checks that every `xF` rule gives a finite α, and 0 only when F or the run's α is 0.
+    pub fn check_alphas(&self) -> Result<(), AlphaError> {
+        for r in &self.rules {
+            let RuleValue::Factor(f) = r.value else {
+                continue;
+            };
+            let (rule, alpha, factor) = (r.spelling.clone(), Short(self.alpha), Short(f));
+            let a = r.alpha(self.alpha);
+            if !a.is_finite() {
+                return Err(AlphaError::Overflow {
+                    rule,
+                    alpha,
+                    factor,
+                });
+            }
+            if a == 0.0 && f != 0.0 && self.alpha != 0.0 {
+                return Err(AlphaError::Underflow {
+                    rule,
+                    alpha,
+                    factor,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The α of tensor `name` and the index of the rule that set it, if any.
     pub fn alpha_for(&self, name: &str) -> (f64, Option<usize>) {
         match self.rules.iter().position(|r| r.pattern.is_match(name)) {
@@ -71,17 +124,6 @@ impl PlanOptions {
             None => (self.alpha, None),
         }
     }
-}
-
-/// How one output tensor is produced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Treatment {
-    /// θ1 + α(θ1 − θ0), computed in f64 and rounded once.
-    Extrapolate(KernelSpec),
-    /// θ1 rounded to another float format (α = 0 with `--dtype`).
-    Cast(KernelSpec),
-    /// θ1's bytes unchanged (non-float tensors, and α = 0).
-    Copy,
 }
 
 /// One output tensor and where its inputs live.
@@ -105,6 +147,11 @@ impl TensorPair {
     /// Number of elements.
     pub fn elements(&self) -> u64 {
         self.shape.iter().product()
+    }
+
+    /// Whether θ0's bytes must equal θ1's (see [`pairing::must_be_identical`]).
+    pub fn must_be_identical(&self) -> bool {
+        pairing::must_be_identical(self.treatment, self.out_dtype, self.alpha)
     }
 }
 
@@ -165,184 +212,84 @@ impl Plan {
     }
 }
 
-/// One reason the two checkpoints cannot be paired.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Mismatch {
-    OnlyInSft {
-        tensor: String,
-    },
-    OnlyInAligned {
-        tensor: String,
-    },
-    Shape {
-        tensor: String,
-        sft: Vec<u64>,
-        aligned: Vec<u64>,
-    },
-    Dtype {
-        tensor: String,
-        sft: Dtype,
-        aligned: Dtype,
-    },
-    Unsupported {
-        tensor: String,
-        dtype: Dtype,
-    },
-}
-
-impl fmt::Display for Mismatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Mismatch::OnlyInSft { tensor } => write!(f, "`{tensor}` is in --sft but not in --aligned"),
-            Mismatch::OnlyInAligned { tensor } => write!(f, "`{tensor}` is in --aligned but not in --sft"),
-            Mismatch::Shape { tensor, sft, aligned } => {
-                write!(f, "`{tensor}` has shape {sft:?} in --sft but {aligned:?} in --aligned")
-            }
-            Mismatch::Dtype { tensor, sft, aligned } => write!(
-                f,
-                "`{tensor}` is {sft} in --sft but {aligned} in --aligned (only float tensors may differ in dtype)"
-            ),
-            Mismatch::Unsupported { tensor, dtype } => write!(
-                f,
-                "`{tensor}` is {dtype}, which expo cannot extrapolate (only F16, BF16, F32 and F64); copy it unchanged from --aligned with --skip or an alpha of 0"
-            ),
-        }
-    }
-}
-
-/// The checkpoints do not pair up; lists every problem found.
+/// Why no plan could be made.
 #[derive(Debug, Clone, thiserror::Error)]
-pub struct PairingError {
-    pub mismatches: Vec<Mismatch>,
+pub enum PlanError {
+    /// A usage error: a rule's α is not a usable number.
+    #[error(transparent)]
+    Alpha(#[from] AlphaError),
+    #[error(transparent)]
+    Pairing(#[from] PairingError),
 }
 
-/// How many mismatches a message lists before summarising the rest.
-const SHOWN_MISMATCHES: usize = 10;
-
-/// Writes "the checkpoints do not match (N problems); are WHO the same architecture?" and
-/// the first [`SHOWN_MISMATCHES`] problems, one per line, then how many more there are.
-pub(crate) fn write_mismatches<M: fmt::Display>(
-    f: &mut fmt::Formatter<'_>,
-    mismatches: &[M],
-    who: &str,
-) -> fmt::Result {
-    let n = mismatches.len();
-    write!(
-        f,
-        "the checkpoints do not match ({n} problem{}); are {who} the same architecture?",
-        if n == 1 { "" } else { "s" }
-    )?;
-    for m in mismatches.iter().take(SHOWN_MISMATCHES) {
-        write!(f, "\n  {m}")?;
-    }
-    if n > SHOWN_MISMATCHES {
-        write!(f, "\n  … and {} more", n - SHOWN_MISMATCHES)?;
-    }
-    Ok(())
-}
-
-impl fmt::Display for PairingError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_mismatches(f, &self.mismatches, "--sft and --aligned")
-    }
-}
-
-/// Pairs every tensor of θ1 with θ0's tensor of the same name and decides how to produce it.
-///
-/// Tensors are looked up by name, so the two sides may be sharded differently. The result
-/// is in θ1's order.
-pub fn pair_tensors(
+/// Pairs every tensor of θ1 with θ0's tensor of the same name and decides how to produce
+/// it. The result is in θ1's order.
+pub fn pair_for_output(
     sft: &Checkpoint,
     aligned: &Checkpoint,
     opts: &PlanOptions,
-) -> Result<Vec<TensorPair>, PairingError> {
-    let mut mismatches = Vec::new();
-    let mut pairs = Vec::with_capacity(aligned.len());
-    for (aligned_loc, t1) in aligned.tensors() {
-        let (alpha, rule) = opts.alpha_for(&t1.name);
-        let Some((sft_loc, t0)) = sft.get(&t1.name) else {
-            mismatches.push(Mismatch::OnlyInAligned {
-                tensor: t1.name.clone(),
-            });
-            continue;
-        };
-        if t0.shape != t1.shape {
-            mismatches.push(Mismatch::Shape {
-                tensor: t1.name.clone(),
-                sft: t0.shape.clone(),
-                aligned: t1.shape.clone(),
-            });
-            continue;
-        }
-        let treatment = match (t0.dtype.class(), t1.dtype.class()) {
-            (DtypeClass::Float(a), DtypeClass::Float(b)) => {
-                let out = match opts.dtype {
-                    DtypeChoice::Auto => b,
-                    DtypeChoice::Fixed(d) => d,
-                };
-                let spec = KernelSpec {
-                    sft: a,
-                    aligned: b,
-                    out,
-                };
-                if alpha != 0.0 {
-                    Treatment::Extrapolate(spec)
-                } else if out == b {
-                    Treatment::Copy
-                } else {
-                    Treatment::Cast(spec)
-                }
+) -> Result<Vec<TensorPair>, PlanError> {
+    opts.check_alphas()?;
+    let sides = [
+        Side {
+            checkpoint: sft,
+            label: SIDE_LABELS[0],
+        },
+        Side {
+            checkpoint: aligned,
+            label: SIDE_LABELS[1],
+        },
+    ];
+    let who = format!("{} and {}", SIDE_LABELS[0], SIDE_LABELS[1]);
+    let entries = pairing::pair(&sides, &who, |name| Purpose::Produce {
+        alpha: opts.alpha_for(name).0,
+    })?;
+    Ok(entries
+        .into_iter()
+        .map(|e| {
+            let (alpha, rule) = opts.alpha_for(&e.name);
+            let (treatment, out_dtype) = pairing::treatment(&e, alpha, opts.dtype);
+            let out_len = match treatment {
+                Treatment::Copy => e.len,
+                _ => e.elements() * out_dtype.bits() / 8,
+            };
+            TensorPair {
+                sft: e.locs[0],
+                aligned: e.locs[1],
+                name: e.name,
+                shape: e.shape,
+                out_dtype,
+                treatment,
+                out_len,
+                alpha,
+                rule,
             }
-            (DtypeClass::Exact, DtypeClass::Exact) if t0.dtype == t1.dtype => Treatment::Copy,
-            (_, DtypeClass::Opaque) if alpha == 0.0 => Treatment::Copy,
-            (DtypeClass::Opaque, _) | (_, DtypeClass::Opaque) if t0.dtype == t1.dtype => {
-                mismatches.push(Mismatch::Unsupported {
-                    tensor: t1.name.clone(),
-                    dtype: t1.dtype,
-                });
-                continue;
+        })
+        .collect())
+}
+
+/// The plans, among `plans` (outputs of one run, sharing one layout), whose tensors that
+/// must be identical on both sides ([`TensorPair::must_be_identical`]) cover those of every
+/// plan: the first plan, then each one that adds a tensor (with a sweep that includes
+/// α = 0, the α = 0 output checks fewer tensors than the others).
+pub fn plans_to_verify<'a>(plans: impl IntoIterator<Item = &'a Plan>) -> Vec<&'a Plan> {
+    let mut covered: Vec<bool> = Vec::new();
+    let mut chosen = Vec::new();
+    for plan in plans {
+        covered.resize(covered.len().max(plan.pairs.len()), false);
+        let adds = plan
+            .pairs
+            .iter()
+            .enumerate()
+            .any(|(i, p)| p.must_be_identical() && !covered[i]);
+        if chosen.is_empty() || adds {
+            for (i, p) in plan.pairs.iter().enumerate() {
+                covered[i] |= p.must_be_identical();
             }
-            _ => {
-                mismatches.push(Mismatch::Dtype {
-                    tensor: t1.name.clone(),
-                    sft: t0.dtype,
-                    aligned: t1.dtype,
-                });
-                continue;
-            }
-        };
-        let out_dtype = match treatment {
-            Treatment::Extrapolate(spec) | Treatment::Cast(spec) => spec.out.dtype(),
-            Treatment::Copy => t1.dtype,
-        };
-        let out_len = match treatment {
-            Treatment::Copy => t1.len(),
-            _ => t1.elements() * out_dtype.bits() / 8,
-        };
-        pairs.push(TensorPair {
-            name: t1.name.clone(),
-            shape: t1.shape.clone(),
-            out_dtype,
-            treatment,
-            sft: sft_loc,
-            aligned: aligned_loc,
-            out_len,
-            alpha,
-            rule,
-        });
-    }
-    for (_, t0) in sft.tensors() {
-        if aligned.get(&t0.name).is_none() {
-            mismatches.push(Mismatch::OnlyInSft {
-                tensor: t0.name.clone(),
-            });
+            chosen.push(plan);
         }
     }
-    if mismatches.is_empty() {
-        Ok(pairs)
-    } else {
-        Err(PairingError { mismatches })
-    }
+    chosen
 }
 
 /// A shard header's `__metadata__`.
@@ -353,8 +300,8 @@ pub fn build_plan(
     sft: &Checkpoint,
     aligned: &Checkpoint,
     opts: &PlanOptions,
-) -> Result<Plan, PairingError> {
-    let pairs = pair_tensors(sft, aligned, opts)?;
+) -> Result<Plan, PlanError> {
+    let pairs = pair_for_output(sft, aligned, opts)?;
     // Which output file each pair goes to, as (file name, metadata, pair indices).
     let groups: Vec<(String, Metadata, Vec<usize>)> = match opts.max_shard_size {
         None => {
@@ -602,6 +549,9 @@ mod tests {
         );
         let err = build_plan(&a, &b, &opts(0.3, vec![], None)).unwrap_err();
         let text = err.to_string();
+        let PlanError::Pairing(err) = err else {
+            panic!("{text}")
+        };
         assert_eq!(err.mismatches.len(), 5, "{text}");
         for needle in [
             "`x` has shape [2]",

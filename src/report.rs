@@ -2,9 +2,15 @@
 //! when stderr is a terminal, JSON on stdout.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub mod extrapolate;
+
+/// Set once a command started printing its JSON result on stdout.
+static JSON_PRINTED: AtomicBool = AtomicBool::new(false);
 
 /// Where human output goes, and how much of it.
 #[derive(Debug, Clone)]
@@ -70,10 +76,42 @@ pub fn bytes(n: u64) -> String {
     HumanBytes(n).to_string()
 }
 
+/// A number for a message: the shortest decimal that reads back as `x` when that is short
+/// (`0.3`, `-2.5`, `8`), else scientific notation (`1e-300`, `1.7976931348623157e308`), so
+/// that no message prints hundreds of digits.
+pub fn number(x: f64) -> String {
+    let plain = format!("{x}");
+    if plain.len() <= 16 {
+        plain
+    } else {
+        format!("{x:e}")
+    }
+}
+
 /// Writes one JSON value and a newline to stdout.
 pub fn print_json(value: &serde_json::Value) -> std::io::Result<()> {
+    JSON_PRINTED.store(true, Ordering::Relaxed);
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;
     out.flush()
+}
+
+/// Writes a command's text result to stdout.
+pub fn print_text(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// True once [`print_json`] was called: the command's JSON object is on stdout (or was
+/// attempted), so a failure must not print a second one.
+pub fn json_printed() -> bool {
+    JSON_PRINTED.load(Ordering::Relaxed)
+}
+
+/// The one JSON object `--json` prints when a command fails before printing its own:
+/// `{"ok": false, "error": "…"}`, the error with its whole chain of causes, as on stderr.
+pub fn failure_json(err: &anyhow::Error) -> serde_json::Value {
+    serde_json::json!({"ok": false, "error": format!("{err:#}")})
 }

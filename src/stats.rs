@@ -28,12 +28,11 @@
 //! both NaN).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use crate::checkpoint::{Checkpoint, TensorLoc};
-use crate::dtype::{Dtype, DtypeClass, FloatDtype};
+use crate::dtype::{Dtype, FloatDtype};
 use crate::engine::MappedCheckpoint;
 use crate::kernel::convert::{bf16_to_f64, f16_to_f64};
 
@@ -301,201 +300,20 @@ pub fn widen(dtype: FloatDtype, bytes: &[u8], out: &mut [f64]) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Matching tensors across checkpoints
+// Tensors paired across checkpoints (the rules are in `crate::pairing`)
 // ---------------------------------------------------------------------------------------
 
-/// How a tensor is compared.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EntryKind {
-    /// Float on every side (the dtypes may differ): values are compared in f64.
-    Float(Vec<FloatDtype>),
-    /// The same non-float dtype on every side: compared element by element on the bytes
-    /// (byte by byte for sub-byte dtypes), left out of the norms.
-    Bytes(Dtype),
-}
+pub use crate::pairing::{Entry, EntryKind};
 
-/// One tensor, present with the same shape in every checkpoint compared.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    pub name: String,
-    pub shape: Vec<u64>,
-    /// Its dtype in each checkpoint.
-    pub dtypes: Vec<Dtype>,
-    /// Where it lives in each checkpoint.
-    pub locs: Vec<TensorLoc>,
-    pub kind: EntryKind,
-}
-
-impl Entry {
-    /// Number of elements.
-    pub fn elements(&self) -> u64 {
-        self.shape.iter().product()
-    }
-
-    /// Units of work: elements for float tensors, bytes otherwise.
-    fn units(&self, bytes_len: u64) -> (u64, u64) {
-        match &self.kind {
-            EntryKind::Float(_) => (self.elements(), CHUNK_ELEMENTS),
-            EntryKind::Bytes(d) => {
-                let elem = if d.bits() % 8 == 0 { d.bits() / 8 } else { 1 };
-                (bytes_len, (BYTE_CHUNK / elem).max(1) * elem)
-            }
+/// Units of work of an entry whose data is `bytes_len` bytes on the first side, and how
+/// many make a chunk: elements for float tensors, bytes otherwise.
+fn units(entry: &Entry, bytes_len: u64) -> (u64, u64) {
+    match &entry.kind {
+        EntryKind::Float(_) => (entry.elements(), CHUNK_ELEMENTS),
+        EntryKind::Bytes(d) => {
+            let elem = if d.bits() % 8 == 0 { d.bits() / 8 } else { 1 };
+            (bytes_len, (BYTE_CHUNK / elem).max(1) * elem)
         }
-    }
-}
-
-/// One reason the checkpoints cannot be compared.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Mismatch {
-    /// A tensor present in one checkpoint is missing from another.
-    Missing {
-        tensor: String,
-        present_in: String,
-        missing_from: String,
-    },
-    /// Shapes differ.
-    Shape {
-        tensor: String,
-        a: (String, Vec<u64>),
-        b: (String, Vec<u64>),
-    },
-    /// Dtypes differ and are not both float.
-    Dtype {
-        tensor: String,
-        a: (String, Dtype),
-        b: (String, Dtype),
-    },
-}
-
-impl fmt::Display for Mismatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Mismatch::Missing {
-                tensor,
-                present_in,
-                missing_from,
-            } => write!(f, "`{tensor}` is in {present_in} but not in {missing_from}"),
-            Mismatch::Shape { tensor, a, b } => write!(
-                f,
-                "`{tensor}` has shape {:?} in {} but {:?} in {}",
-                a.1, a.0, b.1, b.0
-            ),
-            Mismatch::Dtype { tensor, a, b } => write!(
-                f,
-                "`{tensor}` is {} in {} but {} in {} (only float tensors may differ in dtype)",
-                a.1, a.0, b.1, b.0
-            ),
-        }
-    }
-}
-
-/// The checkpoints do not hold the same tensors; lists every problem found.
-#[derive(Debug, Clone, thiserror::Error)]
-pub struct MatchError {
-    pub mismatches: Vec<Mismatch>,
-}
-
-impl fmt::Display for MatchError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        crate::plan::write_mismatches(f, &self.mismatches, "they")
-    }
-}
-
-/// Matches the tensors of every checkpoint by name, as `expo extrapolate` pairs them: the
-/// names and shapes must agree, float tensors may differ in float dtype, any other tensor
-/// must have the same dtype everywhere. `labels` name the checkpoints in messages.
-///
-/// The result is in the order of the last checkpoint (θ1's, for two).
-pub fn match_tensors(
-    checkpoints: &[&Checkpoint],
-    labels: &[String],
-) -> Result<Vec<Entry>, MatchError> {
-    assert!(!checkpoints.is_empty() && checkpoints.len() == labels.len());
-    let last = checkpoints.len() - 1;
-    let reference = checkpoints[last];
-    let mut mismatches = Vec::new();
-    let mut entries = Vec::with_capacity(reference.len());
-    for (ref_loc, t) in reference.tensors() {
-        let mut dtypes = Vec::with_capacity(checkpoints.len());
-        let mut locs = Vec::with_capacity(checkpoints.len());
-        let mut ok = true;
-        for (k, ck) in checkpoints.iter().enumerate() {
-            if k == last {
-                dtypes.push(t.dtype);
-                locs.push(ref_loc);
-                continue;
-            }
-            let Some((loc, other)) = ck.get(&t.name) else {
-                mismatches.push(Mismatch::Missing {
-                    tensor: t.name.clone(),
-                    present_in: labels[last].clone(),
-                    missing_from: labels[k].clone(),
-                });
-                ok = false;
-                continue;
-            };
-            if other.shape != t.shape {
-                mismatches.push(Mismatch::Shape {
-                    tensor: t.name.clone(),
-                    a: (labels[k].clone(), other.shape.clone()),
-                    b: (labels[last].clone(), t.shape.clone()),
-                });
-                ok = false;
-                continue;
-            }
-            let compatible = match (other.dtype.class(), t.dtype.class()) {
-                (DtypeClass::Float(_), DtypeClass::Float(_)) => true,
-                _ => other.dtype == t.dtype,
-            };
-            if !compatible {
-                mismatches.push(Mismatch::Dtype {
-                    tensor: t.name.clone(),
-                    a: (labels[k].clone(), other.dtype),
-                    b: (labels[last].clone(), t.dtype),
-                });
-                ok = false;
-                continue;
-            }
-            dtypes.push(other.dtype);
-            locs.push(loc);
-        }
-        if !ok {
-            continue;
-        }
-        let floats: Option<Vec<FloatDtype>> = dtypes
-            .iter()
-            .map(|d| match d.class() {
-                DtypeClass::Float(f) => Some(f),
-                _ => None,
-            })
-            .collect();
-        let kind = match floats {
-            Some(f) => EntryKind::Float(f),
-            None => EntryKind::Bytes(t.dtype),
-        };
-        entries.push(Entry {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            dtypes,
-            locs,
-            kind,
-        });
-    }
-    for (k, ck) in checkpoints.iter().enumerate().take(last) {
-        for (_, t) in ck.tensors() {
-            if reference.get(&t.name).is_none() {
-                mismatches.push(Mismatch::Missing {
-                    tensor: t.name.clone(),
-                    present_in: labels[k].clone(),
-                    missing_from: labels[last].clone(),
-                });
-            }
-        }
-    }
-    if mismatches.is_empty() {
-        Ok(entries)
-    } else {
-        Err(MatchError { mismatches })
     }
 }
 
@@ -528,7 +346,7 @@ fn make_tasks(entries: &[Entry], inputs: &[Input]) -> Vec<Task> {
     let mut tasks = Vec::new();
     for (e, entry) in entries.iter().enumerate() {
         let len = inputs[0].tensor(entry.locs[0]).len() as u64;
-        let (total, step) = entry.units(len);
+        let (total, step) = units(entry, len);
         let mut start = 0;
         while start < total {
             let end = (start + step).min(total);

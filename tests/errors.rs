@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -145,8 +146,39 @@ fn differing_integer_tensors_are_refused() {
         1,
         &["`position_ids`", "I64", "identical"],
     );
-    // Even at α = 0: a different int buffer means different models.
-    fails(&s, &sft, &dpo, "0", &[], 1, &["`position_ids`"]);
+    // A sweep with one α that is not 0 for the tensor fails as a whole, before any work.
+    extrapolate(&sft, &dpo, "0,0.3", &s.out("o-{alpha}"))
+        .assert_fails(1, &["`position_ids`", "identical"]);
+    s.assert_no_output();
+}
+
+#[test]
+fn differing_integer_tensors_are_taken_from_aligned_when_their_alpha_is_0() {
+    // θ1 + α·(θ1 − θ0) is θ1 when α = 0, whatever θ0 holds: like every other tensor with
+    // α = 0 (--skip, a rule, or the run's α), the int and bool buffers are θ1's.
+    let (mut t0s, mut t1s) = model();
+    t0s.push(Tensor::boolean("mask", &[3], &[true, false, true]));
+    t1s.push(Tensor::boolean("mask", &[3], &[true, true, true]));
+    let ids = Tensor::i64("position_ids", &[4], &[0, 1, 2, 4]);
+    replace(&mut t1s, ids.clone());
+    let s = Scratch::new();
+    let (sft, dpo) = dirs(&s, &t0s, &t1s);
+    let t1 = by_name(&t1s);
+    for (k, (alpha, extra)) in [
+        ("0", &[][..]),
+        ("0.3", &["--skip", "position_ids|mask"][..]),
+        ("0.3", &["--alpha-for", "position_ids|mask=0"][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = s.out(&format!("o-{k}"));
+        extrapolate(&sft, &dpo, alpha, &out).args(extra).assert_ok();
+        let got = read_checkpoint(&out);
+        for name in ["position_ids", "mask"] {
+            assert_eq!(got.tensors[name], t1[name], "{name} with {alpha} {extra:?}");
+        }
+    }
 }
 
 #[test]
@@ -706,4 +738,123 @@ fn overflow_threshold_is_round_to_nearest() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reporting failures
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn with_json_every_command_prints_one_object_on_failure() {
+    let (t0s, mut t1s) = model();
+    t1s.push(Tensor::float("extra.bias", Dtype::BF16, &[2], &[1.0, 2.0]));
+    let s = Scratch::new();
+    let (sft, dpo) = dirs(&s, &t0s, &t1s);
+    let missing = s.path("missing");
+    let error = |out: Outcome| out.json.unwrap()["error"].as_str().unwrap().to_string();
+    // Failures of each command (exit 1): the object says what stderr says.
+    let out = expo(&[
+        OsStr::new("inspect"),
+        missing.as_os_str(),
+        OsStr::new("--json"),
+    ])
+    .assert_fails(1, &[]);
+    assert!(out.stderr.contains(&error(out.clone())), "{out:?}");
+    assert!(error(out).contains("missing"));
+    let out = expo(&[
+        OsStr::new("diff"),
+        sft.as_os_str(),
+        dpo.as_os_str(),
+        OsStr::new("--json"),
+    ])
+    .assert_fails(1, &["`extra.bias`"]);
+    assert!(error(out).contains("`extra.bias` is in"));
+    let out = extrapolate(&sft, &dpo, "0.3", &s.out("o"))
+        .arg("--json")
+        .assert_fails(1, &["`extra.bias`"]);
+    assert!(error(out).contains("do not match (1 problem)"));
+    // Usage errors (exit 2), found by expo or by the argument parser.
+    let out = extrapolate(&sft, &dpo, "0.3", &sft.join("o"))
+        .arg("--json")
+        .assert_fails(2, &["overlaps --sft"]);
+    assert!(error(out).contains("overlaps --sft"));
+    let out = extrapolate(&sft, &dpo, "zero", &s.out("o"))
+        .arg("--json")
+        .assert_fails(2, &["zero"]);
+    assert!(error(out).contains("`zero` is not a number"));
+    s.assert_no_output();
+}
+
+#[test]
+fn alpha_rules_that_underflow_or_overflow_are_usage_errors() {
+    let (t0s, t1s) = model();
+    let s = Scratch::new();
+    let (sft, dpo) = dirs(&s, &t0s, &t1s);
+    let err = fails(
+        &s,
+        &sft,
+        &dpo,
+        "1e300",
+        &["--alpha-for", "norm=x1e10"],
+        2,
+        &["--alpha-for norm=x1e10 at alpha = 1e300: 10000000000 × 1e300 overflows to infinity"],
+    );
+    // Numbers are printed short, not as 300 digits.
+    assert!(err.len() < 300, "{err}");
+    let err = fails(
+        &s,
+        &sft,
+        &dpo,
+        "1e-200",
+        &["--skip", "embed", "--alpha-for", "norm=x1e-200"],
+        2,
+        &["--alpha-for norm=x1e-200 at alpha = 1e-200: 1e-200 × 1e-200 underflows to 0"],
+    );
+    assert!(err.len() < 300, "{err}");
+    // A factor or a run's α of 0 gives 0 as asked.
+    for (alpha, rule) in [("0", "norm=x2"), ("0.3", "norm=x0")] {
+        let out = s.out(&format!("ok-{alpha}"));
+        extrapolate(&sft, &dpo, alpha, &out)
+            .args(&["--alpha-for", rule])
+            .assert_ok();
+    }
+}
+
+#[test]
+fn stdout_failing_after_the_commit_says_the_output_is_complete() {
+    let (t0s, t1s) = model();
+    let s = Scratch::new();
+    let (sft, dpo) = dirs(&s, &t0s, &t1s);
+    let out = s.out("o");
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_expo"))
+        .args([
+            OsStr::new("extrapolate"),
+            OsStr::new("--sft"),
+            sft.as_os_str(),
+        ])
+        .args([
+            OsStr::new("--aligned"),
+            dpo.as_os_str(),
+            OsStr::new("--alpha"),
+        ])
+        .args([OsStr::new("0.3"), OsStr::new("--output"), out.as_os_str()])
+        .arg("--json")
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(run.stderr).unwrap();
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "printing the --json summary on stdout failed, but the output is complete: {}",
+            out.display()
+        )),
+        "{stderr}"
+    );
+    let got = read_checkpoint(&out);
+    assert_eq!(got.tensors.len(), t1s.len());
 }

@@ -352,6 +352,8 @@ fn an_input_truncated_mid_run_is_a_clear_error_and_leaves_nothing() {
         )),
         "{stderr}"
     );
+    // No figure from a read that failed.
+    assert!(!stderr.contains("‖θ1 − θ0‖/‖θ0‖"), "{stderr}");
     s.assert_no_output();
 }
 
@@ -381,6 +383,7 @@ fn an_input_rewritten_in_place_mid_run_is_detected() {
         )),
         "{stderr}"
     );
+    assert!(!stderr.contains("‖θ1 − θ0‖/‖θ0‖"), "{stderr}");
     s.assert_no_output();
 }
 

@@ -32,7 +32,8 @@ pub fn run(args: &DiffArgs) -> Result<ExitCode> {
         .map(|p| hub::open_for("checkpoint", p, &env).map(|(ck, _)| ck))
         .collect::<Result<Vec<_>>>()?;
     let refs: Vec<&Checkpoint> = checkpoints.iter().collect();
-    let entries = stats::match_tensors(&refs, &labels).context("comparing the checkpoints")?;
+    let entries =
+        crate::pairing::pair_to_compare(&refs, &labels).context("comparing the checkpoints")?;
     let maps = checkpoints
         .iter()
         .map(|ck| {

@@ -1,22 +1,33 @@
 //! `expo extrapolate`: validate both checkpoints, plan the output, write it atomically.
+//!
+//! The command is a pipeline of named steps:
+//!
+//! 1. [`prepare`]: resolve the inputs, plan every output (pairing and rules), check the
+//!    output locations, list the side files, compare the tensors that must be identical.
+//!    Nothing is written; `--dry-run` prints the result and stops here.
+//! 2. [`produce`]: write every output in one pass over the inputs, then finish each one
+//!    (side files, model card, provenance) and commit it atomically.
+//! 3. [`conclude`]: the summary and `--json` (printed by [`crate::report::extrapolate`]) and
+//!    the exit status.
+//!
+//! [`prepare`] and [`produce`] are library steps: a caller that wants a batch of
+//! candidates for several α (e.g. a search) builds one [`ExtrapolateArgs`] with every α,
+//! and gets one result per output back.
 
-use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde_json::json;
 
 use crate::alpha;
 use crate::checkpoint::Checkpoint;
 use crate::cli::ExtrapolateArgs;
-use crate::engine::{self, MappedCheckpoint, OutputJob};
+use crate::engine::{self, EngineError, MappedCheckpoint, OutputJob, RunReport};
 use crate::hub::{self, CacheEnv, ResolvedInput};
 use crate::interrupt;
 use crate::output::{self, OutputTarget, StagingDir};
-use crate::plan::{build_plan, AlphaRule, Plan, PlanOptions, Treatment};
+use crate::plan::{self, build_plan, AlphaRule, Plan, PlanError, PlanOptions};
 use crate::report::{self, Reporter};
 use crate::sidefiles::{self, InputRecord, Provenance, RuleRecord, SideFiles, TensorCounts};
 use crate::stats;
@@ -26,42 +37,251 @@ use crate::stats;
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// One input checkpoint: its flag, the opened checkpoint and where it was resolved to.
+#[derive(Debug)]
+pub struct Input {
+    pub flag: &'static str,
+    pub checkpoint: Checkpoint,
+    pub resolved: ResolvedInput,
+}
+
 /// One output of the run: its α, its validated location and its plan.
-struct Output {
-    alpha: f64,
-    target: OutputTarget,
-    plan: Plan,
+#[derive(Debug)]
+pub struct Output {
+    pub alpha: f64,
+    pub target: OutputTarget,
+    pub plan: Plan,
+}
+
+/// Everything validated before any work ([`prepare`]'s result).
+pub struct Prepared<'a> {
+    pub args: &'a ExtrapolateArgs,
+    /// `--sft` and `--aligned`.
+    pub inputs: [Input; 2],
+    /// `--skip` rules, then `--alpha-for` rules: the first that matches sets a tensor's α.
+    pub rules: Vec<AlphaRule>,
+    /// How many tensors each rule set the α of.
+    pub matches: Vec<usize>,
+    /// One per α, in the order given. All share one layout; only α differs.
+    pub outputs: Vec<Output>,
+    pub side: SideFiles,
+    /// The inputs' data, mapped; released once the outputs are written.
+    maps: Option<[MappedCheckpoint; 2]>,
+}
+
+impl Prepared<'_> {
+    /// `--aligned`: θ1.
+    pub fn aligned(&self) -> &Checkpoint {
+        &self.inputs[1].checkpoint
+    }
+
+    /// The rules with the α each gives in an output with `alpha`, and how many tensors
+    /// each matched.
+    pub fn rule_records(&self, alpha: f64) -> Vec<RuleRecord> {
+        self.rules
+            .iter()
+            .zip(&self.matches)
+            .map(|(r, &tensors)| RuleRecord {
+                rule: r.spelling.clone(),
+                alpha: r.alpha(alpha),
+                tensors,
+            })
+            .collect()
+    }
+}
+
+/// What [`produce`] did.
+#[derive(Debug)]
+pub struct Produced {
+    /// One result per output, in order: `Ok` once the output is committed in place.
+    pub results: Vec<Result<()>>,
+    /// ‖θ1 − θ0‖/‖θ0‖ over the extrapolated tensors; `None` when not finite (an input holds
+    /// inf or NaN) or when the read failed.
+    pub relative_change: Option<f64>,
+    /// The relative change is above `--warn-relative-change`.
+    pub doubtful: bool,
 }
 
 /// Runs `expo extrapolate`.
 pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let reporter = Reporter::new(args.quiet);
-    let alphas = &args.alpha.0;
-    let templated = alpha::has_placeholder(&args.output);
-    if alphas.len() > 1 && !templated {
+    let mut prepared = prepare(args, &reporter)?;
+    if args.dry_run {
+        report::extrapolate::print_plan(&prepared, &reporter)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let produced = produce(&mut prepared, &reporter)?;
+    conclude(&prepared, produced, started, &reporter)
+}
+
+/// Step 1: resolves and validates everything, and plans every output. Writes nothing.
+pub fn prepare<'a>(args: &'a ExtrapolateArgs, reporter: &Reporter) -> Result<Prepared<'a>> {
+    check_output_template(args)?;
+    // --skip rules come first: a skipped tensor stays θ1's whatever --alpha-for says.
+    let rules: Vec<AlphaRule> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
+    let inputs = open_inputs(args)?;
+    let outputs = plan_outputs(args, &rules, &inputs)?;
+    warn_about_inputs(reporter, &args.alpha.0, &inputs);
+    let matches = rule_matches(&outputs[0].plan, rules.len());
+    for (rule, n) in rules.iter().zip(&matches) {
+        if *n == 0 {
+            reporter.warn(format!("{} matches no tensor", rule.spelling));
+        }
+    }
+    let side = list_side_files(&inputs[1].checkpoint, reporter)?;
+    let maps = map_and_verify(&inputs, &outputs)?;
+    Ok(Prepared {
+        args,
+        inputs,
+        rules,
+        matches,
+        outputs,
+        side,
+        maps: Some(maps),
+    })
+}
+
+/// Step 2: writes every output in one pass over the inputs and commits each one. An
+/// output that fails does not stop the others; an interrupt stops everything.
+///
+/// # Errors
+/// Besides interrupts and failures to start: when called twice for one preparation.
+pub fn produce(p: &mut Prepared, reporter: &Reporter) -> Result<Produced> {
+    interrupt::install();
+    interrupt::install_sigbus_handler();
+    let pool = super::worker_pool(p.args.threads)?;
+    let maps = p
+        .maps
+        .take()
+        .context("the outputs of one preparation can be produced only once")?;
+    clean_stale_staging(&p.outputs, reporter);
+    let stagings = create_stagings(&p.outputs)?;
+    let report = write_data(p, maps, &stagings, &pool, reporter);
+    if report
+        .outputs
+        .iter()
+        .any(|r| matches!(r, Err(EngineError::Interrupted)))
+    {
+        return Err(interrupt::Interrupted.into());
+    }
+    let relative_change = relative_change(&report);
+    let doubtful =
+        relative_change.is_some_and(|rc| stats::premise_doubtful(rc, p.args.warn_relative_change));
+    if let (true, Some(rc)) = (doubtful, relative_change) {
+        reporter.warn(report::extrapolate::premise_warning(
+            rc,
+            p.args.warn_relative_change,
+        ));
+    }
+    let results = p
+        .outputs
+        .iter()
+        .zip(stagings)
+        .zip(report.outputs)
+        .map(|((o, staging), written)| {
+            written
+                .map_err(anyhow::Error::new)
+                .and_then(|stats| {
+                    report::extrapolate::warn_inherited_nonfinite(reporter, o, &stats);
+                    finish_output(p, o, relative_change, staging, reporter)
+                })
+                .with_context(|| format!("writing {}", o.target.path.display()))
+        })
+        .collect();
+    Ok(Produced {
+        results,
+        relative_change,
+        doubtful,
+    })
+}
+
+/// Step 3: reports what was done and turns the results into the exit status.
+fn conclude(
+    p: &Prepared,
+    produced: Produced,
+    started: Instant,
+    reporter: &Reporter,
+) -> Result<ExitCode> {
+    let seconds = started.elapsed().as_secs_f64();
+    report::extrapolate::print_summary(p, &produced, seconds, reporter);
+    if p.args.json {
+        // Failed outputs are reported even when stdout is gone (`| head`).
+        let printed = report::extrapolate::print_json(p, &produced, seconds, reporter);
+        if produced.results.iter().all(Result::is_ok) {
+            printed.with_context(|| {
+                report::extrapolate::complete_but_unprinted(&p.outputs, "--json summary")
+            })?;
+        }
+    }
+    if interrupt::check().is_err() {
+        return Err(interrupt::Interrupted.into());
+    }
+    let written = produced.results.iter().filter(|r| r.is_ok()).count();
+    let mut failures: Vec<anyhow::Error> = produced
+        .results
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    match failures.len() {
+        0 => Ok(ExitCode::SUCCESS),
+        1 if p.outputs.len() == 1 => Err(failures.remove(0)),
+        n => {
+            let mut msg = format!("{n} of {} outputs failed", p.outputs.len());
+            for e in &failures {
+                msg.push_str(&format!("\n  {e:#}"));
+            }
+            if written > 0 {
+                msg.push_str("\n  (the other outputs were written completely)");
+            }
+            Err(anyhow::anyhow!(msg))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Preparing
+// ---------------------------------------------------------------------------------------
+
+/// Several α need `{alpha}` in `--output` to name each output.
+fn check_output_template(args: &ExtrapolateArgs) -> Result<()> {
+    let n = args.alpha.0.len();
+    if n > 1 && !alpha::has_placeholder(&args.output) {
         return Err(UsageError(format!(
-            "--alpha gives {} values, so --output must contain {} to name each output, e.g. --output '{}-{}'",
-            alphas.len(),
+            "--alpha gives {n} values, so --output must contain {} to name each output, e.g. --output '{}-{}'",
             alpha::PLACEHOLDER,
             args.output.display(),
             alpha::PLACEHOLDER
         ))
         .into());
     }
-    // --skip rules come first: a skipped tensor stays θ1's whatever --alpha-for says.
-    let rules: Vec<_> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
+    Ok(())
+}
 
-    let cache_env = CacheEnv::from_process();
-    let (sft, sft_in) = hub::open_for("--sft checkpoint", &args.sft, &cache_env)?;
-    let (aligned, aligned_in) = hub::open_for("--aligned checkpoint", &args.aligned, &cache_env)?;
-    let inputs = [
-        ("--sft", &sft, &sft_in),
-        ("--aligned", &aligned, &aligned_in),
-    ];
+fn open_inputs(args: &ExtrapolateArgs) -> Result<[Input; 2]> {
+    let env = CacheEnv::from_process();
+    let open = |flag: &'static str, what: &str, path: &Path| -> Result<Input> {
+        let (checkpoint, resolved) = hub::open_for(what, path, &env)?;
+        Ok(Input {
+            flag,
+            checkpoint,
+            resolved,
+        })
+    };
+    Ok([
+        open("--sft", "--sft checkpoint", &args.sft)?,
+        open("--aligned", "--aligned checkpoint", &args.aligned)?,
+    ])
+}
 
-    let mut outputs: Vec<Output> = Vec::with_capacity(alphas.len());
-    for &a in alphas {
+/// Locates and plans the output of every α.
+fn plan_outputs(
+    args: &ExtrapolateArgs,
+    rules: &[AlphaRule],
+    inputs: &[Input; 2],
+) -> Result<Vec<Output>> {
+    let mut outputs: Vec<Output> = Vec::with_capacity(args.alpha.0.len());
+    for &a in &args.alpha.0 {
         let path = alpha::expand_output(&args.output, a);
         if outputs.iter().any(|o| o.target.path == path) {
             return Err(UsageError(format!(
@@ -73,36 +293,39 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
         let target = OutputTarget::locate(&path, args.force)?;
         // An overlap with an input is a usage error (2), reported before the refusal to
         // replace a directory that is not a checkpoint (1).
-        check_paths(&target, &inputs)?;
+        check_paths(&target, inputs)?;
         target.check_replaceable()?;
         let opts = PlanOptions {
             alpha: a,
             dtype: args.dtype.choice(),
             max_shard_size: args.max_shard_size,
-            rules: rules.clone(),
+            rules: rules.to_vec(),
         };
-        let plan = build_plan(&sft, &aligned, &opts).with_context(|| {
-            format!(
-                "pairing --sft {} with --aligned {}",
-                args.sft.display(),
-                args.aligned.display()
-            )
-        })?;
+        let plan = match build_plan(&inputs[0].checkpoint, &inputs[1].checkpoint, &opts) {
+            Ok(plan) => plan,
+            Err(PlanError::Alpha(e)) => return Err(UsageError(e.to_string()).into()),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "pairing --sft {} with --aligned {}",
+                        args.sft.display(),
+                        args.aligned.display()
+                    )
+                })
+            }
+        };
         outputs.push(Output {
             alpha: a,
             target,
             plan,
         });
     }
-    warn_about_inputs(&reporter, alphas, &sft_in, &aligned_in);
-    let matches = rule_matches(&outputs[0].plan, rules.len());
-    for (rule, n) in rules.iter().zip(&matches) {
-        if *n == 0 {
-            reporter.warn(format!("{} matches no tensor", rule.spelling));
-        }
-    }
+    Ok(outputs)
+}
 
-    let side = sidefiles::list_side_files(&aligned)?;
+/// The side files of θ1 to copy, with a warning for what is not copied.
+fn list_side_files(aligned: &Checkpoint, reporter: &Reporter) -> Result<SideFiles> {
+    let side = sidefiles::list_side_files(aligned)?;
     for skipped in &side.skipped_weights {
         reporter.warn(format!(
             "not copying {} from --aligned: it holds weights that are not part of the checkpoint expo read",
@@ -113,267 +336,21 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
         reporter
             .warn("--aligned is a single file, so no config.json or tokenizer files are copied");
     }
+    Ok(side)
+}
 
+/// Maps both inputs and checks the tensors that must be identical on both sides.
+fn map_and_verify(inputs: &[Input; 2], outputs: &[Output]) -> Result<[MappedCheckpoint; 2]> {
+    let [sft, aligned] = inputs.each_ref().map(|i| &i.checkpoint);
     // Guarded: an input truncated during the run is an error (the temporary directory is
     // removed as after any other), not a SIGBUS.
-    let sft_maps = MappedCheckpoint::map_guarded(&sft).context("mapping --sft")?;
-    let aligned_maps = MappedCheckpoint::map_guarded(&aligned).context("mapping --aligned")?;
-    engine::verify_exact_tensors(
-        &outputs[0].plan,
-        (&sft, &sft_maps),
-        (&aligned, &aligned_maps),
-    )
-    .context("comparing the non-float tensors")?;
-
-    if args.dry_run {
-        print_plan(args, &outputs, &rules, &matches, &inputs, &side, &reporter)?;
-        return Ok(ExitCode::SUCCESS);
+    let sft_maps = MappedCheckpoint::map_guarded(sft).context("mapping --sft")?;
+    let aligned_maps = MappedCheckpoint::map_guarded(aligned).context("mapping --aligned")?;
+    for plan in plan::plans_to_verify(outputs.iter().map(|o| &o.plan)) {
+        engine::verify_exact_tensors(plan, (sft, &sft_maps), (aligned, &aligned_maps))
+            .context("comparing the non-float tensors")?;
     }
-
-    interrupt::install();
-    interrupt::install_sigbus_handler();
-    let pool = super::worker_pool(args.threads)?;
-
-    for o in &outputs {
-        let found = output::clean_stale_staging(&o.target.parent);
-        for stale in found.removed {
-            reporter.warn(format!(
-                "removed {}, left behind by an expo run that was killed",
-                stale.display()
-            ));
-        }
-        for (aside, home) in found.moved_aside {
-            reporter.warn(format!(
-                "{} is the previous content of {}, moved aside by an expo --force run that was killed; move it back by hand",
-                aside.display(),
-                home.display()
-            ));
-        }
-    }
-    let stagings = outputs
-        .iter()
-        .map(|o| StagingDir::create(&o.target))
-        .collect::<Result<Vec<_>, _>>()?;
-    // An index may place shards in a subdirectory (`weights/model-00001-of-00002.safetensors`,
-    // accepted on input); the mirrored output needs the same subdirectory.
-    for (o, s) in outputs.iter().zip(&stagings) {
-        for shard in &o.plan.shards {
-            if let Some(sub) = Path::new(&shard.file_name)
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-            {
-                let dir = s.path().join(sub);
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-        }
-    }
-    let jobs: Vec<OutputJob> = outputs
-        .iter()
-        .zip(&stagings)
-        .map(|(o, s)| OutputJob {
-            plan: &o.plan,
-            dir: s.path(),
-        })
-        .collect();
-    let total: u64 = outputs.iter().map(|o| o.plan.data_bytes()).sum();
-    let bar = reporter.progress(total);
-    let report = engine::write_outputs(
-        &jobs,
-        (&sft, &sft_maps),
-        (&aligned, &aligned_maps),
-        &pool,
-        interrupt::flag(),
-        &|n| bar.inc(n),
-    );
-    bar.finish_and_clear();
-    drop((sft_maps, aligned_maps));
-    if report
-        .outputs
-        .iter()
-        .any(|r| matches!(r, Err(engine::EngineError::Interrupted)))
-    {
-        return Err(interrupt::Interrupted.into());
-    }
-    // Not finite when an input holds inf or NaN: no meaningful figure then (`expo diff`
-    // measures such checkpoints leaving those elements out).
-    let relative_change = (report.base_sq > 0.0)
-        .then(|| report.delta_sq.sqrt() / report.base_sq.sqrt())
-        .filter(|rc| rc.is_finite());
-    let doubtful =
-        relative_change.is_some_and(|rc| stats::premise_doubtful(rc, args.warn_relative_change));
-    if let (true, Some(rc)) = (doubtful, relative_change) {
-        reporter.warn(format!(
-            "‖θ1 − θ0‖/‖θ0‖ = {rc:.3e} is above {:e}: alignment moved the model far from --sft, so the premise of extrapolation (a small step) is doubtful; evaluate the outputs with care, or check `expo diff` (threshold: --warn-relative-change)",
-            args.warn_relative_change
-        ));
-    }
-
-    let mut failures = Vec::new();
-    let mut summaries = Vec::new();
-    for ((o, staging), result) in outputs.iter().zip(stagings).zip(report.outputs) {
-        let finished = result
-            .map_err(anyhow::Error::new)
-            .and_then(|stats| {
-                for (tensor, count) in &stats.inherited_nonfinite {
-                    reporter.warn(format!(
-                        "{}: tensor `{tensor}`: {count} output values are infinite or NaN because the inputs already were",
-                        o.target.path.display()
-                    ));
-                }
-                let run = OutputRun {
-                    rules: &rules,
-                    matches: &matches,
-                    relative_change,
-                    inputs: &inputs,
-                    side: &side,
-                };
-                finish_output(args, o, &run, staging, &reporter)
-            });
-        match finished {
-            Ok(()) => summaries.push(o),
-            Err(e) => failures.push(e.context(format!("writing {}", o.target.path.display()))),
-        }
-    }
-
-    let seconds = started.elapsed().as_secs_f64();
-    for o in &summaries {
-        let (extrapolated, cast, copied) = o.plan.counts();
-        let data = o.plan.data_bytes();
-        reporter.info(format!(
-            "expo: wrote {} with alpha = {}: {} tensors ({} extrapolated{}, {} copied) in {} file{}, {}",
-            o.target.path.display(),
-            alpha::format_alpha(o.alpha),
-            o.plan.pairs.len(),
-            extrapolated,
-            if cast > 0 { format!(", {cast} converted") } else { String::new() },
-            copied,
-            o.plan.shards.len(),
-            if o.plan.shards.len() == 1 { "" } else { "s" },
-            report::bytes(data),
-        ));
-    }
-    if let Some(rc) = relative_change {
-        reporter.info(format!(
-            "expo: ‖θ1 − θ0‖/‖θ0‖ = {rc:.3e} over the extrapolated tensors; {} written in {seconds:.1}s ({}/s)",
-            report::bytes(total),
-            report::bytes((total as f64 / seconds.max(1e-9)) as u64),
-        ));
-    }
-    if args.json {
-        let per_output: Vec<serde_json::Value> = outputs
-            .iter()
-            .map(|o| {
-                let ok = summaries.iter().any(|s| std::ptr::eq(*s, o));
-                json!({
-                    "output": o.target.path,
-                    "alpha": o.alpha,
-                    "ok": ok,
-                    "tensors": counts(&o.plan),
-                    "rules": rule_records(&rules, &matches, o.alpha),
-                    "shards": shards_json(&o.plan),
-                    "index": o.plan.index.as_ref().map(|(n, _)| n),
-                    "tensor_bytes": o.plan.data_bytes(),
-                    "output_bytes": o.plan.output_bytes(),
-                })
-            })
-            .collect();
-        let mut doc = json!({
-            "dry_run": false,
-            "alphas": alphas,
-            "relative_change": relative_change,
-            "premise_doubtful": doubtful,
-            "side_files": side.copy,
-            "seconds": seconds,
-            "warnings": reporter.warnings(),
-            "errors": failures.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>(),
-            "outputs": per_output,
-        });
-        lift_single_output(&mut doc);
-        // Failed outputs are reported even when stdout is gone (`| head`).
-        let printed = report::print_json(&doc);
-        if failures.is_empty() {
-            printed?;
-        }
-    }
-    if interrupt::check().is_err() {
-        return Err(interrupt::Interrupted.into());
-    }
-    match failures.len() {
-        0 => Ok(ExitCode::SUCCESS),
-        1 if outputs.len() == 1 => Err(failures.remove(0)),
-        n => {
-            let mut msg = format!("{n} of {} outputs failed", outputs.len());
-            for e in &failures {
-                msg.push_str(&format!("\n  {e:#}"));
-            }
-            if !summaries.is_empty() {
-                msg.push_str("\n  (the other outputs were written completely)");
-            }
-            Err(anyhow::anyhow!(msg))
-        }
-    }
-}
-
-/// What every output of a run shares, for [`finish_output`].
-struct OutputRun<'a> {
-    rules: &'a [AlphaRule],
-    matches: &'a [usize],
-    relative_change: Option<f64>,
-    inputs: &'a [Input<'a>; 2],
-    side: &'a SideFiles,
-}
-
-/// Copies side files, writes the index, model card and provenance, and commits one output.
-fn finish_output(
-    args: &ExtrapolateArgs,
-    o: &Output,
-    run: &OutputRun,
-    staging: StagingDir,
-    reporter: &Reporter,
-) -> Result<()> {
-    let OutputRun {
-        rules,
-        matches,
-        relative_change,
-        inputs,
-        side,
-    } = *run;
-    interrupt::check()?;
-    let aligned = inputs[1].1;
-    sidefiles::copy_side_files(&aligned.root, &side.copy, staging.path())?;
-    if let Some((name, bytes)) = &o.plan.index {
-        sidefiles::write_file(staging.path(), name, bytes)?;
-    }
-    let mut provenance = provenance(args, &o.plan, inputs, side);
-    provenance.rules = rule_records(rules, matches, o.alpha);
-    provenance.relative_change = relative_change;
-    let card = provenance.model_card(sidefiles::aligned_license(aligned).as_deref());
-    sidefiles::write_file(staging.path(), sidefiles::MODEL_CARD_NAME, card.as_bytes())?;
-    sidefiles::write_file(
-        staging.path(),
-        sidefiles::PROVENANCE_NAME,
-        &provenance.to_json(),
-    )?;
-    interrupt::check()?;
-    // Once committed, the new output is in place: what is left to tidy is only a warning.
-    for w in staging.commit(&o.target)?.warnings() {
-        reporter.warn(w);
-    }
-    Ok(())
-}
-
-/// With a single α, repeats that output's fields at the top level of the JSON document.
-fn lift_single_output(doc: &mut serde_json::Value) {
-    let single = match doc["outputs"].as_array().map(Vec::as_slice) {
-        Some([only]) => only.as_object().cloned(),
-        _ => None,
-    };
-    if let (Some(fields), Some(obj)) = (single, doc.as_object_mut()) {
-        for (k, v) in fields {
-            obj.entry(k).or_insert(v);
-        }
-    }
+    Ok([sft_maps, aligned_maps])
 }
 
 /// How many tensors each rule set the α of.
@@ -387,21 +364,6 @@ fn rule_matches(plan: &Plan, rules: usize) -> Vec<usize> {
     n
 }
 
-fn rule_records(rules: &[AlphaRule], matches: &[usize], alpha: f64) -> Vec<RuleRecord> {
-    rules
-        .iter()
-        .zip(matches)
-        .map(|(r, &tensors)| RuleRecord {
-            rule: r.spelling.clone(),
-            alpha: r.alpha(alpha),
-            tensors,
-        })
-        .collect()
-}
-
-/// A checkpoint argument: the flag, the opened checkpoint and where it was resolved to.
-type Input<'a> = (&'static str, &'a Checkpoint, &'a ResolvedInput);
-
 fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
@@ -412,7 +374,12 @@ fn check_paths(target: &OutputTarget, inputs: &[Input]) -> Result<()> {
     let parent = std::fs::canonicalize(&target.parent)
         .with_context(|| format!("resolving {}", target.parent.display()))?;
     let out = parent.join(&target.name);
-    for &(flag, ck, resolved) in inputs {
+    for Input {
+        flag,
+        checkpoint: ck,
+        resolved,
+    } in inputs
+    {
         let input = canonical(&resolved.path);
         let root = canonical(&ck.root);
         let mut clash = out == input
@@ -440,15 +407,10 @@ fn check_paths(target: &OutputTarget, inputs: &[Input]) -> Result<()> {
     Ok(())
 }
 
-fn warn_about_inputs(
-    reporter: &Reporter,
-    alphas: &[f64],
-    sft: &ResolvedInput,
-    aligned: &ResolvedInput,
-) {
+fn warn_about_inputs(reporter: &Reporter, alphas: &[f64], inputs: &[Input; 2]) {
     let same = match (
-        std::fs::canonicalize(&sft.path),
-        std::fs::canonicalize(&aligned.path),
+        std::fs::canonicalize(&inputs[0].resolved.path),
+        std::fs::canonicalize(&inputs[1].resolved.path),
     ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
@@ -463,33 +425,136 @@ fn warn_about_inputs(
     }
 }
 
-fn counts(plan: &Plan) -> serde_json::Value {
-    let (extrapolated, cast, copied) = plan.counts();
-    json!({"total": plan.pairs.len(), "extrapolated": extrapolated, "cast": cast, "copied": copied})
-}
+// ---------------------------------------------------------------------------------------
+// Producing
+// ---------------------------------------------------------------------------------------
 
-fn shards_json(plan: &Plan) -> serde_json::Value {
-    plan.shards
-        .iter()
-        .map(|s| json!({"file": s.file_name, "tensors": s.tensors.len(), "bytes": s.file_len()}))
-        .collect()
-}
-
-fn treatment_name(t: Treatment) -> &'static str {
-    match t {
-        Treatment::Extrapolate(_) => "extrapolate",
-        Treatment::Cast(_) => "convert",
-        Treatment::Copy => "copy",
+/// Tidies what killed runs left beside each output, saying what was found.
+fn clean_stale_staging(outputs: &[Output], reporter: &Reporter) {
+    for o in outputs {
+        let found = output::clean_stale_staging(&o.target.parent);
+        for stale in found.removed {
+            reporter.warn(format!(
+                "removed {}, left behind by an expo run that was killed",
+                stale.display()
+            ));
+        }
+        for (aside, home) in found.moved_aside {
+            reporter.warn(format!(
+                "{} is the previous content of {}, moved aside by an expo --force run that was killed; move it back by hand",
+                aside.display(),
+                home.display()
+            ));
+        }
     }
 }
 
-fn provenance(
-    args: &ExtrapolateArgs,
-    plan: &Plan,
-    inputs: &[Input; 2],
-    side: &SideFiles,
-) -> Provenance {
-    let [(_, sft, sft_in), (_, aligned, aligned_in)] = *inputs;
+/// One staging directory per output, with the subdirectories its shards need.
+fn create_stagings(outputs: &[Output]) -> Result<Vec<StagingDir>> {
+    let stagings = outputs
+        .iter()
+        .map(|o| StagingDir::create(&o.target))
+        .collect::<Result<Vec<_>, _>>()?;
+    // An index may place shards in a subdirectory (`weights/model-00001-of-00002.safetensors`,
+    // accepted on input); the mirrored output needs the same subdirectory.
+    for (o, s) in outputs.iter().zip(&stagings) {
+        for shard in &o.plan.shards {
+            if let Some(sub) = Path::new(&shard.file_name)
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+            {
+                let dir = s.path().join(sub);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+        }
+    }
+    Ok(stagings)
+}
+
+/// Writes the tensor data of every output in one pass, then releases the input maps.
+fn write_data(
+    p: &Prepared,
+    maps: [MappedCheckpoint; 2],
+    stagings: &[StagingDir],
+    pool: &rayon::ThreadPool,
+    reporter: &Reporter,
+) -> RunReport {
+    let jobs: Vec<OutputJob> = p
+        .outputs
+        .iter()
+        .zip(stagings)
+        .map(|(o, s)| OutputJob {
+            plan: &o.plan,
+            dir: s.path(),
+        })
+        .collect();
+    let total: u64 = p.outputs.iter().map(|o| o.plan.data_bytes()).sum();
+    let bar = reporter.progress(total);
+    let [sft, aligned] = p.inputs.each_ref().map(|i| &i.checkpoint);
+    let [sft_maps, aligned_maps] = &maps;
+    let report = engine::write_outputs(
+        &jobs,
+        (sft, sft_maps),
+        (aligned, aligned_maps),
+        pool,
+        interrupt::flag(),
+        &|n| bar.inc(n),
+    );
+    bar.finish_and_clear();
+    drop(maps);
+    report
+}
+
+/// ‖θ1 − θ0‖/‖θ0‖ from the sums the engine kept; `None` when not finite (an input holds
+/// inf or NaN: `expo diff` measures such checkpoints leaving those elements out) or when
+/// an input changed during the read (the sums describe no real checkpoint then).
+fn relative_change(report: &RunReport) -> Option<f64> {
+    let read_failed = report.outputs.iter().any(|r| {
+        matches!(
+            r,
+            Err(EngineError::InputModified { .. } | EngineError::InputChanged { .. })
+        )
+    });
+    (report.base_sq > 0.0 && !read_failed)
+        .then(|| report.delta_sq.sqrt() / report.base_sq.sqrt())
+        .filter(|rc| rc.is_finite())
+}
+
+/// Copies side files, writes the index, model card and provenance, and commits one output.
+fn finish_output(
+    p: &Prepared,
+    o: &Output,
+    relative_change: Option<f64>,
+    staging: StagingDir,
+    reporter: &Reporter,
+) -> Result<()> {
+    interrupt::check()?;
+    let aligned = p.aligned();
+    sidefiles::copy_side_files(&aligned.root, &p.side.copy, staging.path())?;
+    if let Some((name, bytes)) = &o.plan.index {
+        sidefiles::write_file(staging.path(), name, bytes)?;
+    }
+    let mut provenance = provenance(p, &o.plan);
+    provenance.rules = p.rule_records(o.alpha);
+    provenance.relative_change = relative_change;
+    let card = provenance.model_card(sidefiles::aligned_license(aligned).as_deref());
+    sidefiles::write_file(staging.path(), sidefiles::MODEL_CARD_NAME, card.as_bytes())?;
+    sidefiles::write_file(
+        staging.path(),
+        sidefiles::PROVENANCE_NAME,
+        &provenance.to_json(),
+    )?;
+    interrupt::check()?;
+    // Once committed, the new output is in place: what is left to tidy is only a warning.
+    for w in staging.commit(&o.target)?.warnings() {
+        reporter.warn(w);
+    }
+    Ok(())
+}
+
+fn provenance(p: &Prepared, plan: &Plan) -> Provenance {
+    let [sft, aligned] = &p.inputs;
     let (extrapolated, cast, copied) = plan.counts();
     Provenance {
         tool: "expo",
@@ -500,11 +565,11 @@ fn provenance(
         paper: sidefiles::PAPER_URL,
         alpha: plan.alpha,
         rules: Vec::new(),
-        dtype: args.dtype.name().to_string(),
-        max_shard_size: args.max_shard_size,
+        dtype: p.args.dtype.name().to_string(),
+        max_shard_size: p.args.max_shard_size,
         relative_change: None,
-        sft: InputRecord::resolved(sft, sft_in),
-        aligned: InputRecord::resolved(aligned, aligned_in),
+        sft: InputRecord::resolved(&sft.checkpoint, &sft.resolved),
+        aligned: InputRecord::resolved(&aligned.checkpoint, &aligned.resolved),
         tensors: TensorCounts {
             total: plan.pairs.len(),
             extrapolated,
@@ -513,182 +578,9 @@ fn provenance(
         },
         tensor_bytes: plan.data_bytes(),
         shards: plan.shards.iter().map(|s| s.file_name.clone()).collect(),
-        side_files: side.copy.iter().map(|p| p.display().to_string()).collect(),
+        side_files: p.side.copy.iter().map(|p| p.display().to_string()).collect(),
         command: std::env::args_os()
             .map(|a| a.to_string_lossy().into_owned())
             .collect(),
     }
-}
-
-fn print_plan(
-    args: &ExtrapolateArgs,
-    outputs: &[Output],
-    rules: &[AlphaRule],
-    matches: &[usize],
-    inputs: &[Input; 2],
-    side: &SideFiles,
-    reporter: &Reporter,
-) -> Result<()> {
-    let [(_, sft, sft_in), (_, aligned, aligned_in)] = *inputs;
-    // Every output shares one layout; only the α of each tensor differs.
-    let plan = &outputs[0].plan;
-    let tensor_alphas =
-        |i: usize| -> Vec<f64> { outputs.iter().map(|o| o.plan.pairs[i].alpha).collect() };
-    if args.json {
-        let shards: Vec<_> = plan
-            .shards
-            .iter()
-            .map(|s| {
-                let tensors: Vec<_> = s
-                    .tensors
-                    .iter()
-                    .map(|&i| {
-                        let p = &plan.pairs[i];
-                        json!({
-                            "name": p.name,
-                            "dtype": p.out_dtype.name(),
-                            "shape": p.shape,
-                            "action": treatment_name(p.treatment),
-                            "alphas": tensor_alphas(i),
-                            "rule": p.rule.map(|r| &rules[r].spelling),
-                            "bytes": p.out_len,
-                        })
-                    })
-                    .collect();
-                json!({"file": s.file_name, "bytes": s.file_len(), "tensors": tensors})
-            })
-            .collect();
-        let per_output: Vec<_> = outputs
-            .iter()
-            .map(|o| {
-                json!({
-                    "output": o.target.path,
-                    "alpha": o.alpha,
-                    "tensors": counts(&o.plan),
-                    "rules": rule_records(rules, matches, o.alpha),
-                    "tensor_bytes": o.plan.data_bytes(),
-                    "output_bytes": o.plan.output_bytes(),
-                })
-            })
-            .collect();
-        let mut doc = json!({
-            "dry_run": true,
-            "alphas": outputs.iter().map(|o| o.alpha).collect::<Vec<_>>(),
-            "sft": InputRecord::resolved(sft, sft_in),
-            "aligned": InputRecord::resolved(aligned, aligned_in),
-            "shards": shards,
-            "index": plan.index.as_ref().map(|(n, _)| n),
-            "side_files": side.copy,
-            "warnings": reporter.warnings(),
-            "outputs": per_output,
-        });
-        lift_single_output(&mut doc);
-        report::print_json(&doc)?;
-        return Ok(());
-    }
-    let mut s = String::new();
-    let describe = |ck: &Checkpoint, input: &ResolvedInput| {
-        format!(
-            "{} ({}{} file{}, {} tensors, {})",
-            ck.given.display(),
-            match &input.hub {
-                Some(h) if h.revision == h.commit => format!("cached commit {}; ", h.commit),
-                Some(h) => format!("cached {} = commit {}; ", h.revision, h.commit),
-                None => String::new(),
-            },
-            ck.shards.len(),
-            if ck.shards.len() == 1 { "" } else { "s" },
-            ck.len(),
-            report::bytes(ck.data_bytes())
-        )
-    };
-    let _ = writeln!(s, "plan: θ1 + α·(θ1 − θ0)");
-    let _ = writeln!(s, "  --sft      {}", describe(sft, sft_in));
-    let _ = writeln!(s, "  --aligned  {}", describe(aligned, aligned_in));
-    for o in outputs {
-        let (extrapolated, cast, copied) = o.plan.counts();
-        let _ = writeln!(
-            s,
-            "  α = {:<6} → {}  ({} extrapolated, {} converted, {} copied)",
-            alpha::format_alpha(o.alpha),
-            o.target.path.display(),
-            extrapolated,
-            cast,
-            copied
-        );
-    }
-    for (r, n) in rules.iter().zip(matches) {
-        let _ = writeln!(
-            s,
-            "  rule {}: {} tensor{}{}",
-            r.spelling,
-            n,
-            if *n == 1 { "" } else { "s" },
-            if *n == 0 { " (matches nothing)" } else { "" }
-        );
-    }
-    let show_alpha = !rules.is_empty();
-    for shard in &plan.shards {
-        let _ = writeln!(
-            s,
-            "  {}  ({} tensors, {})",
-            shard.file_name,
-            shard.tensors.len(),
-            report::bytes(shard.file_len())
-        );
-        for &i in &shard.tensors {
-            let p = &plan.pairs[i];
-            let alpha_col = if show_alpha {
-                let alphas: Vec<String> = tensor_alphas(i)
-                    .into_iter()
-                    .map(alpha::format_alpha)
-                    .collect();
-                format!(" α={:<8}", alphas.join(","))
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                s,
-                "    {:<11}{} {:<5} {:<16} {:>10}  {}",
-                treatment_name(p.treatment),
-                alpha_col,
-                p.out_dtype.name(),
-                format!("{:?}", p.shape),
-                report::bytes(p.out_len),
-                p.name
-            );
-        }
-    }
-    if let Some((name, _)) = &plan.index {
-        let _ = writeln!(s, "  {name}");
-    }
-    let copied_names: Vec<String> = side.copy.iter().map(|p| p.display().to_string()).collect();
-    let _ = writeln!(
-        s,
-        "  side files from --aligned: {}",
-        if copied_names.is_empty() {
-            "none".to_string()
-        } else {
-            copied_names.join(", ")
-        }
-    );
-    let _ = writeln!(
-        s,
-        "  written by expo: {}, {}",
-        sidefiles::MODEL_CARD_NAME,
-        sidefiles::PROVENANCE_NAME
-    );
-    let _ = writeln!(
-        s,
-        "total: {} in {} file{} per output, {} output{}; nothing written (--dry-run)",
-        report::bytes(plan.output_bytes()),
-        plan.shards.len(),
-        if plan.shards.len() == 1 { "" } else { "s" },
-        outputs.len(),
-        if outputs.len() == 1 { "" } else { "s" }
-    );
-    let mut out = std::io::stdout().lock();
-    out.write_all(s.as_bytes())?;
-    out.flush()?;
-    Ok(())
 }

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -51,16 +50,11 @@ pub fn totals(ck: &Checkpoint) -> (BTreeMap<Dtype, Totals>, Totals) {
 /// Runs `expo inspect`.
 pub fn run(args: &InspectArgs) -> Result<ExitCode> {
     let (ck, resolved) = hub::open_for("checkpoint", &args.path, &CacheEnv::from_process())?;
-    let text = if args.json {
-        let mut s = serde_json::to_string_pretty(&to_json(&ck, &resolved))?;
-        s.push('\n');
-        s
+    if args.json {
+        report::print_json(&to_json(&ck, &resolved))?;
     } else {
-        human(&ck, &resolved)
-    };
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
+        report::print_text(&human(&ck, &resolved))?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1086,17 +1086,31 @@ impl Expo {
         out
     }
 
-    /// Asserts failure with `code`: nothing on stdout, and stderr holds the error (clap's
+    /// Asserts failure with `code`: nothing on stdout (with `--json`, exactly one JSON
+    /// object, returned parsed, whose `ok` is false), and stderr holds the error (clap's
     /// `error:` for usage errors, `expo: error:` otherwise) and every string of `needles`.
     pub fn assert_fails(self, code: i32, needles: &[&str]) -> Outcome {
-        let out = self.run();
+        let mut out = self.run();
         let what = self.describe();
         let dump = format!(
             "{what}\n--- exit {}\n--- stdout:\n{}\n--- stderr:\n{}",
             out.code, out.stdout, out.stderr
         );
         assert_eq!(out.code, code, "unexpected exit code\n{dump}");
-        assert_eq!(out.stdout, "", "stdout must be empty on failure\n{dump}");
+        if self.has(&["--json"]) {
+            let json = single_json_object(&out.stdout, &dump);
+            let failed = |v: &Value| v.get("ok") == Some(&Value::Bool(false));
+            let some_output_failed = json["outputs"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(failed));
+            assert!(
+                failed(&json) || some_output_failed,
+                "`ok` must be false\n{dump}"
+            );
+            out.json = Some(json);
+        } else {
+            assert_eq!(out.stdout, "", "stdout must be empty on failure\n{dump}");
+        }
         if code == 2 {
             assert!(out.stderr.contains("error:"), "no error message\n{dump}");
         } else {
