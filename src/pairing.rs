@@ -25,6 +25,7 @@ use std::fmt;
 
 use crate::checkpoint::{Checkpoint, TensorLoc};
 use crate::dtype::{Dtype, DtypeClass, FloatDtype};
+use crate::header::TensorInfo;
 use crate::kernel::KernelSpec;
 
 /// How many mismatches a message lists before summarising the rest.
@@ -209,77 +210,22 @@ pub fn pair(
     who: &str,
     purpose: impl Fn(&str) -> Purpose,
 ) -> Result<Vec<Entry>, PairingError> {
-    let (last_side, others) = sides.split_last().expect("at least one checkpoint to pair");
-    let last = last_side.checkpoint;
+    let (last, others) = sides.split_last().expect("at least one checkpoint to pair");
     let mut mismatches = Vec::new();
-    let mut entries = Vec::with_capacity(last.len());
-    for (last_loc, t) in last.tensors() {
-        let purpose = purpose(&t.name);
-        let mut dtypes = Vec::with_capacity(sides.len());
-        let mut locs = Vec::with_capacity(sides.len());
-        let before = mismatches.len();
-        for side in others {
-            let label = side.label.to_string();
-            let Some((loc, other)) = side.checkpoint.get(&t.name) else {
-                mismatches.push(Mismatch::Missing {
-                    tensor: t.name.clone(),
-                    present_in: last_side.label.to_string(),
-                    missing_from: label,
-                });
-                continue;
-            };
-            if other.shape != t.shape {
-                mismatches.push(Mismatch::Shape {
-                    tensor: t.name.clone(),
-                    a: (label, other.shape.clone()),
-                    b: (last_side.label.to_string(), t.shape.clone()),
-                });
-                continue;
-            }
-            if !compatible(other.dtype, t.dtype, purpose) {
-                mismatches.push(Mismatch::Dtype {
-                    tensor: t.name.clone(),
-                    a: (label, other.dtype),
-                    b: (last_side.label.to_string(), t.dtype),
-                });
-                continue;
-            }
-            dtypes.push(other.dtype);
-            locs.push(loc);
+    let mut entries = Vec::with_capacity(last.checkpoint.len());
+    for (loc, t) in last.checkpoint.tensors() {
+        match pair_one(others, last, (loc, t), purpose(&t.name)) {
+            Ok(entry) => entries.push(entry),
+            Err(found) => mismatches.extend(found),
         }
-        if mismatches.len() > before {
-            continue;
-        }
-        dtypes.push(t.dtype);
-        locs.push(last_loc);
-        let kind = kind(&dtypes, t.dtype);
-        if let (Purpose::Produce { alpha }, EntryKind::Bytes(d)) = (purpose, &kind) {
-            // Only reached with equal dtypes: a differing one was compatible at α = 0 only.
-            if alpha != 0.0 && d.class() == DtypeClass::Opaque {
-                mismatches.push(Mismatch::Unsupported {
-                    tensor: t.name.clone(),
-                    dtype: *d,
-                    from: last_side.label.to_string(),
-                });
-                continue;
-            }
-        }
-        entries.push(Entry {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            dtypes,
-            locs,
-            len: t.len(),
-            kind,
-        });
     }
     for side in others {
         for (_, t) in side.checkpoint.tensors() {
-            if last.get(&t.name).is_none() {
+            if last.checkpoint.get(&t.name).is_none() {
                 mismatches.push(Mismatch::Missing {
                     tensor: t.name.clone(),
                     present_in: side.label.to_string(),
-                    missing_from: last_side.label.to_string(),
+                    missing_from: last.label.to_string(),
                 });
             }
         }
@@ -292,6 +238,69 @@ pub fn pair(
             who: who.to_string(),
         })
     }
+}
+
+/// Pairs tensor `t` of the last side with the same tensor of every other side.
+fn pair_one(
+    others: &[Side],
+    last: &Side,
+    (last_loc, t): (TensorLoc, &TensorInfo),
+    purpose: Purpose,
+) -> Result<Entry, Vec<Mismatch>> {
+    let mut mismatches = Vec::new();
+    let mut dtypes = Vec::with_capacity(others.len() + 1);
+    let mut locs = Vec::with_capacity(others.len() + 1);
+    let tensor = || t.name.clone();
+    for side in others {
+        let label = side.label.to_string();
+        match side.checkpoint.get(&t.name) {
+            None => mismatches.push(Mismatch::Missing {
+                tensor: tensor(),
+                present_in: last.label.to_string(),
+                missing_from: label,
+            }),
+            Some((_, other)) if other.shape != t.shape => mismatches.push(Mismatch::Shape {
+                tensor: tensor(),
+                a: (label, other.shape.clone()),
+                b: (last.label.to_string(), t.shape.clone()),
+            }),
+            Some((_, other)) if !compatible(other.dtype, t.dtype, purpose) => {
+                mismatches.push(Mismatch::Dtype {
+                    tensor: tensor(),
+                    a: (label, other.dtype),
+                    b: (last.label.to_string(), t.dtype),
+                })
+            }
+            Some((loc, other)) => {
+                dtypes.push(other.dtype);
+                locs.push(loc);
+            }
+        }
+    }
+    if !mismatches.is_empty() {
+        return Err(mismatches);
+    }
+    dtypes.push(t.dtype);
+    locs.push(last_loc);
+    let kind = kind(&dtypes, t.dtype);
+    if let (Purpose::Produce { alpha }, EntryKind::Bytes(d)) = (purpose, &kind) {
+        // Only reached with equal dtypes: a differing one was compatible at α = 0 only.
+        if alpha != 0.0 && d.class() == DtypeClass::Opaque {
+            return Err(vec![Mismatch::Unsupported {
+                tensor: tensor(),
+                dtype: *d,
+                from: last.label.to_string(),
+            }]);
+        }
+    }
+    Ok(Entry {
+        name: tensor(),
+        shape: t.shape.clone(),
+        dtypes,
+        locs,
+        len: t.len(),
+        kind,
+    })
 }
 
 /// Pairs checkpoints to measure their differences ([`Purpose::Compare`]); `labels` name them

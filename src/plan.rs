@@ -10,7 +10,7 @@ use crate::checkpoint::{Checkpoint, Layout, TensorLoc};
 use crate::dtype::Dtype;
 use crate::header::encode_header;
 use crate::pairing::{self, PairingError, Purpose, Side};
-use crate::report::number;
+use crate::text::number;
 
 pub use crate::pairing::{DtypeChoice, Treatment};
 
@@ -80,7 +80,7 @@ pub enum AlphaError {
     },
 }
 
-/// A number printed short in a message (see [`crate::report::number`]).
+/// A number printed short in a message (see [`crate::text::number`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Short(pub f64);
 
@@ -302,126 +302,150 @@ pub fn build_plan(
     opts: &PlanOptions,
 ) -> Result<Plan, PlanError> {
     let pairs = pair_for_output(sft, aligned, opts)?;
-    // Which output file each pair goes to, as (file name, metadata, pair indices).
-    let groups: Vec<(String, Metadata, Vec<usize>)> = match opts.max_shard_size {
-        None => {
-            let mut groups: Vec<_> = aligned
-                .shards
-                .iter()
-                .map(|s| (s.name.clone(), s.header.metadata.clone(), Vec::new()))
-                .collect();
-            for (i, p) in pairs.iter().enumerate() {
-                groups[p.aligned.shard].2.push(i);
-            }
-            groups
-        }
-        Some(max) => {
-            let metadata = aligned
-                .shards
-                .first()
-                .and_then(|s| s.header.metadata.clone());
-            let mut bins: Vec<Vec<usize>> = Vec::new();
-            let mut current = 0u64;
-            for (i, p) in pairs.iter().enumerate() {
-                match bins.last_mut() {
-                    Some(bin) if current + p.out_len <= max => {
-                        bin.push(i);
-                        current += p.out_len;
-                    }
-                    _ => {
-                        bins.push(vec![i]);
-                        current = p.out_len;
-                    }
-                }
-            }
-            if bins.is_empty() {
-                bins.push(Vec::new());
-            }
-            let n = bins.len();
-            bins.into_iter()
-                .enumerate()
-                .map(|(k, bin)| {
-                    let name = if n == 1 {
-                        "model.safetensors".to_string()
-                    } else {
-                        format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
-                    };
-                    (name, metadata.clone(), bin)
-                })
-                .collect()
-        }
+    let groups = match opts.max_shard_size {
+        None => mirror_groups(aligned, &pairs),
+        Some(max) => packed_groups(aligned, &pairs, max),
     };
-
     let shards: Vec<ShardPlan> = groups
         .into_iter()
-        .map(|(file_name, metadata, tensors)| {
-            let mut offsets = Vec::with_capacity(tensors.len());
-            let mut cursor = 0u64;
-            let mut entries = Vec::with_capacity(tensors.len());
-            for &i in &tensors {
-                let p = &pairs[i];
-                offsets.push(cursor);
-                entries.push((
-                    p.name.as_str(),
-                    p.out_dtype,
-                    p.shape.as_slice(),
-                    cursor,
-                    cursor + p.out_len,
-                ));
-                cursor += p.out_len;
-            }
-            let header = encode_header(metadata.as_ref(), &entries);
-            ShardPlan {
-                file_name,
-                tensors,
-                offsets,
-                header,
-                data_len: cursor,
-            }
-        })
+        .map(|(file_name, metadata, tensors)| shard_plan(&pairs, file_name, metadata, tensors))
         .collect();
-
-    let write_index = match (&aligned.layout, opts.max_shard_size) {
-        (_, Some(_)) => shards.len() > 1,
-        (Layout::Indexed { .. }, None) => true,
-        (Layout::Single, None) => false,
-    };
-    let index = write_index.then(|| {
-        let (name, mut metadata) = match (&aligned.layout, opts.max_shard_size) {
-            (
-                Layout::Indexed {
-                    index_name,
-                    metadata,
-                },
-                None,
-            ) => (index_name.clone(), metadata.clone()),
-            (Layout::Indexed { metadata, .. }, Some(_)) => {
-                (INDEX_NAME.to_string(), metadata.clone())
-            }
-            (Layout::Single, _) => (INDEX_NAME.to_string(), serde_json::Map::new()),
-        };
-        let total: u64 = shards.iter().map(|s| s.data_len).sum();
-        metadata.insert("total_size".into(), total.into());
-        let mut weight_map = serde_json::Map::new();
-        for s in &shards {
-            for &i in &s.tensors {
-                weight_map.insert(pairs[i].name.clone(), s.file_name.clone().into());
-            }
-        }
-        let mut doc = serde_json::Map::new();
-        doc.insert("metadata".into(), metadata.into());
-        doc.insert("weight_map".into(), weight_map.into());
-        let mut bytes = serde_json::to_vec_pretty(&doc).expect("JSON values always serialize");
-        bytes.push(b'\n');
-        (name, bytes)
-    });
-
+    let index = index_file(aligned, opts.max_shard_size, &pairs, &shards);
     Ok(Plan {
         pairs,
         shards,
         index,
         alpha: opts.alpha,
     })
+}
+
+/// Which output file each pair goes to, as (file name, metadata, pair indices).
+type Groups = Vec<(String, Metadata, Vec<usize>)>;
+
+/// θ1's files, each with the tensors it holds.
+fn mirror_groups(aligned: &Checkpoint, pairs: &[TensorPair]) -> Groups {
+    let mut groups: Groups = aligned
+        .shards
+        .iter()
+        .map(|s| (s.name.clone(), s.header.metadata.clone(), Vec::new()))
+        .collect();
+    for (i, p) in pairs.iter().enumerate() {
+        groups[p.aligned.shard].2.push(i);
+    }
+    groups
+}
+
+/// Files of at most `max` tensor bytes, filled greedily in θ1's order (a larger tensor
+/// gets a file of its own).
+fn packed_groups(aligned: &Checkpoint, pairs: &[TensorPair], max: u64) -> Groups {
+    let metadata = aligned
+        .shards
+        .first()
+        .and_then(|s| s.header.metadata.clone());
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    let mut current = 0u64;
+    for (i, p) in pairs.iter().enumerate() {
+        match bins.last_mut() {
+            Some(bin) if current + p.out_len <= max => {
+                bin.push(i);
+                current += p.out_len;
+            }
+            _ => {
+                bins.push(vec![i]);
+                current = p.out_len;
+            }
+        }
+    }
+    if bins.is_empty() {
+        bins.push(Vec::new());
+    }
+    let n = bins.len();
+    bins.into_iter()
+        .enumerate()
+        .map(|(k, bin)| {
+            let name = if n == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+            };
+            (name, metadata.clone(), bin)
+        })
+        .collect()
+}
+
+/// One output file: its tensors laid out in order after the encoded header.
+fn shard_plan(
+    pairs: &[TensorPair],
+    file_name: String,
+    metadata: Metadata,
+    tensors: Vec<usize>,
+) -> ShardPlan {
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut cursor = 0u64;
+    let mut entries = Vec::with_capacity(tensors.len());
+    for &i in &tensors {
+        let p = &pairs[i];
+        offsets.push(cursor);
+        entries.push((
+            p.name.as_str(),
+            p.out_dtype,
+            p.shape.as_slice(),
+            cursor,
+            cursor + p.out_len,
+        ));
+        cursor += p.out_len;
+    }
+    let header = encode_header(metadata.as_ref(), &entries);
+    ShardPlan {
+        file_name,
+        tensors,
+        offsets,
+        header,
+        data_len: cursor,
+    }
+}
+
+/// The index file, when one is written: always when θ1 has one and is mirrored, and when
+/// re-sharding makes several files. θ1's index metadata is kept, `total_size` updated.
+fn index_file(
+    aligned: &Checkpoint,
+    max_shard_size: Option<u64>,
+    pairs: &[TensorPair],
+    shards: &[ShardPlan],
+) -> Option<(String, Vec<u8>)> {
+    let write_index = match (&aligned.layout, max_shard_size) {
+        (_, Some(_)) => shards.len() > 1,
+        (Layout::Indexed { .. }, None) => true,
+        (Layout::Single, None) => false,
+    };
+    if !write_index {
+        return None;
+    }
+    let (name, mut metadata) = match (&aligned.layout, max_shard_size) {
+        (
+            Layout::Indexed {
+                index_name,
+                metadata,
+            },
+            None,
+        ) => (index_name.clone(), metadata.clone()),
+        (Layout::Indexed { metadata, .. }, Some(_)) => (INDEX_NAME.to_string(), metadata.clone()),
+        (Layout::Single, _) => (INDEX_NAME.to_string(), serde_json::Map::new()),
+    };
+    let total: u64 = shards.iter().map(|s| s.data_len).sum();
+    metadata.insert("total_size".into(), total.into());
+    let mut weight_map = serde_json::Map::new();
+    for s in shards {
+        for &i in &s.tensors {
+            weight_map.insert(pairs[i].name.clone(), s.file_name.clone().into());
+        }
+    }
+    let mut doc = serde_json::Map::new();
+    doc.insert("metadata".into(), metadata.into());
+    doc.insert("weight_map".into(), weight_map.into());
+    let mut bytes = serde_json::to_vec_pretty(&doc).expect("JSON values always serialize");
+    bytes.push(b'\n');
+    Some((name, bytes))
 }
 
 #[cfg(test)]

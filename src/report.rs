@@ -76,17 +76,7 @@ pub fn bytes(n: u64) -> String {
     HumanBytes(n).to_string()
 }
 
-/// A number for a message: the shortest decimal that reads back as `x` when that is short
-/// (`0.3`, `-2.5`, `8`), else scientific notation (`1e-300`, `1.7976931348623157e308`), so
-/// that no message prints hundreds of digits.
-pub fn number(x: f64) -> String {
-    let plain = format!("{x}");
-    if plain.len() <= 16 {
-        plain
-    } else {
-        format!("{x:e}")
-    }
-}
+pub use crate::text::number;
 
 /// Writes one JSON value and a newline to stdout.
 pub fn print_json(value: &serde_json::Value) -> std::io::Result<()> {

@@ -7,8 +7,8 @@ use serde_json::json;
 
 use crate::alpha;
 use crate::checkpoint::Checkpoint;
-use crate::cmd::extrapolate::{Input, Output, Prepared, Produced};
 use crate::engine::WriteStats;
+use crate::extrapolation::{Input, Output, Prepared, Produced};
 use crate::hub::ResolvedInput;
 use crate::plan::Plan;
 use crate::report::{self, Reporter};
