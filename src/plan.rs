@@ -551,6 +551,65 @@ mod tests {
     }
 
     #[test]
+    fn integer_tensors_must_match_only_where_their_alpha_is_not_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = [("w", Dtype::F32, &[2][..]), ("ids", Dtype::I64, &[2][..])];
+        let a = checkpoint(&dir.path().join("a"), &layout);
+        let b = checkpoint(&dir.path().join("b"), &layout);
+        let plan = |alpha, rules| build_plan(&a, &b, &opts(alpha, rules, None)).unwrap();
+        let must =
+            |p: &Plan| -> Vec<bool> { p.pairs.iter().map(|t| t.must_be_identical()).collect() };
+        let (zero, some) = (plan(0.0, vec![]), plan(0.3, vec![]));
+        assert_eq!(must(&zero), [false, false]);
+        assert_eq!(must(&some), [false, true]);
+        assert_eq!(
+            must(&plan(0.3, vec![parse_skip("ids").unwrap()])),
+            [false, false]
+        );
+        assert_eq!(
+            must(&plan(0.0, vec![parse_rule("ids=1").unwrap()])),
+            [false, true]
+        );
+        // A sweep checks the tensors of every α: here, the plan of 0.3 too.
+        let chosen = plans_to_verify([&zero, &some]);
+        assert_eq!(chosen.len(), 2);
+        assert!(std::ptr::eq(chosen[1], &some));
+        let chosen = plans_to_verify([&some, &zero, &some]);
+        assert_eq!(chosen.len(), 1);
+    }
+
+    #[test]
+    fn rules_whose_alpha_is_not_a_usable_number_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = checkpoint(&dir.path().join("a"), &LAYOUT);
+        let rule = |r| vec![parse_rule(r).unwrap()];
+        let err = |alpha, r| build_plan(&a, &a, &opts(alpha, rule(r), None)).unwrap_err();
+        let PlanError::Alpha(e) = err(1e300, "mlp=x1e10") else {
+            panic!()
+        };
+        assert!(matches!(e, AlphaError::Overflow { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "--alpha-for mlp=x1e10 at alpha = 1e300: 1e10 × 1e300 overflows to infinity; use a smaller factor"
+        );
+        let PlanError::Alpha(e) = err(1e-200, "mlp=x1e-200") else {
+            panic!()
+        };
+        assert!(matches!(e, AlphaError::Underflow { .. }), "{e}");
+        // A rule that matches nothing is checked too: the run's α is what is wrong.
+        assert!(matches!(err(-1e300, "nothing=x1e10"), PlanError::Alpha(_)));
+        // Zeros that were asked for, and factors that stay finite, are fine.
+        for (alpha, r) in [
+            (0.0, "mlp=x1e300"),
+            (0.3, "mlp=x0"),
+            (1e300, "mlp=x1"),
+            (1e-300, "mlp=x0.5"),
+        ] {
+            build_plan(&a, &a, &opts(alpha, rule(r), None)).unwrap();
+        }
+    }
+
+    #[test]
     fn mismatches_are_all_listed() {
         let dir = tempfile::tempdir().unwrap();
         let a = checkpoint(
