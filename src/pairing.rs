@@ -384,12 +384,16 @@ pub fn must_be_identical(treatment: Treatment, out_dtype: Dtype, alpha: f64) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::header::encode_header;
 
-    /// Writes a single-file checkpoint with the given (name, dtype, shape) tensors.
-    fn checkpoint(dir: &std::path::Path, tensors: &[(&str, Dtype, &[u64])]) -> Checkpoint {
+    /// Writes a single-file checkpoint with the given (name, dtype, shape) tensors, all
+    /// zeros, and opens it.
+    pub(crate) fn checkpoint(
+        dir: &std::path::Path,
+        tensors: &[(&str, Dtype, &[u64])],
+    ) -> Checkpoint {
         std::fs::create_dir_all(dir).unwrap();
         let mut entries = Vec::new();
         let mut cursor = 0;

@@ -452,22 +452,7 @@ fn index_file(
 mod tests {
     use super::*;
     use crate::alpha::{parse_rule, parse_skip};
-
-    /// Writes a single-file checkpoint with the given (name, dtype, shape) tensors.
-    fn checkpoint(dir: &std::path::Path, tensors: &[(&str, Dtype, &[u64])]) -> Checkpoint {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut entries = Vec::new();
-        let mut cursor = 0;
-        for (name, dtype, shape) in tensors {
-            let len = shape.iter().product::<u64>() * dtype.bits() / 8;
-            entries.push((*name, *dtype, *shape, cursor, cursor + len));
-            cursor += len;
-        }
-        let mut bytes = encode_header(None, &entries);
-        bytes.resize(bytes.len() + cursor as usize, 0);
-        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
-        Checkpoint::open(dir).unwrap()
-    }
+    use crate::pairing::tests::checkpoint;
 
     fn opts(alpha: f64, rules: Vec<AlphaRule>, max: Option<u64>) -> PlanOptions {
         PlanOptions {

@@ -783,6 +783,19 @@ fn with_json_every_command_prints_one_object_on_failure() {
         .assert_fails(2, &["zero"]);
     assert!(error(out).contains("`zero` is not a number"));
     s.assert_no_output();
+    // A sweep whose outputs fail after the work prints its own object, and only that one.
+    let (t0s, t1s) = tiny_llama(Dtype::F16, Dtype::F16, false, 7);
+    let (sft, dpo) = (
+        single(&s.path("sft16"), &t0s),
+        single(&s.path("dpo16"), &t1s),
+    );
+    let out = extrapolate(&sft, &dpo, "0.1,1e9", &s.out("o-{alpha}"))
+        .arg("--json")
+        .assert_fails(1, &["1 of 2 outputs failed", "infinite"]);
+    let json = out.json.unwrap();
+    assert_eq!(json["outputs"][0]["ok"], true);
+    assert_eq!(json["outputs"][1]["ok"], false);
+    assert!(json["errors"][0].as_str().unwrap().contains("infinite"));
 }
 
 #[test]
