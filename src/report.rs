@@ -80,7 +80,7 @@ pub use crate::text::number;
 
 /// Writes one JSON value and a newline to stdout.
 pub fn print_json(value: &serde_json::Value) -> std::io::Result<()> {
-    JSON_PRINTED.store(true, Ordering::Relaxed);
+    mark_json_printed();
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;
@@ -94,7 +94,14 @@ pub fn print_text(text: &str) -> std::io::Result<()> {
     out.flush()
 }
 
-/// True once [`print_json`] was called: the command's JSON object is on stdout (or was
+/// Records that the command's JSON result is going to stdout: a command that streams its
+/// JSON itself (instead of calling [`print_json`]) calls this before its first byte, so
+/// that a failure after it does not print a second object.
+pub fn mark_json_printed() {
+    JSON_PRINTED.store(true, Ordering::Relaxed);
+}
+
+/// True once [`print_json`] or [`mark_json_printed`] was called: the command's JSON object is on stdout (or was
 /// attempted), so a failure must not print a second one.
 pub fn json_printed() -> bool {
     JSON_PRINTED.load(Ordering::Relaxed)
