@@ -9,9 +9,10 @@
 //! Options: `--params N[M|B]` (default 500M), `--runs R` (5), `--shards S` (3),
 //! `--dir DIR` (where to put the pair and outputs; default a temp dir in the current
 //! directory's filesystem), `--keep` (keep the generated pair), `--threads T`,
-//! `--mode warm|cold|both|sweep` (default warm). `sweep` times one 5-α run
-//! (`--alpha 0.1:0.5:0.1`) against five separate runs, warm cache. Cold runs drop the page
-//! cache before each run
+//! `--mode warm|cold|both|sweep|diff` (default warm). `sweep` times one 5-α run
+//! (`--alpha 0.1:0.5:0.1`) against five separate runs, warm cache. `diff` times
+//! `expo diff` (it only reads) against `expo extrapolate` on the same pair, run
+//! alternately, warm cache. Cold runs drop the page cache before each run
 //! (needs root) and compare expo's input read rate with `dd` reading the same files, the
 //! disk's sequential read rate; use them for pairs larger than RAM.
 //! `--expo PATH` (default target/release/expo).
@@ -247,6 +248,54 @@ fn run(cmd: &mut Command) -> (f64, u64) {
     (secs, usage.ru_maxrss as u64)
 }
 
+/// `--mode diff`: `expo diff` against `expo extrapolate` on the same warm pair, run
+/// alternately (run 0 warms the cache and is not counted). The extrapolation's output is
+/// deleted before each of its runs, untimed.
+fn diff_vs_extrapolate(
+    runs: usize,
+    bytes: u64,
+    extrapolate: &dyn Fn() -> Command,
+    diff: &dyn Fn() -> Command,
+) {
+    let out = extrapolate()
+        .get_args()
+        .skip_while(|a| *a != "--output")
+        .nth(1)
+        .map(PathBuf::from)
+        .expect("the extrapolate command names its output");
+    let (mut ext_times, mut diff_times) = (Vec::new(), Vec::new());
+    let (mut ext_rss, mut diff_rss) = (0, 0);
+    for i in 0..=runs {
+        let _ = fs::remove_dir_all(&out);
+        let (es, er) = run(&mut extrapolate());
+        let (ds, dr) = run(&mut diff());
+        if i > 0 {
+            ext_times.push(es);
+            diff_times.push(ds);
+            ext_rss = ext_rss.max(er);
+            diff_rss = diff_rss.max(dr);
+        }
+        eprintln!(
+            "diff run {i}{}: extrapolate {es:.3}s, diff {ds:.3}s ({} MiB peak RSS)",
+            if i == 0 { " (not counted)" } else { "" },
+            dr / 1024
+        );
+    }
+    let (em, emin, emax) = stats(&ext_times);
+    let (dm, dmin, dmax) = stats(&diff_times);
+    println!(
+        "| warm | `expo extrapolate --alpha 0.3` | {em:.3} | {emin:.3}–{emax:.3} | 1.00 | {} | {:.2} read |",
+        ext_rss / 1024,
+        2.0 * bytes as f64 / em / 1e9
+    );
+    println!(
+        "| warm | `expo diff` | {dm:.3} | {dmin:.3}–{dmax:.3} | {:.2} × extrapolate | {} | {:.2} read |",
+        dm / em,
+        diff_rss / 1024,
+        2.0 * bytes as f64 / dm / 1e9
+    );
+}
+
 fn stats(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -268,7 +317,7 @@ fn check_args() {
     const FLAGS: [&str; 1] = ["--keep"];
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: bench [--params N[M|B]] [--runs R] [--shards S] [--dir DIR] [--keep] \
-                 [--threads T] [--mode warm|cold|both|sweep] [--expo PATH]";
+                 [--threads T] [--mode warm|cold|both|sweep|diff] [--expo PATH]";
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
@@ -391,6 +440,21 @@ fn main() {
             expo_rss / 1024,
             bytes as f64 / em / 1e9
         );
+    }
+    if mode == "diff" {
+        diff_vs_extrapolate(runs, bytes, &expo_cmd, &|| {
+            let mut e = Command::new(&expo);
+            e.args(["diff", "--quiet", "--sft"])
+                .arg(&sft)
+                .arg("--aligned")
+                .arg(&aligned)
+                .stdout(std::process::Stdio::null());
+            if let Some(t) = &threads {
+                e.args(["--threads", t]);
+            }
+            e
+        });
+        let _ = fs::remove_dir_all(&out);
     }
     if mode == "sweep" {
         let outs = dir.path().join("sweep");

@@ -34,7 +34,8 @@ use std::sync::OnceLock;
 use crate::checkpoint::{Checkpoint, TensorLoc};
 use crate::dtype::{Dtype, FloatDtype};
 use crate::engine::MappedCheckpoint;
-use crate::kernel::convert::{bf16_to_f64, f16_to_f64};
+
+mod sums;
 
 /// Relative change ‖θ1 − θ0‖ / ‖θ0‖ of a whole model above which ExPO's premise — that
 /// alignment moved the model only a little away from its SFT checkpoint — is doubtful.
@@ -58,12 +59,7 @@ pub fn premise_doubtful(relative_change: f64, threshold: f64) -> bool {
 pub const CHUNK_ELEMENTS: u64 = 1 << 20;
 /// Bytes per chunk of work on non-float tensors.
 pub const BYTE_CHUNK: u64 = 4 << 20;
-/// Elements added plainly (in [`LANES`] lanes) before one compensated addition.
-pub const BLOCK: usize = 256;
-/// Independent accumulators inside a block.
-const LANES: usize = 8;
-/// Elements widened to f64 at a time by a worker (fits in L1/L2 per input).
-const SUB_BLOCK: usize = 4096;
+pub use sums::BLOCK;
 
 // ---------------------------------------------------------------------------------------
 // Accumulators
@@ -132,39 +128,6 @@ pub struct DeltaSums {
     pub nonfinite: u64,
 }
 
-/// Plain per-lane sums of one block.
-#[derive(Default)]
-struct Lanes {
-    dd: [f64; LANES],
-    aa: [f64; LANES],
-    bb: [f64; LANES],
-    changed: [u64; LANES],
-    nonfinite: [u64; LANES],
-}
-
-impl Lanes {
-    #[inline(always)]
-    fn step(&mut self, l: usize, x: f64, y: f64) {
-        let finite = x.is_finite() & y.is_finite();
-        let (x0, y0) = if finite { (x, y) } else { (0.0, 0.0) };
-        let d = y0 - x0;
-        // Separate multiply and add: Rust never fuses them, so every term is rounded once
-        // exactly as numpy's `(b - a) ** 2` is.
-        self.dd[l] += d * d;
-        self.aa[l] += x0 * x0;
-        self.bb[l] += y0 * y0;
-        let same = (x == y) | (x.is_nan() & y.is_nan());
-        self.changed[l] += u64::from(!same);
-        self.nonfinite[l] += u64::from(!finite);
-    }
-}
-
-/// Pairwise sum of the lanes, in a fixed order.
-#[inline(always)]
-fn tree(v: &[f64; LANES]) -> f64 {
-    ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
-}
-
 impl DeltaSums {
     /// Adds the element pairs (a\[i\], b\[i\]), θ0 = a and θ1 = b.
     ///
@@ -172,25 +135,23 @@ impl DeltaSums {
     /// If the slices differ in length.
     pub fn accumulate(&mut self, a: &[f64], b: &[f64]) {
         assert_eq!(a.len(), b.len(), "θ0 and θ1 runs differ in length");
-        for (a, b) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
-            let mut lanes = Lanes::default();
-            let (a8, a_rest) = a.as_chunks::<LANES>();
-            let (b8, b_rest) = b.as_chunks::<LANES>();
-            for (x, y) in a8.iter().zip(b8) {
-                for l in 0..LANES {
-                    lanes.step(l, x[l], y[l]);
-                }
-            }
-            for (l, (&x, &y)) in a_rest.iter().zip(b_rest).enumerate() {
-                lanes.step(l, x, y);
-            }
-            self.delta_sq.add(tree(&lanes.dd));
-            self.base_sq.add(tree(&lanes.aa));
-            self.target_sq.add(tree(&lanes.bb));
-            self.changed += lanes.changed.iter().sum::<u64>();
-            self.nonfinite += lanes.nonfinite.iter().sum::<u64>();
-        }
-        self.elements += a.len() as u64;
+        sums::accumulate_values(self, a, b);
+    }
+
+    /// Adds the element pairs of two runs of little-endian floats: θ0 = `a` in format
+    /// `da`, θ1 = `b` in format `db`. The same sums, to the bit, as widening both runs
+    /// with [`widen`] and calling [`accumulate`](Self::accumulate).
+    ///
+    /// # Panics
+    /// If the runs do not hold the same number of elements.
+    pub fn accumulate_bytes(&mut self, da: FloatDtype, a: &[u8], db: FloatDtype, b: &[u8]) {
+        assert!(
+            a.len() % da.size() == 0
+                && b.len() % db.size() == 0
+                && a.len() / da.size() == b.len() / db.size(),
+            "θ0 and θ1 runs differ in length"
+        );
+        sums::accumulate_bytes(self, da, a, db, b);
     }
 
     /// Adds the sums of another run (call in a fixed order for reproducible results).
@@ -275,28 +236,7 @@ impl DeltaSums {
 /// If `bytes` does not hold exactly `out.len()` elements of `dtype`.
 pub fn widen(dtype: FloatDtype, bytes: &[u8], out: &mut [f64]) {
     assert_eq!(bytes.len(), out.len() * dtype.size(), "length mismatch");
-    match dtype {
-        FloatDtype::BF16 => {
-            for (o, b) in out.iter_mut().zip(bytes.as_chunks::<2>().0) {
-                *o = bf16_to_f64(u16::from_le_bytes(*b));
-            }
-        }
-        FloatDtype::F16 => {
-            for (o, b) in out.iter_mut().zip(bytes.as_chunks::<2>().0) {
-                *o = f16_to_f64(u16::from_le_bytes(*b));
-            }
-        }
-        FloatDtype::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes.as_chunks::<4>().0) {
-                *o = f32::from_le_bytes(*b) as f64;
-            }
-        }
-        FloatDtype::F64 => {
-            for (o, b) in out.iter_mut().zip(bytes.as_chunks::<8>().0) {
-                *o = f64::from_le_bytes(*b);
-            }
-        }
-    }
+    sums::widen(dtype, bytes, out);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -379,11 +319,10 @@ pub fn compare(
     let results: Vec<OnceLock<Vec<DeltaSums>>> = tasks.iter().map(|_| OnceLock::new()).collect();
     let next = AtomicUsize::new(0);
     let worker = || {
-        let mut bufs: Vec<Vec<f64>> = inputs.iter().map(|_| vec![0.0; SUB_BLOCK]).collect();
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(task) = tasks.get(i) else { return };
-            let (sums, read) = run_task(inputs, &entries[task.entry], pairs, task, &mut bufs);
+            let (sums, read) = run_task(inputs, &entries[task.entry], pairs, task);
             on_progress(read);
             let _ = results[i].set(sums);
         }
@@ -407,7 +346,6 @@ fn run_task(
     entry: &Entry,
     pairs: &[(usize, usize)],
     task: &Task,
-    bufs: &mut [Vec<f64>],
 ) -> (Vec<DeltaSums>, u64) {
     let mut sums = vec![DeltaSums::default(); pairs.len()];
     let (s, e) = (task.start as usize, task.end as usize);
@@ -420,20 +358,9 @@ fn run_task(
                 .zip(dtypes)
                 .map(|((input, &loc), d)| &input.tensor(loc)[s * d.size()..e * d.size()])
                 .collect();
-            let mut at = 0;
-            while at < e - s {
-                let m = SUB_BLOCK.min(e - s - at);
-                for ((buf, bytes), d) in bufs.iter_mut().zip(&slices).zip(dtypes) {
-                    widen(
-                        *d,
-                        &bytes[at * d.size()..(at + m) * d.size()],
-                        &mut buf[..m],
-                    );
-                }
-                for (sum, &(a, b)) in sums.iter_mut().zip(pairs) {
-                    sum.accumulate(&bufs[a][..m], &bufs[b][..m]);
-                }
-                at += m;
+            // Each pair reads its two runs afresh: they are still in cache for the next.
+            for (sum, &(a, b)) in sums.iter_mut().zip(pairs) {
+                sum.accumulate_bytes(dtypes[a], slices[a], dtypes[b], slices[b]);
             }
             for (input, bytes) in inputs.iter().zip(slices) {
                 read += bytes.len() as u64;
