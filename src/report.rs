@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+pub mod diff;
 pub mod extrapolate;
+pub mod inspect;
 
 /// Set once a command started printing its JSON result on stdout.
 static JSON_PRINTED: AtomicBool = AtomicBool::new(false);
