@@ -2,174 +2,28 @@
 //! the JSON schema, the three-checkpoint table, determinism across thread counts, and
 //! errors.
 //!
-//! The reference decodes the stored bytes with the `half` crate (exact widening), forms
+//! The reference decodes the stored bytes with tests/common's exact widening, forms
 //! every term in f64 and sums the terms sorted by magnitude, smallest first — a different
 //! method from expo's blocked compensated summation.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
 use serde_json::Value;
 
-use common::expo;
-
-/// One tensor to write: name, dtype, shape and its values (as f64; rounded to the dtype).
-#[derive(Clone)]
-struct T {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-fn encode(dtype: Dtype, values: &[f64]) -> Vec<u8> {
-    match dtype {
-        Dtype::BF16 => values
-            .iter()
-            .flat_map(|&v| half::bf16::from_f64(v).to_le_bytes())
-            .collect(),
-        Dtype::F16 => values
-            .iter()
-            .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
-            .collect(),
-        Dtype::F32 => values
-            .iter()
-            .flat_map(|&v| (v as f32).to_le_bytes())
-            .collect(),
-        Dtype::F64 => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
-        Dtype::I64 => values
-            .iter()
-            .flat_map(|&v| (v as i64).to_le_bytes())
-            .collect(),
-        Dtype::BOOL => values.iter().map(|&v| u8::from(v != 0.0)).collect(),
-        other => panic!("no encoder for {other:?}"),
-    }
-}
-
-/// Exact widening of stored floats.
-fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
-    match dtype {
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-            .collect(),
-        other => panic!("{other:?} is not a float dtype"),
-    }
-}
-
-fn is_float(d: Dtype) -> bool {
-    matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64)
-}
-
-impl T {
-    fn new(name: &str, dtype: Dtype, shape: &[usize], values: &[f64]) -> T {
-        assert_eq!(values.len(), shape.iter().product::<usize>());
-        T {
-            name: name.to_string(),
-            dtype,
-            shape: shape.to_vec(),
-            bytes: encode(dtype, values),
-        }
-    }
-
-    fn values(&self) -> Vec<f64> {
-        decode(self.dtype, &self.bytes)
-    }
-
-    fn with(&self, dtype: Dtype, values: &[f64]) -> T {
-        T::new(&self.name, dtype, &self.shape, values)
-    }
-}
-
-/// Writes `tensors` into one safetensors file.
-fn write_file(path: &Path, tensors: &[T]) {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
-
-/// A directory with `model.safetensors`.
-fn single(dir: &Path, tensors: &[T]) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    write_file(&dir.join("model.safetensors"), tensors);
-    dir.to_path_buf()
-}
-
-/// A directory with two shards and an index.
-fn sharded(dir: &Path, tensors: &[T]) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let half = tensors.len() / 2;
-    let mut map = serde_json::Map::new();
-    for (k, part) in [&tensors[..half], &tensors[half..]].into_iter().enumerate() {
-        let name = format!("model-{:05}-of-00002.safetensors", k + 1);
-        write_file(&dir.join(&name), part);
-        for t in part {
-            map.insert(t.name.clone(), Value::String(name.clone()));
-        }
-    }
-    let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(
-        dir.join("model.safetensors.index.json"),
-        serde_json::to_vec_pretty(&index).unwrap(),
-    )
-    .unwrap();
-    dir.to_path_buf()
-}
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-    }
-
-    fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
-        (0..n).map(|_| self.unit() * scale).collect()
-    }
-}
+use common::{expo, is_float, sharded_n, single, Dtype, Rng, Tensor as T};
 
 /// θ0 and θ1 of a small LLaMA-shaped model: mixed float dtypes on the two sides, an
 /// identical tensor, an all-zero tensor, and two non-float tensors (one identical, one not).
 fn pair(seed: u64, delta: f64) -> (Vec<T>, Vec<T>) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut t0 = Vec::new();
     let mut t1 = Vec::new();
     let mut float = |name: &str, d0: Dtype, d1: Dtype, shape: &[usize], scale: f64| {
         let n = shape.iter().product();
-        let a = T::new(name, d0, shape, &rng.vec(n, scale));
+        let a = T::float(name, d0, shape, &rng.vec(n, scale));
         let b: Vec<f64> = a
             .values()
             .iter()
@@ -207,7 +61,7 @@ fn pair(seed: u64, delta: f64) -> (Vec<T>, Vec<T>) {
         0.02,
     );
     float("lm_head.weight", Dtype::F32, Dtype::F32, &[64, 48], 0.02);
-    let same = T::new(
+    let same = T::float(
         "model.layers.1.input_layernorm.weight",
         Dtype::BF16,
         &[48],
@@ -215,20 +69,20 @@ fn pair(seed: u64, delta: f64) -> (Vec<T>, Vec<T>) {
     );
     t0.push(same.clone());
     t1.push(same);
-    let zero = T::new("model.layers.1.mlp.bias", Dtype::F32, &[8], &[0.0; 8]);
+    let zero = T::float("model.layers.1.mlp.bias", Dtype::F32, &[8], &[0.0; 8]);
     t0.push(zero.clone());
     t1.push(zero);
-    let ints: Vec<f64> = (0..8).map(f64::from).collect();
-    let pos = T::new("model.rotary.positions", Dtype::I64, &[8], &ints);
+    let ints: Vec<i64> = (0..8).collect();
+    let pos = T::i64("model.rotary.positions", &[8], &ints);
     t0.push(pos.clone());
     t1.push(pos);
-    let mask0 = [1.0; 16];
+    let mask0 = [true; 16];
     let mut mask1 = mask0;
     for i in [2, 5, 11] {
-        mask1[i] = 0.0;
+        mask1[i] = false;
     }
-    t0.push(T::new("model.mask", Dtype::BOOL, &[16], &mask0));
-    t1.push(T::new("model.mask", Dtype::BOOL, &[16], &mask1));
+    t0.push(T::boolean("model.mask", &[16], &mask0));
+    t1.push(T::boolean("model.mask", &[16], &mask1));
     (t0, t1)
 }
 
@@ -322,7 +176,7 @@ const TOL: f64 = 1e-12;
 fn numbers_match_an_independent_f64_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let (t0, t1) = pair(1, 1e-2);
-    let a = sharded(&tmp.path().join("sft"), &t0);
+    let a = sharded_n(&tmp.path().join("sft"), &t0, 2);
     let b = single(&tmp.path().join("dpo"), &t1);
     let v = expo_pair(&a, &b);
 
@@ -506,7 +360,7 @@ fn positional_pair_is_the_same_as_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let (t0, t1) = pair(2, 1e-3);
     let a = single(&tmp.path().join("a"), &t0);
-    let b = sharded(&tmp.path().join("b"), &t1);
+    let b = sharded_n(&tmp.path().join("b"), &t1, 2);
     assert_eq!(expo_pair(&a, &b), diff_json(&[&a, &b], &[]));
 }
 
@@ -514,7 +368,7 @@ fn positional_pair_is_the_same_as_flags() {
 fn self_diff_reports_zeros_and_identical_tensors() {
     let tmp = tempfile::tempdir().unwrap();
     let (t0, _) = pair(3, 1e-2);
-    let a = sharded(&tmp.path().join("a"), &t0);
+    let a = sharded_n(&tmp.path().join("a"), &t0, 2);
     let v = diff_json(&[&a, &a], &[]);
     let s = &v["summary"];
     for key in [
@@ -626,7 +480,7 @@ fn three_checkpoints_give_the_pairwise_table() {
     let tmp = tempfile::tempdir().unwrap();
     let (pre, sft) = pair(5, 5e-2);
     // DPO: a much smaller step from SFT.
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let dpo: Vec<T> = sft
         .iter()
         .map(|t| {
@@ -642,7 +496,7 @@ fn three_checkpoints_give_the_pairwise_table() {
         })
         .collect();
     let a = single(&tmp.path().join("pre"), &pre);
-    let b = sharded(&tmp.path().join("sft"), &sft);
+    let b = sharded_n(&tmp.path().join("sft"), &sft, 2);
     let c = single(&tmp.path().join("dpo"), &dpo);
 
     let (out, _) = diff_text(&[&a, &b, &c], &["--quiet"]);
@@ -693,9 +547,9 @@ fn three_checkpoints_give_the_pairwise_table() {
 fn results_do_not_depend_on_the_thread_count() {
     // A tensor of 2.5 Mi elements spans three work chunks.
     let tmp = tempfile::tempdir().unwrap();
-    let mut rng = Rng(6);
+    let mut rng = Rng::new(6);
     let n = 5 << 19;
-    let x = T::new(
+    let x = T::float(
         "model.layers.0.mlp.down_proj.weight",
         Dtype::F32,
         &[n / 1024, 1024],
@@ -703,7 +557,7 @@ fn results_do_not_depend_on_the_thread_count() {
     );
     let yv: Vec<f64> = x.values().iter().map(|&v| v + 1e-4 * rng.unit()).collect();
     let y = x.with(Dtype::BF16, &yv);
-    let small = T::new("lm_head.weight", Dtype::F16, &[3, 5], &rng.vec(15, 1.0));
+    let small = T::float("lm_head.weight", Dtype::F16, &[3, 5], &rng.vec(15, 1.0));
     let small2 = small.with(Dtype::F16, &rng.vec(15, 1.0));
     let a = single(&tmp.path().join("a"), &[x.clone(), small.clone()]);
     let b = single(&tmp.path().join("b"), &[y.clone(), small2.clone()]);
@@ -735,7 +589,7 @@ fn results_do_not_depend_on_the_thread_count() {
 #[test]
 fn nonfinite_values_are_counted_and_left_out() {
     let tmp = tempfile::tempdir().unwrap();
-    let a0 = T::new(
+    let a0 = T::float(
         "model.layers.0.w",
         Dtype::F32,
         &[6],
@@ -821,12 +675,12 @@ fn mismatched_checkpoints_are_errors() {
     let a = single(&tmp.path().join("a"), &t0);
     // A different shape, a different integer dtype and a missing tensor.
     let mut bad = t1.clone();
-    bad[0] = T::new(&bad[0].name, Dtype::F32, &[48, 64], &[0.0; 48 * 64]);
+    bad[0] = T::float(&bad[0].name, Dtype::F32, &[48, 64], &[0.0; 48 * 64]);
     let pos = bad
         .iter()
         .position(|t| t.name == "model.rotary.positions")
         .unwrap();
-    bad[pos] = T::new("model.rotary.positions", Dtype::F32, &[8], &[0.0; 8]);
+    bad[pos] = T::float("model.rotary.positions", Dtype::F32, &[8], &[0.0; 8]);
     bad.retain(|t| t.name != "lm_head.weight");
     let b = single(&tmp.path().join("b"), &bad);
     let out = expo(&["diff"]).arg(&a).arg(&b).assert_fails(

@@ -6,32 +6,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::{expo, Expo, Outcome};
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
-
-struct T {
-    name: &'static str,
-    dtype: Dtype,
-    shape: Vec<usize>,
-}
-
-impl T {
-    fn elements(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    fn bytes(&self) -> usize {
-        self.elements() * self.dtype.bitsize() / 8
-    }
-}
+use common::{expo, shard_of, sharded, Dtype, Expo, Outcome, Tensor as T};
 
 fn tensors() -> Vec<T> {
-    let t = |name, dtype, shape: &[usize]| T {
-        name,
-        dtype,
-        shape: shape.to_vec(),
-    };
+    let t = |name, dtype, shape: &[usize]| T::filled(name, dtype, shape, 7);
     vec![
         t("model.embed_tokens.weight", Dtype::BF16, &[32, 8]),
         t(
@@ -47,42 +25,11 @@ fn tensors() -> Vec<T> {
     ]
 }
 
-/// Writes the tensors as two shards and an index; returns the directory and, per tensor,
-/// the shard file it went to.
+/// Writes the tensors as two shards (the first three, then the rest) and an index;
+/// returns the directory and, per tensor, the shard file it went to.
 fn write_sharded(dir: &Path, ts: &[T]) -> (PathBuf, BTreeMap<String, String>) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut where_ = BTreeMap::new();
-    let (first, second) = ts.split_at(3);
-    for (k, part) in [first, second].into_iter().enumerate() {
-        let file = format!("model-{:05}-of-00002.safetensors", k + 1);
-        let data: Vec<Vec<u8>> = part.iter().map(|t| vec![7u8; t.bytes()]).collect();
-        let views: Vec<(&str, TensorView)> = part
-            .iter()
-            .zip(&data)
-            .map(|(t, d)| {
-                (
-                    t.name,
-                    TensorView::new(t.dtype, t.shape.clone(), d).unwrap(),
-                )
-            })
-            .collect();
-        let meta = Some(
-            [("format".to_string(), "pt".to_string())]
-                .into_iter()
-                .collect(),
-        );
-        safetensors::serialize_to_file(views, meta, &dir.join(&file)).unwrap();
-        for t in part {
-            where_.insert(t.name.to_string(), file.clone());
-        }
-    }
-    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": where_});
-    std::fs::write(
-        dir.join("model.safetensors.index.json"),
-        serde_json::to_vec(&index).unwrap(),
-    )
-    .unwrap();
-    (dir.to_path_buf(), where_)
+    let groups = vec![ts[..3].to_vec(), ts[3..].to_vec()];
+    (sharded(dir, &groups), shard_of(&groups))
 }
 
 /// `expo inspect ARGS…`.
@@ -111,8 +58,8 @@ fn json_lists_every_tensor_and_totals_per_dtype() {
         assert_eq!(j["dtype"], t.dtype.to_string(), "{}", t.name);
         assert_eq!(j["shape"], serde_json::json!(t.shape), "{}", t.name);
         assert_eq!(j["elements"], t.elements(), "{}", t.name);
-        assert_eq!(j["bytes"], t.bytes(), "{}", t.name);
-        assert_eq!(j["file"], files[t.name], "{}", t.name);
+        assert_eq!(j["bytes"], t.nbytes(), "{}", t.name);
+        assert_eq!(j["file"], files[&t.name], "{}", t.name);
     }
 
     // Totals per dtype and overall.
@@ -121,7 +68,7 @@ fn json_lists_every_tensor_and_totals_per_dtype() {
         let e = want.entry(t.dtype.to_string()).or_default();
         e.0 += 1;
         e.1 += t.elements();
-        e.2 += t.bytes();
+        e.2 += t.nbytes();
     }
     let dtypes = v["dtypes"].as_object().unwrap();
     assert_eq!(dtypes.len(), want.len());
@@ -130,7 +77,7 @@ fn json_lists_every_tensor_and_totals_per_dtype() {
         assert_eq!(dtypes[d]["elements"], *elements, "{d}");
         assert_eq!(dtypes[d]["bytes"], *bytes, "{d}");
     }
-    let total_bytes: usize = ts.iter().map(T::bytes).sum();
+    let total_bytes: usize = ts.iter().map(T::nbytes).sum();
     assert_eq!(v["total"]["tensors"], ts.len());
     assert_eq!(v["total"]["bytes"], total_bytes);
     assert_eq!(
@@ -179,13 +126,13 @@ fn human_listing() {
             .unwrap_or_else(|| panic!("no line for {}:\n{out}", t.name));
         assert!(line.contains(&t.dtype.to_string()), "{line}");
         assert!(line.contains(&format!("{:?}", t.shape)), "{line}");
-        assert!(line.contains(&files[t.name]), "{line}");
+        assert!(line.contains(&files[&t.name]), "{line}");
     }
     let total = out
         .lines()
         .find(|l| l.trim_start().starts_with("total"))
         .unwrap();
-    let bytes: usize = ts.iter().map(T::bytes).sum();
+    let bytes: usize = ts.iter().map(T::nbytes).sum();
     let grouped = bytes
         .to_string()
         .as_bytes()
@@ -247,13 +194,16 @@ fn errors() {
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 fn fake_cache(root: &Path) -> PathBuf {
-    let repo = root.join("hub").join("models--org--model");
-    let snapshot = repo.join("snapshots").join(COMMIT);
-    let (dir, _) = write_sharded(&snapshot, &tensors());
-    assert_eq!(dir, snapshot);
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs").join("main"), COMMIT).unwrap();
-    root.join("hub")
+    let (dir, _) = write_sharded(&root.join("model"), &tensors());
+    let cache = root.join("hub");
+    common::add_snapshot(
+        &cache,
+        "org/model",
+        COMMIT,
+        &["main"],
+        &common::dir_files(&dir),
+    );
+    cache
 }
 
 #[test]

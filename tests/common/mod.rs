@@ -62,6 +62,11 @@ impl Rng {
     pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
     }
+
+    /// `n` values uniform in [-scale, scale).
+    pub fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
+        (0..n).map(|_| self.unit() * scale).collect()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -409,6 +414,25 @@ impl Tensor {
         Tensor::float(&self.name, dtype, &self.shape, &self.values())
     }
 
+    /// A float tensor of the same name and shape holding other values.
+    pub fn with(&self, dtype: Dtype, values: &[f64]) -> Tensor {
+        Tensor::float(&self.name, dtype, &self.shape, values)
+    }
+
+    /// A tensor of any dtype whose bytes are all `byte` (for header-only tests).
+    pub fn filled(name: &str, dtype: Dtype, shape: &[usize], byte: u8) -> Tensor {
+        Tensor::raw(
+            name,
+            dtype,
+            shape,
+            vec![byte; numel(shape) * dtype.bitsize() / 8],
+        )
+    }
+
+    pub fn elements(&self) -> usize {
+        numel(&self.shape)
+    }
+
     pub fn nbytes(&self) -> usize {
         self.data.len()
     }
@@ -575,6 +599,24 @@ pub fn sharded(dir: &Path, groups: &[Vec<Tensor>]) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// `tensors` split into `n` HF shards (see [`split`]) plus the index; returns `dir`.
+pub fn sharded_n(dir: &Path, tensors: &[Tensor], n: usize) -> PathBuf {
+    sharded(dir, &split(tensors, n))
+}
+
+/// Tensor name → the shard file [`sharded`] writes it to.
+pub fn shard_of(groups: &[Vec<Tensor>]) -> BTreeMap<String, String> {
+    let n = groups.len();
+    groups
+        .iter()
+        .enumerate()
+        .flat_map(|(k, g)| {
+            g.iter()
+                .map(move |t| (t.name.clone(), shard_name(k + 1, n)))
+        })
+        .collect()
+}
+
 /// Like [`sharded`], but each shard is written by hand with its tensors' data in exactly
 /// the given order (the crate would sort them by dtype and name).
 pub fn sharded_ordered(dir: &Path, groups: &[Vec<Tensor>]) -> PathBuf {
@@ -622,6 +664,70 @@ pub fn side_files(dir: &Path, flavor: &str) {
     for (name, text) in files {
         fs::write(dir.join(name), text).unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hugging Face cache layouts
+// ---------------------------------------------------------------------------------------
+
+/// A stand-in for a blob name (the Hub uses the git/LFS hash of the content).
+pub fn blob_name(content: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in content {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{h:016x}{:024x}", content.len())
+}
+
+/// The `models--org--name` directory of `repo_id` in the cache at `cache`.
+pub fn hub_repo_dir(cache: &Path, repo_id: &str) -> PathBuf {
+    cache.join(format!("models--{}", repo_id.replace('/', "--")))
+}
+
+/// Adds `files` (path in the snapshot, content) as snapshot `commit` of `repo_id` in the
+/// cache at `cache`, each file a relative symlink into blobs/, the way huggingface_hub
+/// stores them; points each of `refs` at it. Returns the snapshot directory.
+pub fn add_snapshot<S: AsRef<str>>(
+    cache: &Path,
+    repo_id: &str,
+    commit: &str,
+    refs: &[&str],
+    files: &[(S, Vec<u8>)],
+) -> PathBuf {
+    let repo = hub_repo_dir(cache, repo_id);
+    let snapshot = repo.join("snapshots").join(commit);
+    fs::create_dir_all(repo.join("blobs")).unwrap();
+    fs::create_dir_all(&snapshot).unwrap();
+    for (name, content) in files {
+        let name = name.as_ref();
+        let blob = blob_name(content);
+        fs::write(repo.join("blobs").join(&blob), content).unwrap();
+        let link = snapshot.join(name);
+        fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let depth = Path::new(name).components().count() + 1;
+        let target = format!("{}blobs/{blob}", "../".repeat(depth));
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(fs::metadata(&link).is_ok(), "dangling {}", link.display());
+    }
+    for r in refs {
+        let path = repo.join("refs").join(r);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, commit).unwrap(); // no trailing newline, as huggingface_hub writes it
+    }
+    snapshot
+}
+
+/// The regular files directly in `dir` as (name, content), sorted by name: a checkpoint
+/// built with the writers above, ready for [`add_snapshot`].
+pub fn dir_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    list_dir(dir)
+        .into_iter()
+        .filter(|n| dir.join(n).is_file())
+        .map(|n| {
+            let content = fs::read(dir.join(&n)).unwrap();
+            (n, content)
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
