@@ -318,14 +318,12 @@ pub fn compare(
     let tasks = make_tasks(entries, inputs);
     let results: Vec<OnceLock<Vec<DeltaSums>>> = tasks.iter().map(|_| OnceLock::new()).collect();
     let next = AtomicUsize::new(0);
-    let worker = || {
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(task) = tasks.get(i) else { return };
-            let (sums, read) = run_task(inputs, &entries[task.entry], pairs, task);
-            on_progress(read);
-            let _ = results[i].set(sums);
-        }
+    let worker = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(task) = tasks.get(i) else { return };
+        let (sums, read) = run_task(inputs, &entries[task.entry], pairs, task);
+        on_progress(read);
+        let _ = results[i].set(sums);
     };
     pool.broadcast(|_| worker());
 

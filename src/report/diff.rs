@@ -10,8 +10,8 @@ use std::io;
 use serde::ser::{SerializeSeq, Serializer};
 use serde::Serialize;
 
-use crate::checkpoint::Checkpoint;
 use super::inspect::grouped;
+use crate::checkpoint::Checkpoint;
 use crate::report;
 use crate::stats::{
     self, DeltaSums, LayerDelta, PairReport, TensorDelta, DEFAULT_RELATIVE_CHANGE_WARNING,
@@ -598,6 +598,113 @@ pub fn human_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::Dtype;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    /// The system allocator, counting the bytes each thread holds (for the unit tests of
+    /// this crate only), so that a test can see how much memory a step needed at most.
+    struct Counting;
+
+    thread_local! {
+        static LIVE: Cell<isize> = const { Cell::new(0) };
+        static PEAK: Cell<isize> = const { Cell::new(0) };
+    }
+
+    fn track(delta: isize) {
+        let _ = LIVE.try_with(|live| {
+            let now = live.get() + delta;
+            live.set(now);
+            let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+        });
+    }
+
+    // SAFETY: every call is passed to the system allocator unchanged; the counting only
+    // touches const-initialized thread-locals, which never allocate.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: the caller's contract is System's.
+            let p = unsafe { System.alloc(layout) };
+            if !p.is_null() {
+                track(layout.size() as isize);
+            }
+            p
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: as above.
+            unsafe { System.dealloc(ptr, layout) };
+            track(-(layout.size() as isize));
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: as above.
+            let p = unsafe { System.realloc(ptr, layout, new_size) };
+            if !p.is_null() {
+                track(new_size as isize - layout.size() as isize);
+            }
+            p
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
+
+    /// Counts what is written.
+    struct Sink(usize);
+    impl io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_memory_does_not_grow_with_the_document() {
+        // 20k tensors: a document of several MB, which a tree of JSON values would hold
+        // whole (about 1 KB per tensor).
+        let tensors: Vec<TensorDelta> = (0..20_000)
+            .map(|i| TensorDelta {
+                name: format!("model.layers.{}.mlp.t{}.weight", i / 10, i % 10),
+                shape: vec![4, 2],
+                dtypes: (Dtype::BF16, Dtype::BF16),
+                is_float: true,
+                sums: DeltaSums {
+                    elements: 8,
+                    changed: 1,
+                    ..Default::default()
+                },
+            })
+            .collect();
+        let report = PairReport {
+            tensors,
+            other: Vec::new(),
+            total: DeltaSums::default(),
+            mean_frobenius: Some(0.5),
+            mean_normalized_frobenius: Some(0.25),
+            layers: Vec::new(),
+        };
+        let labels = ["a".to_string(), "b".to_string()];
+        let mut out = Sink(0);
+        let before = LIVE.with(Cell::get);
+        PEAK.with(|p| p.set(before));
+        write_json(
+            &mut out,
+            std::slice::from_ref(&report),
+            &[(0, 1)],
+            &labels,
+            3,
+        )
+        .unwrap();
+        let needed = PEAK.with(Cell::get) - before;
+        assert!(out.0 > 5_000_000, "{} bytes written", out.0);
+        // The ranking behind `top` holds a reference per tensor; nothing else grows.
+        assert!(
+            needed < 32 * 20_000,
+            "writing the JSON needed {needed} bytes"
+        );
+    }
 
     #[test]
     fn formatting() {

@@ -322,7 +322,9 @@ mod tests {
                 },
             };
             match dtype {
-                FloatDtype::BF16 => out.extend(crate::kernel::convert::f64_to_bf16(x).to_le_bytes()),
+                FloatDtype::BF16 => {
+                    out.extend(crate::kernel::convert::f64_to_bf16(x).to_le_bytes())
+                }
                 FloatDtype::F16 => out.extend(crate::kernel::convert::f64_to_f16(x).to_le_bytes()),
                 FloatDtype::F32 => out.extend((x as f32).to_le_bytes()),
                 FloatDtype::F64 => out.extend(x.to_le_bytes()),
