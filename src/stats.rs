@@ -146,8 +146,8 @@ impl DeltaSums {
     /// If the runs do not hold the same number of elements.
     pub fn accumulate_bytes(&mut self, da: FloatDtype, a: &[u8], db: FloatDtype, b: &[u8]) {
         assert!(
-            a.len() % da.size() == 0
-                && b.len() % db.size() == 0
+            a.len().is_multiple_of(da.size())
+                && b.len().is_multiple_of(db.size())
                 && a.len() / da.size() == b.len() / db.size(),
             "θ0 and θ1 runs differ in length"
         );

@@ -317,7 +317,7 @@ mod tests {
                 5 => 2f64.powi(-140),
                 6 => 2f64.powi(-20),
                 _ => match base {
-                    Some(b) if r % 3 == 0 => b[i],
+                    Some(b) if r.is_multiple_of(3) => b[i],
                     _ => ((r >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 4.0,
                 },
             };
