@@ -15,6 +15,7 @@ pub mod output;
 pub mod pairing;
 pub mod plan;
 pub mod report;
+pub mod search;
 pub mod sidefiles;
 pub mod size;
 pub mod stats;
