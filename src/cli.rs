@@ -40,6 +40,22 @@ pub enum Command {
     )]
     Extrapolate(ExtrapolateArgs),
 
+    /// Find the best α by building candidates and running your own evaluator on each.
+    #[command(
+        long_about = "Find the α that your own evaluator scores best, as the ExPO paper does by hand: \
+            build candidates θ1 + α·(θ1 − θ0) with the same engine as `expo extrapolate`, run \
+            --eval on each (and on --aligned itself as the α = 0 baseline), then bracket the best \
+            α and zoom in on a decimal lattice. Up to --jobs evaluations run at once; every start \
+            and result goes to RUN/ledger.jsonl, so --resume continues an interrupted search \
+            without evaluating any finished α again.\n\n\
+            The evaluator runs under `sh -c` with {alpha} {output} {workdir} {slot} {trial} \
+            replaced (shell-quoted) and EXPO_ALPHA, EXPO_OUTPUT, EXPO_WORKDIR, EXPO_SLOT, \
+            EXPO_TRIAL set. Exit 0 with a score (the last non-empty stdout line, or --score-json) \
+            is a result; 125 marks α unusable; 126/127 abort the search; anything else is retried.",
+        after_help = "Examples:\n  expo search --sft sft --aligned dpo --eval './eval.sh {output}'\n  expo search --sft sft --aligned dpo -j 4 --eval 'CUDA_VISIBLE_DEVICES={slot} ./eval.sh {output}'\n  expo search --sft sft --aligned dpo --eval 'lm_eval --model hf --model_args pretrained={output} --tasks gsm8k --output_path {workdir}/r.json' --score-file '{workdir}/r.json' --score-json '/results/gsm8k/exact_match,strict-match'\n  expo search --run runs/zephyr --resume ...   (continue after Ctrl-C)"
+    )]
+    Search(SearchArgs),
+
     /// Print a shell completion script (bash, zsh, fish, powershell, elvish) on stdout.
     #[command(
         long_about = "Print a completion script for SHELL on stdout, generated from expo's own \
@@ -168,6 +184,137 @@ pub struct ExtrapolateArgs {
     /// alignment moved the model only a little is doubtful (see `expo diff`).
     #[arg(long, value_name = "R", default_value_t = crate::stats::DEFAULT_RELATIVE_CHANGE_WARNING, value_parser = parse_ratio)]
     pub warn_relative_change: f64,
+}
+
+/// The θ2 options of a search (the same meaning as in `expo extrapolate`).
+#[derive(Debug, Args)]
+pub struct ThetaArgs {
+    /// The SFT checkpoint θ0: a directory, a .safetensors file, or a Hub id org/name[@REV]
+    /// found in the local Hugging Face cache.
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::AnyPath)]
+    pub sft: PathBuf,
+
+    /// The aligned (DPO/RLHF) checkpoint θ1 trained from --sft; also the α = 0 baseline.
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::AnyPath)]
+    pub aligned: PathBuf,
+
+    /// Per-module α: tensors whose name matches REGEX get VALUE, a number or xF (F times
+    /// each candidate's α). Repeatable; the first matching rule wins (after --skip).
+    #[arg(long, value_name = "REGEX=VALUE", value_parser = crate::alpha::parse_rule)]
+    pub alpha_for: Vec<AlphaRule>,
+
+    /// Tensors whose name matches REGEX get α = 0 (--aligned's values). Repeatable.
+    #[arg(long, value_name = "REGEX", value_parser = crate::alpha::parse_skip)]
+    pub skip: Vec<AlphaRule>,
+
+    /// Re-shard candidates into files of at most SIZE tensor bytes (5GB, 500MB, 2GiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_shard_size)]
+    pub max_shard_size: Option<u64>,
+
+    /// Dtype of the extrapolated tensors; `auto` keeps --aligned's dtype per tensor.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto, value_name = "DTYPE")]
+    pub dtype: DtypeArg,
+
+    /// Worker threads for building candidates [default: all cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+}
+
+/// Arguments of `expo search`.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    pub theta: ThetaArgs,
+
+    /// The evaluator: a shell command run once per candidate, with {alpha} {output}
+    /// {workdir} {slot} {trial} replaced (shell-quoted; {{ and }} are literal braces).
+    #[arg(long, value_name = "CMD")]
+    pub eval: String,
+
+    /// The first batch of α (a list or START:END:STEP), evaluated with θ1 (α = 0).
+    #[arg(long, short = 'a', value_name = "ALPHA", default_value = "0.1:0.5:0.1", allow_hyphen_values = true, value_parser = parse_alpha_list)]
+    pub alpha: AlphaList,
+
+    /// The range the search may explore [default: 0 to 8 × the first batch's largest α].
+    #[arg(long, value_name = "MIN:MAX", allow_hyphen_values = true, value_parser = crate::search::parse_bounds)]
+    pub bounds: Option<crate::search::Bounds>,
+
+    /// Do not evaluate --aligned itself (α = 0) as the baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+
+    /// The step at which the search stops zooming: `auto` (the 1-2-5 value nearest
+    /// 0.1·(1 + |α|): 0.1 near 0.3, 0.5 near 2.5) or a fixed step such as 0.05.
+    #[arg(long, value_name = "auto|X", default_value = "auto", value_parser = crate::search::parse_resolution)]
+    pub resolution: crate::search::Resolution,
+
+    /// Most evaluations (retries included).
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub max_evals: u32,
+
+    /// Read the score from the JSON document on stdout (or in --score-file) at this RFC 6901
+    /// pointer, e.g. '/results/gsm8k/acc,none' (~1 is `/`, ~0 is `~`).
+    #[arg(long, value_name = "POINTER", value_parser = crate::search::evaluator::parse_pointer)]
+    pub score_json: Option<String>,
+
+    /// Read the score from this file (placeholders as in --eval) instead of stdout.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub score_file: Option<String>,
+
+    /// Lower scores are better (a loss, a perplexity).
+    #[arg(long)]
+    pub minimize: bool,
+
+    /// Scores within X of each other tie (ties go to the smaller α).
+    #[arg(long, value_name = "X", default_value_t = 0.0, value_parser = parse_ratio)]
+    pub tie: f64,
+
+    /// Evaluations run at once (one per GPU, say); a slot is refilled as soon as it frees.
+    #[arg(long, short = 'j', value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: u16,
+
+    /// Stop an evaluation after DUR (90s, 30m, 2h) and count it as failed.
+    #[arg(long, value_name = "DUR", value_parser = crate::search::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+
+    /// After SIGTERM (timeout or Ctrl-C), SIGKILL the evaluator's process group after DUR.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = crate::search::parse_duration)]
+    pub kill_after: std::time::Duration,
+
+    /// Runs again a failed evaluation (an exit code other than 0/125/126/127, a timeout, no
+    /// score) this many times before leaving a hole.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub retries: u32,
+
+    /// Stop (exit 1) once N α values failed even after their retries.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_failures: u32,
+
+    /// Where candidates are written; must contain {alpha} [default: RUN/alpha-{alpha}].
+    #[arg(long, short = 'o', value_name = "TEMPLATE", value_hint = ValueHint::DirPath)]
+    pub output: Option<PathBuf>,
+
+    /// How many of the best candidates stay on disk (`all` keeps every one); the others
+    /// are deleted once out of contention. Only candidates this search built are deleted.
+    #[arg(long, value_name = "K|all", default_value = "1", value_parser = crate::search::parse_keep)]
+    pub keep: crate::search::Keep,
+
+    /// The run directory: ledger, per-trial logs and work directories, plot, summary.
+    #[arg(long, value_name = "DIR", default_value = "expo-search", value_hint = ValueHint::DirPath)]
+    pub run: PathBuf,
+
+    /// Continue the search recorded in --run: finished trials are not run again.
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Print the summary (RUN/summary.json) on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Check the inputs, the free disk space and the run directory, and print the
+    /// evaluator commands of the first batch, without running anything.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
 }
 
 /// Values of `--dtype`.

@@ -24,6 +24,7 @@ pub fn install() {
     let _ = ctrlc::set_handler(|| {
         if CANCEL.swap(true, Ordering::SeqCst) {
             crate::output::remove_active_staging();
+            crate::search::kill_all_groups();
             std::process::exit(EXIT_INTERRUPTED as i32);
         }
     });

@@ -79,6 +79,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Extrapolate(args) => expo::cmd::extrapolate::run(args),
         Command::Diff(args) => expo::cmd::diff::run(args),
+        Command::Search(args) => expo::cmd::search::run(args),
         Command::Inspect(args) => expo::cmd::inspect::run(args),
         Command::Completions(args) => expo::cmd::completions::run(args),
         Command::Man(args) => expo::cmd::man::run(args),

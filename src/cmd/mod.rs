@@ -4,6 +4,7 @@ pub mod diff;
 pub mod extrapolate;
 pub mod inspect;
 pub mod man;
+pub mod search;
 
 /// The worker threads of a command: `--threads N`, or one per core.
 pub(crate) fn worker_pool(threads: Option<u16>) -> anyhow::Result<rayon::ThreadPool> {

@@ -535,7 +535,10 @@ mod tests {
 
     #[test]
     fn last_line_scores() {
-        assert_eq!(score_from_line("log 12:00\n0.75\n\n  \n", "x").unwrap(), 0.75);
+        assert_eq!(
+            score_from_line("log 12:00\n0.75\n\n  \n", "x").unwrap(),
+            0.75
+        );
         assert_eq!(score_from_line("-1e-3", "x").unwrap(), -0.001);
         assert!(matches!(
             score_from_line("0.5 acc\n", "x"),

@@ -1,2 +1,1216 @@
 //! `expo search`: find the best α by running the user's own evaluator.
+//!
+//! The loop: ask the [`rule`] what to evaluate next (one α per free evaluator slot), build
+//! those candidates with the extrapolation engine in one pass, start the evaluator on each
+//! in its own process group, and record every start and end in the [`ledger`]. A slot is
+//! refilled as soon as it frees: there is no barrier between rounds.
+
+pub mod evaluator;
+pub mod ledger;
+pub mod plot;
 pub mod rule;
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::cli::{AlphaList, DtypeArg, ExtrapolateArgs};
+use crate::cmd::extrapolate::UsageError;
+use crate::interrupt;
+use crate::plan::AlphaRule;
+use crate::report::Reporter;
+
+use evaluator::{Running, ScoreSpec, Template, Values};
+use ledger::{End, Ledger, State, Trial};
+use rule::{Decision, Lat, Outcome, Settings, Status};
+
+/// Everything a search needs, checked.
+#[derive(Debug)]
+pub struct Config {
+    pub sft: PathBuf,
+    pub aligned: PathBuf,
+    pub skip: Vec<AlphaRule>,
+    pub alpha_for: Vec<AlphaRule>,
+    pub dtype: DtypeArg,
+    pub max_shard_size: Option<u64>,
+    pub threads: Option<u16>,
+    pub settings: Settings,
+    /// The first batch as given (without the baseline), for the ledger.
+    pub first_batch: Vec<Lat>,
+    pub baseline: bool,
+    pub minimize: bool,
+    pub eval: Template,
+    pub score: ScoreSpec,
+    pub jobs: usize,
+    pub timeout: Option<Duration>,
+    pub kill_after: Duration,
+    /// Candidate template, holding `{alpha}`.
+    pub output: PathBuf,
+    /// How many candidates stay on disk (`None`: all).
+    pub keep: Option<usize>,
+    pub run: PathBuf,
+    pub resume: bool,
+    pub json: bool,
+    pub dry_run: bool,
+}
+
+// ---------------------------------------------------------------------------------------
+// Evaluator process groups, so that a second Ctrl-C (which exits at once) kills them too.
+
+const GROUP_SLOTS: usize = 256;
+static GROUPS: [AtomicI32; GROUP_SLOTS] = [const { AtomicI32::new(0) }; GROUP_SLOTS];
+
+pub(crate) fn register_group(pgid: i32) {
+    for g in &GROUPS {
+        if g.compare_exchange(0, pgid, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+pub(crate) fn unregister_group(pgid: i32) {
+    for g in &GROUPS {
+        let _ = g.compare_exchange(pgid, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// SIGKILLs every evaluator process group still running (the second interrupt).
+pub fn kill_all_groups() {
+    for g in &GROUPS {
+        let pgid = g.swap(0, Ordering::AcqRel);
+        evaluator::signal_group(pgid, libc::SIGKILL);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small parsers for the command line.
+
+/// Parses a duration: `90`, `90s`, `5m`, `1.5h`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 && v * mult < 1e9 => {
+            Ok(Duration::from_secs_f64(v * mult))
+        }
+        _ => Err(format!("`{s}` is not a duration (e.g. 90s, 30m, 2h)")),
+    }
+}
+
+/// `--keep K|all`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Keep(pub Option<usize>);
+
+pub fn parse_keep(s: &str) -> Result<Keep, String> {
+    if s.trim().eq_ignore_ascii_case("all") {
+        return Ok(Keep(None));
+    }
+    match s.trim().parse::<usize>() {
+        Ok(k) => Ok(Keep(Some(k))),
+        _ => Err(format!("`{s}` is not a count (e.g. 1) or `all`")),
+    }
+}
+
+/// `--resolution auto|X`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resolution(pub Option<f64>);
+
+pub fn parse_resolution(s: &str) -> Result<Resolution, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(Resolution(None));
+    }
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && Lat::from_f64(v).is_some_and(|l| l.0 > 0) => Ok(Resolution(Some(v))),
+        _ => Err(format!(
+            "`{s}` is not `auto` or a positive step with at most 12 decimals (e.g. 0.05)"
+        )),
+    }
+}
+
+/// `--bounds MIN:MAX`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounds(pub f64, pub f64);
+
+pub fn parse_bounds(s: &str) -> Result<Bounds, String> {
+    let bad = || format!("`{s}` is not MIN:MAX with MIN < MAX (e.g. 0:4)");
+    let (a, b) = s.split_once(':').ok_or_else(bad)?;
+    let a: f64 = a.trim().parse().map_err(|_| bad())?;
+    let b: f64 = b.trim().parse().map_err(|_| bad())?;
+    if Lat::from_f64(a).is_none() || Lat::from_f64(b).is_none() || a >= b {
+        return Err(bad());
+    }
+    Ok(Bounds(a, b))
+}
+
+/// Builds the rule's settings from the command line's values.
+#[allow(clippy::too_many_arguments)]
+pub fn settings(
+    alphas: &[f64],
+    baseline: bool,
+    bounds: Option<Bounds>,
+    resolution: Resolution,
+    tie: f64,
+    max_evals: usize,
+    retries: usize,
+    max_failures: usize,
+) -> Result<(Settings, Vec<Lat>), UsageError> {
+    let mut batch = Vec::new();
+    for &a in alphas {
+        let l = Lat::from_f64(a).ok_or_else(|| {
+            UsageError(format!(
+                "--alpha {a}: a search handles α with at most 12 decimals and |α| ≤ {}",
+                rule::MAX_ABS_ALPHA
+            ))
+        })?;
+        if !batch.contains(&l) {
+            batch.push(l);
+        }
+    }
+    let mut first = Vec::new();
+    if baseline {
+        first.push(Lat(0));
+    }
+    first.extend(batch.iter().copied().filter(|l| !(baseline && l.0 == 0)));
+    let lo = first.iter().copied().min().unwrap_or(Lat(0));
+    let hi = first.iter().copied().max().unwrap_or(Lat(0));
+    let (lower, upper) = match bounds {
+        Some(Bounds(a, b)) => (
+            Lat::from_f64(a).unwrap_or(lo),
+            Lat::from_f64(b).unwrap_or(hi),
+        ),
+        None => {
+            let upper = if hi.0 > 0 {
+                Lat(hi
+                    .0
+                    .saturating_mul(8)
+                    .min(rule::MAX_ABS_ALPHA * rule::UNITS))
+            } else {
+                hi
+            };
+            (lo.min(Lat(0)), upper)
+        }
+    };
+    if let Some(out) = first.iter().find(|a| **a < lower || **a > upper) {
+        return Err(UsageError(format!(
+            "--alpha {out} lies outside --bounds {lower}:{upper}; widen the bounds or change the first batch"
+        )));
+    }
+    if lower >= upper {
+        return Err(UsageError(format!(
+            "the search range {lower}:{upper} is empty; give --bounds MIN:MAX"
+        )));
+    }
+    Ok((
+        Settings {
+            first,
+            lower,
+            upper,
+            resolution: resolution.0.and_then(Lat::from_f64).map(|l| l.0),
+            tie,
+            max_evals,
+            retries,
+            max_failures,
+        },
+        batch,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// The search.
+
+/// A trial in flight.
+struct Active {
+    trial: Trial,
+    values: Values,
+    proc: Running,
+}
+
+struct Search<'a> {
+    cfg: &'a Config,
+    reporter: Reporter,
+    ledger: Ledger,
+    trials: Vec<Trial>,
+    /// Candidates expo built and has not deleted.
+    created: BTreeSet<PathBuf>,
+    aligned_path: PathBuf,
+    next_trial: u64,
+    started: Instant,
+}
+
+/// Runs a search; the exit code when it completed.
+pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
+    let reporter = Reporter::new(false);
+    let cache_env = crate::hub::CacheEnv::from_process();
+    let (sft, _) = crate::hub::open_for("--sft checkpoint", &cfg.sft, &cache_env)?;
+    let (aligned, aligned_in) =
+        crate::hub::open_for("--aligned checkpoint", &cfg.aligned, &cache_env)?;
+    let rules: Vec<AlphaRule> = cfg.skip.iter().chain(&cfg.alpha_for).cloned().collect();
+    let plan = crate::plan::build_plan(
+        &sft,
+        &aligned,
+        &crate::plan::PlanOptions {
+            alpha: cfg
+                .settings
+                .first
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(Lat(0))
+                .to_f64(),
+            dtype: cfg.dtype.choice(),
+            max_shard_size: cfg.max_shard_size,
+            rules: rules.clone(),
+        },
+    )
+    .with_context(|| {
+        format!(
+            "pairing --sft {} with --aligned {}",
+            cfg.sft.display(),
+            cfg.aligned.display()
+        )
+    })?;
+    let header = json!({
+        "event": "header",
+        "version": 1,
+        "expo": env!("CARGO_PKG_VERSION"),
+        "sft": {"path": cfg.sft, "fingerprint": ledger::fingerprint(&sft)},
+        "aligned": {"path": cfg.aligned, "fingerprint": ledger::fingerprint(&aligned)},
+        "rules": rules.iter().map(|r| r.spelling.clone()).collect::<Vec<_>>(),
+        "dtype": cfg.dtype.name(),
+        "max_shard_size": cfg.max_shard_size,
+        "eval": cfg.eval.spelling,
+        "score_json": cfg.score.pointer,
+        "score_file": cfg.score.file.as_ref().map(|t| t.spelling.clone()),
+        "minimize": cfg.minimize,
+        "tie": cfg.settings.tie,
+        "alpha": cfg.settings.first.iter().map(|a| a.to_f64()).collect::<Vec<_>>(),
+        "resolution": cfg.settings.resolution.map(|r| Lat(r).to_f64()),
+        "output": cfg.output,
+        "jobs": cfg.jobs,
+        "timeout": cfg.timeout.map(|t| t.as_secs_f64()),
+        "max_evals": cfg.settings.max_evals,
+        "bounds": [cfg.settings.lower.to_f64(), cfg.settings.upper.to_f64()],
+    });
+    let ledger_path = cfg.run.join(ledger::NAME);
+    let exists = ledger_path.exists();
+    if exists && !cfg.resume {
+        return Err(UsageError(format!(
+            "{} already holds a search; add --resume to continue it, or choose another --run",
+            cfg.run.display()
+        ))
+        .into());
+    }
+    if !exists && cfg.resume {
+        return Err(UsageError(format!(
+            "--resume: {} holds no search ({} is missing)",
+            cfg.run.display(),
+            ledger_path.display()
+        ))
+        .into());
+    }
+
+    if cfg.dry_run {
+        return dry_run(cfg, &plan, &aligned_in.path);
+    }
+
+    std::fs::create_dir_all(&cfg.run)
+        .with_context(|| format!("creating the run directory {}", cfg.run.display()))?;
+    let mut ledger = Ledger::open(&cfg.run)?;
+    let replay = ledger.replay()?;
+    if replay.torn_tail {
+        reporter.warn(format!(
+            "{}: ignored its last line, cut short when expo was killed",
+            ledger.path.display()
+        ));
+        // Start the next event on a line of its own.
+        ledger.append_raw_newline()?;
+    }
+    if let Some(was) = &replay.header {
+        ledger::check_header(&ledger.path, was, &header).map_err(|e| UsageError(e.to_string()))?;
+    }
+    ledger.append(&header)?;
+    let mut created = BTreeSet::new();
+    for t in &replay.trials {
+        if t.created {
+            created.insert(t.output.clone());
+        }
+    }
+    for d in &replay.deleted {
+        created.remove(d);
+    }
+    // Finished trials stay; started-but-unfinished and interrupted ones run again.
+    let trials: Vec<Trial> = replay
+        .trials
+        .into_iter()
+        .filter(|t| {
+            t.end
+                .as_ref()
+                .is_some_and(|e| e.state != State::Interrupted)
+        })
+        .collect();
+    let next_trial = trials.iter().map(|t| t.trial).max().unwrap_or(0) + 1;
+    let next_trial = next_trial.max(
+        ledger
+            .replay()
+            .map(|r| r.trials.iter().map(|t| t.trial).max().unwrap_or(0) + 1)
+            .unwrap_or(1),
+    );
+    let mut search = Search {
+        cfg,
+        reporter,
+        ledger,
+        trials,
+        created,
+        aligned_path: aligned_in.path.clone(),
+        next_trial,
+        started: Instant::now(),
+    };
+    drop((sft, aligned));
+    search.go()
+}
+
+fn dry_run(
+    cfg: &Config,
+    plan: &crate::plan::Plan,
+    aligned: &Path,
+) -> Result<std::process::ExitCode> {
+    let mut err = std::io::stderr().lock();
+    // The run directory: an existing directory, or one whose parent exists.
+    let run_parent = existing_ancestor(&cfg.run);
+    if cfg.run.exists() && !cfg.run.is_dir() {
+        anyhow::bail!("--run {} exists and is not a directory", cfg.run.display());
+    }
+    let probe = alpha_path(&cfg.output, Lat(rule::UNITS));
+    let out_parent = existing_ancestor(&probe);
+    let need = plan
+        .output_bytes()
+        .saturating_mul((cfg.jobs + cfg.keep.unwrap_or(cfg.settings.max_evals)) as u64);
+    let free = free_bytes(&out_parent)
+        .with_context(|| format!("checking free space in {}", out_parent.display()))?;
+    writeln!(
+        err,
+        "expo: dry run: candidates of {} each; {} for {} jobs + {} kept, {} free in {}",
+        crate::report::bytes(plan.output_bytes()),
+        crate::report::bytes(need),
+        cfg.jobs,
+        cfg.keep.map_or("all".to_string(), |k| k.to_string()),
+        crate::report::bytes(free),
+        out_parent.display()
+    )?;
+    writeln!(
+        err,
+        "expo: run directory {} (in {})",
+        cfg.run.display(),
+        run_parent.display()
+    )?;
+    let mut commands = Vec::new();
+    for (k, &a) in cfg.settings.first.iter().enumerate() {
+        let output = if a.0 == 0 {
+            aligned.to_path_buf()
+        } else {
+            alpha_path(&cfg.output, a)
+        };
+        let v = Values {
+            alpha: a.to_string(),
+            output,
+            workdir: cfg.run.join("trials").join((k + 1).to_string()),
+            slot: k % cfg.jobs,
+            trial: k as u64 + 1,
+        };
+        let c = cfg.eval.command(&v);
+        writeln!(
+            err,
+            "  trial {}  alpha {:<6} {}",
+            k + 1,
+            a,
+            c.to_string_lossy()
+        )?;
+        commands.push(json!({"trial": k + 1, "alpha": a.to_f64(), "command": c.to_string_lossy()}));
+    }
+    if cfg.json {
+        crate::report::print_json(&json!({
+            "dry_run": true,
+            "commands": commands,
+            "candidate_bytes": plan.output_bytes(),
+            "needed_bytes": need,
+            "free_bytes": free,
+        }))?;
+    }
+    if free < need {
+        anyhow::bail!(
+            "{} has {} free but the search may need {} ({} jobs + {} kept candidates of {}); free space, lower --jobs/--keep, or put candidates elsewhere with --output",
+            out_parent.display(),
+            crate::report::bytes(free),
+            crate::report::bytes(need),
+            cfg.jobs,
+            cfg.keep.map_or("all".into(), |k| k.to_string()),
+            crate::report::bytes(plan.output_bytes())
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn existing_ancestor(p: &Path) -> PathBuf {
+    let mut cur = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        Path::new(".").join(p)
+    };
+    while !cur.exists() {
+        if !cur.pop() {
+            return PathBuf::from(".");
+        }
+    }
+    cur
+}
+
+/// Free bytes for an unprivileged user on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs is plain old data, zero is a valid value; `c` is a NUL-terminated path
+    // that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// The candidate directory of α.
+pub fn alpha_path(template: &Path, a: Lat) -> PathBuf {
+    crate::alpha::expand_output(template, a.to_f64())
+}
+
+/// Why the loop stopped early.
+enum Abort {
+    Interrupted,
+    Broken(anyhow::Error),
+}
+
+impl Search<'_> {
+    fn finished(&self) -> Vec<(Lat, Outcome)> {
+        self.trials
+            .iter()
+            .filter_map(|t| {
+                let e = t.end.as_ref()?;
+                let o = match e.state {
+                    State::Ok => Outcome::Ok(self.oriented(e.score?)),
+                    State::Unusable => Outcome::Unusable,
+                    State::Failed => Outcome::Failed,
+                    State::Interrupted => return None,
+                };
+                Some((t.alpha, o))
+            })
+            .collect()
+    }
+
+    fn oriented(&self, s: f64) -> f64 {
+        if self.cfg.minimize {
+            -s
+        } else {
+            s
+        }
+    }
+
+    fn go(&mut self) -> Result<std::process::ExitCode> {
+        interrupt::install();
+        self.print_table_header();
+        for t in self.trials.clone() {
+            self.print_row(&t);
+        }
+        let mut active: Vec<Active> = Vec::new();
+        let outcome = self.main_loop(&mut active);
+        match outcome {
+            Ok(status) => self.finish(status),
+            Err(Abort::Interrupted) => {
+                self.stop_all(&mut active, State::Interrupted);
+                let _ = self.write_outputs(None);
+                Err(interrupt::Interrupted.into())
+            }
+            Err(Abort::Broken(e)) => {
+                self.stop_all(&mut active, State::Interrupted);
+                let _ = self.write_outputs(None);
+                Err(e)
+            }
+        }
+    }
+
+    fn main_loop(&mut self, active: &mut Vec<Active>) -> Result<Status, Abort> {
+        let broken = Abort::Broken;
+        loop {
+            if interrupt::check().is_err() {
+                return Err(Abort::Interrupted);
+            }
+            // Reap finished evaluators.
+            let mut k = 0;
+            while k < active.len() {
+                let exit = active[k]
+                    .proc
+                    .poll(self.cfg.timeout, self.cfg.kill_after)
+                    .context("waiting for the evaluator")
+                    .map_err(broken)?;
+                match exit {
+                    Some(exit) => {
+                        let a = active.remove(k);
+                        self.record_end(a, exit)?;
+                    }
+                    None => k += 1,
+                }
+            }
+            let running: Vec<Lat> = active.iter().map(|a| a.trial.alpha).collect();
+            let view = rule::View::new(&self.cfg.settings, &self.finished(), &running);
+            let free = self.cfg.jobs.saturating_sub(active.len());
+            match rule::decide(&self.cfg.settings, &view, free) {
+                Decision::Propose(batch) => {
+                    crate::failpoint::pause("search-launch");
+                    if interrupt::check().is_err() {
+                        return Err(Abort::Interrupted);
+                    }
+                    self.launch(batch, active)?;
+                }
+                Decision::Wait => std::thread::sleep(Duration::from_millis(20)),
+                Decision::Done(status) => return Ok(status),
+            }
+        }
+    }
+
+    fn free_slot(&self, active: &[Active]) -> usize {
+        (0..self.cfg.jobs)
+            .find(|s| !active.iter().any(|a| a.trial.slot == *s))
+            .unwrap_or(0)
+    }
+
+    /// Builds the candidates of `batch` in one pass and starts their evaluators.
+    fn launch(&mut self, batch: Vec<Lat>, active: &mut Vec<Active>) -> Result<(), Abort> {
+        let mut trials = Vec::new();
+        let mut to_build = Vec::new();
+        let mut taken: Vec<usize> = active.iter().map(|a| a.trial.slot).collect();
+        for a in batch {
+            let (output, created) = if a.0 == 0 {
+                (self.aligned_path.clone(), false)
+            } else {
+                let p = alpha_path(&self.cfg.output, a);
+                let ours = self.created.contains(&p);
+                if ours && p.join(crate::sidefiles::PROVENANCE_NAME).is_file() {
+                    // Built earlier in this search (an unfinished or retried trial).
+                } else if p.exists() && !is_empty_dir(&p) {
+                    return Err(Abort::Broken(anyhow::anyhow!(
+                        "{} already exists and was not made by this search; remove it, or choose another --output",
+                        p.display()
+                    )));
+                } else {
+                    to_build.push(a);
+                }
+                (p, true)
+            };
+            let slot = (0..self.cfg.jobs)
+                .find(|s| !taken.contains(s))
+                .unwrap_or_else(|| self.free_slot(active));
+            taken.push(slot);
+            let trial = Trial {
+                trial: self.next_trial,
+                alpha: a,
+                slot,
+                output,
+                created,
+                end: None,
+            };
+            self.next_trial += 1;
+            self.ledger
+                .append(&ledger::start_event(&trial))
+                .map_err(|e| Abort::Broken(e.into()))?;
+            if created {
+                self.created.insert(trial.output.clone());
+            }
+            trials.push(trial);
+        }
+        if !to_build.is_empty() {
+            let args = self.extrapolate_args(&to_build, false);
+            match crate::cmd::extrapolate::run(&args) {
+                Ok(_) => {}
+                Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some() => {
+                    return Err(Abort::Interrupted)
+                }
+                Err(e) => {
+                    return Err(Abort::Broken(e.context(format!(
+                        "building the candidates for alpha {}",
+                        to_build
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))))
+                }
+            }
+        }
+        for trial in trials {
+            let workdir = self.cfg.run.join("trials").join(trial.trial.to_string());
+            std::fs::create_dir_all(&workdir)
+                .with_context(|| format!("creating {}", workdir.display()))
+                .map_err(Abort::Broken)?;
+            let values = Values {
+                alpha: trial.alpha.to_string(),
+                output: trial.output.clone(),
+                workdir: workdir.clone(),
+                slot: trial.slot,
+                trial: trial.trial,
+            };
+            let command = self.cfg.eval.command(&values);
+            let env: Vec<(&str, OsString)> = vec![
+                ("EXPO_ALPHA", values.alpha.clone().into()),
+                ("EXPO_OUTPUT", values.output.clone().into()),
+                ("EXPO_WORKDIR", values.workdir.clone().into()),
+                ("EXPO_SLOT", values.slot.to_string().into()),
+                ("EXPO_TRIAL", values.trial.to_string().into()),
+            ];
+            let proc = evaluator::spawn(
+                &command,
+                &env,
+                &workdir.join("stdout.log"),
+                &workdir.join("stderr.log"),
+            )
+            .with_context(|| format!("starting the evaluator (sh -c) for trial {}", trial.trial))
+            .map_err(Abort::Broken)?;
+            active.push(Active {
+                trial,
+                values,
+                proc,
+            });
+        }
+        Ok(())
+    }
+
+    /// The `expo extrapolate` arguments that build `alphas`.
+    fn extrapolate_args(&self, alphas: &[Lat], dry_run: bool) -> ExtrapolateArgs {
+        ExtrapolateArgs {
+            sft: self.cfg.sft.clone(),
+            aligned: self.cfg.aligned.clone(),
+            alpha: AlphaList(alphas.iter().map(|a| a.to_f64()).collect()),
+            alpha_for: self.cfg.alpha_for.clone(),
+            skip: self.cfg.skip.clone(),
+            output: self.cfg.output.clone(),
+            max_shard_size: self.cfg.max_shard_size,
+            dtype: self.cfg.dtype,
+            force: false,
+            dry_run,
+            threads: self.cfg.threads,
+            quiet: true,
+            json: false,
+            warn_relative_change: f64::INFINITY,
+        }
+    }
+
+    fn record_end(&mut self, a: Active, exit: evaluator::Exit) -> Result<(), Abort> {
+        let Active {
+            trial,
+            values,
+            proc: _,
+        } = a;
+        let stdout = values.workdir.join("stdout.log");
+        let stderr = values.workdir.join("stderr.log");
+        let mut note = None;
+        let (state, score, json) = match exit.code {
+            Some(126) | Some(127) => {
+                let end = End {
+                    state: State::Failed,
+                    score: None,
+                    exit: exit.code,
+                    seconds: exit.seconds,
+                    json: None,
+                };
+                self.store_end(trial.clone(), end)?;
+                let tail = evaluator::tail_lines(&stderr, 10);
+                return Err(Abort::Broken(anyhow::anyhow!(
+                    "the evaluator could not be run (exit {}: {}), so the search stopped; fix --eval `{}`{}",
+                    exit.code.unwrap_or(0),
+                    if exit.code == Some(127) { "command not found" } else { "not executable" },
+                    self.cfg.eval.spelling,
+                    if tail.is_empty() { String::new() } else { format!("; its stderr ({}) ends with:\n{tail}", stderr.display()) }
+                )));
+            }
+            Some(125) => (State::Unusable, None, None),
+            Some(0) if !exit.timed_out => match self.cfg.score.read(&stdout, &values) {
+                Ok(s) => (State::Ok, Some(s.value), s.json),
+                Err(e) => {
+                    note = Some(e.to_string());
+                    (State::Failed, None, None)
+                }
+            },
+            _ => {
+                note = Some(if exit.timed_out {
+                    format!(
+                        "timed out after {}",
+                        fmt_secs(self.cfg.timeout.map_or(0.0, |t| t.as_secs_f64()))
+                    )
+                } else if let Some(sig) = exit.signal {
+                    format!("killed by signal {sig}")
+                } else {
+                    format!("exit {}", exit.code.unwrap_or(-1))
+                });
+                (State::Failed, None, None)
+            }
+        };
+        if let Some(n) = note {
+            self.reporter.warn(format!(
+                "trial {} (alpha {}): {n}; logs in {}",
+                trial.trial,
+                trial.alpha,
+                values.workdir.display()
+            ));
+        }
+        let end = End {
+            state,
+            score,
+            exit: exit.code,
+            seconds: exit.seconds,
+            json,
+        };
+        self.store_end(trial, end)?;
+        self.tidy()?;
+        self.write_outputs(None).map_err(Abort::Broken)?;
+        Ok(())
+    }
+
+    fn store_end(&mut self, mut trial: Trial, end: End) -> Result<(), Abort> {
+        self.ledger
+            .append(&ledger::end_event(&trial, &end))
+            .map_err(|e| Abort::Broken(e.into()))?;
+        trial.end = Some(end);
+        self.print_row(&trial);
+        if trial
+            .end
+            .as_ref()
+            .is_some_and(|e| e.state != State::Interrupted)
+        {
+            self.trials.push(trial);
+        }
+        Ok(())
+    }
+
+    /// Deletes the candidates out of contention (only ones expo built).
+    fn tidy(&mut self) -> Result<(), Abort> {
+        let Some(keep) = self.cfg.keep else {
+            return Ok(());
+        };
+        let finished = self.finished();
+        let view = rule::View::new(&self.cfg.settings, &finished, &[]);
+        let mut ranked: Vec<(Lat, f64)> = Vec::new();
+        for (a, o) in &finished {
+            if let Outcome::Ok(s) = o {
+                if !ranked.iter().any(|(b, _)| b == a) {
+                    ranked.push((*a, *s));
+                }
+            }
+        }
+        ranked.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+        let kept: Vec<Lat> = ranked.iter().take(keep).map(|(a, _)| *a).collect();
+        let mut doomed = Vec::new();
+        for t in &self.trials {
+            if !self.created.contains(&t.output) || kept.contains(&t.alpha) {
+                continue;
+            }
+            if !view.is_final(t.alpha) {
+                continue;
+            }
+            doomed.push(t.output.clone());
+        }
+        doomed.sort();
+        doomed.dedup();
+        for p in doomed {
+            self.delete(&p).map_err(Abort::Broken)?;
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, p: &Path) -> Result<()> {
+        if p.exists() {
+            std::fs::remove_dir_all(p)
+                .with_context(|| format!("deleting the candidate {}", p.display()))?;
+        }
+        self.created.remove(p);
+        self.ledger
+            .append(&json!({"event": "delete", "output": p}))?;
+        Ok(())
+    }
+
+    /// Stops every running evaluator: SIGTERM to each group, SIGKILL after --kill-after;
+    /// records them as `state` and removes their candidates.
+    fn stop_all(&mut self, active: &mut Vec<Active>, state: State) {
+        for a in active.iter_mut() {
+            a.proc.terminate();
+        }
+        let mut exits = Vec::new();
+        while !active.is_empty() {
+            let mut k = 0;
+            while k < active.len() {
+                match active[k].proc.poll(None, self.cfg.kill_after) {
+                    Ok(Some(e)) => exits.push((active.remove(k), e)),
+                    Ok(None) => k += 1,
+                    Err(_) => {
+                        active[k].proc.kill_now();
+                        let a = active.remove(k);
+                        let e = evaluator::Exit {
+                            code: None,
+                            signal: Some(libc::SIGKILL),
+                            seconds: a.proc.started.elapsed().as_secs_f64(),
+                            timed_out: false,
+                        };
+                        exits.push((a, e));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for (a, e) in exits {
+            let trial = a.trial.clone();
+            let end = End {
+                state,
+                score: None,
+                exit: e.code,
+                seconds: e.seconds,
+                json: None,
+            };
+            let _ = self.ledger.append(&ledger::end_event(&trial, &end));
+            let mut shown = trial.clone();
+            shown.end = Some(end);
+            self.print_row(&shown);
+            // Its candidate is removed unless a finished trial still needs it.
+            let needed = self.trials.iter().any(|t| t.output == trial.output);
+            if trial.created && !needed && self.created.contains(&trial.output) {
+                let _ = self.delete(&trial.output);
+            }
+        }
+    }
+
+    fn baseline_score(&self) -> Option<f64> {
+        self.trials
+            .iter()
+            .filter(|t| t.alpha.0 == 0)
+            .find_map(|t| t.end.as_ref().filter(|e| e.state == State::Ok)?.score)
+    }
+
+    fn best(&self) -> Option<(Lat, f64)> {
+        let view = rule::View::new(&self.cfg.settings, &self.finished(), &[]);
+        let (a, _) = view.best()?;
+        let raw = self
+            .trials
+            .iter()
+            .filter(|t| t.alpha == a)
+            .find_map(|t| t.end.as_ref().filter(|e| e.state == State::Ok)?.score)?;
+        Some((a, raw))
+    }
+
+    fn evaluations(&self) -> usize {
+        self.trials.len()
+    }
+
+    /// The summary object (`--json` and RUN/summary.json); `status` is `None` mid-search.
+    fn summary(&self, status: Option<Status>) -> Value {
+        let best = self.best();
+        let trials: Vec<Value> = self
+            .trials
+            .iter()
+            .map(|t| {
+                let e = t.end.as_ref();
+                json!({
+                    "trial": t.trial,
+                    "alpha": t.alpha.to_f64(),
+                    "state": e.map(|e| e.state.name()),
+                    "score": e.and_then(|e| e.score),
+                    "seconds": e.map(|e| e.seconds),
+                    "output": t.output,
+                    "exit": e.and_then(|e| e.exit),
+                })
+            })
+            .collect();
+        let best_output = best.map(|(a, _)| self.output_of(a));
+        json!({
+            "status": status.map(Status::name),
+            "best": best.map(|(a, s)| json!({
+                "alpha": a.to_f64(),
+                "score": s,
+                "output": best_output,
+                "kept": best_output.as_ref().is_some_and(|p| p.exists()),
+            })),
+            "baseline": self.baseline_score().map(|s| json!({"score": s, "output": self.aligned_path})),
+            "evaluations": self.evaluations(),
+            "minimize": self.cfg.minimize,
+            "trials": trials,
+            "kept": self.created.iter().filter(|p| p.exists()).collect::<Vec<_>>(),
+            "rebuild": best.filter(|(a, _)| a.0 != 0).map(|(a, _)| self.rebuild_command(a)),
+            "rebuild_any": self.rebuild_command_template(),
+            "run": self.cfg.run,
+            "seconds": self.started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn output_of(&self, a: Lat) -> PathBuf {
+        if a.0 == 0 {
+            self.aligned_path.clone()
+        } else {
+            alpha_path(&self.cfg.output, a)
+        }
+    }
+
+    /// `expo extrapolate …` that rebuilds the candidate of α bit for bit.
+    fn rebuild_command(&self, a: Lat) -> String {
+        self.rebuild_with(&a.to_string(), &alpha_path(&self.cfg.output, a))
+    }
+
+    fn rebuild_command_template(&self) -> String {
+        self.rebuild_with("ALPHA", &self.cfg.output)
+    }
+
+    fn rebuild_with(&self, alpha: &str, output: &Path) -> String {
+        use std::os::unix::ffi::OsStrExt;
+        let q = |b: &[u8]| String::from_utf8_lossy(&evaluator::shell_quote(b)).into_owned();
+        let mut c = format!(
+            "expo extrapolate --sft {} --aligned {} --alpha {} --output {}",
+            q(self.cfg.sft.as_os_str().as_bytes()),
+            q(self.cfg.aligned.as_os_str().as_bytes()),
+            alpha,
+            q(output.as_os_str().as_bytes())
+        );
+        for r in self.cfg.skip.iter().chain(&self.cfg.alpha_for) {
+            if let Some((flag, value)) = r.spelling.split_once(' ') {
+                c.push_str(&format!(" {flag} {}", q(value.as_bytes())));
+            }
+        }
+        if self.cfg.dtype != DtypeArg::Auto {
+            c.push_str(&format!(" --dtype {}", self.cfg.dtype.name()));
+        }
+        if let Some(n) = self.cfg.max_shard_size {
+            c.push_str(&format!(" --max-shard-size {n}"));
+        }
+        c
+    }
+
+    /// Writes RUN/summary.json and RUN/search.svg (atomically).
+    fn write_outputs(&self, status: Option<Status>) -> Result<()> {
+        let summary = self.summary(status);
+        let mut text = serde_json::to_string_pretty(&summary)?;
+        text.push('\n');
+        write_atomic(&self.cfg.run.join("summary.json"), text.as_bytes())?;
+        let points: Vec<plot::Point> = self
+            .trials
+            .iter()
+            .filter_map(|t| {
+                let e = t.end.as_ref()?;
+                Some(plot::Point {
+                    alpha: t.alpha.to_f64(),
+                    score: if e.state == State::Ok { e.score } else { None },
+                })
+            })
+            .collect();
+        let svg = plot::svg(
+            &points,
+            self.baseline_score(),
+            self.best().map(|(a, s)| (a.to_f64(), s)),
+        );
+        write_atomic(&self.cfg.run.join("search.svg"), svg.as_bytes())?;
+        Ok(())
+    }
+
+    fn finish(&mut self, status: Status) -> Result<std::process::ExitCode> {
+        self.ledger.append(&json!({
+            "event": "done",
+            "status": status.name(),
+            "evaluations": self.evaluations(),
+        }))?;
+        self.write_outputs(Some(status))?;
+        match status {
+            Status::Failures => {
+                anyhow::bail!(
+                    "{} trials failed even after {} retr{} (--max-failures {}); the logs are in {}",
+                    self.trials
+                        .iter()
+                        .filter(|t| t.end.as_ref().is_some_and(|e| e.state == State::Failed))
+                        .map(|t| t.alpha)
+                        .collect::<BTreeSet<_>>()
+                        .len(),
+                    self.cfg.settings.retries,
+                    if self.cfg.settings.retries == 1 {
+                        "y"
+                    } else {
+                        "ies"
+                    },
+                    self.cfg.settings.max_failures,
+                    self.cfg.run.join("trials").display()
+                );
+            }
+            Status::NoScore => {
+                anyhow::bail!(
+                    "no candidate could be scored (every trial was unusable or failed); the logs are in {}",
+                    self.cfg.run.join("trials").display()
+                );
+            }
+            _ => {}
+        }
+        let best = self.best();
+        match status {
+            Status::Flat => self.reporter.warn(format!(
+                "the scores around the best alpha are within --tie {} of it (flat): the evaluator cannot tell these α apart; a larger dev set or a less noisy score would",
+                self.cfg.settings.tie
+            )),
+            Status::Edge => self.reporter.warn(format!(
+                "the best alpha is at the edge of the search range {}:{}; widen it with --bounds",
+                self.cfg.settings.lower, self.cfg.settings.upper
+            )),
+            Status::NoGain => self.reporter.warn(
+                "no candidate scored better than the --aligned model itself (alpha = 0): extrapolation does not help this model on this evaluator",
+            ),
+            Status::Budget => self.reporter.warn(format!(
+                "stopped after --max-evals {} evaluations before the best alpha was bracketed; resume with a larger --max-evals",
+                self.cfg.settings.max_evals
+            )),
+            _ => {}
+        }
+        if let Some((a, s)) = best {
+            let out = self.output_of(a);
+            let where_ = if a.0 == 0 {
+                format!("the --aligned model {}", out.display())
+            } else if out.exists() {
+                format!("kept in {}", out.display())
+            } else {
+                format!("rebuild it with: {}", self.rebuild_command(a))
+            };
+            let _ = writeln!(
+                std::io::stderr(),
+                "expo: best alpha = {a} (score {}, {}) after {} evaluations; {where_}",
+                fmt_score(s),
+                status.name(),
+                self.evaluations()
+            );
+        }
+        if self.cfg.json {
+            crate::report::print_json(&self.summary(Some(status)))?;
+        }
+        Ok(std::process::ExitCode::SUCCESS)
+    }
+
+    fn print_table_header(&self) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "{:>5}  {:>8}  {:>12}  {:>10}  {:>8}  state",
+            "trial",
+            "alpha",
+            "score",
+            "Δ vs θ1",
+            "time"
+        );
+    }
+
+    fn print_row(&self, t: &Trial) {
+        let Some(e) = &t.end else { return };
+        let base = self.baseline_score();
+        let delta = match (e.score, base) {
+            (Some(s), Some(b)) if t.alpha.0 != 0 => format!("{:+.4}", s - b),
+            _ => "".into(),
+        };
+        let _ = writeln!(
+            std::io::stderr(),
+            "{:>5}  {:>8}  {:>12}  {:>10}  {:>8}  {}",
+            t.trial,
+            t.alpha.to_string(),
+            e.score.map(fmt_score).unwrap_or_default(),
+            delta,
+            fmt_secs(e.seconds),
+            e.state.name()
+        );
+    }
+}
+
+fn is_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none())
+}
+
+fn fmt_score(s: f64) -> String {
+    format!("{}", (s * 1e6).round() / 1e6)
+}
+
+fn fmt_secs(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{:.1}m", s / 60.0)
+    } else {
+        format!("{:.1}h", s / 3600.0)
+    }
+}
+
+/// Writes `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn default_settings() {
+        let (s, batch) = settings(
+            &[0.1, 0.2, 0.3, 0.4, 0.5],
+            true,
+            None,
+            Resolution(None),
+            0.0,
+            20,
+            1,
+            3,
+        )
+        .unwrap();
+        assert_eq!(batch.len(), 5);
+        assert_eq!(s.first[0], Lat(0));
+        assert_eq!(s.lower, Lat(0));
+        assert_eq!(s.upper.to_f64(), 4.0);
+        assert!(settings(
+            &[0.3],
+            true,
+            Some(Bounds(0.5, 1.0)),
+            Resolution(None),
+            0.0,
+            20,
+            1,
+            3
+        )
+        .is_err());
+        assert!(parse_bounds("1:0").is_err());
+        assert_eq!(parse_keep("all").unwrap(), Keep(None));
+        assert_eq!(parse_resolution("0.05").unwrap(), Resolution(Some(0.05)));
+        assert!(parse_resolution("0").is_err());
+    }
+}

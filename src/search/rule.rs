@@ -227,6 +227,11 @@ impl View {
         })
     }
 
+    /// True when α will not be evaluated again (scored, unusable, or a hole).
+    pub fn is_final(&self, a: Lat) -> bool {
+        matches!(self.known.get(&a), Some(Known::Score(_) | Known::Hole))
+    }
+
     /// The best α so far: the highest score, ties → the smaller α.
     pub fn best(&self) -> Option<(Lat, f64)> {
         let mut best: Option<(Lat, f64)> = None;
@@ -615,7 +620,11 @@ mod tests {
         let mut s2 = s.clone();
         s2.tie = 0.5;
         let (st, order) = simulate(&s2, 1, &|a| {
-            Outcome::Ok(if a == 0.0 { 0.0 } else { 1.0 - (a - 0.3).abs() * 0.01 })
+            Outcome::Ok(if a == 0.0 {
+                0.0
+            } else {
+                1.0 - (a - 0.3).abs() * 0.01
+            })
         });
         assert_eq!(st, Status::Flat, "{order:?}");
     }
@@ -634,7 +643,10 @@ mod tests {
         assert_eq!(st, Status::Resolved);
         assert_eq!(order.iter().filter(|a| **a == lat(0.2)).count(), 2);
         // 0.2 is a hole, never a bracket end: L is 0.1, so 0.2 is not retried again but 0.25 is tried.
-        assert!(order.contains(&lat(0.25)) || order.contains(&lat(0.15)), "{order:?}");
+        assert!(
+            order.contains(&lat(0.25)) || order.contains(&lat(0.15)),
+            "{order:?}"
+        );
         let (st, _) = simulate(&s, 1, &|_| Outcome::Failed);
         assert_eq!(st, Status::Failures);
         let (st, _) = simulate(&s, 1, &|_| Outcome::Unusable);
