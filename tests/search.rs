@@ -1,0 +1,618 @@
+//! `expo search` with fake evaluators: small sh scripts that compute a score from
+//! EXPO_ALPHA (e.g. −(α − 0.3)²) and record what they were asked to do.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{expo, list_dir, weight_files, Dtype, Expo, Scratch};
+use serde_json::Value;
+
+/// A small pair in `s`: `sft/` and `aligned/`.
+fn small_pair(s: &Scratch) {
+    let (t0, t1) = common::tiny_llama(Dtype::BF16, Dtype::BF16, false, 9);
+    common::single(&s.path("sft"), &t0);
+    common::single(&s.path("aligned"), &t1);
+    fs::write(s.path("aligned").join("config.json"), "{}\n").unwrap();
+}
+
+/// Writes an evaluator script; every call appends `alpha slot trial` to `calls`.
+fn evaluator(s: &Scratch, name: &str, body: &str) -> PathBuf {
+    let path = s.path(name);
+    let calls = s.path("calls");
+    let text = format!(
+        "#!/bin/sh\necho \"$EXPO_ALPHA $EXPO_SLOT $EXPO_TRIAL\" >> '{}'\n{body}\n",
+        calls.display()
+    );
+    fs::write(&path, text).unwrap();
+    path
+}
+
+/// Prints −(α − p)² as the score.
+fn peak(p: f64) -> String {
+    format!("awk -v a=\"$EXPO_ALPHA\" 'BEGIN {{ printf \"%.9f\\n\", -(a-{p})*(a-{p}) }}'")
+}
+
+fn calls(s: &Scratch) -> Vec<String> {
+    fs::read_to_string(s.path("calls"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect()
+}
+
+/// `expo search --sft … --aligned … --eval 'sh SCRIPT {output}' --run RUN`.
+fn search(s: &Scratch, script: &Path) -> Expo {
+    expo(&["search"])
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' {{output}}", script.display()))
+        .arg("--run")
+        .arg(s.out("run"))
+}
+
+fn ledger(s: &Scratch) -> Vec<Value> {
+    fs::read_to_string(s.out("run").join("ledger.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn candidates(s: &Scratch) -> Vec<String> {
+    list_dir(&s.out("run"))
+        .into_iter()
+        .filter(|n| n.starts_with("alpha-"))
+        .collect()
+}
+
+#[test]
+fn a_peak_at_0_3_is_found_exactly_and_only_its_candidate_is_kept() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let out = search(&s, &script).arg("--json").assert_ok();
+    let j = out.json.unwrap();
+    assert_eq!(j["status"], "resolved", "{j:#}");
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert_eq!(j["evaluations"], 6);
+    assert_eq!(j["baseline"]["score"].as_f64(), Some(-0.09));
+    assert_eq!(candidates(&s), ["alpha-0.3"]);
+    assert_eq!(calls(&s), ["0", "0.1", "0.2", "0.3", "0.4", "0.5"]);
+    // RUN/summary.json is what --json printed (up to the elapsed time).
+    let mut summary: Value =
+        serde_json::from_str(&fs::read_to_string(s.out("run").join("summary.json")).unwrap())
+            .unwrap();
+    let mut printed = j.clone();
+    summary["seconds"] = Value::Null;
+    printed["seconds"] = Value::Null;
+    assert_eq!(summary, printed);
+    let svg = fs::read_to_string(s.out("run").join("search.svg")).unwrap();
+    assert!(svg.contains("best α = 0.3"));
+    assert!(out.stderr.contains("best alpha = 0.3"), "{}", out.stderr);
+    // Bit-identical to `expo extrapolate --alpha 0.3`.
+    let reference = s.out("reference");
+    common::extrapolate(&s.path("sft"), &s.path("aligned"), "0.3", &reference).assert_ok();
+    let kept = weight_files(&s.out("run").join("alpha-0.3"));
+    assert!(!kept.is_empty());
+    assert_eq!(kept, weight_files(&reference));
+    // The rebuild command names the same α and output.
+    let rebuild = j["rebuild"].as_str().unwrap();
+    assert!(rebuild.contains("--alpha 0.3 --output"), "{rebuild}");
+}
+
+#[test]
+fn a_peak_at_2_5_expands_past_the_first_batch_and_lands_within_one_step() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", &peak(2.5));
+    let j = search(&s, &script).arg("--json").assert_ok().json.unwrap();
+    assert_eq!(j["status"], "resolved", "{j:#}");
+    let best = j["best"]["alpha"].as_f64().unwrap();
+    assert!((best - 2.5).abs() <= 0.5, "{best}");
+    let called = calls(&s);
+    assert!(called.contains(&"1".to_string()) && called.contains(&"2".to_string()));
+    assert!(j["evaluations"].as_u64().unwrap() <= 20);
+    assert_eq!(candidates(&s).len(), 1);
+}
+
+#[test]
+fn two_jobs_give_the_same_answer_using_both_slots() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let j = search(&s, &script)
+        .args(&["-j", "2", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["status"], "resolved");
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    let slots: std::collections::BTreeSet<u64> = ledger(&s)
+        .iter()
+        .filter(|e| e["event"] == "start")
+        .map(|e| e["slot"].as_u64().unwrap())
+        .collect();
+    assert_eq!(slots, [0, 1].into());
+    let slots_seen: std::collections::BTreeSet<String> = fs::read_to_string(s.path("calls"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap().to_string())
+        .collect();
+    assert_eq!(slots_seen, ["0".to_string(), "1".to_string()].into());
+    assert_eq!(candidates(&s), ["alpha-0.3"]);
+}
+
+#[test]
+fn a_missing_evaluator_aborts_at_once() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let out = expo(&["search"])
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .args(&["--eval", "no-such-evaluator-xyz {output}", "--run"])
+        .arg(s.out("run"))
+        .assert_fails(
+            1,
+            &["exit 127", "command not found", "no-such-evaluator-xyz"],
+        );
+    let _ = out;
+    let ends: Vec<Value> = ledger(&s)
+        .into_iter()
+        .filter(|e| e["event"] == "end")
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert_eq!(ends[0]["exit"], 127);
+    // 126: found but not executable.
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = s.path("noexec.sh");
+    fs::write(&script, "#!/bin/sh\necho 1\n").unwrap();
+    expo(&["search"])
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("'{}' {{output}}", script.display()))
+        .arg("--run")
+        .arg(s.out("run"))
+        .assert_fails(1, &["exit 126", "Permission denied"]);
+}
+
+#[test]
+fn exit_125_is_unusable_and_not_retried_other_failures_are_retried_then_holes() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let body = format!(
+        "case \"$EXPO_ALPHA\" in 0.2) exit 125;; 0.4) echo boom >&2; exit 3;; esac\n{}",
+        peak(0.3)
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let j = search(&s, &script).arg("--json").assert_ok().json.unwrap();
+    let called = calls(&s);
+    assert_eq!(called.iter().filter(|a| *a == "0.2").count(), 1);
+    assert_eq!(called.iter().filter(|a| *a == "0.4").count(), 2);
+    let states: Vec<(f64, String)> = j["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["alpha"].as_f64().unwrap(),
+                t["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(states.contains(&(0.2, "unusable".into())));
+    assert_eq!(
+        states
+            .iter()
+            .filter(|(a, st)| *a == 0.4 && st == "failed")
+            .count(),
+        2
+    );
+    // The best is still found between the holes, and no failed candidate is kept.
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert_eq!(candidates(&s), ["alpha-0.3"]);
+    let log = fs::read_dir(s.out("run").join("trials"))
+        .unwrap()
+        .filter_map(|e| fs::read_to_string(e.unwrap().path().join("stderr.log")).ok())
+        .any(|t| t.contains("boom"));
+    assert!(log, "the evaluator's stderr goes to the trial's log");
+}
+
+#[test]
+fn too_many_failures_stop_the_search_with_exit_1() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", "exit 1");
+    search(&s, &script)
+        .args(&["--retries", "0", "--max-failures", "2"])
+        .assert_fails(1, &["failed", "--max-failures 2"]);
+    assert_eq!(calls(&s).len(), 2);
+    assert_eq!(candidates(&s), Vec::<String>::new());
+}
+
+fn pid_gone(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // A zombie waiting for its reaper runs no more.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits (bounded) until `path` exists: a handshake, not a timing assertion.
+fn wait_for(path: &Path) {
+    for _ in 0..6000 {
+        if path.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{} never appeared", path.display());
+}
+
+#[test]
+fn a_timeout_kills_the_evaluator_and_its_children() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let pids = s.path("pids");
+    let body = format!(
+        "sleep 1000 &\necho $! >> '{p}'\necho $$ >> '{p}'\nwait",
+        p = pids.display()
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    search(&s, &script)
+        .args(&[
+            "-a",
+            "0.1",
+            "--no-baseline",
+            "--timeout",
+            "300ms",
+            "--kill-after",
+            "200ms",
+            "--retries",
+            "0",
+            "--max-failures",
+            "1",
+        ])
+        .assert_fails(1, &["failed"]);
+    let text = fs::read_to_string(&pids).unwrap();
+    let pids: Vec<i32> = text.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(pids.len(), 2);
+    for pid in pids {
+        assert!(pid_gone(pid), "process {pid} is still running");
+    }
+    let end = ledger(&s)
+        .into_iter()
+        .find(|e| e["event"] == "end")
+        .unwrap();
+    assert_eq!(end["state"], "failed");
+}
+
+/// Starts `expo search` as a child process (to signal it).
+fn spawn_search(s: &Scratch, script: &Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_expo"))
+        .arg("search")
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' {{output}}", script.display()))
+        .arg("--run")
+        .arg(s.out("run"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// An evaluator that, at α = 0.2, records its pid and blocks until `go` exists.
+fn blocking_evaluator(s: &Scratch) -> PathBuf {
+    let body = format!(
+        "if [ \"$EXPO_ALPHA\" = 0.2 ] && [ ! -e '{go}' ]; then echo $$ > '{blocked}.tmp'; mv '{blocked}.tmp' '{blocked}'; while [ ! -e '{go}' ]; do sleep 0.05; done; fi\n{}",
+        peak(0.3),
+        go = s.path("go").display(),
+        blocked = s.path("blocked").display()
+    );
+    evaluator(s, "eval.sh", &body)
+}
+
+#[test]
+fn ctrl_c_exits_130_and_resume_finishes_without_evaluating_a_finished_alpha_again() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = blocking_evaluator(&s);
+    let child = spawn_search(&s, &script, &[]);
+    wait_for(&s.path("blocked"));
+    let blocked: i32 = fs::read_to_string(s.path("blocked"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(pid_gone(blocked), "the evaluator still runs");
+    let events = ledger(&s);
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "end" && e["state"] == "interrupted" && e["alpha"] == 0.2));
+    // Its candidate was removed; the finished ones are out of contention or kept.
+    assert!(!s.out("run").join("alpha-0.2").exists());
+    assert_eq!(calls(&s), ["0", "0.1", "0.2"]);
+
+    fs::write(s.path("go"), "").unwrap();
+    let j = search(&s, &script)
+        .args(&["--resume", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["status"], "resolved");
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert_eq!(calls(&s), ["0", "0.1", "0.2", "0.2", "0.3", "0.4", "0.5"]);
+    assert_eq!(candidates(&s), ["alpha-0.3"]);
+}
+
+#[test]
+fn resume_after_expo_was_killed_reruns_only_the_unfinished_trial() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = blocking_evaluator(&s);
+    let mut child = spawn_search(&s, &script, &[]);
+    wait_for(&s.path("blocked"));
+    let blocked: i32 = fs::read_to_string(s.path("blocked"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The orphaned evaluator is in its own process group; end it as a user would.
+    // SAFETY: signalling the process group of an evaluator this test caused to start.
+    unsafe { libc::kill(-blocked, libc::SIGKILL) };
+    // The trial started but never ended.
+    let events = ledger(&s);
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "start" && e["alpha"] == 0.2));
+    assert!(!events
+        .iter()
+        .any(|e| e["event"] == "end" && e["alpha"] == 0.2));
+    fs::write(s.path("go"), "").unwrap();
+    let j = search(&s, &script)
+        .args(&["--resume", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert_eq!(calls(&s), ["0", "0.1", "0.2", "0.2", "0.3", "0.4", "0.5"]);
+    assert_eq!(candidates(&s), ["alpha-0.3"]);
+    let reference = s.out("reference");
+    common::extrapolate(&s.path("sft"), &s.path("aligned"), "0.3", &reference).assert_ok();
+    assert_eq!(
+        weight_files(&s.out("run").join("alpha-0.3")),
+        weight_files(&reference)
+    );
+}
+
+#[test]
+fn a_changed_input_is_refused_on_resume_naming_it_while_jobs_may_change() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    search(&s, &script).arg("--json").assert_ok();
+    search(&s, &script)
+        .args(&["--resume", "--minimize"])
+        .assert_fails(2, &["--minimize", "differs"]);
+    search(&s, &script)
+        .args(&["--resume", "--score-json", "/x"])
+        .assert_fails(2, &["--score-json"]);
+    expo(&["search"])
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .args(&["--eval", "other {output}", "--resume", "--run"])
+        .arg(s.out("run"))
+        .assert_fails(2, &["--eval", "other {output}"]);
+    // A checkpoint rewritten since: its fingerprint differs.
+    let (t0, _) = common::tiny_llama(Dtype::BF16, Dtype::BF16, false, 10);
+    fs::remove_dir_all(s.path("sft")).unwrap();
+    common::single(&s.path("sft"), &t0);
+    search(&s, &script)
+        .arg("--resume")
+        .assert_fails(2, &["--sft"]);
+    // Without --resume an existing run is not overwritten.
+    let s2 = Scratch::new();
+    small_pair(&s2);
+    let script2 = evaluator(&s2, "eval.sh", &peak(0.3));
+    search(&s2, &script2).arg("--json").assert_ok();
+    search(&s2, &script2).assert_fails(2, &["--resume"]);
+    // Jobs, budget and timeout may change: nothing is evaluated again.
+    let before = calls(&s2).len();
+    let j = search(&s2, &script2)
+        .args(&[
+            "--resume",
+            "-j",
+            "3",
+            "--max-evals",
+            "30",
+            "--timeout",
+            "1h",
+            "--json",
+        ])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(calls(&s2).len(), before);
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+}
+
+#[test]
+fn scores_from_json_pointers_and_score_files() {
+    let s = Scratch::new();
+    small_pair(&s);
+    // lm-eval style keys with commas, on stdout.
+    let body = "awk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"{\\\"results\\\": {\\\"t/x\\\": {\\\"acc,none\\\": %.9f}}, \\\"len\\\": 7}\\n\", -(a-0.3)*(a-0.3) }'";
+    let script = evaluator(&s, "eval.sh", body);
+    let j = search(&s, &script)
+        .args(&["--score-json", "/results/t~1x/acc,none", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    let end = ledger(&s)
+        .into_iter()
+        .find(|e| e["event"] == "end")
+        .unwrap();
+    assert_eq!(end["json"]["len"], 7, "the evaluator's JSON is kept");
+
+    // A score file named by a template; stdout is only logs.
+    let s = Scratch::new();
+    small_pair(&s);
+    let body = format!(
+        "echo 'log 12:00:01'\n{} > \"$EXPO_WORKDIR/score.txt\"",
+        peak(0.3)
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let j = search(&s, &script)
+        .args(&["--score-file", "{workdir}/score.txt", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+
+    // --minimize: the lowest score wins.
+    let s = Scratch::new();
+    small_pair(&s);
+    let body = "awk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"%.9f\\n\", (a-0.2)*(a-0.2) }'";
+    let script = evaluator(&s, "eval.sh", body);
+    let j = search(&s, &script)
+        .args(&["--minimize", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.2));
+
+    // A last line that is not one number is a failure, not a score.
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", "echo 0.5\necho 'done at 12:00'");
+    search(&s, &script)
+        .args(&["--retries", "0", "--max-failures", "1"])
+        .assert_fails(1, &["failed"]);
+    let stderr_warned = ledger(&s)
+        .iter()
+        .any(|e| e["event"] == "end" && e["state"] == "failed");
+    assert!(stderr_warned);
+}
+
+#[test]
+fn keep_all_keeps_every_candidate_and_a_directory_expo_did_not_make_is_never_deleted() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    search(&s, &script)
+        .args(&["--keep", "all", "--json"])
+        .assert_ok();
+    assert_eq!(
+        candidates(&s),
+        [
+            "alpha-0.1",
+            "alpha-0.2",
+            "alpha-0.3",
+            "alpha-0.4",
+            "alpha-0.5"
+        ]
+    );
+    // --keep 2: the two best stay.
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    search(&s, &script)
+        .args(&["--keep", "2", "--json"])
+        .assert_ok();
+    assert_eq!(candidates(&s), ["alpha-0.2", "alpha-0.3"]);
+    // A user's directory where a candidate would go: refused, left alone.
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let mine = s.out("run").join("alpha-0.2");
+    fs::create_dir_all(&mine).unwrap();
+    fs::write(mine.join("notes.txt"), "mine").unwrap();
+    search(&s, &script).assert_fails(1, &["alpha-0.2", "not made by this search"]);
+    assert_eq!(fs::read_to_string(mine.join("notes.txt")).unwrap(), "mine");
+}
+
+#[test]
+fn dry_run_prints_the_commands_and_writes_nothing() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let out = search(&s, &script)
+        .args(&["--dry-run", "--json"])
+        .assert_ok();
+    let j = out.json.unwrap();
+    let cmds = j["commands"].as_array().unwrap();
+    assert_eq!(cmds.len(), 6);
+    assert!(cmds[0]["command"]
+        .as_str()
+        .unwrap()
+        .ends_with(&*s.path("aligned").to_string_lossy()));
+    assert!(cmds[3]["command"].as_str().unwrap().contains("alpha-0.3"));
+    assert!(j["free_bytes"].as_u64().unwrap() > 0);
+    assert!(out.stderr.contains("alpha-0.3"));
+    assert!(!s.out("run").exists());
+    assert!(!s.path("calls").exists());
+}
+
+#[test]
+fn usage_errors() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let base = || {
+        expo(&["search"])
+            .arg("--sft")
+            .arg(s.path("sft"))
+            .arg("--aligned")
+            .arg(s.path("aligned"))
+            .arg("--run")
+            .arg(s.out("run"))
+    };
+    base()
+        .args(&["--eval", "x {alpah}"])
+        .assert_fails(2, &["{alpah}", "{alpha}"]);
+    base()
+        .args(&["--eval", "x {alpha}", "--output"])
+        .arg(s.out("cands"))
+        .assert_fails(2, &["{alpha}"]);
+    base()
+        .args(&["--eval", "x", "--score-json", "results/x"])
+        .assert_fails(2, &["JSON pointer"]);
+    base()
+        .args(&["--eval", "x", "--bounds", "0.5:1"])
+        .assert_fails(2, &["--bounds"]);
+    search(&s, &script)
+        .arg("--resume")
+        .assert_fails(2, &["holds no search"]);
+    assert!(!s.out("run").exists());
+}
