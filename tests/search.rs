@@ -372,6 +372,37 @@ fn ctrl_c_exits_130_and_resume_finishes_without_evaluating_a_finished_alpha_agai
 }
 
 #[test]
+fn a_second_ctrl_c_kills_an_evaluator_that_ignores_sigterm_at_once() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let body = format!(
+        "trap 'touch \"{termed}\"' TERM\necho $$ > '{pid}.tmp'; mv '{pid}.tmp' '{pid}'\nwhile :; do sleep 0.05; done",
+        termed = s.path("termed").display(),
+        pid = s.path("pid").display()
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let child = spawn_search(&s, &script, &["--kill-after", "1h"]);
+    wait_for(&s.path("pid"));
+    let pid: i32 = fs::read_to_string(s.path("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    wait_for(&s.path("termed"));
+    assert!(
+        !pid_gone(pid),
+        "SIGTERM was ignored: the evaluator still runs"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(pid_gone(pid), "the evaluator survived the second signal");
+}
+
+#[test]
 fn resume_after_expo_was_killed_reruns_only_the_unfinished_trial() {
     let s = Scratch::new();
     small_pair(&s);

@@ -1145,7 +1145,9 @@ fn is_empty_dir(p: &Path) -> bool {
 }
 
 fn fmt_score(s: f64) -> String {
-    format!("{}", (s * 1e6).round() / 1e6)
+    let r = (s * 1e6).round() / 1e6;
+    // No `-0`.
+    format!("{}", if r == 0.0 { 0.0 } else { r })
 }
 
 fn fmt_secs(s: f64) -> String {
