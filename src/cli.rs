@@ -265,7 +265,8 @@ pub struct SearchArgs {
     #[arg(long)]
     pub minimize: bool,
 
-    /// Scores within X of each other tie (ties go to the smaller α).
+    /// Tie tolerance: the search is `flat` when the best α's neighbours score within X of
+    /// it, and `no-gain` when θ1 (α = 0) does. Equal scores go to the smaller α.
     #[arg(long, value_name = "X", default_value_t = 0.0, value_parser = parse_ratio)]
     pub tie: f64,
 

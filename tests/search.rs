@@ -253,6 +253,17 @@ fn pid_gone(pid: i32) -> bool {
     }
 }
 
+/// Waits (bounded) until process `pid` is gone: a SIGKILL is delivered asynchronously.
+fn wait_gone(pid: i32) {
+    for _ in 0..2000 {
+        if pid_gone(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("process {pid} is still running");
+}
+
 /// Waits (bounded) until `path` exists: a handshake, not a timing assertion.
 fn wait_for(path: &Path) {
     for _ in 0..6000 {
@@ -293,7 +304,7 @@ fn a_timeout_kills_the_evaluator_and_its_children() {
     let pids: Vec<i32> = text.lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(pids.len(), 2);
     for pid in pids {
-        assert!(pid_gone(pid), "process {pid} is still running");
+        wait_gone(pid);
     }
     let end = ledger(&s)
         .into_iter()
@@ -350,7 +361,7 @@ fn ctrl_c_exits_130_and_resume_finishes_without_evaluating_a_finished_alpha_agai
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(pid_gone(blocked), "the evaluator still runs");
+    wait_gone(blocked);
     let events = ledger(&s);
     assert!(events
         .iter()
@@ -375,13 +386,25 @@ fn ctrl_c_exits_130_and_resume_finishes_without_evaluating_a_finished_alpha_agai
 fn a_second_ctrl_c_kills_an_evaluator_that_ignores_sigterm_at_once() {
     let s = Scratch::new();
     small_pair(&s);
-    let body = format!(
-        "trap 'touch \"{termed}\"' TERM\necho $$ > '{pid}.tmp'; mv '{pid}.tmp' '{pid}'\nwhile :; do sleep 0.05; done",
+    // The evaluator's own shell (the group leader) survives SIGTERM.
+    let eval = format!(
+        "trap 'touch {termed}' TERM; echo $$ > {pid}.tmp; mv {pid}.tmp {pid}; while :; do sleep 0.05; done",
         termed = s.path("termed").display(),
         pid = s.path("pid").display()
     );
-    let script = evaluator(&s, "eval.sh", &body);
-    let child = spawn_search(&s, &script, &["--kill-after", "1h"]);
+    let child = Command::new(env!("CARGO_BIN_EXE_expo"))
+        .arg("search")
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .args(["--eval", &eval, "--kill-after", "1h", "--run"])
+        .arg(s.out("run"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_for(&s.path("pid"));
     let pid: i32 = fs::read_to_string(s.path("pid"))
         .unwrap()
@@ -399,7 +422,7 @@ fn a_second_ctrl_c_kills_an_evaluator_that_ignores_sigterm_at_once() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
-    assert!(pid_gone(pid), "the evaluator survived the second signal");
+    wait_gone(pid);
 }
 
 #[test]

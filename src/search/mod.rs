@@ -582,7 +582,6 @@ impl Search<'_> {
             let free = self.cfg.jobs.saturating_sub(active.len());
             match rule::decide(&self.cfg.settings, &view, free) {
                 Decision::Propose(batch) => {
-                    crate::failpoint::pause("search-launch");
                     if interrupt::check().is_err() {
                         return Err(Abort::Interrupted);
                     }
