@@ -253,6 +253,16 @@ fn pid_gone(pid: i32) -> bool {
     }
 }
 
+/// Kills a process group when a test ends, even by a failed assertion.
+struct KillGroupOnDrop(i32);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling the process group of an evaluator this test started.
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
+    }
+}
+
 /// Waits (bounded) until process `pid` is gone: a SIGKILL is delivered asynchronously.
 fn wait_gone(pid: i32) {
     for _ in 0..2000 {
@@ -411,6 +421,7 @@ fn a_second_ctrl_c_kills_an_evaluator_that_ignores_sigterm_at_once() {
         .trim()
         .parse()
         .unwrap();
+    let _cleanup = KillGroupOnDrop(pid);
     // SAFETY: signalling a child process this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     wait_for(&s.path("termed"));
@@ -597,6 +608,17 @@ fn keep_all_keeps_every_candidate_and_a_directory_expo_did_not_make_is_never_del
             "alpha-0.5"
         ]
     );
+    // Candidates elsewhere, in a directory created on demand.
+    let s3 = Scratch::new();
+    small_pair(&s3);
+    let script3 = evaluator(&s3, "eval.sh", &peak(0.3));
+    let cands = s3.out("cands").join("deep");
+    search(&s3, &script3)
+        .arg("--output")
+        .arg(cands.join("c-{alpha}"))
+        .arg("--json")
+        .assert_ok();
+    assert_eq!(list_dir(&cands), ["c-0.3"]);
     // --keep 2: the two best stay.
     let s = Scratch::new();
     small_pair(&s);

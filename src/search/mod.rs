@@ -644,6 +644,15 @@ impl Search<'_> {
             trials.push(trial);
         }
         if !to_build.is_empty() {
+            for &a in &to_build {
+                if let Some(parent) = alpha_path(&self.cfg.output, a).parent() {
+                    if !parent.as_os_str().is_empty() {
+                        std::fs::create_dir_all(parent)
+                            .with_context(|| format!("creating {}", parent.display()))
+                            .map_err(Abort::Broken)?;
+                    }
+                }
+            }
             let args = self.extrapolate_args(&to_build, false);
             match crate::cmd::extrapolate::run(&args) {
                 Ok(_) => {}
