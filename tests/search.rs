@@ -371,6 +371,7 @@ fn ctrl_c_exits_130_and_resume_finishes_without_evaluating_a_finished_alpha_agai
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("--resume"), "{stderr}");
     wait_gone(blocked);
     let events = ledger(&s);
     assert!(events

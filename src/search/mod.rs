@@ -543,9 +543,14 @@ impl Search<'_> {
         match outcome {
             Ok(status) => self.finish(status),
             Err(Abort::Interrupted) => {
+                let running = active.len();
                 self.stop_all(&mut active, State::Interrupted);
                 let _ = self.write_outputs(None);
-                Err(interrupt::Interrupted.into())
+                Err(anyhow::Error::new(interrupt::Interrupted).context(format!(
+                    "search stopped after {} evaluations ({running} running trial{} recorded as interrupted); continue it with the same command and --resume",
+                    self.evaluations(),
+                    if running == 1 { "" } else { "s" },
+                )))
             }
             Err(Abort::Broken(e)) => {
                 self.stop_all(&mut active, State::Interrupted);
