@@ -438,6 +438,56 @@ fn a_second_ctrl_c_kills_an_evaluator_that_ignores_sigterm_at_once() {
 }
 
 #[test]
+fn ctrl_c_while_candidates_are_built_leaves_nothing_behind() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let fp = s.path("fp");
+    fs::create_dir_all(&fp).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_expo"))
+        .arg("search")
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' {{output}}", script.display()))
+        .arg("--run")
+        .arg(s.out("run"))
+        .env("EXPO_FAILPOINT", "search-build")
+        .env("EXPO_FAILPOINT_DIR", &fp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&fp.join("search-build.reached"));
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Only the baseline was evaluated; the candidate being built is not there.
+    assert_eq!(calls(&s), ["0"]);
+    assert_eq!(candidates(&s), Vec::<String>::new());
+    common::assert_no_staging(&s.out("run"));
+    assert!(ledger(&s)
+        .iter()
+        .any(|e| e["event"] == "end" && e["state"] == "interrupted" && e["alpha"] == 0.1));
+    let j = search(&s, &script)
+        .args(&["--resume", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert_eq!(calls(&s), ["0", "0.1", "0.2", "0.3", "0.4", "0.5"]);
+}
+
+#[test]
 fn resume_after_expo_was_killed_reruns_only_the_unfinished_trial() {
     let s = Scratch::new();
     small_pair(&s);

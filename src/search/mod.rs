@@ -659,10 +659,26 @@ impl Search<'_> {
                 }
             }
             let args = self.extrapolate_args(&to_build, false);
+            crate::failpoint::pause("search-build");
             match crate::cmd::extrapolate::run(&args) {
                 Ok(_) => {}
                 Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some() => {
-                    return Err(Abort::Interrupted)
+                    // None of them started: record them as interrupted, remove what was built.
+                    for trial in trials {
+                        let end = End {
+                            state: State::Interrupted,
+                            score: None,
+                            exit: None,
+                            seconds: 0.0,
+                            json: None,
+                        };
+                        let _ = self.ledger.append(&ledger::end_event(&trial, &end));
+                        let needed = self.trials.iter().any(|t| t.output == trial.output);
+                        if trial.created && !needed && self.created.contains(&trial.output) {
+                            let _ = self.delete(&trial.output);
+                        }
+                    }
+                    return Err(Abort::Interrupted);
                 }
                 Err(e) => {
                     return Err(Abort::Broken(e.context(format!(
