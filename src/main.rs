@@ -24,6 +24,7 @@ fn wants_json(cli: &Cli) -> bool {
         Command::Extrapolate(args) => args.json,
         Command::Diff(args) => args.json,
         Command::Inspect(args) => args.json,
+        Command::Search(args) => args.json,
         Command::Completions(_) | Command::Man(_) => false,
     }
 }
