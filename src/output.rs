@@ -28,8 +28,11 @@
 //! marker holding just the pid) are removed only when, in addition, their pid is this
 //! process's own or names no process.
 
+use std::ffi::{CStr, CString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -65,53 +68,60 @@ pub enum Existing {
     Dir,
 }
 
-/// The validated output location.
-#[derive(Debug, Clone)]
-pub struct OutputTarget {
-    /// The path as given.
-    pub path: PathBuf,
-    /// Its parent directory (which must exist).
-    pub parent: PathBuf,
-    /// Its last component.
-    pub name: String,
-    pub existing: Existing,
-}
-
 /// Errors about the output location.
+///
+/// A variant that carries an I/O error returns it as its `source()` and does not repeat it
+/// in its message: `{:#}` prints the chain, so every cause appears once.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
     #[error("--output {path} already exists and is not empty; choose a new directory or pass --force to replace it")]
     Exists { path: PathBuf },
     #[error("--output {path} exists and is not a directory; expo will not replace it")]
     NotADirectory { path: PathBuf },
+    #[error("--output {path} is a symbolic link; expo neither replaces a link nor writes through one: give the directory itself{}", link_target.as_ref().map(|t| format!(" ({})", t.display())).unwrap_or_default())]
+    Symlink {
+        path: PathBuf,
+        link_target: Option<PathBuf>,
+    },
     #[error("--output {path} does not look like a model checkpoint (it has no expo.json, config.json, model.safetensors.index.json or *.safetensors file at its top level), so expo will not replace it, even with --force; choose a new directory, or remove this one by hand first if it really is to be replaced")]
     NotACheckpoint { path: PathBuf },
     #[error("--output {path} is {why}, so expo will not replace it, even with --force; choose a new directory, or remove this one by hand first if it really is to be replaced")]
     Protected { path: PathBuf, why: String },
+    #[error("--output {path} cannot be replaced: {why}; nothing was written")]
+    CannotReplace { path: PathBuf, why: String },
+    #[error("--output {path} changed while expo ran: it is no longer the checkpoint directory expo checked at the start (it was replaced, or its content no longer looks like a checkpoint), so expo left it untouched and wrote nothing; check what is there and run again")]
+    Changed { path: PathBuf },
+    #[error("--output {path} changed while expo ran (it is no longer the directory expo checked at the start), and it could not be put back: the new output is at {path} and what had been put there is now at {aside}; check both by hand")]
+    ChangedLeftAside { path: PathBuf, aside: PathBuf },
     #[error("--output {path}: its parent directory {parent} does not exist; create it first")]
     NoParent { path: PathBuf, parent: PathBuf },
     #[error("--output {path}: its parent {parent} is not a directory")]
     ParentNotADirectory { path: PathBuf, parent: PathBuf },
-    #[error("--output {path}: cannot create expo's temporary directory in {parent}: {source}")]
+    #[error("--output {path}: cannot create expo's temporary directory in {parent}")]
     Unwritable {
         path: PathBuf,
         parent: PathBuf,
+        #[source]
         source: io::Error,
     },
     #[error("--output {path} is not a usable directory name")]
     BadName { path: PathBuf },
+    #[error("--output {path} ends in `{tail}`; write the output directory's own name instead (expo creates or replaces the directory that the last component names)")]
+    DotName { path: PathBuf, tail: &'static str },
     #[error("--output {path}: names starting with `{STAGING_PREFIX}` are reserved for expo's temporary directories")]
     ReservedName { path: PathBuf },
-    #[error("{path}: rename into place failed: {source}; its previous content could not be moved back and is now at {aside}: move it back by hand (`mv {aside} {path}`)")]
+    #[error("{path}: rename into place failed, and its previous content could not be moved back: it is now at {aside}; move it back by hand (`mv {aside} {path}`)")]
     LeftAside {
         path: PathBuf,
         aside: PathBuf,
+        #[source]
         source: io::Error,
     },
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed")]
     Io {
         path: PathBuf,
         op: &'static str,
+        #[source]
         source: io::Error,
     },
 }
@@ -122,6 +132,41 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Out
         op,
         source,
     }
+}
+
+/// What a file is, whatever its name: its device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(m: &fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+}
+
+/// The validated output location.
+#[derive(Debug, Clone)]
+pub struct OutputTarget {
+    /// The path as given, without trailing slashes.
+    pub path: PathBuf,
+    /// Its parent directory (which must exist).
+    pub parent: PathBuf,
+    /// Its last component.
+    pub name: String,
+    pub existing: Existing,
+    /// The parent directory's identity: two targets with the same parent identity and name
+    /// are the same location, however they are spelled.
+    parent_id: FileId,
+    /// The existing directory's identity, checked again when it is replaced: `--force`
+    /// replaces only the very directory it validated.
+    existing_id: Option<FileId>,
 }
 
 impl OutputTarget {
@@ -137,16 +182,33 @@ impl OutputTarget {
     }
 
     /// The first half of [`OutputTarget::check`]: the parent must exist, the name must be
-    /// usable, and the path must be absent, an empty directory, or (with `force`) a
+    /// usable (not ending in `.` or `..`), the path must not be a symbolic link (also when
+    /// written `link/`), and it must be absent, an empty directory, or (with `force`) a
     /// non-empty directory. Does not look at what a non-empty directory holds: call
     /// [`OutputTarget::check_replaceable`] before writing anything (a caller may check
     /// other things in between, so that their errors take precedence).
     pub fn locate(path: &Path, force: bool) -> Result<OutputTarget, OutputError> {
+        use std::os::unix::ffi::OsStrExt;
+        let given = path;
+        // `out/` is `out`; but `out/.` and `out/..` are refused: `.` and `..` cannot be
+        // renamed, and what they name is not what the user sees.
+        let mut bytes = path.as_os_str().as_bytes();
+        while bytes.len() > 1 && bytes.ends_with(b"/") {
+            bytes = &bytes[..bytes.len() - 1];
+        }
+        let last = bytes.rsplit(|&b| b == b'/').next().unwrap_or(bytes);
+        if last == b"." || last == b".." {
+            return Err(OutputError::DotName {
+                path: given.to_path_buf(),
+                tail: if last == b"." { "." } else { ".." },
+            });
+        }
+        let path = Path::new(std::ffi::OsStr::from_bytes(bytes));
         let name = match path.file_name() {
             Some(n) => n.to_string_lossy().into_owned(),
             None => {
                 return Err(OutputError::BadName {
-                    path: path.to_path_buf(),
+                    path: given.to_path_buf(),
                 })
             }
         };
@@ -159,23 +221,39 @@ impl OutputTarget {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        if !parent.is_dir() {
-            return Err(if parent.exists() {
-                OutputError::ParentNotADirectory {
+        let parent_id = match fs::metadata(&parent) {
+            Ok(m) if m.is_dir() => FileId::of(&m),
+            Ok(_) => {
+                return Err(OutputError::ParentNotADirectory {
                     path: path.to_path_buf(),
                     parent,
-                }
-            } else {
-                OutputError::NoParent {
+                })
+            }
+            Err(_) if parent.symlink_metadata().is_ok() || parent.exists() => {
+                return Err(OutputError::ParentNotADirectory {
                     path: path.to_path_buf(),
                     parent,
-                }
-            });
-        }
+                })
+            }
+            Err(_) => {
+                return Err(OutputError::NoParent {
+                    path: path.to_path_buf(),
+                    parent,
+                })
+            }
+        };
+        let mut existing_id = None;
         let existing = match fs::symlink_metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Existing::Nothing,
             Err(e) => return Err(io_err(path, "stat")(e)),
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(OutputError::Symlink {
+                    path: given.to_path_buf(),
+                    link_target: fs::read_link(path).ok(),
+                })
+            }
             Ok(m) if m.is_dir() => {
+                existing_id = Some(FileId::of(&m));
                 let mut entries = fs::read_dir(path).map_err(io_err(path, "read"))?;
                 if entries.next().is_none() {
                     Existing::EmptyDir
@@ -198,16 +276,30 @@ impl OutputTarget {
             parent,
             name,
             existing,
+            parent_id,
+            existing_id,
         })
     }
 
-    /// The second half of [`OutputTarget::check`]: an existing directory is refused, even
-    /// with `--force`, when it is `/`, the home directory (`$HOME`), the current directory,
-    /// or one of their ancestors (compared after resolving symlinks); a non-empty one also
-    /// when it does not look like a model checkpoint: none of `expo.json`, `config.json`,
-    /// `model.safetensors.index.json`, a `*.safetensors.index.json` or a `*.safetensors`
-    /// file at its top level. So a mistyped `--output ~/project --force` deletes nothing.
+    /// The second half of [`OutputTarget::check`]. Expo must be able to create its
+    /// temporary directory in the parent, and to rename there. An existing directory is
+    /// refused, even with `--force`, when it is `/`, the home directory (`$HOME`), the
+    /// current directory, or one of their ancestors (compared after resolving symlinks); a
+    /// non-empty one also when it does not look like a model checkpoint: none of
+    /// `expo.json`, `config.json`, `model.safetensors.index.json`, a
+    /// `*.safetensors.index.json` or a `*.safetensors` file at its top level. So a mistyped
+    /// `--output ~/project --force` deletes nothing. A non-empty one is also refused when
+    /// its old content could not be moved aside or deleted once the new output is complete
+    /// (a read-only directory in it, a sticky parent it does not belong to): that is found
+    /// now, before the computation, not after it.
     pub fn check_replaceable(&self) -> Result<(), OutputError> {
+        if let Err(source) = access(&self.parent, libc::W_OK | libc::X_OK) {
+            return Err(OutputError::Unwritable {
+                path: self.path.clone(),
+                parent: self.parent.clone(),
+                source,
+            });
+        }
         if self.existing == Existing::Nothing {
             return Ok(());
         }
@@ -218,13 +310,122 @@ impl OutputTarget {
                 why,
             });
         }
-        if self.existing == Existing::Dir && !looks_like_checkpoint(&self.path)? {
+        if self.existing != Existing::Dir {
+            return Ok(());
+        }
+        let dir = open_dir(&self.path).map_err(io_err(&self.path, "open"))?;
+        if !looks_like_checkpoint(&dir).map_err(io_err(&self.path, "read"))? {
             return Err(OutputError::NotACheckpoint {
                 path: self.path.clone(),
             });
         }
+        let cannot = |why: String| OutputError::CannotReplace {
+            path: self.path.clone(),
+            why,
+        };
+        if let Some(why) = sticky_refusal(&self.parent, &dir) {
+            return Err(cannot(why));
+        }
+        if let Some((sub, e)) = first_undeletable(&dir, &self.path, 0) {
+            return Err(cannot(format!(
+                "{} is not writable ({e}), so its old content could not be deleted after the new output is in place; make it writable (`chmod -R u+w {}`) or remove it by hand",
+                sub.display(),
+                self.path.display()
+            )));
+        }
         Ok(())
     }
+
+    /// True when both name the same directory entry: the same name in the same parent
+    /// directory, compared by device and inode, so that `d/0.1/../out` and `d/0.2/../out`,
+    /// or parents reached through different symlinks, are the same location.
+    pub fn same_location(&self, other: &OutputTarget) -> bool {
+        self.parent_id == other.parent_id && self.name == other.name
+    }
+}
+
+/// When several outputs are written in one run (a sweep): the message for `target` naming
+/// the same location as one of `earlier`, if it does (a usage error: only one could
+/// survive).
+pub fn location_clash<'a>(
+    earlier: impl IntoIterator<Item = &'a OutputTarget>,
+    target: &OutputTarget,
+) -> Option<String> {
+    let first = earlier.into_iter().find(|o| o.same_location(target))?;
+    let resolved = fs::canonicalize(&target.parent)
+        .map(|p| p.join(&target.name))
+        .unwrap_or_else(|_| target.path.clone());
+    Some(format!(
+        "--output names the same directory twice: {} and {} are both {}; give each alpha value its own output directory",
+        first.path.display(),
+        target.path.display(),
+        resolved.display()
+    ))
+}
+
+/// `access(2)` with the effective ids: can this process `mode` (`W_OK | X_OK`…) `path`?
+fn access(path: &Path, mode: libc::c_int) -> io::Result<()> {
+    let c = cpath(path)?;
+    // SAFETY: a valid NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Why a directory in a sticky parent (such as `/tmp`) cannot be renamed by this process,
+/// if it cannot: only its owner, the parent's owner or root may.
+fn sticky_refusal(parent: &Path, dir: &File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let p = fs::metadata(parent).ok()?;
+    let d = dir.metadata().ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    (p.mode() & libc::S_ISVTX as u32 != 0 && euid != 0 && euid != d.uid() && euid != p.uid())
+        .then(|| {
+            format!(
+                "its parent {} is sticky and the directory belongs to another user, so expo could not move it aside",
+                parent.display()
+            )
+        })
+}
+
+/// The first directory in the tree of `dir` (itself included) in which this process cannot
+/// delete entries, with the reason. Links are not followed.
+fn first_undeletable(dir: &File, path: &Path, depth: usize) -> Option<(PathBuf, io::Error)> {
+    // SAFETY: a valid descriptor and a NUL-terminated path that outlive the call.
+    let rc = unsafe {
+        libc::faccessat(
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if rc != 0 {
+        return Some((path.to_path_buf(), io::Error::last_os_error()));
+    }
+    if depth >= MAX_DEPTH {
+        return None;
+    }
+    for name in dir_names(dir).ok()? {
+        let is_dir = stat_at(dir, &name, false).is_ok_and(|st| is_dir_mode(st.st_mode));
+        if !is_dir {
+            continue;
+        }
+        let sub_path = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        match open_dir_at(dir, &name) {
+            Ok(sub) => {
+                if let Some(found) = first_undeletable(&sub, &sub_path, depth + 1) {
+                    return Some(found);
+                }
+            }
+            Err(e) => return Some((sub_path, e)),
+        }
+    }
+    None
 }
 
 /// Why a resolved output directory must never be replaced, if it must not.
@@ -258,36 +459,213 @@ fn protected(out: &Path) -> Option<String> {
     None
 }
 
-/// True when `dir` holds, at its top level, a file that a model checkpoint (or an expo
-/// output) has.
-fn looks_like_checkpoint(dir: &Path) -> Result<bool, OutputError> {
-    for entry in fs::read_dir(dir).map_err(io_err(dir, "read"))? {
-        let entry = entry.map_err(io_err(dir, "read"))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let known = CHECKPOINT_FILES.contains(&name.as_ref())
-            || name.ends_with(".safetensors")
-            || name.ends_with(".safetensors.index.json");
-        if known && fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+/// True when `dir` holds, at its top level, a regular file (or a link to one) that a model
+/// checkpoint (or an expo output) has.
+fn looks_like_checkpoint(dir: &File) -> io::Result<bool> {
+    for name in dir_names(dir)? {
+        let text = String::from_utf8_lossy(name.to_bytes());
+        let known = CHECKPOINT_FILES.contains(&text.as_ref())
+            || text.ends_with(".safetensors")
+            || text.ends_with(".safetensors.index.json");
+        if known && stat_at(dir, &name, true).is_ok_and(|st| is_file_mode(st.st_mode)) {
             return Ok(true);
         }
     }
     Ok(false)
 }
 
-/// The staging directories currently in use, so that a second interrupt can remove them.
-/// [`StagingDir::commit`] holds this lock while it renames, so that the removal never
-/// races a rename into place.
-static ACTIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+// ---------------------------------------------------------------------------------------
+// Directory handles: every step below the directory first opened is relative to an open
+// descriptor and refuses links, so a path swapped during the run never leads elsewhere.
+// ---------------------------------------------------------------------------------------
 
-fn active() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+/// Deepest directory level expo walks inside an output (checkpoints are shallow).
+const MAX_DEPTH: usize = 64;
+
+fn cpath(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn is_dir_mode(mode: libc::mode_t) -> bool {
+    mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+fn is_file_mode(mode: libc::mode_t) -> bool {
+    mode & libc::S_IFMT == libc::S_IFREG
+}
+
+/// Opens a directory, refusing a symbolic link in the last component.
+fn open_dir(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Opens the directory `name` inside `dir`, refusing a symbolic link.
+fn open_dir_at(dir: &File, name: &CStr) -> io::Result<File> {
+    // SAFETY: a valid descriptor and a NUL-terminated name that outlive the call.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// `fstatat(2)` of `name` in `dir`, following a final link only when `follow`.
+fn stat_at(dir: &File, name: &CStr, follow: bool) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
+    // SAFETY: a valid descriptor, a NUL-terminated name and a buffer of the right type.
+    let rc = unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), st.as_mut_ptr(), flags) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatat succeeded, so it filled the buffer.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `unlinkat(2)`: removes `name` in `dir` (an empty directory with `AT_REMOVEDIR`).
+fn unlink_at(dir: &File, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid descriptor and a NUL-terminated name that outlive the call.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The entry names of an open directory (without `.` and `..`).
+fn dir_names(dir: &File) -> io::Result<Vec<CString>> {
+    // SAFETY: duplicating a valid descriptor; the copy is owned by the stream below.
+    let fd = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a directory descriptor we own; on success the stream owns it.
+    let stream = unsafe { libc::fdopendir(fd) };
+    if stream.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: `fd` is still ours (fdopendir failed) and closed once.
+        unsafe { libc::close(fd) };
+        return Err(e);
+    }
+    // The copy shares its offset with `dir`: start from the beginning.
+    // SAFETY: a valid stream.
+    unsafe { libc::rewinddir(stream) };
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: a valid stream; the entry stays valid until the next call on it.
+        let entry = unsafe { libc::readdir(stream) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: `d_name` is a NUL-terminated string inside the entry.
+        let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) };
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    // SAFETY: closes the stream (and its descriptor) exactly once.
+    unsafe { libc::closedir(stream) };
+    Ok(names)
+}
+
+/// Removes everything inside the open directory `dir` except the entry `keep`: files and
+/// links are unlinked (a link is never followed), subdirectories opened relative to their
+/// parent without following links and emptied the same way. Never leaves the tree, however
+/// its paths are renamed or swapped meanwhile. Goes on after an error; returns the first.
+fn remove_contents(dir: &File, keep: Option<&CStr>, depth: usize) -> io::Result<()> {
+    let mut first_error = None;
+    for name in dir_names(dir)? {
+        if Some(name.as_c_str()) == keep {
+            continue;
+        }
+        if let Err(e) = remove_entry_at(dir, &name, depth) {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn remove_entry_at(dir: &File, name: &CStr, depth: usize) -> io::Result<()> {
+    let st = match stat_at(dir, name, false) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        r => r?,
+    };
+    if !is_dir_mode(st.st_mode) {
+        return unlink_at(dir, name, 0);
+    }
+    if depth >= MAX_DEPTH {
+        return Err(io::Error::other(format!(
+            "more than {MAX_DEPTH} nested directories"
+        )));
+    }
+    // O_NOFOLLOW: a directory swapped for a link since the stat is refused, not followed.
+    let sub = open_dir_at(dir, name)?;
+    remove_contents(&sub, None, depth + 1)?;
+    unlink_at(dir, name, libc::AT_REMOVEDIR)
+}
+
+/// Removes the entry at `path` if it still is the directory `id` (an empty one, once its
+/// content is gone): a directory renamed away, or replaced by anything else, is not.
+fn remove_dir_if(path: &Path, id: FileId) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() && FileId::of(&m) == id => fs::remove_dir(path),
+        Ok(_) => Err(io::Error::other(
+            "it was moved or replaced during the run; its content was deleted",
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes an open marked directory, found at `path`: its content, the marker last (so
+/// that what a failure or a kill leaves is still recognisable), then the directory itself
+/// if `path` still names it.
+fn remove_marked_dir(dir: &File, path: &Path) -> io::Result<()> {
+    let id = FileId::of(&dir.metadata()?);
+    remove_contents(dir, Some(MARKER_C), 0)?;
+    match unlink_at(dir, MARKER_C, 0) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    remove_dir_if(path, id)
+}
+
+/// Removes the marked directory at `path` (not through a link), when it is `expected`
+/// (or whatever directory is there, when `None`).
+fn remove_marked_tree(path: &Path, expected: Option<FileId>) -> io::Result<()> {
+    let dir = open_dir(path)?;
+    if expected.is_some_and(|id| dir.metadata().is_ok_and(|m| FileId::of(&m) != id)) {
+        return Err(io::Error::other("it is not the directory expo made"));
+    }
+    remove_marked_dir(&dir, path)
+}
+
+/// [`STAGING_MARKER`] for the `*at` calls.
+const MARKER_C: &CStr = c".expo-staging";
+
+/// The staging directories currently in use, with their identities, so that a second
+/// interrupt can remove them. [`StagingDir::commit`] holds this lock while it renames, so
+/// that the removal never races a rename into place.
+static ACTIVE: Mutex<Vec<(PathBuf, FileId)>> = Mutex::new(Vec::new());
+
+fn active() -> std::sync::MutexGuard<'static, Vec<(PathBuf, FileId)>> {
     ACTIVE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Removes the active staging directories, if any (called on a forced exit).
+/// Removes the active staging directories, if any (called on a forced exit): each only if
+/// its path still names the directory expo made.
 pub fn remove_active_staging() {
-    for path in std::mem::take(&mut *active()) {
-        let _ = remove_marked_tree(&path);
+    for (path, id) in std::mem::take(&mut *active()) {
+        let _ = remove_marked_tree(&path, Some(id));
     }
 }
 
@@ -323,28 +701,52 @@ impl CommitOutcome {
     }
 }
 
+/// Longest part of the output's name that goes into a staging directory's name, so that
+/// the staging name (`.expo-tmp-` + this + `-<pid>-<random>-old`) fits every file system's
+/// name limit whatever the output's name. The whole name is in the marker.
+const STAGING_NAME_PART: usize = 48;
+
+/// The output's name as it appears in staging names: at most [`STAGING_NAME_PART`] bytes,
+/// cut at a character boundary.
+fn staging_stem(name: &str) -> &str {
+    let mut end = name.len().min(STAGING_NAME_PART);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 /// A temporary directory beside the output; removed on drop unless committed.
 #[derive(Debug)]
 pub struct StagingDir {
     path: PathBuf,
+    /// The directory's identity: only this directory is ever removed under its name.
+    id: FileId,
     /// The marker, open and `flock`ed for the life of the value: while it is held, no other
     /// run takes this directory for a dead run's.
     _lock: File,
     committed: bool,
 }
 
+/// The previous output after a `--force` swap: where it is, open, with its marker's lock.
+struct OldOutput {
+    path: PathBuf,
+    dir: File,
+    _lock: Option<File>,
+}
+
 impl StagingDir {
-    /// Creates `.expo-tmp-<name>-<pid>-<random>` in the output's parent directory, with a
-    /// locked marker file that identifies it as a live run's.
+    /// Creates `.expo-tmp-<name>-<pid>-<random>` in the output's parent directory (the
+    /// name cut to [`STAGING_NAME_PART`] bytes), with a locked marker file that identifies
+    /// it as a live run's.
     pub fn create(target: &OutputTarget) -> Result<StagingDir, OutputError> {
         let pid = std::process::id();
+        let stem = staging_stem(&target.name);
         let mut attempts = 0;
         let path = loop {
-            let path = target.parent.join(format!(
-                "{STAGING_PREFIX}{}-{pid}-{}",
-                target.name,
-                random_token()
-            ));
+            let path = target
+                .parent
+                .join(format!("{STAGING_PREFIX}{stem}-{pid}-{}", random_token()));
             match fs::create_dir(&path) {
                 Ok(()) => break path,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => attempts += 1,
@@ -357,17 +759,28 @@ impl StagingDir {
                 }
             }
         };
-        let marker = path.join(STAGING_MARKER);
-        let lock = match create_marker(&marker, MARK_STAGING, true) {
-            Ok(lock) => lock,
+        let dir = match open_dir(&path) {
+            Ok(dir) => dir,
+            Err(e) => return Err(io_err(&path, "open")(e)),
+        };
+        let made = dir.metadata().map(|m| FileId::of(&m));
+        let marked = made.map_err(io_err(&path, "stat")).and_then(|id| {
+            Ok((
+                id,
+                create_marker(&dir, &path, MARK_STAGING, &target.name, true)?,
+            ))
+        });
+        let (id, lock) = match marked {
+            Ok(v) => v,
             Err(e) => {
-                let _ = fs::remove_dir_all(&path);
+                let _ = remove_marked_dir(&dir, &path);
                 return Err(e);
             }
         };
-        active().push(path.clone());
+        active().push((path.clone(), id));
         Ok(StagingDir {
             path,
+            id,
             _lock: lock,
             committed: false,
         })
@@ -381,8 +794,16 @@ impl StagingDir {
     /// Syncs the staging directory, removes the marker and moves the directory to the
     /// output path, replacing what was there; then syncs the parent so the rename is
     /// durable. An error means the output path is as it was (see
-    /// [`OutputError::LeftAside`] for the one exception). Once the new output is in place
-    /// the result is `Ok`, with what could not be finished in the [`CommitOutcome`].
+    /// [`OutputError::LeftAside`] and [`OutputError::ChangedLeftAside`] for the
+    /// exceptions). Once the new output is in place the result is `Ok`, with what could not
+    /// be finished in the [`CommitOutcome`].
+    ///
+    /// Under `--force` the previous output is replaced only if it still is the very
+    /// directory [`OutputTarget::locate`] validated (same device and inode, not a link) and
+    /// still looks like a checkpoint, checked on what was actually moved aside; otherwise
+    /// it is put back untouched and the commit fails with [`OutputError::Changed`]. It is
+    /// then deleted through directory handles, never following a link and never leaving
+    /// its tree.
     pub fn commit(mut self, target: &OutputTarget) -> Result<CommitOutcome, OutputError> {
         sync_tree(&self.path)?;
         let marker = self.path.join(STAGING_MARKER);
@@ -394,11 +815,12 @@ impl StagingDir {
         let old = match target.existing {
             Existing::Nothing | Existing::EmptyDir => {
                 let mut active = active();
-                // rename(2) replaces an empty directory atomically.
+                // rename(2) replaces an empty directory atomically; it fails on anything
+                // else (a non-empty directory, a file, a link) that appeared meanwhile.
                 fs::rename(&self.path, &target.path)
                     .map_err(io_err(&target.path, "rename into place"))?;
                 self.committed = true;
-                active.retain(|p| p != &self.path);
+                active.retain(|(p, _)| p != &self.path);
                 None
             }
             Existing::Dir => Some(self.swap(target)?),
@@ -406,62 +828,124 @@ impl StagingDir {
         if let Err(OutputError::Io { path, source, .. }) = sync_dir(&target.parent) {
             outcome.unsynced = Some((path, source));
         }
-        if let Some((old, lock)) = old {
+        if let Some(old) = old {
+            crate::failpoint::pause("output-remove-old");
             // The marker goes last, so that what a failure or a kill leaves is still marked.
-            if let Err(e) = remove_marked_tree(&old) {
-                outcome.leftover = Some((old, e));
+            if let Err(e) = remove_marked_dir(&old.dir, &old.path) {
+                outcome.leftover = Some((old.path, e));
             }
-            drop(lock);
         }
         Ok(outcome)
     }
 
     /// Puts the staging directory at the output path in place of the previous output (a
-    /// non-empty directory). Returns where the previous output now is, marked `expo-old`,
-    /// with its locked marker, for deletion.
+    /// non-empty directory). Returns the previous output, moved aside, open, marked
+    /// `expo-old`, with its locked marker, for deletion.
     ///
-    /// The previous output is marked first (a locked `.expo-staging` written into it). With
+    /// The previous output is opened (not through a link) and checked: the directory
+    /// validated at the start, still looking like a checkpoint. It is marked (a locked
+    /// `.expo-staging` written into it through its handle). With
     /// `renameat2(RENAME_EXCHANGE)` the two directories then swap atomically: the old
     /// output moves to the staging name, a kill at any point leaves either the old output
     /// in place (with the marker file, which is harmless there) or the new one, and a
-    /// marked old tree that the next run removes.
+    /// marked old tree that the next run removes. What was moved aside is checked again
+    /// (`lstat`: the same device and inode; still a checkpoint): if another directory or a
+    /// link was swapped in at the output path meanwhile, it is swapped back, untouched.
     ///
     /// Without it (not Linux, or a file system that cannot exchange): (1) the old output
-    /// is renamed aside to `<staging name>-old`, marked `expo-aside`; (2) the staging
-    /// directory is renamed into place; (3) the marker becomes `expo-old`. If (2) fails,
-    /// the old output is renamed back. A kill between (1) and (3) leaves the output path
-    /// absent and the `expo-aside` directory, which no run removes: the next run reports it
-    /// and where it belongs (see [`clean_stale_staging`]). After (3) it is removed like an
-    /// exchanged old tree.
-    fn swap(&mut self, target: &OutputTarget) -> Result<(PathBuf, Option<File>), OutputError> {
-        let old_marker = target.path.join(STAGING_MARKER);
+    /// is renamed aside to `<staging name>-old`, marked `expo-aside`, and checked the same
+    /// way (renamed back if it is not the validated directory); (2) the staging directory
+    /// is renamed into place; (3) the marker becomes `expo-old`. If (2) fails, the old
+    /// output is renamed back. A kill between (1) and (3) leaves the output path absent and
+    /// the `expo-aside` directory, which no run removes: the next run reports it and where
+    /// it belongs (see [`clean_stale_staging`]). After (3) it is removed like an exchanged
+    /// old tree.
+    fn swap(&mut self, target: &OutputTarget) -> Result<OldOutput, OutputError> {
+        let changed = || OutputError::Changed {
+            path: target.path.clone(),
+        };
+        let dir = match open_dir(&target.path) {
+            Ok(dir) => dir,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ELOOP | libc::ENOTDIR | libc::ENOENT)
+                ) =>
+            {
+                return Err(changed())
+            }
+            Err(e) => return Err(io_err(&target.path, "open")(e)),
+        };
+        let expected = target.existing_id;
+        let validated = |d: &File| {
+            d.metadata().is_ok_and(|m| Some(FileId::of(&m)) == expected)
+                && looks_like_checkpoint(d).unwrap_or(false)
+        };
+        if !validated(&dir) {
+            return Err(changed());
+        }
         // If the old output cannot be marked (say it has a directory of that name), it is
         // still replaced; only a kill during its deletion then leaves it for good.
-        let lock = create_marker(&old_marker, MARK_OLD, false).ok();
-        let unmark = |dir: &Path| {
+        let lock = create_marker(&dir, &target.path, MARK_OLD, &target.name, false).ok();
+        let unmark = || {
             if lock.is_some() {
-                let _ = fs::remove_file(dir.join(STAGING_MARKER));
+                let _ = unlink_at(&dir, MARKER_C, 0);
             }
         };
+        // What is at `at` now: the directory opened above, still a checkpoint?
+        let is_old = |at: &Path| {
+            fs::symlink_metadata(at).is_ok_and(|m| m.is_dir() && Some(FileId::of(&m)) == expected)
+                && validated(&dir)
+        };
+        crate::failpoint::pause("output-exchange");
         let mut active = active();
         let old = if exchange_enabled() && exchange(&self.path, &target.path).is_ok() {
+            if !is_old(&self.path) {
+                // Not what was validated: swap it back, untouched.
+                let back = exchange(&self.path, &target.path);
+                drop(active);
+                unmark();
+                if back.is_err() {
+                    // The new output is in place and the stranger at the staging name:
+                    // neither is ever removed.
+                    self.committed = true;
+                    return Err(OutputError::ChangedLeftAside {
+                        path: target.path.clone(),
+                        aside: self.path.clone(),
+                    });
+                }
+                return Err(changed());
+            }
             self.path.clone()
         } else {
             let aside = PathBuf::from(format!("{}{ASIDE_SUFFIX}", self.path.display()));
             if let Some(f) = &lock {
-                let _ = rewrite_marker(f, MARK_ASIDE);
+                let _ = rewrite_marker(f, MARK_ASIDE, &target.name);
             }
             if let Err(e) = fs::rename(&target.path, &aside) {
                 drop(active);
-                unmark(&target.path);
+                unmark();
                 return Err(io_err(&target.path, "move the previous output aside")(e));
+            }
+            if !is_old(&aside) {
+                let back = fs::rename(&aside, &target.path);
+                drop(active);
+                unmark();
+                return match back {
+                    Ok(()) => Err(changed()),
+                    Err(source) => Err(OutputError::LeftAside {
+                        path: target.path.clone(),
+                        aside,
+                        source,
+                    }),
+                };
             }
             if let Err(e) = fs::rename(&self.path, &target.path) {
                 let back = fs::rename(&aside, &target.path);
                 drop(active);
                 return match back {
                     Ok(()) => {
-                        unmark(&target.path);
+                        unmark();
                         Err(io_err(&target.path, "rename into place")(e))
                     }
                     Err(_) => Err(OutputError::LeftAside {
@@ -472,13 +956,17 @@ impl StagingDir {
                 };
             }
             if let Some(f) = &lock {
-                let _ = rewrite_marker(f, MARK_OLD);
+                let _ = rewrite_marker(f, MARK_OLD, &target.name);
             }
             aside
         };
         self.committed = true;
-        active.retain(|p| p != &self.path);
-        Ok((old, lock))
+        active.retain(|(p, _)| p != &self.path);
+        Ok(OldOutput {
+            path: old,
+            dir,
+            _lock: lock,
+        })
     }
 }
 
@@ -486,8 +974,8 @@ impl Drop for StagingDir {
     fn drop(&mut self) {
         if !self.committed {
             let mut active = active();
-            let _ = remove_marked_tree(&self.path);
-            active.retain(|p| p != &self.path);
+            let _ = remove_marked_tree(&self.path, Some(self.id));
+            active.retain(|(p, _)| p != &self.path);
         }
     }
 }
@@ -530,30 +1018,45 @@ fn random_token() -> String {
     format!("{:016x}", h.finish())
 }
 
-/// Creates (or, unless `new`, truncates) a marker file, locks it, and writes `kind` and
-/// the pid into it. The content is written only once the lock is held: a marker that a
-/// cleaner can lock but finds empty belongs to a run in the middle of creating it.
-fn create_marker(path: &Path, kind: &str, new: bool) -> Result<File, OutputError> {
-    let mut opts = OpenOptions::new();
-    opts.read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-    if new {
-        opts.create_new(true);
-    } else {
-        opts.create(true).truncate(true);
+/// Creates (or, unless `new`, truncates) the marker file in the open directory `dir`
+/// (found at `dir_path`, for messages), locks it, and writes `kind`, the pid and the
+/// output's name into it. The content is written only once the lock is held: a marker
+/// that a cleaner can lock but finds empty belongs to a run in the middle of creating it.
+fn create_marker(
+    dir: &File,
+    dir_path: &Path,
+    kind: &str,
+    name: &str,
+    new: bool,
+) -> Result<File, OutputError> {
+    let path = dir_path.join(STAGING_MARKER);
+    let mut flags = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_CREAT;
+    flags |= if new { libc::O_EXCL } else { libc::O_TRUNC };
+    // SAFETY: a valid descriptor and a NUL-terminated name; the mode is an integer.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            MARKER_C.as_ptr(),
+            flags,
+            0o644 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io_err(&path, "create")(io::Error::last_os_error()));
     }
-    let file = opts.open(path).map_err(io_err(path, "create"))?;
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     lock_exclusive(&file);
-    rewrite_marker(&file, kind).map_err(io_err(path, "write"))?;
+    rewrite_marker(&file, kind, name).map_err(io_err(&path, "write"))?;
     Ok(file)
 }
 
-/// Replaces a marker's content with `kind` and the pid, and syncs it.
-fn rewrite_marker(mut file: &File, kind: &str) -> io::Result<()> {
+/// Replaces a marker's content with `<kind> <pid>` and, on the second line, the output's
+/// name (staging names hold only its first [`STAGING_NAME_PART`] bytes), and syncs it.
+fn rewrite_marker(mut file: &File, kind: &str, name: &str) -> io::Result<()> {
     file.set_len(0)?;
     file.rewind()?;
-    file.write_all(format!("{kind} {}\n", std::process::id()).as_bytes())?;
+    file.write_all(format!("{kind} {}\n{name}\n", std::process::id()).as_bytes())?;
     file.sync_data()
 }
 
@@ -576,34 +1079,6 @@ fn try_lock(file: &File) -> bool {
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
-/// Removes a directory tree, its marker last, so that what a failure or a kill leaves
-/// is still recognisable. Links are removed, never followed.
-fn remove_marked_tree(dir: &Path) -> io::Result<()> {
-    let remove = |path: &Path| -> io::Result<()> {
-        match fs::symlink_metadata(path) {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-            Ok(_) => fs::remove_file(path),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        }
-    };
-    let mut first_error = None;
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_name() == STAGING_MARKER {
-            continue;
-        }
-        if let Err(e) = remove(&entry.path()) {
-            first_error.get_or_insert(e);
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(e);
-    }
-    remove(&dir.join(STAGING_MARKER))?;
-    fs::remove_dir(dir)
-}
-
 /// What [`clean_stale_staging`] did and found.
 #[derive(Debug, Default)]
 pub struct StaleCleanup {
@@ -614,11 +1089,47 @@ pub struct StaleCleanup {
     /// new output in place: (where it is, the output path it belongs at). Never removed;
     /// the user should move it back.
     pub moved_aside: Vec<(PathBuf, PathBuf)>,
+    /// Stale directories that could not be (completely) removed, and why: named every time,
+    /// so that a large leftover is never silently kept.
+    pub failed: Vec<(PathBuf, io::Error)>,
 }
+
+impl StaleCleanup {
+    /// One line per directory, for `warning: …`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w: Vec<String> = self
+            .removed
+            .iter()
+            .map(|p| {
+                format!(
+                    "removed {}, left behind by an expo run that was killed",
+                    p.display()
+                )
+            })
+            .collect();
+        for (aside, home) in &self.moved_aside {
+            w.push(format!(
+                "{} is the previous content of {}, moved aside by an expo --force run that was killed; move it back by hand",
+                aside.display(),
+                home.display()
+            ));
+        }
+        for (path, e) in &self.failed {
+            w.push(format!(
+                "{} was left behind by an expo run that was killed, and cannot be removed ({e}); remove it by hand",
+                path.display()
+            ));
+        }
+        w
+    }
+}
+
+/// Most bytes of a marker that are read (its content is untrusted).
+const MARKER_CAP: u64 = 4096;
 
 /// Removes the stale directories of killed runs in `parent` (see the module
 /// documentation), and lists the previous outputs that a killed `--force` run left moved
-/// aside.
+/// aside, and the stale directories that could not be removed.
 pub fn clean_stale_staging(parent: &Path) -> StaleCleanup {
     let mut found = StaleCleanup::default();
     let Ok(entries) = fs::read_dir(parent) else {
@@ -631,25 +1142,41 @@ pub fn clean_stale_staging(parent: &Path) -> StaleCleanup {
         };
         let path = entry.path();
         // Never follow a link, never touch a directory without our marker.
-        if !fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+        let Ok(dir) = open_dir(&path) else {
             continue;
-        }
-        let Some(mut marker) = open_marker(&path.join(STAGING_MARKER)) else {
+        };
+        let Some(marker) = open_marker(&dir) else {
             continue;
         };
         // Held by a live run (or flock unsupported): not stale.
         if !try_lock(&marker) {
             continue;
         }
-        let mut content = String::new();
-        if marker.read_to_string(&mut content).is_err() {
+        let mut content = Vec::new();
+        if (&marker)
+            .take(MARKER_CAP)
+            .read_to_end(&mut content)
+            .is_err()
+        {
             continue;
         }
-        let kind = content.split_whitespace().next().unwrap_or("");
+        let content = String::from_utf8_lossy(&content);
+        let mut lines = content.splitn(2, '\n');
+        let kind = lines
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("");
+        let marked_name = lines.next().map(|n| n.strip_suffix('\n').unwrap_or(n));
         let stale = match kind {
             MARK_STAGING | MARK_OLD => true,
             MARK_ASIDE => {
-                if let Some(home) = aside_home(parent, rest) {
+                let home = match marked_name.filter(|n| !n.is_empty() && !n.contains('/')) {
+                    Some(n) => Some(parent.join(n)),
+                    None => aside_home(parent, rest),
+                };
+                if let Some(home) = home {
                     found.moved_aside.push((path.clone(), home));
                 }
                 false
@@ -658,20 +1185,32 @@ pub fn clean_stale_staging(parent: &Path) -> StaleCleanup {
             "" => false,
             legacy => legacy_stale(rest, legacy),
         };
-        if stale && remove_marked_tree(&path).is_ok() {
-            found.removed.push(path);
+        if stale {
+            match remove_marked_dir(&dir, &path) {
+                Ok(()) => found.removed.push(path),
+                Err(e) => found.failed.push((path, e)),
+            }
         }
     }
     found
 }
 
-/// Opens a marker for locking and reading: a regular file, not through a link.
-fn open_marker(path: &Path) -> Option<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
+/// Opens the marker in `dir` for locking and reading: a regular file, not through a link,
+/// without blocking (a FIFO planted there is not waited on).
+fn open_marker(dir: &File) -> Option<File> {
+    // SAFETY: a valid descriptor and a NUL-terminated name that outlive the call.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            MARKER_C.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     file.metadata().ok()?.is_file().then_some(file)
 }
 

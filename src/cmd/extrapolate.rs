@@ -228,6 +228,9 @@ fn plan_outputs(
             .into());
         }
         let target = OutputTarget::locate(&path, args.force)?;
+        if let Some(clash) = output::location_clash(outputs.iter().map(|o| &o.target), &target) {
+            return Err(UsageError(clash).into());
+        }
         // An overlap with an input is a usage error (2), reported before the refusal to
         // replace a directory that is not a checkpoint (1).
         check_paths(&target, inputs)?;
@@ -369,19 +372,8 @@ fn warn_about_inputs(reporter: &Reporter, alphas: &[f64], inputs: &[Input; 2]) {
 /// Tidies what killed runs left beside each output, saying what was found.
 fn clean_stale_staging(outputs: &[Output], reporter: &Reporter) {
     for o in outputs {
-        let found = output::clean_stale_staging(&o.target.parent);
-        for stale in found.removed {
-            reporter.warn(format!(
-                "removed {}, left behind by an expo run that was killed",
-                stale.display()
-            ));
-        }
-        for (aside, home) in found.moved_aside {
-            reporter.warn(format!(
-                "{} is the previous content of {}, moved aside by an expo --force run that was killed; move it back by hand",
-                aside.display(),
-                home.display()
-            ));
+        for w in output::clean_stale_staging(&o.target.parent).warnings() {
+            reporter.warn(w);
         }
     }
 }
