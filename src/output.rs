@@ -1337,7 +1337,11 @@ mod tests {
         marked(&creating, "");
         let linked = p.join(format!("{STAGING_PREFIX}l-1-0000000000000002"));
         fs::create_dir(&linked).unwrap();
-        std::os::unix::fs::symlink(dead.join(STAGING_MARKER), linked.join(STAGING_MARKER)).unwrap();
+        // The link points at a stale-looking marker that is never removed, so that
+        // following it would make `linked` look stale whatever the order of the walk.
+        let real_marker = p.join("real-marker");
+        fs::write(&real_marker, "expo-staging 1\n").unwrap();
+        std::os::unix::fs::symlink(&real_marker, linked.join(STAGING_MARKER)).unwrap();
         let dir_marker = p.join(format!("{STAGING_PREFIX}d-1-0000000000000003"));
         fs::create_dir_all(dir_marker.join(STAGING_MARKER)).unwrap();
         let odd = p.join(format!("{STAGING_PREFIX}o-1-0000000000000004"));
@@ -1588,5 +1592,215 @@ mod tests {
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         assert_eq!(clean_stale_staging(dir.path()).removed, vec![left]);
         assert_eq!(names(dir.path()), ["out"]);
+    }
+
+    /// Entries of the process-wide list of active staging directories under `dir`.
+    fn active_under(dir: &Path) -> Vec<PathBuf> {
+        active()
+            .iter()
+            .filter(|(p, _)| p.starts_with(dir))
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    #[test]
+    fn after_a_force_replace_the_other_staging_directory_stays_active() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
+        fs::write(out.join("config.json"), "{}").unwrap();
+        let t = target(dir.path(), "out", true);
+        let other_t = target(dir.path(), "other", false);
+        let a = StagingDir::create(&t).unwrap();
+        let b = StagingDir::create(&other_t).unwrap();
+        let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
+        let mut both = active_under(dir.path());
+        both.sort();
+        let mut want = vec![pa.clone(), pb.clone()];
+        want.sort();
+        assert_eq!(both, want);
+        fs::write(a.path().join("model.safetensors"), "new").unwrap();
+        a.commit(&t).unwrap();
+        // The committed one is gone from the list (its name now held the old output, which
+        // is deleted); the other one is still there, so a second Ctrl-C removes it.
+        assert_eq!(active_under(dir.path()), vec![pb.clone()]);
+        assert!(pb.is_dir() && !pa.exists());
+        drop(b);
+        assert!(active_under(dir.path()).is_empty());
+        assert_eq!(names(dir.path()), ["out"]);
+    }
+
+    #[test]
+    fn output_paths_ending_in_dots_or_naming_links_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let ck = p.join("ck");
+        fs::create_dir(&ck).unwrap();
+        fs::write(ck.join("config.json"), "{}").unwrap();
+        for (given, tail) in [
+            (p.join("ck/."), "."),
+            (p.join("ck/./"), "."),
+            (p.join("ck/.."), ".."),
+            (p.join("new/.."), ".."),
+            (PathBuf::from("."), "."),
+            (PathBuf::from(".."), ".."),
+        ] {
+            let err = OutputTarget::locate(&given, true).unwrap_err();
+            assert!(
+                matches!(err, OutputError::DotName { tail: t, .. } if t == tail),
+                "{}: {err}",
+                given.display()
+            );
+        }
+        // A trailing slash names the directory itself.
+        let t = OutputTarget::check(&p.join("ck//"), true).unwrap();
+        assert_eq!((t.path.as_path(), t.name.as_str()), (ck.as_path(), "ck"));
+        assert_eq!(t.existing, Existing::Dir);
+        // A link, with or without a trailing slash, with or without --force.
+        let link = p.join("link");
+        std::os::unix::fs::symlink(&ck, &link).unwrap();
+        for given in [link.clone(), p.join("link/")] {
+            for force in [false, true] {
+                let err = OutputTarget::locate(&given, force).unwrap_err();
+                let msg = err.to_string();
+                assert!(
+                    matches!(err, OutputError::Symlink { .. })
+                        && msg.contains("symbolic link")
+                        && msg.contains(&*ck.to_string_lossy()),
+                    "{msg}"
+                );
+            }
+        }
+        assert!(ck.join("config.json").is_file());
+    }
+
+    #[test]
+    fn outputs_are_compared_by_resolved_location() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        fs::create_dir_all(p.join("d/0.1")).unwrap();
+        fs::create_dir_all(p.join("d/0.2")).unwrap();
+        std::os::unix::fs::symlink(p.join("d"), p.join("alias")).unwrap();
+        let a = target(p, "d/0.1/../out", false);
+        let b = target(p, "d/0.2/../out", false);
+        let c = target(p, "alias/out", false);
+        let d = target(p, "d/out2", false);
+        assert!(a.same_location(&b) && a.same_location(&c) && !a.same_location(&d));
+        let msg = location_clash([&d, &a], &b).unwrap();
+        assert!(
+            msg.contains(&*a.path.to_string_lossy())
+                && msg.contains(&*b.path.to_string_lossy())
+                && msg.contains("same directory"),
+            "{msg}"
+        );
+        assert_eq!(location_clash([&d], &a), None);
+    }
+
+    #[test]
+    fn deleting_the_old_output_unlinks_links_and_never_follows_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let victim = p.join("victim");
+        fs::create_dir_all(victim.join("deep")).unwrap();
+        fs::write(victim.join("deep/data"), "precious").unwrap();
+        fs::write(p.join("file"), "precious").unwrap();
+        let out = p.join("out");
+        fs::create_dir_all(out.join("sub")).unwrap();
+        fs::write(out.join("model.safetensors"), "old").unwrap();
+        std::os::unix::fs::symlink(&victim, out.join("dirlink")).unwrap();
+        std::os::unix::fs::symlink(&victim, out.join("sub/dirlink")).unwrap();
+        std::os::unix::fs::symlink(p.join("file"), out.join("filelink")).unwrap();
+        let t = target(p, "out", true);
+        let s = StagingDir::create(&t).unwrap();
+        fs::write(s.path().join("model.safetensors"), "new").unwrap();
+        let outcome = s.commit(&t).unwrap();
+        assert!(outcome.leftover.is_none(), "{outcome:?}");
+        assert_eq!(names(&out), ["model.safetensors"]);
+        assert_eq!(fs::read(victim.join("deep/data")).unwrap(), b"precious");
+        assert_eq!(fs::read(p.join("file")).unwrap(), b"precious");
+        assert_eq!(names(p), ["file", "out", "victim"]);
+    }
+
+    #[test]
+    fn a_directory_that_is_no_longer_the_one_made_is_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let t = target(p, "out", false);
+        let s = StagingDir::create(&t).unwrap();
+        let staging = s.path().to_path_buf();
+        // Someone moves the staging directory away and puts another one in its place.
+        fs::rename(&staging, p.join("moved")).unwrap();
+        marked(&staging, "expo-staging 1\n");
+        drop(s);
+        assert!(staging.join("model.safetensors").is_file());
+        assert!(p.join("moved").is_dir());
+        assert!(active_under(p).is_empty());
+    }
+
+    #[test]
+    fn long_output_names_get_short_staging_names_and_keep_their_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        // The longest name most file systems allow, with multi-byte characters at the cut.
+        let name = format!("{}{}", "é".repeat(20), "n".repeat(255 - 40));
+        assert_eq!(name.len(), 255);
+        let t = target(p, &name, false);
+        let s = StagingDir::create(&t).unwrap();
+        let staging = s.path().file_name().unwrap().to_string_lossy().into_owned();
+        assert!(staging.starts_with(&format!("{STAGING_PREFIX}{}", "é".repeat(20))));
+        assert!(staging.len() + ASIDE_SUFFIX.len() <= 255 - 100, "{staging}");
+        let marker = fs::read_to_string(s.path().join(STAGING_MARKER)).unwrap();
+        assert_eq!(
+            marker,
+            format!("expo-staging {}\n{name}\n", std::process::id())
+        );
+        drop(s);
+        // A previous output moved aside under a cut name is reported under its whole name.
+        let aside = p.join(format!(
+            "{STAGING_PREFIX}{}-7-0123456789abcdef{ASIDE_SUFFIX}",
+            staging_stem(&name)
+        ));
+        marked(&aside, &format!("expo-aside 7\n{name}\n"));
+        let found = clean_stale_staging(p);
+        assert_eq!(found.moved_aside, vec![(aside, p.join(&name))]);
+    }
+
+    #[test]
+    fn a_stale_directory_that_cannot_be_removed_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let stale = p.join(format!("{STAGING_PREFIX}out-1-0123456789abcdef"));
+        marked(&stale, "expo-staging 1\n");
+        // Too deep to remove.
+        let mut deep = stale.clone();
+        for _ in 0..=MAX_DEPTH {
+            deep.push("d");
+        }
+        fs::create_dir_all(&deep).unwrap();
+        let found = clean_stale_staging(p);
+        assert!(found.removed.is_empty());
+        assert_eq!(found.failed.len(), 1);
+        let w = found.warnings();
+        assert!(
+            w[0].contains(&*stale.to_string_lossy()) && w[0].contains("remove it by hand"),
+            "{w:?}"
+        );
+        assert!(stale.join(STAGING_MARKER).is_file());
+    }
+
+    #[test]
+    fn io_causes_are_chained_not_repeated() {
+        let e = io_err(Path::new("/x"), "rename into place")(io::Error::from_raw_os_error(
+            libc::EACCES,
+        ));
+        let shown = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(shown.matches("Permission denied").count(), 1, "{shown}");
+        let e = OutputError::Unwritable {
+            path: "/p/out".into(),
+            parent: "/p".into(),
+            source: io::Error::from_raw_os_error(libc::EROFS),
+        };
+        let shown = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(shown.matches("Read-only file system").count(), 1, "{shown}");
     }
 }

@@ -548,34 +548,26 @@ fn an_unwritable_output_directory_is_an_error_and_leaves_nothing() {
     fs::create_dir(&locked).unwrap();
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o555)).unwrap();
     let out = locked.join("result");
-    let mut cmd = expo_command(&extrapolate_args(&s.path("sft"), &s.path("aligned"), &out));
-    // Root ignores permission bits; drop the capabilities that let it (for this child
-    // only), so the 0555 directory is read-only for expo as it would be for a user.
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::geteuid() == 0 {
-                for cap in [1, 2, 3] {
-                    // CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
-                    if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-            }
-            Ok(())
-        });
+    // Root ignores permission bits: the capabilities that let it are dropped for the
+    // child, so the 0555 directory is read-only for expo as it would be for a user. Found
+    // before the computation, so `--dry-run` reports it too; the cause is printed once.
+    let args = extrapolate_args(&s.path("sft"), &s.path("aligned"), &out);
+    let mut dry = args.clone();
+    dry.push("--dry-run".into());
+    for args in [args, dry] {
+        let (status, stderr) = run_without_dac_override(&args);
+        assert_eq!(status.code(), Some(1), "{status}\n{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "cannot create expo's temporary directory in {}",
+                locked.display()
+            )),
+            "{stderr}"
+        );
+        assert_eq!(stderr.matches("Permission denied").count(), 1, "{stderr}");
+        assert_eq!(list_dir(&locked), Vec::<String>::new());
     }
-    let (status, stderr) = finish(cmd.spawn().expect("dropping capabilities for the child"));
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
-    assert_eq!(status.code(), Some(1), "{status}\n{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "cannot create expo's temporary directory in {}",
-            locked.display()
-        )) && stderr.contains("Permission denied"),
-        "{stderr}"
-    );
-    assert_eq!(list_dir(&locked), Vec::<String>::new());
 
     // A parent that is a regular file.
     let file = s.path("plain-file");
@@ -782,4 +774,240 @@ fn a_guarded_map_survives_truncation_and_reports_it() {
         err.contains(&format!("{} was truncated", file.display())),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Paths swapped during a --force run (made deterministic with the test-only failpoints)
+// ---------------------------------------------------------------------------------------
+
+/// Lets a paused run go on when dropped, also when the test's action panicked.
+struct Resume(PathBuf);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = fs::write(&self.0, b"");
+    }
+}
+
+/// Runs `run` (an `expo` invocation, finished with `check`: `assert_ok`/`assert_fails`) on
+/// another thread with the failpoint `point` armed. When expo reaches it (and waits), calls
+/// `act`, then lets expo go on; returns what `check` returned.
+fn race<T: Send + 'static>(
+    s: &Scratch,
+    point: &str,
+    run: common::Expo,
+    check: impl FnOnce(common::Expo) -> T + Send + 'static,
+    act: impl FnOnce(),
+) -> T {
+    let dir = s.path("failpoints");
+    fs::create_dir_all(&dir).unwrap();
+    for end in ["reached", "continue"] {
+        let _ = fs::remove_file(dir.join(format!("{point}.{end}")));
+    }
+    let run = run
+        .env("EXPO_FAILPOINT", point)
+        .env("EXPO_FAILPOINT_DIR", &dir);
+    let handle = std::thread::spawn(move || check(run));
+    let reached = dir.join(format!("{point}.reached"));
+    let started = Instant::now();
+    while !reached.exists() {
+        if handle.is_finished() {
+            match handle.join() {
+                Ok(_) => panic!("expo finished without reaching the failpoint {point}"),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "expo did not reach the failpoint {point}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    {
+        let _resume = Resume(dir.join(format!("{point}.continue")));
+        act();
+    }
+    match handle.join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+/// The staging-named entries in `dir`.
+fn staging_entries(dir: &Path) -> Vec<PathBuf> {
+    list_dir(dir)
+        .into_iter()
+        .filter(|n| n.starts_with(".expo-tmp-"))
+        .map(|n| dir.join(n))
+        .collect()
+}
+
+/// Someone's data that a link may be made to point at (it looks like a checkpoint).
+fn victim(s: &Scratch) -> (PathBuf, Vec<(String, Vec<u8>)>) {
+    let v = s.path("victim");
+    fs::create_dir_all(v.join("deep")).unwrap();
+    fs::write(v.join("config.json"), b"{}").unwrap();
+    fs::write(v.join("deep/data.bin"), b"precious").unwrap();
+    let snap = snapshot(&v);
+    (v, snap)
+}
+
+#[test]
+fn force_never_deletes_through_a_link_swapped_in_before_the_exchange() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let out = s.out("result");
+    let before = previous_output(&out);
+    let (victim, victim_files) = victim(&s);
+    let real = s.path("result-real");
+    let needle = format!("--output {} changed while expo ran", out.display());
+    race(
+        &s,
+        "output-exchange",
+        extrapolate(&s.path("sft"), &s.path("aligned"), "0.5", &out).arg("--force"),
+        move |e| e.assert_fails(1, &[needle.as_str(), "untouched"]),
+        || {
+            fs::rename(&out, &real).unwrap();
+            symlink(&victim, &out).unwrap();
+        },
+    );
+    assert_eq!(snapshot(&victim), victim_files);
+    assert_eq!(fs::read_link(&out).unwrap(), victim);
+    // The validated directory, moved away by the test, is as it was (unmarked again).
+    assert_eq!(snapshot(&real), before);
+    assert_eq!(list_dir(&s.outputs()), ["result"]);
+}
+
+#[test]
+fn force_never_deletes_through_a_link_swapped_in_for_the_moved_aside_output() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let out = s.out("result");
+    previous_output(&out);
+    let (victim, victim_files) = victim(&s);
+    let moved = s.path("moved-old");
+    let outputs = s.outputs();
+    let swapped = std::cell::RefCell::new(PathBuf::new());
+    let done = race(
+        &s,
+        "output-remove-old",
+        extrapolate(&s.path("sft"), &s.path("aligned"), "0.5", &out).arg("--force"),
+        |e| e.assert_ok(),
+        || {
+            // The previous output, moved aside under the temporary name, is replaced by
+            // a link to someone else's data before expo deletes it.
+            let aside = staging_entries(&outputs);
+            assert_eq!(aside.len(), 1, "{aside:?}");
+            fs::rename(&aside[0], &moved).unwrap();
+            symlink(&victim, &aside[0]).unwrap();
+            *swapped.borrow_mut() = aside[0].clone();
+        },
+    );
+    assert_eq!(snapshot(&victim), victim_files);
+    let link = swapped.into_inner();
+    assert_eq!(fs::read_link(&link).unwrap(), victim);
+    // What was deleted is the previous output itself, through its handle, wherever it went.
+    assert_eq!(list_tree(&moved), Vec::<String>::new());
+    assert!(out.join("model.safetensors").is_file() && !out.join("sub").exists());
+    assert!(
+        done.stderr.contains("moved or replaced during the run"),
+        "{}",
+        done.stderr
+    );
+}
+
+#[test]
+fn force_does_not_delete_a_directory_that_replaced_the_checkpoint_during_the_run() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let out = s.out("result");
+    let before = previous_output(&out);
+    let old = s.path("result-old");
+    let out2 = out.clone();
+    race(
+        &s,
+        "output-exchange",
+        extrapolate(&s.path("sft"), &s.path("aligned"), "0.5", &out).arg("--force"),
+        |e| e.assert_fails(1, &["changed while expo ran"]),
+        || {
+            fs::rename(&out2, &old).unwrap();
+            fs::create_dir_all(out2.join("src")).unwrap();
+            fs::write(out2.join("Cargo.toml"), "[package]\n").unwrap();
+            fs::write(out2.join("src/main.rs"), "fn main() {}\n").unwrap();
+        },
+    );
+    assert_eq!(list_tree(&out), ["Cargo.toml", "src/main.rs"]);
+    assert_eq!(snapshot(&old), before);
+    assert_eq!(list_dir(&s.outputs()), ["result"]);
+
+    // The same directory, emptied of its checkpoint and filled with other work: what is
+    // moved aside must still look like a checkpoint.
+    fs::remove_dir_all(&out).unwrap();
+    previous_output(&out);
+    let out2 = out.clone();
+    race(
+        &s,
+        "output-exchange",
+        extrapolate(&s.path("sft"), &s.path("aligned"), "0.5", &out).arg("--force"),
+        |e| e.assert_fails(1, &["changed while expo ran"]),
+        || {
+            fs::remove_file(out2.join("model.safetensors")).unwrap();
+            fs::write(out2.join("thesis.tex"), "chapter 1").unwrap();
+        },
+    );
+    assert_eq!(list_tree(&out), ["sub/notes.txt", "thesis.tex"]);
+    assert_eq!(list_dir(&s.outputs()), ["result"]);
+}
+
+/// Runs expo as a user for whom permission bits count: as root, the capabilities that
+/// bypass them are dropped for the child only. Returns its status and stderr.
+fn run_without_dac_override(args: &[std::ffi::OsString]) -> (ExitStatus, String) {
+    let mut cmd = expo_command(args);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::geteuid() == 0 {
+                for cap in [1, 2, 3] {
+                    // CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+                    if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+    finish(cmd.spawn().expect("dropping capabilities for the child"))
+}
+
+#[test]
+fn a_previous_output_that_could_not_be_deleted_is_refused_before_the_run() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let out = s.out("result");
+    let before = previous_output(&out);
+    // A read-only directory inside (as a copy from a read-only cache leaves): after the
+    // swap its files could not be deleted, and a hidden multi-GB leftover would remain.
+    let sub = out.join("sub");
+    fs::set_permissions(&sub, fs::Permissions::from_mode(0o555)).unwrap();
+    for dry_run in [true, false] {
+        let mut args = extrapolate_args(&s.path("sft"), &s.path("aligned"), &out);
+        args.push("--force".into());
+        if dry_run {
+            args.push("--dry-run".into());
+        }
+        let (status, stderr) = run_without_dac_override(&args);
+        assert_eq!(status.code(), Some(1), "{status}\n{stderr}");
+        for needle in [
+            format!("--output {} cannot be replaced", out.display()),
+            format!("{} is not writable", sub.display()),
+            "chmod -R u+w".to_string(),
+        ] {
+            assert!(stderr.contains(&needle), "no `{needle}`:\n{stderr}");
+        }
+        assert_eq!(stderr.matches("Permission denied").count(), 1, "{stderr}");
+        assert_eq!(snapshot(&out), before);
+        assert_eq!(list_dir(&s.outputs()), ["result"]);
+    }
+    fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).unwrap();
 }

@@ -106,3 +106,108 @@ fn a_stale_directory_is_recognised_by_its_unlocked_marker_not_its_pid() {
         [".expo-tmp-result-1-00000000cafef00d-old", "result"]
     );
 }
+
+#[test]
+fn alpha_outputs_that_name_the_same_directory_are_a_usage_error() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let d = s.out("d");
+    fs::create_dir_all(d.join("0.1")).unwrap();
+    fs::create_dir_all(d.join("0.2")).unwrap();
+    // Different strings, one directory: `d/0.1/../out` and `d/0.2/../out`.
+    let template = d.join("{alpha}/../out");
+    for dry_run in [true, false] {
+        let mut run = extrapolate(&s.path("sft"), &s.path("aligned"), "0.1,0.2", &template);
+        if dry_run {
+            run = run.arg("--dry-run");
+        }
+        run.assert_fails(
+            2,
+            &[
+                "names the same directory twice",
+                &*d.join("0.1/../out").to_string_lossy(),
+                &*d.join("0.2/../out").to_string_lossy(),
+            ],
+        );
+        assert_eq!(list_dir(&d), ["0.1", "0.2"]);
+    }
+    // Through a symlinked parent: `links/0.1` and `links/0.2` both lead to `d/0.1`.
+    let links = s.out("links");
+    fs::create_dir(&links).unwrap();
+    std::os::unix::fs::symlink(d.join("0.1"), links.join("0.1")).unwrap();
+    std::os::unix::fs::symlink(d.join("0.1"), links.join("0.2")).unwrap();
+    extrapolate(
+        &s.path("sft"),
+        &s.path("aligned"),
+        "0.1,0.2",
+        &links.join("{alpha}/m"),
+    )
+    .assert_fails(2, &["names the same directory twice"]);
+    assert_eq!(list_dir(&d.join("0.1")), Vec::<String>::new());
+    // Different directories are fine.
+    extrapolate(
+        &s.path("sft"),
+        &s.path("aligned"),
+        "0.1,0.2",
+        &d.join("{alpha}/out"),
+    )
+    .assert_ok();
+    assert_eq!(list_dir(&d.join("0.1")), ["out"]);
+    assert_eq!(list_dir(&d.join("0.2")), ["out"]);
+}
+
+#[test]
+fn output_forms_that_cannot_be_replaced_are_refused_before_the_run_and_in_dry_run() {
+    let s = Scratch::new();
+    small_pair(&s);
+    let ck = s.out("ck");
+    fs::create_dir(&ck).unwrap();
+    fs::write(ck.join("config.json"), "{}").unwrap();
+    let link = s.out("link");
+    std::os::unix::fs::symlink(&ck, &link).unwrap();
+    let fresh = s.out("fresh");
+    for dry_run in [true, false] {
+        for (out, needles) in [
+            (s.out("ck/."), vec!["ends in `.`"]),
+            (s.out("fresh/."), vec!["ends in `.`"]),
+            (s.out("ck/.."), vec!["ends in `..`"]),
+            (
+                s.out("link/"),
+                vec!["is a symbolic link", "give the directory itself"],
+            ),
+            (link.clone(), vec!["is a symbolic link"]),
+        ] {
+            let mut run =
+                extrapolate(&s.path("sft"), &s.path("aligned"), "0.5", &out).arg("--force");
+            if dry_run {
+                run = run.arg("--dry-run");
+            }
+            run.assert_fails(1, &needles);
+            assert_eq!(list_dir(&s.outputs()), ["ck", "link"]);
+            assert_eq!(list_dir(&ck), ["config.json"]);
+            assert!(!fresh.exists());
+        }
+    }
+    // `out/` is `out`.
+    extrapolate(&s.path("sft"), &s.path("aligned"), "0.5", &s.out("ck/"))
+        .arg("--force")
+        .assert_ok();
+    assert!(ck.join("model.safetensors").is_file());
+    assert_eq!(list_dir(&s.outputs()), ["ck", "link"]);
+}
+
+#[test]
+fn output_names_up_to_the_file_system_limit_work() {
+    let s = Scratch::new();
+    small_pair(&s);
+    // 255 bytes: the usual limit for one name (ext4, xfs, btrfs, tmpfs).
+    let name = "m".repeat(255);
+    let out = s.out(&name);
+    extrapolate(&s.path("sft"), &s.path("aligned"), "0.5", &out).assert_ok();
+    assert!(out.join("model.safetensors").is_file());
+    // Replacing it goes through the staging name and the moved-aside old output too.
+    extrapolate(&s.path("sft"), &s.path("aligned"), "0.7", &out)
+        .arg("--force")
+        .assert_ok();
+    assert_eq!(list_dir(&s.outputs()), [name]);
+}
