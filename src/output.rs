@@ -5,7 +5,9 @@
 //! # Temporary directories and stale cleanup
 //!
 //! A run's temporary ("staging") directory is `.expo-tmp-<name>-<pid>-<random>` beside the
-//! output. The random part (64 bits from `/dev/urandom`) makes the name unique even when
+//! output, `<name>` being the output's name cut to its first [`STAGING_NAME_PART`] bytes (so
+//! the staging name fits the file system's name limit whatever the output's name). The
+//! random part (64 bits from `/dev/urandom`) makes the name unique even when
 //! pids repeat, as they do across containers (every container's first process is pid 1)
 //! and across pid namespaces sharing a volume. The pid is only informative.
 //!
@@ -16,13 +18,20 @@
 //! `flock(LOCK_EX | LOCK_NB)` on that marker succeeds: the kernel drops a dead process's
 //! locks, whatever its pid or namespace, and keeps a live one's (on NFS through the lock
 //! manager). Nothing else is ever removed. Where `flock` is unsupported nothing is removed.
-//! The marker's content says what the directory holds:
+//! The marker's first line says what the directory holds (its second line is the output's
+//! whole name):
 //!
 //! - `expo-staging <pid>`: a run's temporary directory (removed when stale);
 //! - `expo-old <pid>`: a previous output that `--force` has replaced (removed when stale);
 //! - `expo-aside <pid>`: a previous output moved aside by `--force` on a file system that
 //!   cannot swap directories, before the new one was in place. Never removed: a stale one
 //!   is reported, with where it belongs, so that it can be moved back.
+//!
+//! Under `--force`, the previous output is replaced only if it is still the directory
+//! validated at the start (device and inode, not a link) and still looks like a checkpoint,
+//! checked on what was actually moved aside; it, and any staging directory, is deleted
+//! through directory handles (`openat`/`unlinkat` with `O_NOFOLLOW`), so that a path
+//! swapped for a link during the run never leads expo outside the tree it made or checked.
 //!
 //! Directories from expo versions before the random suffix (`.expo-tmp-<name>-<pid>`, the
 //! marker holding just the pid) are removed only when, in addition, their pid is this
@@ -383,7 +392,8 @@ fn sticky_refusal(parent: &Path, dir: &File) -> Option<String> {
     let d = dir.metadata().ok()?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    (p.mode() & libc::S_ISVTX as u32 != 0 && euid != 0 && euid != d.uid() && euid != p.uid())
+    // 0o1000: the sticky bit of `st_mode`.
+    (p.mode() & 0o1000 != 0 && euid != 0 && euid != d.uid() && euid != p.uid())
         .then(|| {
             format!(
                 "its parent {} is sticky and the directory belongs to another user, so expo could not move it aside",
