@@ -908,6 +908,10 @@ impl StagingDir {
                 && validated(&dir)
         };
         crate::failpoint::pause("output-exchange");
+        #[cfg(test)]
+        if let Some(hook) = BEFORE_EXCHANGE.with(|h| h.borrow_mut().take()) {
+            hook();
+        }
         let mut active = active();
         let old = if exchange_enabled() && exchange(&self.path, &target.path).is_ok() {
             if !is_old(&self.path) {
@@ -994,6 +998,9 @@ impl Drop for StagingDir {
 thread_local! {
     /// Tests of the path without `RENAME_EXCHANGE` turn it off for their thread.
     static NO_EXCHANGE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Run at the `output-exchange` point, so that unit tests can swap paths there.
+    static BEFORE_EXCHANGE: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 fn exchange_enabled() -> bool {
@@ -1812,5 +1819,68 @@ mod tests {
         };
         let shown = format!("{:#}", anyhow::Error::new(e));
         assert_eq!(shown.matches("Read-only file system").count(), 1, "{shown}");
+    }
+
+    #[test]
+    fn force_swaps_back_whatever_replaced_the_validated_directory() {
+        for no_exchange in [false, true] {
+            NO_EXCHANGE.with(|c| c.set(no_exchange));
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().to_path_buf();
+            let victim = p.join("victim");
+            fs::create_dir_all(victim.join("deep")).unwrap();
+            fs::write(victim.join("config.json"), "{}").unwrap();
+            fs::write(victim.join("deep/data"), "precious").unwrap();
+            let out = p.join("out");
+            fs::create_dir(&out).unwrap();
+            fs::write(out.join("config.json"), "{}").unwrap();
+            let t = target(&p, "out", true);
+            // A link to a checkpoint-looking directory, a foreign directory, and the same
+            // directory with its checkpoint file gone.
+            for case in 0..3 {
+                let s = StagingDir::create(&t).unwrap();
+                fs::write(s.path().join("model.safetensors"), "new").unwrap();
+                let (o, v, q) = (out.clone(), victim.clone(), p.clone());
+                let hook: Box<dyn FnOnce()> = Box::new(move || match case {
+                    0 => {
+                        fs::rename(&o, q.join("real")).unwrap();
+                        std::os::unix::fs::symlink(&v, &o).unwrap();
+                    }
+                    1 => {
+                        fs::rename(&o, q.join("real")).unwrap();
+                        fs::create_dir(&o).unwrap();
+                        fs::write(o.join("config.json"), "{}").unwrap();
+                        fs::write(o.join("thesis.tex"), "x").unwrap();
+                    }
+                    _ => {
+                        fs::remove_file(o.join("config.json")).unwrap();
+                        fs::write(o.join("thesis.tex"), "x").unwrap();
+                    }
+                });
+                BEFORE_EXCHANGE.with(|h| *h.borrow_mut() = Some(hook));
+                let err = s.commit(&t).unwrap_err();
+                assert!(matches!(err, OutputError::Changed { .. }), "{case}: {err}");
+                assert_eq!(names(&victim), ["config.json", "deep"]);
+                assert_eq!(fs::read(victim.join("deep/data")).unwrap(), b"precious");
+                match case {
+                    0 => {
+                        assert_eq!(fs::read_link(&out).unwrap(), victim);
+                        assert_eq!(names(&p.join("real")), ["config.json"]);
+                        fs::remove_file(&out).unwrap();
+                    }
+                    1 => {
+                        assert_eq!(names(&out), ["config.json", "thesis.tex"]);
+                        assert_eq!(names(&p.join("real")), ["config.json"]);
+                        fs::remove_dir_all(&out).unwrap();
+                    }
+                    _ => assert_eq!(names(&out), ["thesis.tex"]),
+                }
+                if case < 2 {
+                    fs::rename(p.join("real"), &out).unwrap();
+                }
+                assert_eq!(names(&p), ["out", "victim"], "{case}");
+            }
+            NO_EXCHANGE.with(|c| c.set(false));
+        }
     }
 }
