@@ -145,7 +145,7 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Out
 
 /// What a file is, whatever its name: its device and inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileId {
+struct FileId {
     dev: u64,
     ino: u64,
 }
@@ -197,7 +197,6 @@ impl OutputTarget {
     /// [`OutputTarget::check_replaceable`] before writing anything (a caller may check
     /// other things in between, so that their errors take precedence).
     pub fn locate(path: &Path, force: bool) -> Result<OutputTarget, OutputError> {
-        use std::os::unix::ffi::OsStrExt;
         let given = path;
         // `out/` is `out`; but `out/.` and `out/..` are refused: `.` and `..` cannot be
         // renamed, and what they name is not what the user sees.
@@ -238,7 +237,8 @@ impl OutputTarget {
                     parent,
                 })
             }
-            Err(_) if parent.symlink_metadata().is_ok() || parent.exists() => {
+            // A dangling link, say.
+            Err(_) if parent.symlink_metadata().is_ok() => {
                 return Err(OutputError::ParentNotADirectory {
                     path: path.to_path_buf(),
                     parent,
@@ -392,14 +392,19 @@ fn sticky_refusal(parent: &Path, dir: &File) -> Option<String> {
     let d = dir.metadata().ok()?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    // 0o1000: the sticky bit of `st_mode`.
-    (p.mode() & 0o1000 != 0 && euid != 0 && euid != d.uid() && euid != p.uid())
-        .then(|| {
+    sticky_forbids_rename(p.mode(), p.uid(), d.uid(), euid).then(|| {
             format!(
                 "its parent {} is sticky and the directory belongs to another user, so expo could not move it aside",
                 parent.display()
             )
         })
+}
+
+/// True when a sticky parent (mode bit 0o1000, as `/tmp`) forbids user `euid` to rename an
+/// entry that belongs to `entry_uid` (only the entry's owner, the parent's owner and root
+/// may).
+fn sticky_forbids_rename(parent_mode: u32, parent_uid: u32, entry_uid: u32, euid: u32) -> bool {
+    parent_mode & 0o1000 != 0 && euid != 0 && euid != entry_uid && euid != parent_uid
 }
 
 /// The first directory in the tree of `dir` (itself included) in which this process cannot
@@ -1881,6 +1886,26 @@ mod tests {
                 assert_eq!(names(&p), ["out", "victim"], "{case}");
             }
             NO_EXCHANGE.with(|c| c.set(false));
+        }
+    }
+
+    #[test]
+    fn sticky_parents_forbid_renaming_other_users_directories() {
+        // (parent mode, parent owner, entry owner, user) → forbidden?
+        for (mode, parent, entry, user, forbidden) in [
+            (0o41777, 0, 1000, 1001, true),
+            (0o1777, 0, 1000, 1001, true),
+            (0o40777, 0, 1000, 1001, false),
+            (0o41777, 0, 1000, 1000, false),
+            (0o41777, 1001, 1000, 1001, false),
+            (0o41777, 5, 1000, 0, false),
+            (0o40755, 1000, 1000, 1000, false),
+        ] {
+            assert_eq!(
+                sticky_forbids_rename(mode, parent, entry, user),
+                forbidden,
+                "{mode:o} {parent} {entry} {user}"
+            );
         }
     }
 }
