@@ -422,15 +422,16 @@ fn first_undeletable(dir: &File, path: &Path, depth: usize) -> Option<(PathBuf, 
     if rc != 0 {
         return Some((path.to_path_buf(), io::Error::last_os_error()));
     }
-    if depth >= MAX_DEPTH {
-        return None;
-    }
     for name in dir_names(dir).ok()? {
         let is_dir = stat_at(dir, &name, false).is_ok_and(|st| is_dir_mode(st.st_mode));
         if !is_dir {
             continue;
         }
         let sub_path = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        // As deep as the deletion goes, and no deeper.
+        if depth >= MAX_DEPTH {
+            return Some((sub_path, too_deep()));
+        }
         match open_dir_at(dir, &name) {
             Ok(sub) => {
                 if let Some(found) = first_undeletable(&sub, &sub_path, depth + 1) {
@@ -610,6 +611,10 @@ fn remove_contents(dir: &File, keep: Option<&CStr>, depth: usize) -> io::Result<
     first_error.map_or(Ok(()), Err)
 }
 
+fn too_deep() -> io::Error {
+    io::Error::other(format!("more than {MAX_DEPTH} nested directories"))
+}
+
 fn remove_entry_at(dir: &File, name: &CStr, depth: usize) -> io::Result<()> {
     let st = match stat_at(dir, name, false) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -619,9 +624,7 @@ fn remove_entry_at(dir: &File, name: &CStr, depth: usize) -> io::Result<()> {
         return unlink_at(dir, name, 0);
     }
     if depth >= MAX_DEPTH {
-        return Err(io::Error::other(format!(
-            "more than {MAX_DEPTH} nested directories"
-        )));
+        return Err(too_deep());
     }
     // O_NOFOLLOW: a directory swapped for a link since the stat is refused, not followed.
     let sub = open_dir_at(dir, name)?;
@@ -1907,5 +1910,38 @@ mod tests {
                 "{mode:o} {parent} {entry} {user}"
             );
         }
+    }
+
+    #[test]
+    fn old_outputs_are_checked_as_deep_as_they_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let nest = |name: &str, levels: usize| {
+            let out = p.join(name);
+            let mut deep = out.clone();
+            for _ in 0..levels {
+                deep.push("d");
+            }
+            fs::create_dir_all(&deep).unwrap();
+            fs::write(deep.join("x"), "x").unwrap();
+            fs::write(out.join("config.json"), "{}").unwrap();
+            out
+        };
+        // As deep as the deletion goes: accepted, and deleted completely.
+        nest("ok", MAX_DEPTH);
+        let t = target(p, "ok", true);
+        let s = StagingDir::create(&t).unwrap();
+        fs::write(s.path().join("model.safetensors"), "new").unwrap();
+        let outcome = s.commit(&t).unwrap();
+        assert!(outcome.leftover.is_none(), "{outcome:?}");
+        assert_eq!(names(&p.join("ok")), ["model.safetensors"]);
+        // One level deeper could not be deleted: refused before anything is written.
+        let deep = nest("deep", MAX_DEPTH + 1);
+        let err = OutputTarget::check(&deep, true).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, OutputError::CannotReplace { .. }) && msg.contains("nested"),
+            "{msg}"
+        );
     }
 }
