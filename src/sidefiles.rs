@@ -1,24 +1,135 @@
 //! Files beside the weights: θ1's configuration and tokenizer files copied byte for byte,
 //! and the model card and provenance record expo writes itself.
+//!
+//! Side files are opened and checked when the inputs are validated ([`open_side_files`]):
+//! only regular files are accepted (opened without blocking, checked with `fstat` after
+//! opening, so a FIFO or a link to `/dev/zero` is refused by name, never read), and each
+//! file's device, inode, size and modification time are recorded. The copy at the end
+//! ([`SideFiles::copy_into`]) reads from the handle opened then, and fails if the file
+//! changed in between (rewritten in place, renamed over, removed), like a changed weight file.
 
+pub mod card;
+pub mod config_dtype;
+
+use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, FOREIGN_WEIGHT_EXTENSIONS};
+use crate::dtype::FloatDtype;
 use crate::hub::ResolvedInput;
+use crate::plan::DtypeChoice;
+
+pub use card::CardMetadata;
 
 /// Name of the provenance record written into the output.
 pub const PROVENANCE_NAME: &str = "expo.json";
 /// Name of the model card written into the output.
 pub const MODEL_CARD_NAME: &str = "README.md";
-/// Deepest directory nesting followed when copying (guards against symlink loops).
+/// Name of the configuration whose dtype `--dtype` updates.
+pub const CONFIG_NAME: &str = "config.json";
+/// Deepest directory nesting followed when copying.
 const MAX_DEPTH: usize = 16;
+/// Side files whose handle is kept open from validation to copy; beyond that (a directory
+/// of thousands of files must not exhaust the open-files limit) a file is reopened for the
+/// copy and must still be the very file that was checked (device, inode, size, mtime).
+const MAX_HELD: usize = 256;
+/// A `config.json` larger than this is copied without its dtype updated.
+const MAX_CONFIG_EDIT: u64 = 16 << 20;
+/// Copy buffer.
+const CHUNK: usize = 1 << 20;
 
-/// The side files of θ1 to copy, and what was left out on purpose.
-#[derive(Debug, Clone, Default)]
+/// Errors about side files. Each names the file; the cause is printed once.
+#[derive(Debug, thiserror::Error)]
+pub enum SideFileError {
+    #[error("{}: cannot {op}: {cause}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        cause: io::Error,
+    },
+    #[error(
+        "{} is {kind}, not a regular file; expo copies only regular files from --aligned: remove it from the checkpoint directory, or replace it with the file it stands for",
+        path.display()
+    )]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error(
+        "{} {what} after expo checked it; side files must not change while expo runs (is another program writing --aligned?); run again once it is complete",
+        path.display()
+    )]
+    Changed { path: PathBuf, what: &'static str },
+    #[error(
+        "{first} and {second} would both be written to {name} in the output; rename the file in --aligned (and its entry in the index)"
+    )]
+    Collision {
+        name: String,
+        first: String,
+        second: String,
+    },
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> SideFileError + 'a {
+    move |cause| SideFileError::Io {
+        path: path.to_path_buf(),
+        op,
+        cause,
+    }
+}
+
+/// Size, modification time and identity of a file, as checked at validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        }
+    }
+
+    /// How `now` differs from `self`, for [`SideFileError::Changed`].
+    fn change(&self, now: &Stamp) -> Option<&'static str> {
+        if (now.dev, now.ino) != (self.dev, self.ino) {
+            Some("was replaced by another file")
+        } else if now.len != self.len {
+            Some("changed size")
+        } else if (now.mtime, now.mtime_nsec) != (self.mtime, self.mtime_nsec) {
+            Some("was modified")
+        } else {
+            None
+        }
+    }
+}
+
+/// One side file, opened and checked at validation.
+#[derive(Debug)]
+struct Opened {
+    full: PathBuf,
+    /// The handle opened at validation (`None` past [`MAX_HELD`]: reopened and checked).
+    file: Option<File>,
+    stamp: Stamp,
+    /// The bytes to write instead of the file's (config.json with `--dtype`).
+    edited: Option<Vec<u8>>,
+}
+
+/// The side files of θ1 to copy, and what was left out.
+#[derive(Debug, Default)]
 pub struct SideFiles {
     /// Paths relative to θ1's directory, in sorted order.
     pub copy: Vec<PathBuf>,
@@ -26,37 +137,85 @@ pub struct SideFiles {
     /// `consolidated.safetensors` beside the sharded weights): not copied, since they would
     /// hold θ1's unextrapolated values.
     pub skipped_weights: Vec<PathBuf>,
+    /// Entries not copied although they are not weights, with the reason (a symlinked
+    /// directory, a directory too deep, a dangling symlink).
+    pub not_copied: Vec<(PathBuf, &'static str)>,
+    /// What θ1's model card says that still holds for the output.
+    pub card: CardMetadata,
+    /// `config.json`'s dtype values updated for `--dtype`, as (key path, old value, new).
+    pub config_edits: Vec<(String, String, &'static str)>,
+    /// Other notes for the user (e.g. θ1's card could not be read).
+    notes: Vec<String>,
+    /// Parallel to `copy`.
+    opened: Vec<Opened>,
 }
 
-/// Errors while copying side files.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {op} failed: {source}")]
-pub struct SideFileError {
-    pub path: PathBuf,
-    pub op: &'static str,
-    pub source: io::Error,
-}
-
-fn err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> SideFileError + 'a {
-    move |source| SideFileError {
-        path: path.to_path_buf(),
-        op,
-        source,
-    }
-}
-
-/// Lists the files of θ1's directory to copy: everything except hidden entries, weights
-/// (safetensors and other formats), θ1's README.md and an earlier `expo.json`.
+/// Lists and opens the files of θ1's directory to copy: everything except hidden entries,
+/// weights (safetensors and other formats), θ1's README.md (read for its card metadata) and
+/// an earlier `expo.json`. Anything else that is not a regular file is an error.
 pub fn list_side_files(aligned: &Checkpoint) -> Result<SideFiles, SideFileError> {
+    open_side_files(aligned, DtypeChoice::Auto)
+}
+
+/// [`list_side_files`], with `config.json`'s dtype prepared for `dtype` (see
+/// [`config_dtype`]).
+pub fn open_side_files(
+    aligned: &Checkpoint,
+    dtype: DtypeChoice,
+) -> Result<SideFiles, SideFileError> {
     let mut out = SideFiles::default();
     if !aligned.is_dir {
         return Ok(out);
     }
     let used = aligned.weight_file_names();
     walk(&aligned.root, Path::new(""), 0, &used, &mut out)?;
-    out.copy.sort();
+    // Sorted by path, with the handles kept in step.
+    let mut pairs: Vec<(PathBuf, Opened)> = out.copy.drain(..).zip(out.opened.drain(..)).collect();
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    (out.copy, out.opened) = pairs.into_iter().unzip();
     out.skipped_weights.sort();
+    out.not_copied.sort();
+    out.read_card(&aligned.root.join(MODEL_CARD_NAME));
+    if let DtypeChoice::Fixed(d) = dtype {
+        out.prepare_config(d)?;
+    }
     Ok(out)
+}
+
+/// What a file type is, for messages.
+fn kind_of(ft: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
+    }
+}
+
+/// Opens `path` for reading without blocking (a FIFO opens at once; no controlling
+/// terminal is acquired), and checks after opening that it is a regular file.
+fn open_regular(path: &Path) -> Result<(File, fs::Metadata), SideFileError> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io_err(path, "open"))?;
+    let meta = file.metadata().map_err(io_err(path, "stat"))?;
+    if !meta.is_file() {
+        return Err(SideFileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(meta.file_type()),
+        });
+    }
+    Ok((file, meta))
 }
 
 fn walk(
@@ -67,9 +226,17 @@ fn walk(
     out: &mut SideFiles,
 ) -> Result<(), SideFileError> {
     let dir = root.join(rel);
-    for entry in fs::read_dir(&dir).map_err(err(&dir, "read directory"))? {
-        let entry = entry.map_err(err(&dir, "read directory"))?;
-        let file_name = entry.file_name();
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(&dir).map_err(io_err(&dir, "read directory"))? {
+        let entry = entry.map_err(io_err(&dir, "read directory"))?;
+        let is_link = entry
+            .file_type()
+            .map_err(io_err(&entry.path(), "stat"))?
+            .is_symlink();
+        entries.push((entry.file_name(), is_link));
+    }
+    entries.sort();
+    for (file_name, is_link) in entries {
         // The lossy form is only compared with ASCII names; paths keep the real bytes.
         let name = file_name.to_string_lossy().into_owned();
         if name.starts_with('.') {
@@ -77,20 +244,33 @@ fn walk(
         }
         let rel_path = rel.join(&file_name);
         let full = root.join(&rel_path);
-        // Follow symlinked files (the Hugging Face cache links every file into blobs/), but
-        // never a symlinked directory: it could loop, or pull in a whole other tree.
-        let is_link = entry.file_type().map(|t| t.is_symlink()).unwrap_or(false);
-        let Ok(meta) = fs::metadata(&full) else {
-            continue; // a dangling link: nothing to copy
+        // Symlinked files are followed (the Hugging Face cache links every file into
+        // blobs/); a symlinked directory is not (it could loop, or pull in a whole other
+        // tree), and neither is a dangling link: both are named in a warning.
+        let meta = match fs::metadata(&full) {
+            Ok(m) => m,
+            Err(e) if is_link && e.kind() == io::ErrorKind::NotFound => {
+                out.not_copied
+                    .push((rel_path, "it is a symlink whose target does not exist"));
+                continue;
+            }
+            Err(e) => return Err(io_err(&full, "stat")(e)),
         };
         if meta.is_dir() {
-            if !is_link && depth + 1 < MAX_DEPTH {
+            if is_link {
+                out.not_copied.push((
+                    rel_path,
+                    "it is a symlink to a directory, which expo does not follow; copy it into the output by hand if the model needs it",
+                ));
+            } else if depth + 1 >= MAX_DEPTH {
+                out.not_copied.push((
+                    rel_path,
+                    "it is nested deeper than 16 directory levels; copy it into the output by hand if the model needs it",
+                ));
+            } else {
                 walk(root, &rel_path, depth + 1, used, out)?;
             }
             continue;
-        }
-        if !meta.is_file() {
-            continue; // a FIFO, socket or device: reading it could block or never end
         }
         let top = depth == 0;
         let rel_str = rel_path.to_string_lossy();
@@ -112,47 +292,298 @@ fn walk(
         if FOREIGN_WEIGHT_EXTENSIONS.contains(&ext) || lower.ends_with(".bin.index.json") {
             continue;
         }
+        // Refused before opening when already known to be special (opening some devices
+        // has effects), and checked again after opening (it may have been swapped).
+        if !meta.is_file() {
+            return Err(SideFileError::NotRegular {
+                path: full,
+                kind: kind_of(meta.file_type()),
+            });
+        }
+        let (file, meta) = open_regular(&full)?;
+        let held = out.opened.len() < MAX_HELD;
+        out.opened.push(Opened {
+            full,
+            file: held.then_some(file),
+            stamp: Stamp::of(&meta),
+            edited: None,
+        });
         out.copy.push(rel_path);
     }
     Ok(())
 }
 
-/// Copies the listed files from `src_root` into `dest`, creating subdirectories, and
-/// fsyncs each file. New files get the usual permissions (0666 less the umask).
-pub fn copy_side_files(
-    src_root: &Path,
-    files: &[PathBuf],
-    dest: &Path,
-) -> Result<u64, SideFileError> {
-    let mut bytes = 0;
-    for rel in files {
-        if crate::interrupt::check().is_err() {
-            return Err(SideFileError {
-                path: src_root.join(rel),
-                op: "copy",
-                source: io::Error::new(io::ErrorKind::Interrupted, "interrupted"),
-            });
+impl SideFiles {
+    /// Warnings about what is not copied, for the user.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w: Vec<String> = self
+            .skipped_weights
+            .iter()
+            .map(|p| {
+                format!(
+                    "not copying {} from --aligned: it holds weights that are not part of the checkpoint expo read",
+                    p.display()
+                )
+            })
+            .collect();
+        for (p, why) in &self.not_copied {
+            w.push(format!("not copying {} from --aligned: {why}", p.display()));
         }
-        let src = src_root.join(rel);
-        let dst = dest.join(rel);
-        if let Some(parent) = dst.parent() {
-            fs::create_dir_all(parent).map_err(err(parent, "create directory"))?;
-        }
-        let mut input = File::open(&src).map_err(err(&src, "open"))?;
-        let mut output = File::create(&dst).map_err(err(&dst, "create"))?;
-        bytes += io::copy(&mut input, &mut output).map_err(err(&dst, "copy"))?;
-        output.sync_all().map_err(err(&dst, "fsync"))?;
+        w.extend(self.notes.iter().cloned());
+        w
     }
+
+    /// Reads θ1's card metadata (at most [`card::MAX_CARD_BYTES`], from a regular file).
+    fn read_card(&mut self, path: &Path) {
+        match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            _ => {}
+        }
+        let text = open_regular(path).and_then(|(file, _)| {
+            let mut bytes = Vec::new();
+            file.take(card::MAX_CARD_BYTES)
+                .read_to_end(&mut bytes)
+                .map_err(io_err(path, "read"))?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        });
+        match text {
+            Ok(text) => self.card = CardMetadata::parse(&text),
+            Err(e) => self.notes.push(format!(
+                "not reading θ1's model card: {e}; its license and other metadata are not carried over"
+            )),
+        }
+    }
+
+    /// Prepares `config.json` with `dtype` named in it (see [`config_dtype`]).
+    fn prepare_config(&mut self, dtype: FloatDtype) -> Result<(), SideFileError> {
+        let Some(i) = self.copy.iter().position(|p| p == Path::new(CONFIG_NAME)) else {
+            return Ok(());
+        };
+        let opened = &mut self.opened[i];
+        if opened.stamp.len > MAX_CONFIG_EDIT {
+            self.notes.push(format!(
+                "{} is larger than {}, so the dtype it names was not updated to {}",
+                opened.full.display(),
+                crate::report::bytes(MAX_CONFIG_EDIT),
+                config_dtype::torch_name(dtype)
+            ));
+            return Ok(());
+        }
+        let bytes = read_validated(opened)?;
+        match config_dtype::set_dtype(&bytes, dtype) {
+            Ok(Some((text, edits))) => {
+                self.config_edits = edits
+                    .into_iter()
+                    .map(|e| (e.path, e.old, config_dtype::torch_name(dtype)))
+                    .collect();
+                opened.edited = Some(text);
+            }
+            Ok(None) => {}
+            Err(e) => self.notes.push(format!(
+                "{}: {e}, so the dtype it names was not updated to {}",
+                opened.full.display(),
+                config_dtype::torch_name(dtype)
+            )),
+        }
+        Ok(())
+    }
+
+    /// Checks that no two files of the output share a name: the weight files and index of
+    /// the plan (`weight_names`), the model card and provenance expo writes, and the side
+    /// files. A name that is another's directory (`weights` and `weights/a.safetensors`)
+    /// collides too. expo's own names are compared ignoring ASCII case (they would clash on
+    /// a case-insensitive file system).
+    pub fn check_output_names<'a>(
+        &self,
+        weight_names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), SideFileError> {
+        let mut seen: HashMap<String, String> = HashMap::new();
+        let mut add = |name: String, what: String| -> Result<(), SideFileError> {
+            if let Some(first) = seen.get(&name) {
+                return Err(SideFileError::Collision {
+                    name,
+                    first: first.clone(),
+                    second: what,
+                });
+            }
+            seen.insert(name, what);
+            Ok(())
+        };
+        let reserved = [
+            (MODEL_CARD_NAME, "the model card expo writes"),
+            (PROVENANCE_NAME, "the provenance record expo writes"),
+        ];
+        for (name, what) in reserved {
+            add(name.to_ascii_lowercase(), what.to_string())?;
+        }
+        let mut names: Vec<(String, String)> = weight_names
+            .into_iter()
+            .map(|n| (n.to_string(), format!("θ1's weight file {n}")))
+            .collect();
+        names.extend(self.copy.iter().map(|p| {
+            let n = p.to_string_lossy().into_owned();
+            (n.clone(), format!("θ1's side file {n}"))
+        }));
+        for (name, what) in &names {
+            let lower = name.to_ascii_lowercase();
+            if reserved
+                .iter()
+                .any(|(r, _)| r.to_ascii_lowercase() == lower)
+            {
+                add(lower, what.clone())?;
+            } else {
+                add(name.clone(), what.clone())?;
+            }
+        }
+        // A file whose name is a directory another file needs.
+        for (name, what) in &names {
+            let mut dir = Path::new(name.as_str()).parent();
+            while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+                let ds = d.to_string_lossy().into_owned();
+                if let Some(first) = seen.get(&ds).or_else(|| seen.get(&ds.to_ascii_lowercase())) {
+                    return Err(SideFileError::Collision {
+                        name: ds,
+                        first: first.clone(),
+                        second: format!("the directory of {what}"),
+                    });
+                }
+                dir = d.parent();
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the side files into `dest` (creating subdirectories), from the handles opened
+    /// at validation, and fsyncs each. Fails, naming the file, if one changed since it was
+    /// checked. New files get the usual permissions (0666 less the umask).
+    pub fn copy_into(&self, dest: &Path) -> Result<u64, SideFileError> {
+        crate::failpoint::pause("side-files-copy");
+        let mut bytes = 0;
+        for (rel, opened) in self.copy.iter().zip(&self.opened) {
+            crate::interrupt::check()?;
+            let dst = dest.join(rel);
+            if let Some(parent) = dst.parent() {
+                fs::create_dir_all(parent).map_err(io_err(parent, "create directory"))?;
+            }
+            let mut output = create_new(&dst)?;
+            if let Some(edited) = &opened.edited {
+                output.write_all(edited).map_err(io_err(&dst, "write"))?;
+                bytes += edited.len() as u64;
+                verify(opened, None)?;
+            } else {
+                let reopened;
+                let file = match &opened.file {
+                    Some(f) => f,
+                    None => {
+                        reopened = reopen(opened)?;
+                        &reopened
+                    }
+                };
+                bytes += copy_range(file, opened, &mut output, &dst)?;
+                verify(opened, Some(file))?;
+            }
+            output.sync_all().map_err(io_err(&dst, "fsync"))?;
+        }
+        Ok(bytes)
+    }
+}
+/// Reopens a side file whose handle was not kept, checking it is the file validated.
+fn reopen(opened: &Opened) -> Result<File, SideFileError> {
+    let (file, meta) = open_regular(&opened.full)?;
+    if let Some(what) = opened.stamp.change(&Stamp::of(&meta)) {
+        return Err(SideFileError::Changed {
+            path: opened.full.clone(),
+            what,
+        });
+    }
+    Ok(file)
+}
+
+/// The whole content of a validated side file (at most its validated size).
+fn read_validated(opened: &Opened) -> Result<Vec<u8>, SideFileError> {
+    let reopened;
+    let file = match &opened.file {
+        Some(f) => f,
+        None => {
+            reopened = reopen(opened)?;
+            &reopened
+        }
+    };
+    let mut bytes = Vec::new();
+    copy_range(file, opened, &mut bytes, &opened.full)?;
     Ok(bytes)
 }
 
-/// Writes `contents` to `dest/name` and fsyncs it.
+/// Copies the validated size of `file` from offset 0 (positional reads, so one handle
+/// serves every output of a sweep), checking for an interrupt between chunks.
+fn copy_range(
+    file: &File,
+    opened: &Opened,
+    out: &mut impl Write,
+    dst: &Path,
+) -> Result<u64, SideFileError> {
+    let len = opened.stamp.len;
+    let mut buf = vec![0u8; usize::try_from(len).map_or(CHUNK, |l| l.min(CHUNK)).max(1)];
+    let mut off = 0u64;
+    while off < len {
+        crate::interrupt::check()?;
+        let want = usize::try_from(len - off).map_or(buf.len(), |r| r.min(buf.len()));
+        let n = match file.read_at(&mut buf[..want], off) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(&opened.full, "read")(e)),
+        };
+        if n == 0 {
+            return Err(SideFileError::Changed {
+                path: opened.full.clone(),
+                what: "changed size",
+            });
+        }
+        out.write_all(&buf[..n]).map_err(io_err(dst, "write"))?;
+        off += n as u64;
+    }
+    Ok(off)
+}
+
+/// Fails if the file changed since validation: through its handle (size, mtime), and at
+/// its path (removed, or replaced by another file).
+fn verify(opened: &Opened, file: Option<&File>) -> Result<(), SideFileError> {
+    let changed = |what| SideFileError::Changed {
+        path: opened.full.clone(),
+        what,
+    };
+    if let Some(file) = file {
+        let meta = file.metadata().map_err(io_err(&opened.full, "stat"))?;
+        if let Some(what) = opened.stamp.change(&Stamp::of(&meta)) {
+            return Err(changed(what));
+        }
+    }
+    match fs::metadata(&opened.full) {
+        Ok(meta) => match opened.stamp.change(&Stamp::of(&meta)) {
+            Some(what) => Err(changed(what)),
+            None => Ok(()),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(changed("was removed")),
+        Err(e) => Err(io_err(&opened.full, "stat")(e)),
+    }
+}
+
+/// Creates a new file (never overwriting one: two output files with one name are a bug
+/// caught here even if [`SideFiles::check_output_names`] was not called).
+fn create_new(path: &Path) -> Result<File, SideFileError> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err(path, "create"))
+}
+
+/// Writes `contents` to `dest/name` (a new file) and fsyncs it.
 pub fn write_file(dest: &Path, name: &str, contents: &[u8]) -> Result<(), SideFileError> {
-    use std::io::Write;
     let path = dest.join(name);
-    let mut f = File::create(&path).map_err(err(&path, "create"))?;
-    f.write_all(contents).map_err(err(&path, "write"))?;
-    f.sync_all().map_err(err(&path, "fsync"))
+    let mut f = create_new(&path)?;
+    f.write_all(contents).map_err(io_err(&path, "write"))?;
+    f.sync_all().map_err(io_err(&path, "fsync"))
 }
 
 /// One input as recorded in the provenance.
@@ -203,12 +634,6 @@ impl InputRecord {
             revision: None,
             commit: None,
         }
-    }
-
-    /// The name for the model card's `base_model`: the Hub id when known (what the Hub
-    /// expects there), else the path as given.
-    pub fn base_model(&self) -> &str {
-        self.hub_id.as_deref().unwrap_or(&self.given)
     }
 
     /// How the model card names this input: the path as given, or for a Hub input the id
@@ -287,20 +712,39 @@ impl Provenance {
         v
     }
 
-    /// The model card: YAML front matter for the Hub, then how the model was made.
-    pub fn model_card(&self, license: Option<&str>) -> String {
-        let q = |s: &str| serde_json::to_string(s).expect("strings always serialize");
+    /// The Hugging Face ids for the model card's `base_model`: θ0's Hub id, or, when θ0 is
+    /// a local path, the ids θ1's own card lists as its `base_model` (θ1 was trained from
+    /// θ0, so that is where θ0 came from); then θ1's Hub id. Local paths never appear
+    /// there (the Hub would read `/abs/path` as an invalid id and `org/name` as an unrelated
+    /// repo); the card's body and `expo.json` name them.
+    pub fn base_models(&self, theta1_card: &CardMetadata) -> Vec<String> {
+        let mut ids: Vec<String> = match &self.sft.hub_id {
+            Some(id) => vec![id.clone()],
+            None => theta1_card.base_models.clone(),
+        };
+        ids.extend(self.aligned.hub_id.clone());
+        let mut seen = std::collections::HashSet::new();
+        ids.retain(|id| card::is_hub_id(id) && seen.insert(id.clone()));
+        ids
+    }
+
+    /// The model card: YAML front matter for the Hub (`base_model` ids, θ1's card metadata
+    /// that still applies), then how the model was made.
+    pub fn model_card(&self, theta1_card: &CardMetadata) -> String {
         let mut card = String::new();
-        card.push_str("---\nbase_model:\n");
-        card.push_str(&format!(
-            "- {}\n- {}\n",
-            q(self.sft.base_model()),
-            q(self.aligned.base_model())
-        ));
-        card.push_str("base_model_relation: merge\n");
-        if let Some(license) = license {
-            card.push_str(&format!("license: {license}\n"));
+        card.push_str("---\n");
+        let ids = self.base_models(theta1_card);
+        if !ids.is_empty() {
+            card.push_str("base_model:\n");
+            for id in &ids {
+                card.push_str(&format!("- {}\n", serde_json::Value::String(id.clone())));
+            }
         }
+        // A merge lists what was merged; with fewer than two known ids the Hub infers.
+        if ids.len() >= 2 {
+            card.push_str("base_model_relation: merge\n");
+        }
+        card.push_str(&theta1_card.yaml());
         card.push_str("tags:\n- expo\n- model-extrapolation\n---\n\n");
         card.push_str("# Model extrapolation (ExPO)\n\n");
         card.push_str(
@@ -334,7 +778,7 @@ impl Provenance {
             "{} of {} tensors were extrapolated: each element computed in float64 \
              (subtract, multiply, add) and rounded once to the output dtype, to nearest even. \
              {} tensors were copied unchanged from θ1{}. The configuration, tokenizer and \
-             generation settings are θ1's.\n\n",
+             generation settings are θ1's{}.\n\n",
             self.tensors.extrapolated,
             self.tensors.total,
             self.tensors.copied,
@@ -342,6 +786,11 @@ impl Provenance {
                 format!(" and {} converted to another dtype", self.tensors.cast)
             } else {
                 String::new()
+            },
+            if self.dtype == "auto" {
+                ""
+            } else {
+                " (with the dtype in config.json set to the output's)"
             }
         ));
         card.push_str("Made with expo ");
@@ -358,13 +807,20 @@ impl Provenance {
     }
 }
 
-/// Quotes arguments for a POSIX shell, leaving plain ones bare.
+/// Quotes arguments for bash (and any POSIX shell), leaving plain ones bare, so that the
+/// line re-runs with the same arguments. Bare words hold only characters no shell
+/// expands: letters, digits and `-_./:@%+=,` (no `{}`: `{a,b}` is brace expansion; no `~`,
+/// `*`, `?`, `[`, `!`, `$`, `#`, quotes or spaces). Everything else is single-quoted, where
+/// bash expands nothing (`!` included, also with history expansion on); a `'` is written
+/// `'\''`. An `=` in the first word would make it an assignment, so that word is quoted.
 pub fn shell_join(args: &[String]) -> String {
     args.iter()
-        .map(|a| {
+        .enumerate()
+        .map(|(i, a)| {
             let plain = !a.is_empty()
                 && a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+{}".contains(c));
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c))
+                && !(i == 0 && a.contains('='));
             if plain {
                 a.clone()
             } else {
@@ -373,29 +829,6 @@ pub fn shell_join(args: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// The `license:` of θ1's model card front matter, if it is a plain one-line value.
-pub fn aligned_license(aligned: &Checkpoint) -> Option<String> {
-    if !aligned.is_dir {
-        return None;
-    }
-    // Only the front matter matters: read at most 1 MiB, and only from a regular file (a
-    // FIFO would block forever).
-    let file = crate::header::open_regular(&aligned.root.join("README.md")).ok()??;
-    let mut bytes = Vec::new();
-    io::Read::read_to_end(&mut io::Read::take(file, 1 << 20), &mut bytes).ok()?;
-    let text = String::from_utf8_lossy(&bytes);
-    let front = text.strip_prefix("---")?;
-    let end = front.find("\n---")?;
-    front[..end].lines().find_map(|line| {
-        let value = line.strip_prefix("license:")?.trim();
-        let plain = !value.is_empty()
-            && value
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        plain.then(|| value.to_string())
-    })
 }
 
 #[cfg(test)]
@@ -409,5 +842,73 @@ mod tests {
             shell_join(&args),
             r"expo --alpha 0.3 --output 'my dir' 'it'\''s'"
         );
+    }
+
+    /// What bash makes of a line: its words, through `printf '%s\0'`.
+    fn bash_words(line: &str, flags: &[&str]) -> Vec<String> {
+        let script = format!("printf '%s\\0' {line}");
+        let out = std::process::Command::new("bash")
+            .args(flags)
+            .arg("-c")
+            .arg(&script)
+            .env("HOME", "/home/expo-test")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("running bash");
+        assert!(out.status.success(), "bash failed on {script}");
+        let text = String::from_utf8(out.stdout).expect("UTF-8");
+        text.split_terminator('\0').map(String::from).collect()
+    }
+
+    #[test]
+    fn shell_join_re_runs_in_bash() {
+        let args: Vec<String> = [
+            "--output",
+            "runs/{a,b}",
+            "{0.1,0.2}",
+            "a,b",
+            "*",
+            "src/*.rs",
+            "~",
+            "~/x",
+            "a=~/x",
+            "!",
+            "!!",
+            "a!b",
+            "$HOME",
+            "`id`",
+            "$(id)",
+            "it's",
+            "'",
+            "",
+            "#not-a-comment",
+            "a b",
+            "tab\there",
+            "new\nline",
+            "\"q\"",
+            "back\\slash",
+            ";",
+            "&",
+            "|",
+            "<x>",
+            "(x)",
+            "?",
+            "[ab]",
+            "--alpha-for",
+            "self_attn=x0.5",
+            "^(embed|lm_head)$",
+            "é ü",
+            "-0.5",
+            "%1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let line = shell_join(&args);
+        assert_eq!(bash_words(&line, &[]), args, "{line}");
+        // Also with history expansion on, as in an interactive shell.
+        assert_eq!(bash_words(&line, &["-H"]), args, "{line}");
+        // An `=` in the first word is quoted: it would otherwise be an assignment.
+        assert!(shell_join(&["A=b".to_string()]).starts_with('\''));
     }
 }

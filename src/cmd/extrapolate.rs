@@ -66,7 +66,7 @@ pub fn prepare<'a>(args: &'a ExtrapolateArgs, reporter: &Reporter) -> Result<Pre
             reporter.warn(format!("{} matches no tensor", rule.spelling));
         }
     }
-    let side = list_side_files(&inputs[1].checkpoint, reporter)?;
+    let side = list_side_files(args, &inputs[1].checkpoint, &outputs, reporter)?;
     let maps = map_and_verify(&inputs, &outputs)?;
     Ok(Prepared {
         args,
@@ -263,15 +263,19 @@ fn plan_outputs(
     Ok(outputs)
 }
 
-/// The side files of θ1 to copy, with a warning for what is not copied.
-fn list_side_files(aligned: &Checkpoint, reporter: &Reporter) -> Result<SideFiles> {
-    let side = sidefiles::list_side_files(aligned)?;
-    for skipped in &side.skipped_weights {
-        reporter.warn(format!(
-            "not copying {} from --aligned: it holds weights that are not part of the checkpoint expo read",
-            skipped.display()
-        ));
+/// The side files of θ1 to copy, opened and checked, with a warning for what is not copied;
+/// fails if two output files would share a name.
+fn list_side_files(
+    args: &ExtrapolateArgs,
+    aligned: &Checkpoint,
+    outputs: &[Output],
+    reporter: &Reporter,
+) -> Result<SideFiles> {
+    let side = sidefiles::open_side_files(aligned, args.dtype.choice())?;
+    for o in outputs {
+        side.check_plan(&o.plan)?;
     }
+    side.warnings().into_iter().for_each(|w| reporter.warn(w));
     if !aligned.is_dir {
         reporter
             .warn("--aligned is a single file, so no config.json or tokenizer files are copied");
@@ -459,15 +463,14 @@ fn finish_output(
     reporter: &Reporter,
 ) -> Result<()> {
     interrupt::check()?;
-    let aligned = p.aligned();
-    sidefiles::copy_side_files(&aligned.root, &p.side.copy, staging.path())?;
+    p.side.copy_into(staging.path())?;
     if let Some((name, bytes)) = &o.plan.index {
         sidefiles::write_file(staging.path(), name, bytes)?;
     }
     let mut provenance = provenance(p, &o.plan);
     provenance.rules = p.rule_records(o.alpha);
     provenance.relative_change = relative_change;
-    let card = provenance.model_card(sidefiles::aligned_license(aligned).as_deref());
+    let card = provenance.model_card(&p.side.card);
     sidefiles::write_file(staging.path(), sidefiles::MODEL_CARD_NAME, card.as_bytes())?;
     sidefiles::write_file(
         staging.path(),
