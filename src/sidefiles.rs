@@ -397,16 +397,17 @@ impl SideFiles {
         &self,
         weight_names: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), SideFileError> {
+        // Keyed by the name (expo's own names and what matches them: lowercased).
         let mut seen: HashMap<String, String> = HashMap::new();
-        let mut add = |name: String, what: String| -> Result<(), SideFileError> {
-            if let Some(first) = seen.get(&name) {
+        let mut add = |key: String, name: &str, what: String| -> Result<(), SideFileError> {
+            if let Some(first) = seen.get(&key) {
                 return Err(SideFileError::Collision {
-                    name,
+                    name: name.to_string(),
                     first: first.clone(),
                     second: what,
                 });
             }
-            seen.insert(name, what);
+            seen.insert(key, what);
             Ok(())
         };
         let reserved = [
@@ -414,7 +415,7 @@ impl SideFiles {
             (PROVENANCE_NAME, "the provenance record expo writes"),
         ];
         for (name, what) in reserved {
-            add(name.to_ascii_lowercase(), what.to_string())?;
+            add(name.to_ascii_lowercase(), name, what.to_string())?;
         }
         let mut names: Vec<(String, String)> = weight_names
             .into_iter()
@@ -426,14 +427,15 @@ impl SideFiles {
         }));
         for (name, what) in &names {
             let lower = name.to_ascii_lowercase();
-            if reserved
+            let key = if reserved
                 .iter()
                 .any(|(r, _)| r.to_ascii_lowercase() == lower)
             {
-                add(lower, what.clone())?;
+                lower
             } else {
-                add(name.clone(), what.clone())?;
-            }
+                name.clone()
+            };
+            add(key, name, what.clone())?;
         }
         // A file whose name is a directory another file needs.
         for (name, what) in &names {
@@ -842,6 +844,38 @@ mod tests {
             shell_join(&args),
             r"expo --alpha 0.3 --output 'my dir' 'it'\''s'"
         );
+    }
+
+    fn side(copy: &[&str]) -> SideFiles {
+        SideFiles {
+            copy: copy.iter().map(PathBuf::from).collect(),
+            ..SideFiles::default()
+        }
+    }
+
+    #[test]
+    fn output_name_collisions() {
+        let ok = side(&["config.json", "tokenizer/vocab.txt"]);
+        ok.check_output_names(["model-00001-of-00002.safetensors", "weights/b.safetensors"])
+            .unwrap();
+        let msg = |r: Result<(), SideFileError>| r.unwrap_err().to_string();
+        assert_eq!(
+            msg(side(&[]).check_output_names(["readme.MD"])),
+            "the model card expo writes and θ1's weight file readme.MD would both be written \
+             to readme.MD in the output; rename the file in --aligned (and its entry in the index)"
+        );
+        assert!(msg(side(&[]).check_output_names(["expo.json"])).contains("provenance"));
+        assert!(msg(side(&["a.json"]).check_output_names(["a.json"])).contains("a.json"));
+        // A file where the output needs a directory.
+        let m = msg(side(&["weights"]).check_output_names(["weights/a.safetensors"]));
+        assert!(
+            m.starts_with("θ1's side file weights and the directory of θ1's weight file weights/a.safetensors"),
+            "{m}"
+        );
+        // Side files are compared exactly (a case-sensitive file system holds both).
+        side(&["Vocab.txt", "vocab.txt"])
+            .check_output_names(["model.safetensors"])
+            .unwrap();
     }
 
     /// What bash makes of a line: its words, through `printf '%s\0'`.
