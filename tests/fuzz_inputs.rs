@@ -1264,7 +1264,8 @@ fn fifos_named_as_weights_or_side_files_do_not_block() {
     assert!(err.contains(&*fifo.to_string_lossy()), "{err}");
     s.assert_no_output();
 
-    // A FIFO among θ1's side files is not copied (reading it would block forever).
+    // A FIFO among θ1's side files is refused by name, without being read (reading it
+    // would block forever).
     let aligned = s.path("aligned");
     fs::create_dir_all(&aligned).unwrap();
     fs::write(aligned.join("model.safetensors"), draft.bytes()).unwrap();
@@ -1286,9 +1287,12 @@ fn fifos_named_as_weights_or_side_files_do_not_block() {
         ],
         Duration::from_secs(20),
     );
-    assert_eq!(code, 0, "{err}");
-    assert!(out.join("config.json").is_file());
-    assert!(!out.join("tokenizer.pipe").exists());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("tokenizer.pipe is a FIFO (named pipe), not a regular file"),
+        "{err}"
+    );
+    s.assert_no_output();
 }
 
 // ---------------------------------------------------------------------------------------
