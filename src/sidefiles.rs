@@ -792,7 +792,7 @@ impl Provenance {
             if self.dtype == "auto" {
                 ""
             } else {
-                " (with the dtype in config.json set to the output's)"
+                " (where config.json names a dtype, it names the output's)"
             }
         ));
         card.push_str("Made with expo ");
