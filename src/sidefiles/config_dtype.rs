@@ -66,12 +66,12 @@ pub fn find_dtype_values(text: &[u8]) -> Result<Vec<Edit>, ConfigEditError> {
     Ok(edits)
 }
 
+/// A config with its dtype values replaced, and the edits made.
+pub type Edited = (Vec<u8>, Vec<Edit>);
+
 /// `text` with every value of [`find_dtype_values`] set to `d`'s name; `None` when the
 /// config names no dtype.
-pub fn set_dtype(
-    text: &[u8],
-    d: FloatDtype,
-) -> Result<Option<(Vec<u8>, Vec<Edit>)>, ConfigEditError> {
+pub fn set_dtype(text: &[u8], d: FloatDtype) -> Result<Option<Edited>, ConfigEditError> {
     let edits = find_dtype_values(text)?;
     if edits.is_empty() {
         return Ok(None);
