@@ -37,7 +37,7 @@ const MAX_DEPTH: usize = 16;
 /// Side files whose handle is kept open from validation to copy; beyond that (a directory
 /// of thousands of files must not exhaust the open-files limit) a file is reopened for the
 /// copy and must still be the very file that was checked (device, inode, size, mtime).
-const MAX_HELD: usize = 256;
+const MAX_HELD: usize = 64;
 /// A `config.json` larger than this is copied without its dtype updated.
 const MAX_CONFIG_EDIT: u64 = 16 << 20;
 /// Copy buffer.

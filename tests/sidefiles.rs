@@ -442,3 +442,59 @@ fn dtype_flag_updates_the_dtype_in_config_json_and_nothing_else() {
         assert_eq!(fs::read_to_string(out.join("config.json")).unwrap(), CONFIG);
     }
 }
+
+/// More side files than expo keeps open (64): the rest are reopened for the copy and must
+/// still be the files checked.
+fn many_side_files(dpo: &Path) -> Vec<String> {
+    fs::create_dir_all(dpo.join("tok")).unwrap();
+    (0..80)
+        .map(|i| {
+            let name = format!("tok/f{i:03}.txt");
+            fs::write(dpo.join(&name), format!("file {i}\n")).unwrap();
+            name
+        })
+        .collect()
+}
+
+#[test]
+fn a_sweep_copies_every_side_file_into_every_output() {
+    let s = Scratch::new();
+    let (sft, dpo) = pair(&s);
+    let names = many_side_files(&dpo);
+    let template = s.out("expo-{alpha}");
+    extrapolate(&sft, &dpo, "0.1,0.2", &template).assert_ok();
+    for a in ["0.1", "0.2"] {
+        let out = s.out(&format!("expo-{a}"));
+        for name in names
+            .iter()
+            .map(String::as_str)
+            .chain(["config.json", "tokenizer.json"])
+        {
+            assert_eq!(
+                fs::read(out.join(name)).unwrap(),
+                fs::read(dpo.join(name)).unwrap(),
+                "{a}: {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_side_file_beyond_the_open_handles_replaced_during_the_run_is_an_error() {
+    let s = Scratch::new();
+    let (sft, dpo) = pair(&s);
+    let names = many_side_files(&dpo);
+    let last = names.last().unwrap().clone();
+    let out = s.out("expo");
+    let paused = Paused::start(&args(&sft, &dpo, &out), "side-files-copy", &s.path("fp"));
+    let tmp = dpo.join("tok/new.tmp");
+    fs::write(&tmp, "other\n").unwrap();
+    fs::rename(&tmp, dpo.join(&last)).unwrap();
+    let (code, err) = paused.finish();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("{last} was replaced by another file")),
+        "{err}"
+    );
+    s.assert_no_output();
+}
