@@ -653,6 +653,18 @@ impl InputRecord {
     }
 }
 
+/// See [`Provenance::base_models`].
+fn base_model_ids(sft: &InputRecord, aligned: &InputRecord, card: &CardMetadata) -> Vec<String> {
+    let mut ids: Vec<String> = match &sft.hub_id {
+        Some(id) => vec![id.clone()],
+        None => card.base_models.clone(),
+    };
+    ids.extend(aligned.hub_id.clone());
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| card::is_hub_id(id) && seen.insert(id.clone()));
+    ids
+}
+
 /// Tensor counts by treatment.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct TensorCounts {
@@ -720,14 +732,7 @@ impl Provenance {
     /// there (the Hub would read `/abs/path` as an invalid id and `org/name` as an unrelated
     /// repo); the card's body and `expo.json` name them.
     pub fn base_models(&self, theta1_card: &CardMetadata) -> Vec<String> {
-        let mut ids: Vec<String> = match &self.sft.hub_id {
-            Some(id) => vec![id.clone()],
-            None => theta1_card.base_models.clone(),
-        };
-        ids.extend(self.aligned.hub_id.clone());
-        let mut seen = std::collections::HashSet::new();
-        ids.retain(|id| card::is_hub_id(id) && seen.insert(id.clone()));
-        ids
+        base_model_ids(&self.sft, &self.aligned, theta1_card)
     }
 
     /// The model card: YAML front matter for the Hub (`base_model` ids, θ1's card metadata
@@ -876,6 +881,47 @@ mod tests {
         side(&["Vocab.txt", "vocab.txt"])
             .check_output_names(["model.safetensors"])
             .unwrap();
+    }
+
+    fn record(given: &str, hub_id: Option<&str>) -> InputRecord {
+        InputRecord {
+            given: given.into(),
+            path: given.into(),
+            files: Vec::new(),
+            tensors: 0,
+            bytes: 0,
+            hub_id: hub_id.map(String::from),
+            revision: None,
+            commit: None,
+        }
+    }
+
+    #[test]
+    fn base_model_holds_hub_ids_only() {
+        let card = CardMetadata {
+            base_models: vec!["org/sft".into(), "org/older".into()],
+            ..CardMetadata::default()
+        };
+        let none = CardMetadata::default();
+        let local_sft = record("/data/sft", None);
+        let local_dpo = record("dpo", None);
+        let hub_sft = record("org/sft", Some("org/sft"));
+        let hub_dpo = record("org/dpo", Some("org/dpo"));
+        // θ0's Hub id wins over θ1's card; θ1's id last; duplicates once.
+        assert_eq!(
+            base_model_ids(&hub_sft, &hub_dpo, &card),
+            ["org/sft", "org/dpo"]
+        );
+        assert_eq!(
+            base_model_ids(&local_sft, &hub_dpo, &card),
+            ["org/sft", "org/older", "org/dpo"]
+        );
+        assert_eq!(
+            base_model_ids(&local_sft, &local_dpo, &card),
+            ["org/sft", "org/older"]
+        );
+        assert_eq!(base_model_ids(&hub_sft, &local_dpo, &none), ["org/sft"]);
+        assert!(base_model_ids(&local_sft, &local_dpo, &none).is_empty());
     }
 
     /// What bash makes of a line: its words, through `printf '%s\0'`.
