@@ -388,6 +388,16 @@ impl SideFiles {
         Ok(())
     }
 
+    /// [`SideFiles::check_output_names`] for the weight files and index of `plan`.
+    pub fn check_plan(&self, plan: &crate::plan::Plan) -> Result<(), SideFileError> {
+        self.check_output_names(
+            plan.shards
+                .iter()
+                .map(|s| s.file_name.as_str())
+                .chain(plan.index.as_ref().map(|(n, _)| n.as_str())),
+        )
+    }
+
     /// Checks that no two files of the output share a name: the weight files and index of
     /// the plan (`weight_names`), the model card and provenance expo writes, and the side
     /// files. A name that is another's directory (`weights` and `weights/a.safetensors`)
