@@ -468,9 +468,8 @@ impl SideFiles {
     /// Copies the side files into `dest` (creating subdirectories), from the handles opened
     /// at validation, and fsyncs each. Fails, naming the file, if one changed since it was
     /// checked. New files get the usual permissions (0666 less the umask).
-    pub fn copy_into(&self, dest: &Path) -> Result<u64, SideFileError> {
+    pub fn copy_into(&self, dest: &Path) -> Result<(), SideFileError> {
         crate::failpoint::pause("side-files-copy");
-        let mut bytes = 0;
         for (rel, opened) in self.copy.iter().zip(&self.opened) {
             crate::interrupt::check()?;
             let dst = dest.join(rel);
@@ -480,7 +479,6 @@ impl SideFiles {
             let mut output = create_new(&dst)?;
             if let Some(edited) = &opened.edited {
                 output.write_all(edited).map_err(io_err(&dst, "write"))?;
-                bytes += edited.len() as u64;
                 verify(opened, None)?;
             } else {
                 let reopened;
@@ -491,12 +489,12 @@ impl SideFiles {
                         &reopened
                     }
                 };
-                bytes += copy_range(file, opened, &mut output, &dst)?;
+                copy_range(file, opened, &mut output, &dst)?;
                 verify(opened, Some(file))?;
             }
             output.sync_all().map_err(io_err(&dst, "fsync"))?;
         }
-        Ok(bytes)
+        Ok(())
     }
 }
 /// Reopens a side file whose handle was not kept, checking it is the file validated.
@@ -533,7 +531,7 @@ fn copy_range(
     opened: &Opened,
     out: &mut impl Write,
     dst: &Path,
-) -> Result<u64, SideFileError> {
+) -> Result<(), SideFileError> {
     let len = opened.stamp.len;
     let mut buf = vec![0u8; usize::try_from(len).map_or(CHUNK, |l| l.min(CHUNK)).max(1)];
     let mut off = 0u64;
@@ -554,7 +552,7 @@ fn copy_range(
         out.write_all(&buf[..n]).map_err(io_err(dst, "write"))?;
         off += n as u64;
     }
-    Ok(off)
+    Ok(())
 }
 
 /// Fails if the file changed since validation: through its handle (size, mtime), and at
