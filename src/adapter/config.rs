@@ -133,9 +133,25 @@ impl AdapterConfig {
             path: CONFIG_NAME.into(),
             reason: e.to_string(),
         };
-        let entries: Entries<Value> = serde_json::from_str(text).map_err(json_err)?;
-        let get = |name: &str| entries.0.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        // Raw values first: nested objects must keep their document order.
+        let raw: Entries<Box<serde_json::value::RawValue>> =
+            serde_json::from_str(text).map_err(json_err)?;
+        let mut values = Vec::with_capacity(raw.0.len());
+        for (k, v) in &raw.0 {
+            values.push((
+                k.clone(),
+                serde_json::from_str::<Value>(v.get()).map_err(json_err)?,
+            ));
+        }
+        let get = |name: &str| values.iter().find(|(k, _)| k == name).map(|(_, v)| v);
         let present = |name: &str| get(name).filter(|v| !v.is_null());
+        let raw_of = |name: &str| {
+            raw.0
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.get())
+                .filter(|_| present(name).is_some())
+        };
 
         if let Some(t) = present("peft_type") {
             if t.as_str() != Some("LORA") {
@@ -225,8 +241,8 @@ impl AdapterConfig {
                 });
             }
         }
-        let rank_pattern = patterns(present("rank_pattern"), "rank_pattern", true)?;
-        let alpha_pattern = patterns(present("alpha_pattern"), "alpha_pattern", false)?;
+        let rank_pattern = patterns(raw_of("rank_pattern"), "rank_pattern", true)?;
+        let alpha_pattern = patterns(raw_of("alpha_pattern"), "alpha_pattern", false)?;
         let target_modules = present("target_modules").map(|v| match v {
             Value::String(s) => s.clone(),
             Value::Array(a) => a
@@ -294,17 +310,17 @@ impl AdapterConfig {
     }
 }
 
-fn patterns(v: Option<&Value>, name: &str, integer: bool) -> Result<Vec<Pattern>, ConfigError> {
-    let Some(v) = v else { return Ok(Vec::new()) };
-    let Value::Object(_) = v else {
-        return Err(field(
-            name,
-            format!("must be an object of regex → number, found {v}"),
-        ));
+fn patterns(raw: Option<&str>, name: &str, integer: bool) -> Result<Vec<Pattern>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
     };
-    // Re-read in document order (serde_json's map sorts keys).
-    let entries: Entries<Value> =
-        serde_json::from_value(v.clone()).map_err(|e| field(name, e.to_string()))?;
+    // Read in document order (serde_json's maps sort their keys).
+    let entries: Entries<Value> = serde_json::from_str(raw).map_err(|_| {
+        field(
+            name,
+            format!("must be an object of regex → number, found {}", raw.trim()),
+        )
+    })?;
     let mut out = Vec::with_capacity(entries.0.len());
     for (key, value) in entries.0 {
         let number = if integer {
