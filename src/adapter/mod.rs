@@ -7,6 +7,7 @@
 pub mod config;
 pub mod lora;
 pub mod names;
+pub mod rows;
 pub mod write;
 
 use std::fmt::Write as _;

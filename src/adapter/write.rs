@@ -6,7 +6,8 @@ use std::fs::File;
 use std::io::Write as _;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -567,9 +568,7 @@ pub fn write_model(
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent, "create directory"))?;
         }
-        let file = File::create_new(&path).map_err(io(&path, "create"))?;
-        file.set_len(shard.header.len() as u64 + shard.data_len)
-            .map_err(io(&path, "resize"))?;
+        let file = create_sized(&path, shard.header.len() as u64 + shard.data_len)?;
         file.write_all_at(&shard.header, 0)
             .map_err(io(&path, "write"))?;
         files.push((path, file));
@@ -668,41 +667,24 @@ pub fn write_model(
                 let (r0, r1) = (task.start as usize, task.end as usize);
                 let src_all = base.1.tensor(base.0, loc);
                 let src = &src_all[r0 * cols * d0.size()..r1 * cols * d0.size()];
-                let n = (r1 - r0) * cols;
-                buf.w.resize(n, 0.0);
-                decode_into(d0, src, &mut buf.w);
-                buf.v.resize(n, 0.0);
-                buf.acc.resize(cols, 0.0);
-                let c = 1.0 + alpha;
-                let s = f.scaling;
-                for (i, row) in (r0..r1).enumerate() {
-                    f.row(row, &mut buf.acc);
-                    let w = &buf.w[i * cols..(i + 1) * cols];
-                    let v = &mut buf.v[i * cols..(i + 1) * cols];
-                    match prepared.dora[module].as_deref() {
-                        None => {
-                            for ((v, &w), &d) in v.iter_mut().zip(w).zip(&buf.acc) {
-                                *v = w + c * (s * d);
-                            }
-                        }
-                        Some(g) => {
-                            // W1 = g · (W0 + ΔW), g = m / ‖W0 + ΔW‖ per output feature;
-                            // θ2 = (1+α)·W1 − α·W0.
-                            for (j, ((v, &w), &d)) in v.iter_mut().zip(w).zip(&buf.acc).enumerate()
-                            {
-                                let gj = match m.orientation {
-                                    Orientation::Linear | Orientation::Embedding => g[row],
-                                    Orientation::Conv1D => g[j],
-                                };
-                                let w1 = gj * (w + s * d);
-                                *v = c * w1 - alpha * w;
-                            }
-                        }
-                    }
+                buf.bytes.resize(src.len(), 0);
+                let job = super::rows::Rows {
+                    factors: f,
+                    w0: src,
+                    dtype: d0,
+                    first: r0,
+                    alpha,
+                    dora: prepared.dora[module].as_deref().map(|g| (g, m.orientation)),
+                };
+                let count = super::rows::weight_rows(&job, &mut buf.bytes, &mut buf.rows);
+                if count > 0 {
+                    return Err(WriteError::Overflow {
+                        tensor: t.name.clone(),
+                        count,
+                        dtype: d0,
+                        alpha,
+                    });
                 }
-                buf.bytes.resize(n * d0.size(), 0);
-                encode_into(d0, &buf.v, &mut buf.bytes);
-                check_new_nonfinite(&buf.w, &buf.v, d0, &buf.bytes, &t.name, alpha)?;
                 base.1.release(src);
                 &buf.bytes[..]
             }
@@ -712,12 +694,26 @@ pub fn write_model(
         on_progress(out.len() as u64);
         Ok(())
     };
-    pool.install(|| {
-        tasks
-            .par_iter()
-            .with_max_len(1)
-            .try_for_each_init(Bufs::default, |buf, task| run(task, buf))
-    })?;
+    // Tasks are handed out in file order from one counter; each worker keeps its buffers.
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let failure: Mutex<Option<WriteError>> = Mutex::new(None);
+    pool.broadcast(|_| {
+        let mut buf = Bufs::default();
+        while !failed.load(Ordering::Relaxed) {
+            let Some(task) = tasks.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return;
+            };
+            if let Err(e) = run(task, &mut buf) {
+                let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert(e);
+                failed.store(true, Ordering::Relaxed);
+            }
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
     for (path, file) in &files {
         file.sync_all().map_err(io(path, "fsync"))?;
     }
@@ -737,8 +733,8 @@ pub fn write_model(
 struct Bufs {
     w: Vec<f64>,
     v: Vec<f64>,
-    acc: Vec<f64>,
     bytes: Vec<u8>,
+    rows: super::rows::Scratch,
 }
 
 /// Fails when a finite θ0 value became non-finite in the output's dtype.
@@ -766,6 +762,21 @@ fn check_new_nonfinite(
         });
     }
     Ok(())
+}
+
+/// Creates a file at its final size, reserving its blocks when the filesystem can (so
+/// that positioned writes do not allocate, and a full disk fails early).
+fn create_sized(path: &Path, len: u64) -> Result<File, WriteError> {
+    use std::os::fd::AsRawFd;
+    let file = File::create_new(path).map_err(io(path, "create"))?;
+    if len > 0 {
+        // SAFETY: the descriptor is open for writing for the duration of the call.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if rc != 0 {
+            file.set_len(len).map_err(io(path, "resize"))?;
+        }
+    }
+    Ok(file)
 }
 
 /// Per output tensor α for `--as model`: rules match the base tensor names.
