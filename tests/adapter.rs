@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -942,4 +943,95 @@ fn dry_run_writes_nothing_and_describes_the_modules() {
         .arg("--dry-run")
         .assert_ok();
     s.assert_no_output();
+}
+
+#[test]
+fn inspect_lists_modules_and_says_whether_vllm_can_serve_it() {
+    let s = Scratch::new();
+    let l = llama(
+        &s,
+        Dtype::F32,
+        lora_config(2, 4.0, &["q_proj", "v_proj", "o_proj"]),
+    );
+    let o = expo(&[
+        OsStr::new("inspect"),
+        l.adapter.as_os_str(),
+        OsStr::new("--json"),
+    ])
+    .assert_ok();
+    let doc = o.json.unwrap();
+    assert_eq!(doc["kind"], "lora_adapter");
+    assert_eq!(doc["modules"].as_array().unwrap().len(), 3);
+    assert_eq!(doc["modules"][0]["scaling"], 2.0);
+    assert_eq!(doc["vllm"]["servable"], true, "{doc}");
+    let o = expo(&[OsStr::new("inspect"), l.adapter.as_os_str()]).assert_ok();
+    assert!(o.stdout.contains("vLLM: can serve it"), "{}", o.stdout);
+    assert!(o.stdout.contains(Q), "{}", o.stdout);
+
+    // Patterns, a trained bias and a full tensor: vLLM cannot serve it, and says why.
+    let mut config = lora_config(2, 4.0, &["q_proj"]);
+    config["alpha_pattern"] = json!({"q_proj": 8});
+    let mut tensors: Vec<Tensor> = l.adapter_tensors.values().cloned().collect();
+    tensors.push(Tensor::float(
+        &format!("{P}{Q}.lora_B.bias"),
+        Dtype::F32,
+        &[6],
+        &[0.1; 6],
+    ));
+    tensors.push(Tensor {
+        name: format!("{P}lm_head.weight"),
+        ..l.base_tensors["lm_head.weight"].clone()
+    });
+    let dir = write_adapter(&s.path("odd"), &config, &tensors);
+    let o = expo(&[OsStr::new("inspect"), dir.as_os_str(), OsStr::new("--json")]).assert_ok();
+    let doc = o.json.unwrap();
+    assert_eq!(doc["vllm"]["servable"], false);
+    let problems = doc["vllm"]["problems"].to_string();
+    for needle in ["alpha_pattern", "lm_head.weight", "lora_bias"] {
+        assert!(problems.contains(needle), "{needle}: {problems}");
+    }
+}
+
+#[test]
+fn diff_measures_each_update_from_its_factors() {
+    let s = Scratch::new();
+    let l = llama(
+        &s,
+        Dtype::F32,
+        lora_config(2, 4.0, &["q_proj", "v_proj", "o_proj"]),
+    );
+    let o = expo(&[
+        OsStr::new("diff"),
+        OsStr::new("--sft"),
+        l.base.as_os_str(),
+        OsStr::new("--aligned"),
+        l.adapter.as_os_str(),
+        OsStr::new("--json"),
+    ])
+    .assert_ok();
+    let doc = o.json.unwrap();
+    let (mut dtot, mut btot) = (0.0, 0.0);
+    for m in doc["modules"].as_array().unwrap() {
+        let name = m["tensor"].as_str().unwrap();
+        let module = name.strip_suffix(".weight").unwrap();
+        let w0 = l.base_tensors[name].values();
+        let shape = &l.base_tensors[name].shape;
+        let (a, b, r) = l.factors(module);
+        let p = product(&b, &a, shape[0], r, shape[1]);
+        let d = p.iter().map(|x| (2.0 * x) * (2.0 * x)).sum::<f64>();
+        let bn = w0.iter().map(|x| x * x).sum::<f64>();
+        dtot += d;
+        btot += bn;
+        let got = m["delta_norm"].as_f64().unwrap();
+        assert!(
+            (got - d.sqrt()).abs() <= 1e-12 * d.sqrt(),
+            "{name}: {got} vs {}",
+            d.sqrt()
+        );
+        let rc = m["relative_change"].as_f64().unwrap();
+        assert!((rc - d.sqrt() / bn.sqrt()).abs() <= 1e-12 * rc, "{name}");
+    }
+    let rc = doc["summary"]["relative_change"].as_f64().unwrap();
+    assert!((rc - dtot.sqrt() / btot.sqrt()).abs() <= 1e-12 * rc);
+    assert_eq!(doc["summary"]["premise_doubtful"], rc > 2e-3);
 }

@@ -578,6 +578,7 @@ pub fn analyze(
 }
 
 /// Decodes float elements to f64, exactly.
+#[inline(always)]
 pub fn decode_into(dtype: FloatDtype, bytes: &[u8], out: &mut [f64]) {
     match dtype {
         FloatDtype::BF16 => {
@@ -613,6 +614,7 @@ pub fn decode(dtype: FloatDtype, bytes: &[u8]) -> Vec<f64> {
 }
 
 /// Rounds f64 values once to `dtype` (to nearest even), little-endian.
+#[inline(always)]
 pub fn encode_into(dtype: FloatDtype, values: &[f64], out: &mut [u8]) {
     match dtype {
         FloatDtype::BF16 => {

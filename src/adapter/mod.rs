@@ -5,6 +5,7 @@
 //! factors scaled by 1+α), `--as model` as a full checkpoint laid out like --sft.
 
 pub mod config;
+pub mod inspect;
 pub mod lora;
 pub mod names;
 pub mod rows;

@@ -2,7 +2,7 @@
 //! with the rank-r sum in order (k = 0..r, no FMA) and rounded once.
 //!
 //! Rows are taken four at a time and columns eight at a time, so each load of `right`
-//! feeds four accumulators held in registers; the body is compiled once per instruction
+//! feeds eight accumulators held in registers; the body is compiled once per instruction
 //! set (portable, AVX2, AVX-512) and chosen at run time, like the extrapolation kernels.
 
 use crate::dtype::FloatDtype;
@@ -11,7 +11,7 @@ use crate::kernel::Isa;
 use super::lora::{decode_into, encode_into, Factors, Orientation};
 
 /// Rows per register block.
-const RB: usize = 4;
+const RB: usize = 8;
 /// Columns per register block.
 const CB: usize = 8;
 
@@ -31,6 +31,7 @@ pub struct Rows<'a> {
 #[derive(Default)]
 pub struct Scratch {
     acc: Vec<f64>,
+    lk: Vec<f64>,
     w: Vec<f64>,
     v: Vec<f64>,
 }
@@ -81,7 +82,7 @@ fn body(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
     let mut i0 = 0;
     while i0 < n {
         let nb = RB.min(n - i0);
-        products(f, job.first + i0, nb, &mut scratch.acc);
+        products(f, job.first + i0, nb, &mut scratch.acc, &mut scratch.lk);
         for i in 0..nb {
             let row = job.first + i0 + i;
             let src = &job.w0[(i0 + i) * cols * size..(i0 + i + 1) * cols * size];
@@ -120,37 +121,39 @@ fn body(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
 }
 
 /// acc[i·cols + c] = Σₖ left[k, row0 + i]·right[k, c] for i < nb, k in order.
+///
+/// A partial block (nb < RB) repeats its last row in the spare accumulators, whose
+/// results are not used.
 #[inline(always)]
-fn products(f: &Factors, row0: usize, nb: usize, acc: &mut [f64]) {
-    let (rows, cols, rank) = (f.rows, f.cols, f.rank);
-    let l = |k: usize, i: usize| f.left[k * rows + row0 + i];
-    if nb == RB {
-        let mut c0 = 0;
-        while c0 + CB <= cols {
-            let mut a = [[0.0f64; CB]; RB];
-            for k in 0..rank {
-                let rr: &[f64; CB] = f.right[k * cols + c0..k * cols + c0 + CB]
-                    .try_into()
-                    .unwrap_or(&[0.0; CB]);
-                for (i, ai) in a.iter_mut().enumerate() {
-                    let li = l(k, i);
-                    for x in 0..CB {
-                        ai[x] += li * rr[x];
-                    }
+fn products(f: &Factors, row0: usize, nb: usize, acc: &mut [f64], lk: &mut Vec<f64>) {
+    let (rows, cols) = (f.rows, f.cols);
+    // left[k, row0 + i] for k in order, RB at a time.
+    lk.clear();
+    for lrow in f.left.chunks_exact(rows).take(f.rank) {
+        for i in 0..RB {
+            lk.push(lrow[row0 + i.min(nb - 1)]);
+        }
+    }
+    let mut c0 = 0;
+    while c0 + CB <= cols {
+        let mut a = [[0.0f64; CB]; RB];
+        for (l, rrow) in lk.chunks_exact(RB).zip(f.right.chunks_exact(cols)) {
+            let Ok(rr) = <&[f64; CB]>::try_from(&rrow[c0..c0 + CB]) else {
+                continue;
+            };
+            for i in 0..RB {
+                for x in 0..CB {
+                    a[i][x] += l[i] * rr[x];
                 }
             }
-            for (i, ai) in a.iter().enumerate() {
-                acc[i * cols + c0..i * cols + c0 + CB].copy_from_slice(ai);
-            }
-            c0 += CB;
         }
-        for i in 0..RB {
-            tail(f, row0 + i, c0, &mut acc[i * cols..(i + 1) * cols]);
+        for (i, ai) in a.iter().enumerate().take(nb) {
+            acc[i * cols + c0..i * cols + c0 + CB].copy_from_slice(ai);
         }
-    } else {
-        for i in 0..nb {
-            tail(f, row0 + i, 0, &mut acc[i * cols..(i + 1) * cols]);
-        }
+        c0 += CB;
+    }
+    for i in 0..nb {
+        tail(f, row0 + i, c0, &mut acc[i * cols..(i + 1) * cols]);
     }
 }
 

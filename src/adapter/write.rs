@@ -446,7 +446,10 @@ fn make_tasks(layout: &ModelLayout, plan: &AdapterPlan) -> Vec<Task> {
                 Source::Weight { module, .. } => {
                     let cols = plan.modules[module].cols.max(1);
                     let rows = plan.modules[module].rows;
-                    (rows, (CHUNK_ELEMENTS / cols).max(1), cols * elem)
+                    // Whole register blocks of rows per task (see rows.rs).
+                    let step = (CHUNK_ELEMENTS / cols).max(1);
+                    let step = if step >= 8 { step / 8 * 8 } else { step };
+                    (rows, step, cols * elem)
                 }
                 Source::Full { .. } | Source::Bias { .. } => {
                     (t.shape.iter().product(), CHUNK_ELEMENTS, elem)
