@@ -26,10 +26,10 @@ const BASE_MODIFYING_INITS: [&str; 6] = ["pissa", "olora", "corda", "loftq", "lo
 /// What is wrong with an adapter config.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: reading it failed: {source}")]
+    #[error("{path}: reading it failed: {cause}")]
     Io {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} is larger than {limit} bytes; not an adapter config")]
     TooLarge {
@@ -96,9 +96,9 @@ pub struct AdapterConfig {
 impl AdapterConfig {
     /// Reads and validates `dir/adapter_config.json`.
     pub fn read(path: &Path) -> Result<AdapterConfig, ConfigError> {
-        let io = |source| ConfigError::Io {
+        let io = |cause| ConfigError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let file = crate::header::open_regular(path)
             .map_err(io)?

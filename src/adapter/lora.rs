@@ -482,6 +482,23 @@ pub fn analyze(
         let mut targets = vec![base_t.name.clone()];
         if tied && tied_group.contains(&base_t.name) {
             targets = tied_group.clone();
+            // Every stored copy of the tied matrix must be one the update fits.
+            for other in &targets {
+                if let Some((_, t)) = base.get(other) {
+                    if t.shape != base_t.shape || !matches!(t.dtype.class(), DtypeClass::Float(_)) {
+                        return Err(PlanError::BaseMismatch {
+                            tensor: fa.key.clone(),
+                            base: t.name.clone(),
+                            dtype: t.dtype.name().to_string(),
+                            shape: t.shape.clone(),
+                            problem: format!(
+                                "is tied to `{}` {:?} (tie_word_embeddings) but is not a float tensor of that shape",
+                                base_t.name, base_t.shape
+                            ),
+                        });
+                    }
+                }
+            }
         }
         for t in targets.iter().chain(base_bias.iter()) {
             if let Some(first) = owner.insert(t.clone(), path.clone()) {

@@ -27,11 +27,11 @@ const COPY_CHUNK_BYTES: u64 = 4 << 20;
 /// Errors while writing an output.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed: {cause}")]
     Io {
         path: PathBuf,
         op: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("tensor `{tensor}`: {count} values become infinite or NaN in {dtype} at alpha = {alpha} although the inputs are finite; use a smaller --alpha")]
     Overflow {
@@ -47,10 +47,10 @@ pub enum WriteError {
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> WriteError + 'a {
-    move |source| WriteError::Io {
+    move |cause| WriteError::Io {
         path: path.to_path_buf(),
         op,
-        source,
+        cause,
     }
 }
 
@@ -184,7 +184,7 @@ pub fn write_adapter(
     let file = w.into_inner().map_err(|e| WriteError::Io {
         path: path.clone(),
         op: "write",
-        source: e.into_error(),
+        cause: e.into_error(),
     })?;
     file.sync_all().map_err(io(&path, "fsync"))?;
     amaps.check_intact()?;
@@ -299,7 +299,14 @@ impl ModelLayout {
             }
         }
         for (i, f) in plan.full.iter().enumerate() {
-            if let Some((loc, _)) = f.base.as_deref().and_then(|b| base.get(b)) {
+            // A full tensor over a non-float base tensor keeps θ0's bytes.
+            let float_base = |b: &&str| base.get(b).is_some_and(|(_, t)| float(t.dtype).is_some());
+            if let Some((loc, _)) = f
+                .base
+                .as_deref()
+                .filter(float_base)
+                .and_then(|b| base.get(b))
+            {
                 role.insert(
                     f.base.as_deref().unwrap_or_default(),
                     Source::Full { full: i, base: loc },
@@ -724,7 +731,7 @@ pub fn write_model(
         crate::sidefiles::write_file(dir, name, bytes).map_err(|e| WriteError::Io {
             path: e.path,
             op: e.op,
-            source: e.source,
+            cause: e.source,
         })?;
     }
     adapter.1.check_intact()?;
