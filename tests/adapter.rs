@@ -690,7 +690,7 @@ fn lora_bias_and_full_tensors() {
     // modules_to_save: a full copy of lm_head, trained (f32).
     let head1: Vec<f64> = base_tensors[2].values().iter().map(|x| x + 0.01).collect();
     let head = Tensor::float(&format!("{P}lm_head.weight"), Dtype::F32, &[10, 4], &head1);
-    let mut config = lora_config(2, 2.0, &["up_proj"]);
+    let mut config = lora_config(2, 4.0, &["up_proj"]);
     config["lora_bias"] = json!(true);
     config["modules_to_save"] = json!(["lm_head"]);
     let adapter = write_adapter(
@@ -707,11 +707,11 @@ fn lora_bias_and_full_tensors() {
     let p = product(&b.values(), &a.values(), 6, 2, 4);
     assert_rounded(
         &got["model.layers.0.mlp.up_proj.weight"],
-        &merged(&base_tensors[0].values(), &p, 1.0, 0.5),
+        &merged(&base_tensors[0].values(), &p, 2.0, 0.5),
     );
     assert_rounded(
         &got["model.layers.0.mlp.up_proj.bias"],
-        &merged(&base_tensors[1].values(), &bb.values(), 1.0, 0.5),
+        &merged(&base_tensors[1].values(), &bb.values(), 2.0, 0.5),
     );
     let head2: Vec<f64> = base_tensors[2]
         .values()
