@@ -746,6 +746,8 @@ impl Search<'_> {
             quiet: true,
             json: false,
             warn_relative_change: f64::INFINITY,
+            // An adapter as --aligned makes adapter candidates (the default kind).
+            as_kind: None,
         }
     }
 
