@@ -1035,3 +1035,40 @@ fn diff_measures_each_update_from_its_factors() {
     assert!((rc - dtot.sqrt() / btot.sqrt()).abs() <= 1e-12 * rc);
     assert_eq!(doc["summary"]["premise_doubtful"], rc > 2e-3);
 }
+
+#[test]
+fn search_over_an_adapter_makes_adapter_candidates() {
+    let s = Scratch::new();
+    let l = llama(
+        &s,
+        Dtype::F32,
+        lora_config(2, 4.0, &["q_proj", "v_proj", "o_proj"]),
+    );
+    let script = s.path("eval.sh");
+    fs::write(
+        &script,
+        "#!/bin/sh\ntest -f \"$1/adapter_config.json\" || exit 125\nawk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"%.9f\\n\", -(a-0.3)*(a-0.3) }'\n",
+    )
+    .unwrap();
+    let o = expo(&["search"])
+        .arg("--sft")
+        .arg(&l.base)
+        .arg("--aligned")
+        .arg(&l.adapter)
+        .arg("--eval")
+        .arg(format!("sh '{}' {{output}}", script.display()))
+        .arg("--run")
+        .arg(s.out("run"))
+        .arg("--json")
+        .assert_ok();
+    let j = o.json.unwrap();
+    assert_eq!(j["status"], "resolved", "{j:#}");
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    let kept = s.out("run").join("alpha-0.3");
+    let reference = s.out("reference");
+    extrapolate(&l.base, &l.adapter, "0.3", &reference).assert_ok();
+    assert_eq!(
+        fs::read(kept.join("adapter_model.safetensors")).unwrap(),
+        fs::read(reference.join("adapter_model.safetensors")).unwrap()
+    );
+}

@@ -61,6 +61,35 @@ pub fn maybe_extrapolate(args: &ExtrapolateArgs) -> Result<Option<ExitCode>> {
     run(args, &env).map(Some)
 }
 
+/// For `expo search`: checks the adapter at `aligned` against `sft` as `extrapolate` does,
+/// and returns the size of one adapter candidate.
+pub fn check_for_search(sft: &Path, aligned: &Path, skip: &[AlphaRule]) -> Result<u64> {
+    let env = CacheEnv::from_process();
+    let (base, _) = hub::open_for("--sft checkpoint", sft, &env)?;
+    let (adapter, _, config) = open_adapter("--aligned adapter", aligned, &env)?;
+    let facts = BaseFacts::read(&base);
+    let skipped = |name: &str| skip.iter().any(|r| r.pattern.is_match(name));
+    let plan = lora::analyze(&adapter, &config, &base, &facts, &skipped).with_context(|| {
+        format!(
+            "applying adapter {} to --sft {}",
+            aligned.display(),
+            sft.display()
+        )
+    })?;
+    if let Some(m) = plan.modules.iter().find(|m| m.magnitude.is_some()) {
+        anyhow::bail!(
+            "--aligned {} is a DoRA adapter (module `{}`), which cannot be written as an adapter candidate",
+            aligned.display(),
+            m.path
+        );
+    }
+    Ok(adapter
+        .shards
+        .iter()
+        .map(|s| s.header.data_start + s.header.data_len)
+        .sum())
+}
+
 /// The α of a tensor named `name` under the rules (first match wins) in a run with `alpha`.
 fn alpha_for(rules: &[AlphaRule], alpha: f64, name: &str) -> f64 {
     rules
