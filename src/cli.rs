@@ -184,6 +184,18 @@ pub struct ExtrapolateArgs {
     /// alignment moved the model only a little is doubtful (see `expo diff`).
     #[arg(long, value_name = "R", default_value_t = crate::stats::DEFAULT_RELATIVE_CHANGE_WARNING, value_parser = parse_ratio)]
     pub warn_relative_change: f64,
+
+    /// When --aligned is a LoRA adapter: write θ2 as an adapter (B factors × (1+α)), or
+    /// as a full checkpoint laid out like --sft [default: the kind of --aligned].
+    #[arg(long = "as", value_enum, value_name = "KIND")]
+    pub as_kind: Option<AsKind>,
+}
+
+/// Values of `--as`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AsKind {
+    Adapter,
+    Model,
 }
 
 /// The θ2 options of a search (the same meaning as in `expo extrapolate`).

@@ -1,4 +1,5 @@
 //! expo: model extrapolation (ExPO) for safetensors checkpoints.
+pub mod adapter;
 pub mod alpha;
 pub mod checkpoint;
 pub mod cli;

@@ -17,6 +17,9 @@ use crate::stats::{self, Entry, Input, PairReport};
 /// Runs `expo diff`: open the checkpoints → pair their tensors → read and sum every pair
 /// → print → warn → summary line.
 pub fn run(args: &DiffArgs) -> Result<ExitCode> {
+    if let Some(code) = crate::adapter::inspect::maybe_diff(args)? {
+        return Ok(code);
+    }
     let started = Instant::now();
     let reporter = Reporter::new(args.quiet);
     let paths = args.inputs();

@@ -41,6 +41,9 @@ pub use crate::extrapolation::{Input, Output, Prepared, Produced};
 
 /// Runs `expo extrapolate`.
 pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
+    if let Some(code) = crate::adapter::maybe_extrapolate(args)? {
+        return Ok(code);
+    }
     let started = Instant::now();
     let reporter = Reporter::new(args.quiet);
     let mut prepared = prepare(args, &reporter)?;

@@ -12,6 +12,9 @@ pub use crate::report::inspect::{totals, Totals};
 
 /// Runs `expo inspect`: resolve the input, read its headers, print.
 pub fn run(args: &InspectArgs) -> Result<ExitCode> {
+    if let Some(code) = crate::adapter::inspect::maybe_inspect(args)? {
+        return Ok(code);
+    }
     let (ck, resolved) = hub::open_for("checkpoint", &args.path, &CacheEnv::from_process())?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.json {

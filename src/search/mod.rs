@@ -263,30 +263,36 @@ pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
     let (aligned, aligned_in) =
         crate::hub::open_for("--aligned checkpoint", &cfg.aligned, &cache_env)?;
     let rules: Vec<AlphaRule> = cfg.skip.iter().chain(&cfg.alpha_for).cloned().collect();
-    let plan = crate::plan::build_plan(
-        &sft,
-        &aligned,
-        &crate::plan::PlanOptions {
-            alpha: cfg
-                .settings
-                .first
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(Lat(0))
-                .to_f64(),
-            dtype: cfg.dtype.choice(),
-            max_shard_size: cfg.max_shard_size,
-            rules: rules.clone(),
-        },
-    )
-    .with_context(|| {
-        format!(
-            "pairing --sft {} with --aligned {}",
-            cfg.sft.display(),
-            cfg.aligned.display()
+    // An adapter as --aligned makes adapter candidates (checked as extrapolate checks them).
+    let candidate_bytes = if crate::adapter::is_adapter_dir(&aligned_in.path) {
+        crate::adapter::check_for_search(&cfg.sft, &cfg.aligned, &cfg.skip)?
+    } else {
+        crate::plan::build_plan(
+            &sft,
+            &aligned,
+            &crate::plan::PlanOptions {
+                alpha: cfg
+                    .settings
+                    .first
+                    .iter()
+                    .copied()
+                    .max()
+                    .unwrap_or(Lat(0))
+                    .to_f64(),
+                dtype: cfg.dtype.choice(),
+                max_shard_size: cfg.max_shard_size,
+                rules: rules.clone(),
+            },
         )
-    })?;
+        .with_context(|| {
+            format!(
+                "pairing --sft {} with --aligned {}",
+                cfg.sft.display(),
+                cfg.aligned.display()
+            )
+        })?
+        .output_bytes()
+    };
     let header = json!({
         "event": "header",
         "version": 1,
@@ -328,7 +334,7 @@ pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
     }
 
     if cfg.dry_run {
-        return dry_run(cfg, &plan, &aligned_in.path);
+        return dry_run(cfg, candidate_bytes, &aligned_in.path);
     }
 
     std::fs::create_dir_all(&cfg.run)
@@ -387,11 +393,7 @@ pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
     search.go()
 }
 
-fn dry_run(
-    cfg: &Config,
-    plan: &crate::plan::Plan,
-    aligned: &Path,
-) -> Result<std::process::ExitCode> {
+fn dry_run(cfg: &Config, candidate_bytes: u64, aligned: &Path) -> Result<std::process::ExitCode> {
     let mut err = std::io::stderr().lock();
     // The run directory: an existing directory, or one whose parent exists.
     let run_parent = existing_ancestor(&cfg.run);
@@ -400,15 +402,14 @@ fn dry_run(
     }
     let probe = alpha_path(&cfg.output, Lat(rule::UNITS));
     let out_parent = existing_ancestor(&probe);
-    let need = plan
-        .output_bytes()
+    let need = candidate_bytes
         .saturating_mul((cfg.jobs + cfg.keep.unwrap_or(cfg.settings.max_evals)) as u64);
     let free = free_bytes(&out_parent)
         .with_context(|| format!("checking free space in {}", out_parent.display()))?;
     writeln!(
         err,
         "expo: dry run: candidates of {} each; {} for {} jobs + {} kept, {} free in {}",
-        crate::report::bytes(plan.output_bytes()),
+        crate::report::bytes(candidate_bytes),
         crate::report::bytes(need),
         cfg.jobs,
         cfg.keep.map_or("all".to_string(), |k| k.to_string()),
@@ -449,7 +450,7 @@ fn dry_run(
         crate::report::print_json(&json!({
             "dry_run": true,
             "commands": commands,
-            "candidate_bytes": plan.output_bytes(),
+            "candidate_bytes": candidate_bytes,
             "needed_bytes": need,
             "free_bytes": free,
         }))?;
@@ -462,7 +463,7 @@ fn dry_run(
             crate::report::bytes(need),
             cfg.jobs,
             cfg.keep.map_or("all".into(), |k| k.to_string()),
-            crate::report::bytes(plan.output_bytes())
+            crate::report::bytes(candidate_bytes)
         );
     }
     Ok(std::process::ExitCode::SUCCESS)
@@ -746,6 +747,8 @@ impl Search<'_> {
             quiet: true,
             json: false,
             warn_relative_change: f64::INFINITY,
+            // An adapter as --aligned makes adapter candidates (the default kind).
+            as_kind: None,
         }
     }
 
