@@ -465,6 +465,14 @@ impl SideFiles {
         Ok(())
     }
 
+    /// Keeps only the files for which `keep` (given the path relative to the checkpoint
+    /// directory) is true, e.g. when another directory supplies some of the files.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Path) -> bool) {
+        let pairs: Vec<(PathBuf, Opened)> =
+            self.copy.drain(..).zip(self.opened.drain(..)).collect();
+        (self.copy, self.opened) = pairs.into_iter().filter(|(p, _)| keep(p)).unzip();
+    }
+
     /// Copies the side files into `dest` (creating subdirectories), from the handles opened
     /// at validation, and fsyncs each. Fails, naming the file, if one changed since it was
     /// checked. New files get the usual permissions (0666 less the umask).

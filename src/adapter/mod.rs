@@ -30,7 +30,7 @@ use crate::interrupt;
 use crate::output::{self, OutputTarget, StagingDir};
 use crate::plan::AlphaRule;
 use crate::report::{self, Reporter};
-use crate::sidefiles::{self, InputRecord};
+use crate::sidefiles::{self, InputRecord, SideFiles};
 
 use self::config::{AdapterConfig, CONFIG_NAME, WEIGHTS_NAME};
 use self::lora::{AdapterPlan, BaseFacts};
@@ -248,6 +248,9 @@ fn run(args: &ExtrapolateArgs, env: &CacheEnv) -> Result<ExitCode> {
     let layout = (kind == AsKind::Model)
         .then(|| ModelLayout::new(&inputs.base, &inputs.adapter, &inputs.plan));
     let side = side_files(kind, &inputs)?;
+    for warning in side.warnings() {
+        reporter.warn(warning);
+    }
 
     if args.dry_run {
         print_plan(
@@ -358,7 +361,7 @@ fn run(args: &ExtrapolateArgs, env: &CacheEnv) -> Result<ExitCode> {
             "as": kind_name(kind),
             "alphas": alphas,
             "adapter": adapter_json(&inputs),
-            "side_files": side.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+            "side_files": side.names(),
             "seconds": seconds,
             "warnings": reporter.warnings(),
             "outputs": summaries,
@@ -382,38 +385,53 @@ fn kind_name(kind: AsKind) -> &'static str {
     }
 }
 
-/// The side files to copy: (source root, relative path).
-fn side_files(kind: AsKind, inputs: &Inputs) -> Result<Vec<(PathBuf, PathBuf)>> {
-    let adapter_side = sidefiles::list_side_files(&inputs.adapter)?;
+/// The side files of an adapter run, opened and checked when the inputs are validated and
+/// copied from what was opened (see [`sidefiles`]): the adapter directory's files for
+/// `--as adapter`; for `--as model`, θ0's files, except that the adapter directory's
+/// tokenizer and chat-template files win (they belong to the aligned model), and no
+/// `adapter_config.json` is copied (transformers would load the output as an adapter).
+struct AdapterSide {
+    parts: Vec<SideFiles>,
+}
+
+impl AdapterSide {
+    /// The relative paths copied, sorted.
+    fn names(&self) -> Vec<&Path> {
+        let mut names: Vec<&Path> = self
+            .parts
+            .iter()
+            .flat_map(|p| p.copy.iter().map(PathBuf::as_path))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn copy_into(&self, dest: &Path) -> Result<(), sidefiles::SideFileError> {
+        self.parts.iter().try_for_each(|p| p.copy_into(dest))
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.parts.iter().flat_map(|p| p.warnings()).collect()
+    }
+}
+
+fn side_files(kind: AsKind, inputs: &Inputs) -> Result<AdapterSide> {
+    let mut adapter_side = sidefiles::list_side_files(&inputs.adapter)?;
     match kind {
-        AsKind::Adapter => Ok(adapter_side
-            .copy
-            .into_iter()
-            .map(|p| (inputs.adapter.root.clone(), p))
-            .collect()),
+        AsKind::Adapter => Ok(AdapterSide {
+            parts: vec![adapter_side],
+        }),
         AsKind::Model => {
-            let base_side = sidefiles::list_side_files(&inputs.base)?;
-            let from_adapter: Vec<PathBuf> = adapter_side
-                .copy
-                .into_iter()
-                .filter(|p| {
-                    p.parent() == Some(Path::new(""))
-                        && write::is_tokenizer_file(&p.to_string_lossy())
-                })
-                .collect();
-            let mut out: Vec<(PathBuf, PathBuf)> = base_side
-                .copy
-                .into_iter()
-                .filter(|p| !from_adapter.contains(p) && p.as_os_str() != CONFIG_NAME)
-                .map(|p| (inputs.base.root.clone(), p))
-                .collect();
-            out.extend(
-                from_adapter
-                    .into_iter()
-                    .map(|p| (inputs.adapter.root.clone(), p)),
-            );
-            out.sort_by(|a, b| a.1.cmp(&b.1));
-            Ok(out)
+            let mut base_side = sidefiles::list_side_files(&inputs.base)?;
+            let wins = |p: &Path| {
+                p.parent() == Some(Path::new("")) && write::is_tokenizer_file(&p.to_string_lossy())
+            };
+            adapter_side.retain(wins);
+            base_side.retain(|p| !wins(p) || !adapter_side.copy.iter().any(|a| a == p));
+            base_side.retain(|p| p.as_os_str() != CONFIG_NAME);
+            Ok(AdapterSide {
+                parts: vec![base_side, adapter_side],
+            })
         }
     }
 }
@@ -425,13 +443,11 @@ fn finish(
     inputs: &Inputs,
     o: &Output,
     rules: &[AlphaRule],
-    side: &[(PathBuf, PathBuf)],
+    side: &AdapterSide,
     layout: Option<&ModelLayout>,
     staging: &StagingDir,
 ) -> Result<()> {
-    for (root, rel) in side {
-        sidefiles::copy_side_files(root, std::slice::from_ref(rel), staging.path())?;
-    }
+    side.copy_into(staging.path())?;
     let base_rec = InputRecord::resolved(&inputs.base, &inputs.base_in);
     let adapter_rec = InputRecord::resolved(&inputs.adapter, &inputs.adapter_in);
     let rule_records: Vec<_> = rules
@@ -458,7 +474,7 @@ fn finish(
             let (changed, copied, added) = l.counts();
             json!({"total": l.tensors.len(), "changed": changed, "copied": copied, "added": added})
         }),
-        "side_files": side.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+        "side_files": side.names(),
         "command": std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
     });
     let mut bytes = serde_json::to_vec_pretty(&provenance)?;
@@ -479,7 +495,19 @@ fn model_card(
 ) -> String {
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut c = String::new();
-    let _ = writeln!(c, "---\nbase_model:\n- {}", q(base.base_model()));
+    // `base_model` holds Hugging Face ids only: θ0's Hub id, or the one the adapter's config
+    // names; a local path is not an id (it stays in the card body and expo.json).
+    let base_id = base.hub_id.clone().or_else(|| {
+        inputs
+            .config
+            .base_model_name_or_path
+            .clone()
+            .filter(|id| sidefiles::card::is_hub_id(id))
+    });
+    let _ = writeln!(c, "---");
+    if let Some(id) = base_id {
+        let _ = writeln!(c, "base_model:\n- {}", q(&id));
+    }
     if kind == AsKind::Adapter {
         let _ = writeln!(c, "library_name: peft");
         let _ = writeln!(c, "base_model_relation: adapter");
@@ -595,7 +623,7 @@ fn print_plan(
     inputs: &Inputs,
     outputs: &[Output],
     layout: Option<&ModelLayout>,
-    side: &[(PathBuf, PathBuf)],
+    side: &AdapterSide,
     reporter: &Reporter,
 ) -> Result<()> {
     let modules: Vec<_> = inputs
@@ -634,7 +662,7 @@ fn print_plan(
             "modules": modules,
             "full_tensors": full,
             "files": layout.map(|l| l.shards.iter().map(|s| &s.file_name).collect::<Vec<_>>()),
-            "side_files": side.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+            "side_files": side.names(),
             "warnings": reporter.warnings(),
         });
         report::print_json(&doc)?;
@@ -708,11 +736,12 @@ fn print_plan(
     let _ = writeln!(
         s,
         "  side files: {}",
-        if side.is_empty() {
+        if side.names().is_empty() {
             "none".to_string()
         } else {
-            side.iter()
-                .map(|(_, p)| p.display().to_string())
+            side.names()
+                .iter()
+                .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
         }

@@ -44,6 +44,8 @@ pub enum WriteError {
     Interrupted,
     #[error(transparent)]
     Input(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Side(#[from] crate::sidefiles::SideFileError),
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> WriteError + 'a {
@@ -753,11 +755,7 @@ pub fn write_model(
         file.sync_all().map_err(io(path, "fsync"))?;
     }
     if let Some((name, bytes)) = &layout.index {
-        crate::sidefiles::write_file(dir, name, bytes).map_err(|e| WriteError::Io {
-            path: e.path,
-            op: e.op,
-            cause: e.source,
-        })?;
+        crate::sidefiles::write_file(dir, name, bytes)?;
     }
     adapter.1.check_intact()?;
     base.1.check_intact()?;
