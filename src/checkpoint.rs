@@ -1,6 +1,9 @@
 //! Finding a checkpoint's weight files and validating all of their headers.
 //!
-//! A checkpoint is a directory in Hugging Face layout or a single `.safetensors` file. Only
+//! A checkpoint is a directory in Hugging Face layout, a single `.safetensors` file, or an
+//! index file. In a directory, expo reads what transformers' `from_pretrained` reads:
+//! `model.safetensors` when it is there, else the index (including transformers' variant
+//! names, `model.safetensors.index.<variant>.json`), else the one `*.safetensors` file. Only
 //! headers are read here; tensor data is mapped later, by the engine.
 
 use std::collections::{BTreeMap, HashMap};
@@ -14,6 +17,9 @@ use crate::header::{read_header, Header, HeaderError, TensorInfo};
 
 /// Largest `*.safetensors.index.json` accepted, in bytes.
 pub const MAX_INDEX_LEN: u64 = 256 * 1024 * 1024;
+
+/// The single-file name transformers reads first.
+pub const SINGLE_NAME: &str = "model.safetensors";
 
 /// Weight formats expo does not read; their presence explains a missing safetensors file.
 pub const FOREIGN_WEIGHT_EXTENSIONS: [&str; 8] =
@@ -72,19 +78,25 @@ pub struct Checkpoint {
     pub layout: Layout,
     /// Weight files, sorted by name.
     pub shards: Vec<Shard>,
+    /// Things the user should know about how the checkpoint was read (e.g. an index that
+    /// was ignored); the command prints them as warnings.
+    pub warnings: Vec<String>,
     by_name: HashMap<String, TensorLoc>,
 }
 
-/// What can be wrong with a checkpoint as a whole.
+/// What can be wrong with a checkpoint as a whole. Messages are complete on their own (no
+/// variant also returns its cause from `source()`), so each cause is printed once.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path} does not exist")]
     NotFound { path: PathBuf },
-    #[error("{path}: reading it failed: {source}")]
+    #[error("{path}: reading it failed: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    #[error("{path} is not a safetensors index (an index is named like model.safetensors.index.json or model.safetensors.index.<variant>.json); give the checkpoint directory, its index or a .safetensors file")]
+    NotAnIndex { path: PathBuf },
     #[error("{dir} holds several safetensors indexes ({}); point at the one to use, e.g. {}", found.join(", "), dir.join(&found[0]).display())]
     AmbiguousIndex { dir: PathBuf, found: Vec<String> },
     #[error("{dir} holds several safetensors files and no index ({}); point at the one to use, e.g. {}", found.join(", "), dir.join(&found[0]).display())]
@@ -130,28 +142,30 @@ pub enum CheckpointError {
         first: String,
         second: String,
     },
-    #[error("{path}: {source}")]
-    Header { path: PathBuf, source: HeaderError },
+    #[error("{path}: {error}")]
+    Header { path: PathBuf, error: HeaderError },
 }
 
 impl Checkpoint {
     /// Finds the weights at `given` and validates every header.
     pub fn open(given: &Path) -> Result<Checkpoint, CheckpointError> {
-        let meta = fs::metadata(given).map_err(|source| match source.kind() {
+        let meta = fs::metadata(given).map_err(|error| match error.kind() {
             std::io::ErrorKind::NotFound => CheckpointError::NotFound {
                 path: given.to_path_buf(),
             },
             _ => CheckpointError::Io {
                 path: given.to_path_buf(),
-                source,
+                error,
             },
         })?;
         if meta.is_dir() {
             let found = discover(given)?;
-            match found {
+            let mut ck = match found.pick {
                 Found::Index(name) => open_indexed(given, given, &name, true),
                 Found::Single(name) => open_single(given, given, &name, true),
-            }
+            }?;
+            ck.warnings = found.warnings;
+            Ok(ck)
         } else {
             let file_name = given
                 .file_name()
@@ -161,8 +175,12 @@ impl Checkpoint {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),
             };
-            if file_name.ends_with(".safetensors.index.json") {
+            if is_index_name(&file_name) {
                 open_indexed(given, &root, &file_name, false)
+            } else if file_name.to_ascii_lowercase().ends_with(".json") {
+                Err(CheckpointError::NotAnIndex {
+                    path: given.to_path_buf(),
+                })
             } else if let Some(ext) = foreign_extension(&file_name) {
                 Err(CheckpointError::ForeignFile {
                     path: given.to_path_buf(),
@@ -222,6 +240,28 @@ enum Found {
     Single(String),
 }
 
+/// What discovery picked in a directory, and what the user should be told about it.
+struct Discovered {
+    pick: Found,
+    warnings: Vec<String>,
+}
+
+/// True for the name of a safetensors index: `*.safetensors.index.json`, or transformers'
+/// variant form `*.safetensors.index.<variant>.json` (`model.safetensors.index.fp16.json`,
+/// whose shards are `model.fp16-00001-of-00002.safetensors`).
+pub fn is_index_name(name: &str) -> bool {
+    if name.ends_with(".safetensors.index.json") {
+        return true;
+    }
+    let Some(stem) = name.strip_suffix(".json") else {
+        return false;
+    };
+    match stem.split_once(".safetensors.index.") {
+        Some((base, variant)) => !base.is_empty() && !variant.is_empty() && !variant.contains('/'),
+        None => false,
+    }
+}
+
 fn foreign_extension(name: &str) -> Option<&'static str> {
     let ext = Path::new(name).extension()?.to_str()?;
     FOREIGN_WEIGHT_EXTENSIONS
@@ -229,12 +269,13 @@ fn foreign_extension(name: &str) -> Option<&'static str> {
         .find(|e| e.eq_ignore_ascii_case(ext))
 }
 
-/// Applies the discovery order: the one index, else `model.safetensors`, else the one
-/// `*.safetensors`.
-fn discover(dir: &Path) -> Result<Found, CheckpointError> {
-    let io_err = |source| CheckpointError::Io {
+/// Applies the discovery order of transformers' `from_pretrained`: `model.safetensors`,
+/// else the one index, else the one `*.safetensors`. An index beside `model.safetensors`
+/// is ignored with a warning, as transformers ignores it.
+fn discover(dir: &Path) -> Result<Discovered, CheckpointError> {
+    let io_err = |error| CheckpointError::Io {
         path: dir.to_path_buf(),
-        source,
+        error,
     };
     let mut indexes = Vec::new();
     let mut weights = Vec::new();
@@ -249,7 +290,7 @@ fn discover(dir: &Path) -> Result<Found, CheckpointError> {
         if !is_file || name.starts_with('.') {
             continue;
         }
-        if name.ends_with(".safetensors.index.json") {
+        if is_index_name(&name) {
             indexes.push(name);
         } else if name.ends_with(".safetensors") {
             weights.push(name);
@@ -260,8 +301,28 @@ fn discover(dir: &Path) -> Result<Found, CheckpointError> {
     indexes.sort();
     weights.sort();
     foreign.sort();
+    let found = |pick| Discovered {
+        pick,
+        warnings: Vec::new(),
+    };
+    if weights.iter().any(|w| w == SINGLE_NAME) {
+        let warnings = indexes
+            .iter()
+            .map(|index| {
+                format!(
+                    "{} holds both {SINGLE_NAME} and {index}; reading {SINGLE_NAME}, as transformers does (give {} to read the shards it names instead)",
+                    dir.display(),
+                    dir.join(index).display()
+                )
+            })
+            .collect();
+        return Ok(Discovered {
+            pick: Found::Single(SINGLE_NAME.to_string()),
+            warnings,
+        });
+    }
     match indexes.len() {
-        1 => return Ok(Found::Index(indexes.remove(0))),
+        1 => return Ok(found(Found::Index(indexes.remove(0)))),
         0 => {}
         _ => {
             return Err(CheckpointError::AmbiguousIndex {
@@ -270,11 +331,8 @@ fn discover(dir: &Path) -> Result<Found, CheckpointError> {
             })
         }
     }
-    if weights.iter().any(|w| w == "model.safetensors") {
-        return Ok(Found::Single("model.safetensors".to_string()));
-    }
     match weights.len() {
-        1 => Ok(Found::Single(weights.remove(0))),
+        1 => Ok(found(Found::Single(weights.remove(0)))),
         0 if !foreign.is_empty() => Err(CheckpointError::ForeignWeights {
             dir: dir.to_path_buf(),
             found: foreign,
@@ -291,13 +349,13 @@ fn discover(dir: &Path) -> Result<Found, CheckpointError> {
 
 fn read_shard(root: &Path, name: &str) -> Result<Shard, CheckpointError> {
     let path = root.join(name);
-    let header = read_header(&path).map_err(|source| match source {
-        HeaderError::Io { source } if source.kind() == std::io::ErrorKind::NotFound => {
+    let header = read_header(&path).map_err(|error| match error {
+        HeaderError::Io { error } if error.kind() == std::io::ErrorKind::NotFound => {
             CheckpointError::NotFound { path: path.clone() }
         }
-        source => CheckpointError::Header {
+        error => CheckpointError::Header {
             path: path.clone(),
-            source,
+            error,
         },
     })?;
     let identity = fs::metadata(&path).ok().map(|m| file_identity(&m));
@@ -329,6 +387,7 @@ fn open_single(
         is_dir,
         layout: Layout::Single,
         shards: vec![shard],
+        warnings: Vec::new(),
         by_name,
     })
 }
@@ -340,10 +399,19 @@ struct RawIndex {
     weight_map: crate::header::Entries<String>,
 }
 
-/// A shard name from an index must stay inside the checkpoint directory.
-fn is_plain_relative(name: &str) -> bool {
-    let path = Path::new(name);
-    !name.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)))
+/// A shard name from an index, normalised (`./model-1.safetensors`, as some writers put it
+/// and transformers loads, is `model-1.safetensors`); `None` for a name that could leave the
+/// checkpoint directory (`..`, an absolute path) or names nothing.
+fn normalize_shard_name(name: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    for c in Path::new(name).components() {
+        match c {
+            Component::Normal(part) => parts.push(part.to_str()?),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
 }
 
 fn open_indexed(
@@ -353,9 +421,9 @@ fn open_indexed(
     is_dir: bool,
 ) -> Result<Checkpoint, CheckpointError> {
     let index_path = root.join(index_name);
-    let io_err = |source| CheckpointError::Io {
+    let io_err = |error| CheckpointError::Io {
         path: index_path.clone(),
-        source,
+        error,
     };
     let file = crate::header::open_regular(&index_path)
         .map_err(io_err)?
@@ -382,13 +450,13 @@ fn open_indexed(
     let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut shard_of: HashMap<String, String> = HashMap::new();
     for (tensor, shard) in raw.weight_map.0 {
-        if !is_plain_relative(&shard) {
+        let Some(shard) = normalize_shard_name(&shard) else {
             return Err(CheckpointError::UnsafeShardPath {
                 index: index_path,
                 tensor,
                 shard,
             });
-        }
+        };
         if let Some(first) = shard_of.get(&tensor) {
             return Err(CheckpointError::TensorInTwoShards {
                 index: index_path,
@@ -457,6 +525,7 @@ fn open_indexed(
             metadata: raw.metadata.unwrap_or_default(),
         },
         shards,
+        warnings: Vec::new(),
         by_name,
     })
 }
@@ -467,12 +536,52 @@ mod tests {
 
     #[test]
     fn shard_names_must_stay_inside() {
-        assert!(is_plain_relative("model-00001-of-00002.safetensors"));
-        assert!(is_plain_relative("sub/model.safetensors"));
-        assert!(!is_plain_relative("../model.safetensors"));
-        assert!(!is_plain_relative("/etc/passwd"));
-        assert!(!is_plain_relative("a/../../b"));
-        assert!(!is_plain_relative(""));
+        let n = |s: &str| normalize_shard_name(s);
+        assert_eq!(
+            n("model-00001-of-00002.safetensors").as_deref(),
+            Some("model-00001-of-00002.safetensors")
+        );
+        assert_eq!(
+            n("sub/model.safetensors").as_deref(),
+            Some("sub/model.safetensors")
+        );
+        assert_eq!(n("./model.safetensors").as_deref(), Some("model.safetensors"));
+        assert_eq!(n("./sub/./a.safetensors").as_deref(), Some("sub/a.safetensors"));
+        for bad in [
+            "../model.safetensors",
+            "/etc/passwd",
+            "a/../../b",
+            "./../a",
+            "a/..",
+            "",
+            ".",
+            "./",
+        ] {
+            assert_eq!(n(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn index_names_include_transformers_variants() {
+        for yes in [
+            "model.safetensors.index.json",
+            "diffusion_pytorch_model.safetensors.index.json",
+            "model.safetensors.index.fp16.json",
+            "model.safetensors.index.ema.json",
+        ] {
+            assert!(is_index_name(yes), "{yes}");
+        }
+        for no in [
+            "config.json",
+            "model.safetensors",
+            "model.safetensors.index..json",
+            ".safetensors.index.fp16.json",
+            "model.safetensors.json",
+            "model.bin.index.json",
+            "model.safetensors.index.fp16.json.bak",
+        ] {
+            assert!(!is_index_name(no), "{no}");
+        }
     }
 
     #[test]

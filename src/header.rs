@@ -1,10 +1,24 @@
 //! Parsing and validating one safetensors header.
 //!
-//! Headers are untrusted: the length prefix is capped before anything is allocated, every
-//! size is computed with checked arithmetic, and the data section must be exactly tiled by
-//! the tensors (no gaps, no overlaps, nothing trailing), which is what the reference loader
-//! requires too. Unlike the `safetensors` crate, a name that appears twice in one header is
-//! an error instead of silently keeping the last entry.
+//! **What is a valid header is decided by the `safetensors` crate**, the code behind every
+//! loader expo's users run (Python's `safe_open` and `load_file`, transformers, vLLM,
+//! candle): the header text is deserialized into the crate's own
+//! [`safetensors::tensor::Metadata`], which is exactly the parse and validation that
+//! `SafeTensors::read_metadata` runs (dtype names, shapes, offsets in order and tiling, size
+//! arithmetic). `read_metadata` wants the whole file in memory; expo reads only the 8-byte
+//! prefix and the header, so it applies read_metadata's checks on those itself: the same
+//! 100 MB cap on the header length, the header inside the file, and the tensors ending
+//! exactly at the end of the file. On top of that come expo's stricter rules, listed in
+//! [`STRICTER_RULES`] and applied in [`check_stricter_rules`]: these are the only headers the
+//! crate accepts and expo refuses (the test `tests/header_crate.rs` checks this on generated
+//! and mutated headers).
+//!
+//! When the crate refuses a header, its error often names no tensor; [`explain`] then finds
+//! the tensor and the reason, so that the message says what to fix. It only words the
+//! error: whether a header is accepted never depends on it.
+//!
+//! Headers are untrusted: the length prefix is capped before anything is allocated, and the
+//! memory used is a small multiple of the header's size.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -12,17 +26,31 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::dtype::Dtype;
 
-/// Largest header accepted, in bytes (the reference implementation's limit).
+/// Largest header accepted, in bytes (the `safetensors` crate's limit).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
 
 /// The header key that holds free-form string metadata.
 pub const METADATA_KEY: &str = "__metadata__";
+
+/// The rules by which expo is stricter than the `safetensors` crate, each with the reason.
+/// Every other header is accepted exactly when the crate accepts it.
+pub const STRICTER_RULES: [(&str, &str); 2] = [
+    (
+        "a tensor name appears only once in a header",
+        "the crate keeps the last entry and silently drops the others, so the file means \
+         different things to different readers",
+    ),
+    (
+        "the file is a regular file (not a FIFO, device or directory)",
+        "a hostile checkpoint must not make expo block or read forever; checked before any read",
+    ),
+];
 
 /// One tensor's entry in a header, with offsets relative to the start of the data section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,9 +84,10 @@ impl TensorInfo {
 /// A validated safetensors header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
-    /// The `__metadata__` map, if the header had one.
+    /// The `__metadata__` map, if the header had one (`null` counts as none, as in the
+    /// crate: MLX writes it whenever there is no metadata).
     pub metadata: Option<BTreeMap<String, String>>,
-    /// Tensors in data order (ascending offsets).
+    /// Tensors in data order (ascending offsets; zero-sized tensors at one offset by name).
     pub tensors: Vec<TensorInfo>,
     /// Absolute file offset of the data section (8 + header length).
     pub data_start: u64,
@@ -66,28 +95,27 @@ pub struct Header {
     pub data_len: u64,
 }
 
-/// Everything that can be wrong with a safetensors header.
+/// Everything that can be wrong with a safetensors header. Messages are complete on their
+/// own: no variant also returns its cause from `source()`, so a cause is printed once.
 #[derive(Debug, thiserror::Error)]
 pub enum HeaderError {
-    #[error("file is {file_len} bytes, too short for a safetensors header (needs at least 8)")]
+    #[error("file is {file_len} bytes, too short for a safetensors header (needs at least 8; truncated download?)")]
     TooShort { file_len: u64 },
     #[error("header length {header_len} exceeds the limit of {limit} bytes (corrupt file?)")]
     TooLarge { header_len: u64, limit: u64 },
     #[error("header length {header_len} runs past the end of the {file_len}-byte file (truncated download?)")]
     PastEnd { header_len: u64, file_len: u64 },
-    #[error("header is not valid UTF-8: {source}")]
-    Utf8 { source: std::str::Utf8Error },
-    #[error("header is not valid JSON: {source}")]
-    Json { source: serde_json::Error },
-    #[error("header is not a JSON object of tensors")]
-    NotAnObject,
-    #[error("tensor `{tensor}` appears twice in the header")]
+    #[error("header is not valid UTF-8: {error}")]
+    Utf8 { error: std::str::Utf8Error },
+    #[error("header is not valid JSON: {error}")]
+    Json { error: serde_json::Error },
+    #[error("tensor `{tensor}` appears twice in the header (the safetensors library would silently keep the last one; re-save the checkpoint)")]
     DuplicateTensor { tensor: String },
     #[error("`__metadata__` must map strings to strings, found {found}")]
     InvalidMetadata { found: String },
     #[error("tensor `{tensor}`: invalid entry: {reason}")]
     InvalidEntry { tensor: String, reason: String },
-    #[error("tensor `{tensor}`: unknown dtype `{dtype}`")]
+    #[error("tensor `{tensor}`: unknown dtype `{dtype}` (the safetensors format defines {})", known_dtypes())]
     UnknownDtype { tensor: String, dtype: String },
     #[error("tensor `{tensor}`: shape {shape:?} has too many elements")]
     ShapeOverflow { tensor: String, shape: Vec<u64> },
@@ -115,10 +143,26 @@ pub enum HeaderError {
     },
     #[error("the tensors cover {covered} bytes but the data section holds {data_len} (truncated or padded file?)")]
     DataLength { covered: u64, data_len: u64 },
-    #[error("reading the header: {source}")]
-    Io { source: std::io::Error },
+    /// The `safetensors` crate refused the header for a reason [`explain`] cannot word
+    /// better (e.g. JSON nested deeper than its parser allows).
+    #[error("the safetensors library refuses the header: {reason}")]
+    Refused { reason: String },
+    #[error("reading the header: {error}")]
+    Io { error: std::io::Error },
     #[error("not a regular file")]
     NotAFile,
+}
+
+impl HeaderError {
+    /// True for the errors of expo's [`STRICTER_RULES`], the only ones raised for a header
+    /// that the `safetensors` crate accepts.
+    pub fn is_stricter_rule(&self) -> bool {
+        matches!(self, HeaderError::DuplicateTensor { .. } | HeaderError::NotAFile)
+    }
+}
+
+fn known_dtypes() -> String {
+    Dtype::ALL.map(|d| d.name()).join(", ")
 }
 
 /// Reads and validates the header of the safetensors file at `path`.
@@ -126,18 +170,18 @@ pub enum HeaderError {
 /// Only the header is read; tensor data is not touched.
 pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     let mut file = open_regular(path)
-        .map_err(|source| HeaderError::Io { source })?
+        .map_err(|error| HeaderError::Io { error })?
         .ok_or(HeaderError::NotAFile)?;
     let file_len = file
         .metadata()
-        .map_err(|source| HeaderError::Io { source })?
+        .map_err(|error| HeaderError::Io { error })?
         .len();
     if file_len < 8 {
         return Err(HeaderError::TooShort { file_len });
     }
     let mut prefix = [0u8; 8];
     file.read_exact(&mut prefix)
-        .map_err(|source| HeaderError::Io { source })?;
+        .map_err(|error| HeaderError::Io { error })?;
     let header_len = u64::from_le_bytes(prefix);
     if header_len > MAX_HEADER_LEN {
         return Err(HeaderError::TooLarge {
@@ -154,7 +198,7 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     // Bounded by MAX_HEADER_LEN and by the file's real size.
     let mut bytes = vec![0u8; header_len as usize];
     file.read_exact(&mut bytes)
-        .map_err(|source| HeaderError::Io { source })?;
+        .map_err(|error| HeaderError::Io { error })?;
     parse_header(&bytes, file_len)
 }
 
@@ -173,13 +217,9 @@ pub fn open_regular(path: &Path) -> std::io::Result<Option<File>> {
     Ok(Some(file))
 }
 
-/// Validates header bytes (without the 8-byte length prefix) for a file of `file_len` bytes.
+/// Validates header bytes (without the 8-byte length prefix) for a file of `file_len` bytes:
+/// the `safetensors` crate's validation, then expo's [`STRICTER_RULES`].
 pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> {
-    let text = std::str::from_utf8(bytes).map_err(|source| HeaderError::Utf8 { source })?;
-    // Entries are kept as borrowed raw JSON and parsed one at a time, so memory stays a
-    // small multiple of the header's size (a generic JSON tree costs over 20×).
-    let raw: RawHeader<'_> =
-        serde_json::from_str(text).map_err(|source| HeaderError::Json { source })?;
     let data_start = 8 + bytes.len() as u64;
     let data_len = file_len
         .checked_sub(data_start)
@@ -187,25 +227,115 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> 
             header_len: bytes.len() as u64,
             file_len,
         })?;
+    let text = std::str::from_utf8(bytes).map_err(|error| HeaderError::Utf8 { error })?;
 
+    // 1. The crate's own parse and validation, as in `SafeTensors::read_metadata`.
+    let meta: safetensors::tensor::Metadata = match serde_json::from_str(text) {
+        Ok(meta) => meta,
+        Err(e) => {
+            return Err(explain(text, data_len).unwrap_or(HeaderError::Refused {
+                reason: e.to_string(),
+            }))
+        }
+    };
+    // read_metadata's last check: the tensors end exactly where the file does.
+    let covered = meta.data_len() as u64;
+    if covered != data_len {
+        return Err(explain(text, data_len).unwrap_or(HeaderError::DataLength { covered, data_len }));
+    }
+
+    // 2. The crate's result in expo's types.
+    let mut tensors = Vec::new();
+    for name in meta.offset_keys() {
+        let Some(info) = meta.info(&name) else {
+            continue;
+        };
+        let Some(dtype) = Dtype::from_safetensors(info.dtype) else {
+            return Err(HeaderError::UnknownDtype {
+                tensor: name,
+                dtype: info.dtype.to_string(),
+            });
+        };
+        tensors.push(TensorInfo {
+            name,
+            dtype,
+            shape: info.shape.iter().map(|&d| d as u64).collect(),
+            start: info.data_offsets.0 as u64,
+            end: info.data_offsets.1 as u64,
+        });
+    }
+    // Zero-sized tensors at one offset come in hash order from the crate: sort them by name,
+    // so that the same file always gives the same order.
+    tensors.sort_by(|a, b| (a.start, a.end, &a.name).cmp(&(b.start, b.end, &b.name)));
+    let metadata = meta
+        .metadata()
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    drop(meta);
+
+    // 3. expo's stricter rules.
+    check_stricter_rules(text, tensors.len())?;
+    Ok(Header {
+        metadata,
+        tensors,
+        data_start,
+        data_len,
+    })
+}
+
+/// Applies the header rules of [`STRICTER_RULES`] to a header the crate accepted with
+/// `tensors` distinct tensor names. (The regular-file rule is applied by [`read_header`]
+/// before anything is read.)
+fn check_stricter_rules(text: &str, tensors: usize) -> Result<(), HeaderError> {
+    // A tensor name given twice: the crate keeps one entry per name, so more keys than
+    // tensors means a repeated name. Counting allocates nothing; naming it is for errors.
+    let keys: KeyCount =
+        serde_json::from_str(text).map_err(|error| HeaderError::Json { error })?;
+    if keys.tensors > tensors {
+        return Err(find_duplicate(text)?.unwrap_or(HeaderError::DuplicateTensor {
+            tensor: String::new(),
+        }));
+    }
+    Ok(())
+}
+
+/// The first key of the header given twice, as an error.
+fn find_duplicate(text: &str) -> Result<Option<HeaderError>, HeaderError> {
+    let raw: Entries<IgnoredAny> =
+        serde_json::from_str(text).map_err(|error| HeaderError::Json { error })?;
     let mut seen = HashSet::with_capacity(raw.0.len());
-    let mut metadata = None;
+    for (name, _) in raw.0 {
+        if !seen.insert(name.clone()) {
+            return Ok(Some(HeaderError::DuplicateTensor { tensor: name }));
+        }
+    }
+    Ok(None)
+}
+
+/// Says what is wrong with a header the crate refused, naming the tensor: the first problem
+/// found, checking in the order a reader would (names, metadata, each entry, then the
+/// tiling of the data section of `data_len` bytes). `None` when it finds nothing, and then
+/// the crate's own message is used.
+pub fn explain(text: &str, data_len: u64) -> Option<HeaderError> {
+    let raw: Entries<&RawValue> = match serde_json::from_str(text) {
+        Ok(raw) => raw,
+        Err(error) => return Some(HeaderError::Json { error }),
+    };
+    let mut seen = HashSet::with_capacity(raw.0.len());
     let mut tensors = Vec::with_capacity(raw.0.len());
     for (name, value) in raw.0 {
         if !seen.insert(name.clone()) {
-            return Err(HeaderError::DuplicateTensor { tensor: name });
+            return Some(HeaderError::DuplicateTensor { tensor: name });
         }
-        if name == METADATA_KEY {
-            let value =
-                serde_json::from_str(value.get()).map_err(|source| HeaderError::Json { source })?;
-            metadata = Some(parse_metadata(value)?);
+        let checked = if name == METADATA_KEY {
+            check_metadata(value)
         } else {
-            tensors.push(parse_entry(name, value)?);
+            parse_entry(name, value).map(|t| tensors.push(t))
+        };
+        if let Err(e) = checked {
+            return Some(e);
         }
     }
-
-    // Zero-sized tensors sort before anything else at the same offset, so the tiling check
-    // below accepts them wherever they sit.
     tensors.sort_by(|a, b| (a.start, a.end, &a.name).cmp(&(b.start, b.end, &b.name)));
     let mut cursor = 0u64;
     for t in &tensors {
@@ -218,7 +348,7 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> 
                     t.start - cursor
                 )
             };
-            return Err(HeaderError::Layout {
+            return Some(HeaderError::Layout {
                 tensor: t.name.clone(),
                 start: t.start,
                 expected_desc,
@@ -226,34 +356,32 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> 
         }
         cursor = t.end;
     }
-    if cursor != data_len {
-        return Err(HeaderError::DataLength {
-            covered: cursor,
-            data_len,
-        });
-    }
-    Ok(Header {
-        metadata,
-        tensors,
-        data_start,
+    (cursor != data_len).then_some(HeaderError::DataLength {
+        covered: cursor,
         data_len,
     })
 }
 
-fn parse_metadata(value: serde_json::Value) -> Result<BTreeMap<String, String>, HeaderError> {
-    let serde_json::Value::Object(map) = value else {
-        return Err(HeaderError::InvalidMetadata {
-            found: json_kind(&value).to_string(),
-        });
+fn check_metadata(value: &RawValue) -> Result<(), HeaderError> {
+    let value: serde_json::Value =
+        serde_json::from_str(value.get()).map_err(|error| HeaderError::Json { error })?;
+    let map = match value {
+        serde_json::Value::Null => return Ok(()),
+        serde_json::Value::Object(map) => map,
+        other => {
+            return Err(HeaderError::InvalidMetadata {
+                found: json_kind(&other).to_string(),
+            })
+        }
     };
-    map.into_iter()
-        .map(|(k, v)| match v {
-            serde_json::Value::String(s) => Ok((k, s)),
-            other => Err(HeaderError::InvalidMetadata {
-                found: format!("{} for key `{k}`", json_kind(&other)),
-            }),
-        })
-        .collect()
+    for (k, v) in map {
+        if !v.is_string() {
+            return Err(HeaderError::InvalidMetadata {
+                found: format!("{} for key `{k}`", json_kind(&v)),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -330,13 +458,45 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// The top-level header object with its entries in file order, duplicates kept so that
-/// they can be reported; values stay unparsed slices of the header text.
-struct RawHeader<'a>(Vec<(String, &'a RawValue)>);
+/// The number of top-level keys of a header other than `__metadata__`, counted without
+/// allocating.
+struct KeyCount {
+    tensors: usize,
+}
 
-impl<'de> Deserialize<'de> for RawHeader<'de> {
+impl<'de> Deserialize<'de> for KeyCount {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Entries::deserialize(deserializer).map(|e| RawHeader(e.0))
+        struct IsMetadataKey(bool);
+        impl<'de> Deserialize<'de> for IsMetadataKey {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl Visitor<'_> for V {
+                    type Value = IsMetadataKey;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a string")
+                    }
+                    fn visit_str<E>(self, v: &str) -> Result<IsMetadataKey, E> {
+                        Ok(IsMetadataKey(v == METADATA_KEY))
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+        struct CountVisitor;
+        impl<'de> Visitor<'de> for CountVisitor {
+            type Value = KeyCount;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<KeyCount, A::Error> {
+                let mut tensors = 0;
+                while let Some((key, IgnoredAny)) = map.next_entry::<IsMetadataKey, IgnoredAny>()? {
+                    tensors += usize::from(!key.0);
+                }
+                Ok(KeyCount { tensors })
+            }
+        }
+        deserializer.deserialize_map(CountVisitor)
     }
 }
 

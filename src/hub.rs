@@ -28,6 +28,10 @@ pub const DEFAULT_REVISION: &str = "main";
 /// Longest Hub repo id, as `huggingface_hub` validates it.
 const MAX_REPO_ID_LEN: usize = 96;
 
+/// Largest `refs/` file read, in bytes: a ref holds one 40-digit commit hash (and maybe a
+/// newline); anything much longer is not a ref, and is neither read whole nor printed.
+pub const MAX_REF_LEN: u64 = 1024;
+
 /// Where a Hub input came from: the id, the revision asked for and the commit it resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubRef {
@@ -97,7 +101,7 @@ pub enum HubError {
     },
     #[error("`{spec}`: `{revision}` is not a valid revision (a branch, tag or commit hash)")]
     InvalidRevision { spec: String, revision: String },
-    #[error("{}: reading it failed: {reason}", path.display())]
+    #[error("{}: {reason}", path.display())]
     BadRef { path: PathBuf, reason: String },
     #[error("`{spec}` is not a local path, and the Hugging Face cache cannot be located: none of HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME or HOME is set")]
     NoCacheDir { spec: String },
@@ -296,15 +300,15 @@ fn find_commit(repo_dir: &Path, repo_id: &str, revision: &str) -> Result<String,
     }
     let ref_path = repo_dir.join("refs").join(revision);
     if ref_path.is_file() {
-        let text = fs::read_to_string(&ref_path).map_err(|e| HubError::BadRef {
-            path: ref_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let text = read_ref(&ref_path)?;
         let commit = text.trim();
         if !is_full_commit(commit) {
             return Err(HubError::BadRef {
                 path: ref_path,
-                reason: format!("`{commit}` is not a commit hash"),
+                reason: format!(
+                    "{} is not a commit hash (a ref holds the 40 hex digits of one); download the revision again",
+                    short_quote(commit)
+                ),
             });
         }
         let snapshot = snapshots.join(commit);
@@ -347,6 +351,38 @@ fn find_commit(repo_dir: &Path, repo_id: &str, revision: &str) -> Result<String,
         available,
         looked_in: repo_dir.to_path_buf(),
     })
+}
+
+/// Reads a `refs/` file, at most [`MAX_REF_LEN`] bytes of it, refusing anything that is
+/// not a regular file (without blocking on a FIFO).
+fn read_ref(path: &Path) -> Result<String, HubError> {
+    use std::io::Read;
+    let bad = |reason: String| HubError::BadRef {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = crate::header::open_regular(path)
+        .map_err(|e| bad(format!("reading it failed: {e}")))?
+        .ok_or_else(|| bad("not a regular file, so not a ref".into()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_REF_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(format!("reading it failed: {e}")))?;
+    if bytes.len() as u64 > MAX_REF_LEN {
+        return Err(bad(format!(
+            "it is larger than {MAX_REF_LEN} bytes, so it is not a ref (a ref holds one 40-digit commit hash); download the revision again"
+        )));
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `text` quoted for a message, cut to a few dozen characters.
+fn short_quote(text: &str) -> String {
+    const MAX: usize = 48;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}…", &text[..cut]),
+        None => format!("{text:?}"),
+    }
 }
 
 /// Commit hashes of the cached snapshots, sorted.

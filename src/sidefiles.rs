@@ -285,7 +285,7 @@ fn walk(
             .extension()
             .and_then(|e| e.to_str())
             .unwrap_or("");
-        if lower.ends_with(".safetensors") || lower.ends_with(".safetensors.index.json") {
+        if lower.ends_with(".safetensors") || crate::checkpoint::is_index_name(&lower) {
             out.skipped_weights.push(rel_path);
             continue;
         }

@@ -61,6 +61,9 @@ pub fn prepare<'a>(args: &'a ExtrapolateArgs, reporter: &Reporter) -> Result<Pre
     // --skip rules come first: a skipped tensor stays θ1's whatever --alpha-for says.
     let rules: Vec<AlphaRule> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
     let inputs = open_inputs(args)?;
+    for w in inputs.iter().flat_map(|i| &i.checkpoint.warnings) {
+        reporter.warn(w);
+    }
     let outputs = plan_outputs(args, &rules, &inputs)?;
     warn_about_inputs(reporter, &args.alpha.0, &inputs);
     let matches = rule_matches(&outputs[0].plan, rules.len());
