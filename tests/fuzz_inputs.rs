@@ -1326,8 +1326,12 @@ fn a_large_header_costs_a_small_multiple_of_its_size() {
     let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
     assert_eq!(ck.len(), 40_000);
     let ratio = peak as f64 / header.len() as f64;
+    // The header's bytes (1×) plus the safetensors crate's parse, which buffers every entry
+    // (serde's `flatten`) and peaks at about 8.4× the header; expo's own bookkeeping comes
+    // after that peak. 12× leaves room for allocator rounding, and still catches anything
+    // that grows with the header faster than that.
     assert!(
-        ratio < 8.0,
+        ratio < 12.0,
         "opening a {}-byte header took {peak} bytes at peak ({ratio:.1}× its size)",
         header.len()
     );
