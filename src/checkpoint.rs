@@ -545,8 +545,14 @@ mod tests {
             n("sub/model.safetensors").as_deref(),
             Some("sub/model.safetensors")
         );
-        assert_eq!(n("./model.safetensors").as_deref(), Some("model.safetensors"));
-        assert_eq!(n("./sub/./a.safetensors").as_deref(), Some("sub/a.safetensors"));
+        assert_eq!(
+            n("./model.safetensors").as_deref(),
+            Some("model.safetensors")
+        );
+        assert_eq!(
+            n("./sub/./a.safetensors").as_deref(),
+            Some("sub/a.safetensors")
+        );
         for bad in [
             "../model.safetensors",
             "/etc/passwd",

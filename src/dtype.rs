@@ -221,7 +221,10 @@ mod tests {
         let err = serde_json::from_str::<safetensors::Dtype>("\"NOT_A_DTYPE\"")
             .unwrap_err()
             .to_string();
-        let list = err.split("expected one of").nth(1).expect("serde lists variants");
+        let list = err
+            .split("expected one of")
+            .nth(1)
+            .expect("serde lists variants");
         list.split(',')
             .map(|s| s.trim().trim_matches('`').to_string())
             .map(|s| s.split('`').next().unwrap_or("").to_string())
@@ -234,8 +237,7 @@ mod tests {
         let names = crate_dtype_names();
         assert!(names.len() >= 22, "{names:?}");
         for name in &names {
-            let theirs: safetensors::Dtype =
-                serde_json::from_str(&format!("\"{name}\"")).unwrap();
+            let theirs: safetensors::Dtype = serde_json::from_str(&format!("\"{name}\"")).unwrap();
             let ours = Dtype::from_safetensors(theirs)
                 .unwrap_or_else(|| panic!("expo does not know the dtype {name}"));
             assert_eq!(ours.name(), name);

@@ -115,7 +115,10 @@ pub enum HeaderError {
     InvalidMetadata { found: String },
     #[error("tensor `{tensor}`: invalid entry: {reason}")]
     InvalidEntry { tensor: String, reason: String },
-    #[error("tensor `{tensor}`: unknown dtype `{dtype}` (the safetensors format defines {})", known_dtypes())]
+    #[error(
+        "tensor `{tensor}`: unknown dtype `{dtype}` (the safetensors format defines {})",
+        known_dtypes()
+    )]
     UnknownDtype { tensor: String, dtype: String },
     #[error("tensor `{tensor}`: shape {shape:?} has too many elements")]
     ShapeOverflow { tensor: String, shape: Vec<u64> },
@@ -157,7 +160,10 @@ impl HeaderError {
     /// True for the errors of expo's [`STRICTER_RULES`], the only ones raised for a header
     /// that the `safetensors` crate accepts.
     pub fn is_stricter_rule(&self) -> bool {
-        matches!(self, HeaderError::DuplicateTensor { .. } | HeaderError::NotAFile)
+        matches!(
+            self,
+            HeaderError::DuplicateTensor { .. } | HeaderError::NotAFile
+        )
     }
 }
 
@@ -241,7 +247,9 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> 
     // read_metadata's last check: the tensors end exactly where the file does.
     let covered = meta.data_len() as u64;
     if covered != data_len {
-        return Err(explain(text, data_len).unwrap_or(HeaderError::DataLength { covered, data_len }));
+        return Err(
+            explain(text, data_len).unwrap_or(HeaderError::DataLength { covered, data_len })
+        );
     }
 
     // 2. The crate's result in expo's types.
@@ -289,12 +297,13 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> 
 fn check_stricter_rules(text: &str, tensors: usize) -> Result<(), HeaderError> {
     // A tensor name given twice: the crate keeps one entry per name, so more keys than
     // tensors means a repeated name. Counting allocates nothing; naming it is for errors.
-    let keys: KeyCount =
-        serde_json::from_str(text).map_err(|error| HeaderError::Json { error })?;
+    let keys: KeyCount = serde_json::from_str(text).map_err(|error| HeaderError::Json { error })?;
     if keys.tensors > tensors {
-        return Err(find_duplicate(text)?.unwrap_or(HeaderError::DuplicateTensor {
-            tensor: String::new(),
-        }));
+        return Err(
+            find_duplicate(text)?.unwrap_or(HeaderError::DuplicateTensor {
+                tensor: String::new(),
+            }),
+        );
     }
     Ok(())
 }
@@ -671,6 +680,72 @@ mod tests {
             let err = parse_header(&h, len).unwrap_err().to_string();
             assert!(err.contains(expect), "{header}: {err}");
         }
+    }
+
+    #[test]
+    fn null_metadata_is_no_metadata() {
+        let (h, len) = file_with(
+            r#"{"__metadata__":null,"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
+            1,
+        );
+        let header = parse_header(&h, len).unwrap();
+        assert_eq!(header.metadata, None);
+        assert_eq!(header.tensors.len(), 1);
+    }
+
+    #[test]
+    fn every_fp8_variant_parses() {
+        for d in [
+            "F8_E4M3FNUZ",
+            "F8_E5M2FNUZ",
+            "F8_E8M0",
+            "F8_E4M3",
+            "F8_E5M2",
+        ] {
+            let header = format!(r#"{{"a":{{"dtype":"{d}","shape":[2],"data_offsets":[0,2]}}}}"#);
+            let (h, len) = file_with(&header, 2);
+            let parsed = parse_header(&h, len).unwrap();
+            assert_eq!(parsed.tensors[0].dtype.name(), d);
+        }
+    }
+
+    #[test]
+    fn the_crates_nameless_refusals_are_worded_with_the_tensor() {
+        // The crate says "invalid shape, data type, or offset for tensor" without a name.
+        let (h, len) = file_with(
+            r#"{"z":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"F32","shape":[3],"data_offsets":[1,5]}}"#,
+            5,
+        );
+        let err = parse_header(&h, len).unwrap_err().to_string();
+        assert!(
+            err.contains("tensor `w`") && err.contains("needs 12 bytes"),
+            "{err}"
+        );
+        // Nesting deeper than the crate's JSON parser allows has nothing better to say.
+        let deep = format!(
+            r#"{{"a":{{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":{}1{}}}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let (h, len) = file_with(&deep, 1);
+        let err = parse_header(&h, len).unwrap_err();
+        assert!(matches!(err, HeaderError::Refused { .. }), "{err}");
+        assert!(err.to_string().contains("recursion limit"), "{err}");
+    }
+
+    #[test]
+    fn zero_sized_tensors_at_one_offset_come_in_name_order() {
+        let (h, len) = file_with(
+            r#"{"c":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
+            1,
+        );
+        let names: Vec<String> = parse_header(&h, len)
+            .unwrap()
+            .tensors
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["a", "c", "b"]);
     }
 
     #[test]

@@ -175,7 +175,11 @@ struct Counts {
 
 #[test]
 fn expo_accepts_a_header_iff_the_safetensors_crate_does_except_for_its_stricter_rules() {
-    assert_eq!(STRICTER_RULES.len(), 2, "update this test with the rule list");
+    assert_eq!(
+        STRICTER_RULES.len(),
+        2,
+        "update this test with the rule list"
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     let cases = std::env::var("PROPTEST_CASES")
@@ -280,5 +284,8 @@ fn a_repeated_name_is_the_stricter_rule_the_crate_lacks() {
     let path = dir.path().join("x.safetensors");
     fs::write(&path, &bytes).unwrap();
     let err = read_header(&path).unwrap_err();
-    assert!(matches!(&err, HeaderError::DuplicateTensor { tensor } if tensor == "a"), "{err}");
+    assert!(
+        matches!(&err, HeaderError::DuplicateTensor { tensor } if tensor == "a"),
+        "{err}"
+    );
 }

@@ -515,14 +515,26 @@ fn a_huge_ref_file_is_refused_without_being_read_or_printed() {
     fs::write(&ref_path, "a".repeat(4 << 20)).unwrap();
     let run = f.extrapolate(SFT, "org/dpo-model@big").assert_fails(
         1,
-        &[&ref_path.display().to_string(), "larger than 1024 bytes", "not a ref"],
+        &[
+            &ref_path.display().to_string(),
+            "larger than 1024 bytes",
+            "not a ref",
+        ],
     );
-    assert!(run.stderr.len() < 1000, "{} bytes of error", run.stderr.len());
+    assert!(
+        run.stderr.len() < 1000,
+        "{} bytes of error",
+        run.stderr.len()
+    );
 
     // A short ref that is not a commit is quoted, cut to a few dozen characters.
     fs::write(&ref_path, "z".repeat(600)).unwrap();
     let run = f
         .extrapolate(SFT, "org/dpo-model@big")
         .assert_fails(1, &["is not a commit hash", "…"]);
-    assert!(run.stderr.len() < 1000, "{} bytes of error", run.stderr.len());
+    assert!(
+        run.stderr.len() < 1000,
+        "{} bytes of error",
+        run.stderr.len()
+    );
 }

@@ -52,7 +52,12 @@ fn a_null_metadata_is_no_metadata() {
     assert_eq!(got.shards[0].metadata, None, "no metadata in, none out");
     assert_tensors_eq(&got.tensors, &reference(&t0s, &t1s, 0.3, None), None);
     expo(&["inspect".as_ref(), s.path("dpo").as_os_str()]).assert_ok();
-    expo(&["diff".as_ref(), s.path("sft").as_os_str(), s.path("dpo").as_os_str()]).assert_ok();
+    expo(&[
+        "diff".as_ref(),
+        s.path("sft").as_os_str(),
+        s.path("dpo").as_os_str(),
+    ])
+    .assert_ok();
 }
 
 /// θ0 and θ1 with bf16 weights plus one tensor of each ROCm FP8 dtype, whose bytes differ.
@@ -110,7 +115,12 @@ fn write_variant(dir: &Path, tensors: &[Tensor]) -> Vec<(String, Vec<Tensor>)> {
     let files: Vec<(String, Vec<Tensor>)> = groups
         .iter()
         .enumerate()
-        .map(|(k, g)| (format!("model.fp16-{:05}-of-00002.safetensors", k + 1), g.clone()))
+        .map(|(k, g)| {
+            (
+                format!("model.fp16-{:05}-of-00002.safetensors", k + 1),
+                g.clone(),
+            )
+        })
         .collect();
     for (name, ts) in &files {
         write_st(&dir.join(name), ts, Some(pt_metadata()));
@@ -201,12 +211,21 @@ fn index_entries_with_a_dot_slash_prefix_are_read() {
     assert_tensors_eq(&got.tensors, &reference(&t0s, &t1s, 0.3, None), None);
 
     // Still confined to the checkpoint directory.
-    let first = index["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
+    let first = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
     index["weight_map"][&first] = "./../sft/model.safetensors".into();
     fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
     extrapolate(&sft, &dpo, "0.3", &s.out("escape")).assert_fails(
         1,
-        &["./../sft/model.safetensors", "not a plain relative file name"],
+        &[
+            "./../sft/model.safetensors",
+            "not a plain relative file name",
+        ],
     );
 }
 
@@ -237,7 +256,10 @@ fn model_safetensors_is_read_before_an_index_as_transformers_does() {
         run.stderr
     );
     let got = read_checkpoint(&out);
-    assert_eq!(list_dir(&out), ["README.md", "expo.json", "model.safetensors"]);
+    assert_eq!(
+        list_dir(&out),
+        ["README.md", "expo.json", "model.safetensors"]
+    );
     assert_tensors_eq(&got.tensors, &reference(&t0s, &t1s, 0.3, None), None);
 }
 
@@ -251,9 +273,43 @@ fn a_bad_header_is_reported_once_naming_the_file() {
     let mut bytes = fs::read(&file).unwrap();
     bytes[8] = b'[';
     fs::write(&file, bytes).unwrap();
-    let run = extrapolate(&sft, &dpo, "0.3", &s.out("o"))
-        .assert_fails(1, &[&file.display().to_string(), "header is not valid JSON"]);
-    let line = run.stderr.lines().find(|l| l.contains("expo: error:")).unwrap();
+    let run = extrapolate(&sft, &dpo, "0.3", &s.out("o")).assert_fails(
+        1,
+        &[&file.display().to_string(), "header is not valid JSON"],
+    );
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("expo: error:"))
+        .unwrap();
     assert_eq!(line.matches("not valid JSON").count(), 1, "{line}");
     assert_eq!(line.matches("at line 1 column").count(), 1, "{line}");
+}
+
+#[test]
+fn an_ignored_variant_index_is_not_copied_as_a_side_file() {
+    let (t0s, t1s) = model(69);
+    let (_, stale) = model(70);
+    let s = Scratch::new();
+    let sft = single(&s.path("sft"), &t0s);
+    let dpo = s.path("dpo");
+    fs::create_dir_all(&dpo).unwrap();
+    write_variant(&dpo, &stale);
+    write_st(&dpo.join("model.safetensors"), &t1s, Some(pt_metadata()));
+
+    let out = s.out("o");
+    let run = extrapolate(&sft, &dpo, "0.3", &out).assert_ok();
+    assert!(
+        run.stderr
+            .contains("holds both model.safetensors and model.safetensors.index.fp16.json"),
+        "{}",
+        run.stderr
+    );
+    // Neither the variant index nor its shards: the output is model.safetensors alone.
+    assert_eq!(
+        list_dir(&out),
+        ["README.md", "config.json", "expo.json", "model.safetensors"]
+    );
+    let got = read_checkpoint(&out);
+    assert_tensors_eq(&got.tensors, &reference(&t0s, &t1s, 0.3, None), None);
 }

@@ -11,7 +11,9 @@
 //!   - layout 3: as 0, but the file itself (not its directory) is passed.
 //!
 //! Requirements checked: no panic, no abort, no huge allocation (libFuzzer's
-//! `-malloc_limit_mb`), and every error about an input names the file or directory.
+//! `-malloc_limit_mb`), every error about an input names the file or directory, and every
+//! single file expo accepts is accepted by the `safetensors` crate too (the loaders' code;
+//! `tests/header_crate.rs` checks the converse, up to expo's listed stricter rules).
 //!
 //! Run with `cargo +nightly fuzz run open_checkpoint -- -max_total_time=600`.
 #![no_main]
@@ -134,6 +136,17 @@ fuzz_target!(|data: &[u8]| {
     let Some(aligned) = open(&aligned_path) else {
         return;
     };
+    // Single files: the safetensors crate must accept whatever expo accepted.
+    let files: Vec<&[u8]> = match mode & 3 {
+        1 => Vec::new(),
+        2 => vec![parts[0], parts.get(1).copied().unwrap_or(parts[0])],
+        _ => vec![parts[0]],
+    };
+    for bytes in files {
+        if let Err(e) = safetensors::SafeTensors::read_metadata(bytes) {
+            panic!("expo accepted a file the safetensors crate refuses: {e}");
+        }
+    }
     let opts = PlanOptions {
         alpha: [0.5, 0.0, -0.5, 3.0][(mode >> 2 & 3) as usize],
         dtype: [
