@@ -142,8 +142,16 @@ pub enum CheckpointError {
         first: String,
         second: String,
     },
-    #[error("{path}: {error}")]
+    #[error("{path}: {error}{}", header_hint(error))]
     Header { path: PathBuf, error: HeaderError },
+}
+
+/// What to do about a header error: a damaged file is downloaded or saved again.
+fn header_hint(error: &HeaderError) -> &'static str {
+    match error {
+        HeaderError::Io { .. } | HeaderError::NotAFile => "",
+        _ => "; the file is damaged or was not written as safetensors: download or save it again",
+    }
 }
 
 impl Checkpoint {

@@ -284,6 +284,7 @@ fn a_bad_header_is_reported_once_naming_the_file() {
         .unwrap();
     assert_eq!(line.matches("not valid JSON").count(), 1, "{line}");
     assert_eq!(line.matches("at line 1 column").count(), 1, "{line}");
+    assert!(line.contains("download or save it again"), "{line}");
 }
 
 #[test]
