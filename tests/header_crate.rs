@@ -275,7 +275,7 @@ fn expo_accepts_a_header_iff_the_safetensors_crate_does_except_for_its_stricter_
 #[test]
 fn a_repeated_name_is_the_stricter_rule_the_crate_lacks() {
     // Accepted by the crate (it keeps the last entry), refused by expo.
-    let header = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+    let header = r#"{"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header.as_bytes());
     bytes.push(0);
