@@ -264,6 +264,36 @@ fn model_safetensors_is_read_before_an_index_as_transformers_does() {
 }
 
 #[test]
+fn diff_and_inspect_warn_when_model_safetensors_shadows_an_index() {
+    let (t0s, t1s) = model(69);
+    let (_, stale) = model(70);
+    let s = Scratch::new();
+    let sft = single(&s.path("sft"), &t0s);
+    let dpo = sharded(&s.path("dpo"), &split(&stale, 2));
+    write_st(&dpo.join("model.safetensors"), &t1s, Some(pt_metadata()));
+    let warning = format!(
+        "warning: {} holds both model.safetensors and model.safetensors.index.json",
+        dpo.display()
+    );
+    let inspect = expo(&["inspect".as_ref(), dpo.as_os_str()]).assert_ok();
+    assert_eq!(
+        inspect.stderr.matches(&warning).count(),
+        1,
+        "{}",
+        inspect.stderr
+    );
+    let diff = expo(&[
+        "diff".as_ref(),
+        "--sft".as_ref(),
+        sft.as_os_str(),
+        "--aligned".as_ref(),
+        dpo.as_os_str(),
+    ])
+    .assert_ok();
+    assert_eq!(diff.stderr.matches(&warning).count(), 1, "{}", diff.stderr);
+}
+
+#[test]
 fn a_bad_header_is_reported_once_naming_the_file() {
     let (t0s, t1s) = model(68);
     let s = Scratch::new();

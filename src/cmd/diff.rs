@@ -29,6 +29,10 @@ pub fn run(args: &DiffArgs) -> Result<ExitCode> {
         .iter()
         .map(|p| hub::open_for("checkpoint", p, &env).map(|(ck, _)| ck))
         .collect::<Result<Vec<_>>>()?;
+    checkpoints
+        .iter()
+        .flat_map(|ck| &ck.warnings)
+        .for_each(|w| reporter.warn(w.clone()));
     let refs: Vec<&Checkpoint> = checkpoints.iter().collect();
     let entries =
         crate::pairing::pair_to_compare(&refs, &labels).context("comparing the checkpoints")?;

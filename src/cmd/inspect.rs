@@ -16,6 +16,8 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
         return Ok(code);
     }
     let (ck, resolved) = hub::open_for("checkpoint", &args.path, &CacheEnv::from_process())?;
+    let reporter = crate::report::Reporter::new(false);
+    ck.warnings.iter().for_each(|w| reporter.warn(w.clone()));
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.json {
         print::write_json(&mut out, &ck, &resolved)?;
