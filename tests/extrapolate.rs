@@ -636,3 +636,68 @@ fn per_module_alpha_and_skip() {
         assert_tensors_eq(&got, &want, Some((inputs.0, inputs.1, inputs.2)));
     }
 }
+
+/// Every (tensor, action) pair anywhere in a `--dry-run --json` document.
+fn dry_run_actions(doc: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match doc {
+        serde_json::Value::Object(map) => {
+            if let (Some(name), Some(action)) = (map.get("name"), map.get("action")) {
+                out.push((
+                    name.as_str().unwrap_or_default().to_string(),
+                    action.as_str().unwrap_or_default().to_string(),
+                ));
+            }
+            map.values().for_each(|v| dry_run_actions(v, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| dry_run_actions(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn dry_run_json_names_each_tensors_action() {
+    let s = Scratch::new();
+    let (t0s, mut t1s) = tiny_llama(Dtype::BF16, Dtype::BF16, false, 91);
+    t1s.push(Tensor::i64("position_ids", &[4], &[0, 1, 2, 3]));
+    let mut t0s = t0s;
+    t0s.push(Tensor::i64("position_ids", &[4], &[0, 1, 2, 3]));
+    let sft = single(&s.path("sft"), &t0s);
+    let dpo = single(&s.path("dpo"), &t1s);
+    let out = s.out("o");
+    let actions = |extra: &[&str]| {
+        let run = extrapolate(&sft, &dpo, "0.3", &out)
+            .args(&["--dry-run", "--json", "--skip", "embed_tokens"])
+            .args(extra)
+            .assert_ok();
+        let doc = single_json_object(&run.stdout, "dry run");
+        let mut found = Vec::new();
+        dry_run_actions(&doc, &mut found);
+        found.sort();
+        found.dedup();
+        found
+    };
+    let plain = actions(&[]);
+    assert!(
+        plain.contains(&("model.embed_tokens.weight".into(), "copy".into())),
+        "{plain:?}"
+    );
+    assert!(
+        plain.contains(&("position_ids".into(), "copy".into())),
+        "{plain:?}"
+    );
+    assert!(
+        plain.contains(&("lm_head.weight".into(), "extrapolate".into())),
+        "{plain:?}"
+    );
+    assert_eq!(plain.len(), t1s.len(), "{plain:?}");
+    let cast = actions(&["--dtype", "f32"]);
+    assert!(
+        cast.contains(&("model.embed_tokens.weight".into(), "convert".into())),
+        "{cast:?}"
+    );
+    assert!(
+        cast.contains(&("lm_head.weight".into(), "extrapolate".into())),
+        "{cast:?}"
+    );
+    s.assert_no_output();
+}
