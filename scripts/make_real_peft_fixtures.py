@@ -21,6 +21,8 @@ mlp.c_proj, c_fc) on an f16 base; GPT-NeoX fused query_key_value (f32).
 
 Usage (from the repository root, in a venv with torch, transformers, peft, safetensors):
   python scripts/make_real_peft_fixtures.py [OUT_DIR]
+Re-running it writes every tensor bit for bit again (fixed seeds, CPU); only the order of
+`target_modules` in adapter_config.json may change (PEFT saves a Python set; PYTHONHASHSEED).
 """
 import os
 import shutil
