@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+pub mod adapter;
 pub mod diff;
 pub mod extrapolate;
 pub mod inspect;

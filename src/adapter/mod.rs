@@ -12,7 +12,6 @@ pub mod rows;
 pub mod write;
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -99,13 +98,13 @@ fn alpha_for(rules: &[AlphaRule], alpha: f64, name: &str) -> f64 {
 }
 
 /// Everything read before anything is written.
-struct Inputs {
-    base: Checkpoint,
-    base_in: ResolvedInput,
-    adapter: Checkpoint,
-    adapter_in: ResolvedInput,
-    config: AdapterConfig,
-    plan: AdapterPlan,
+pub(crate) struct Inputs {
+    pub(crate) base: Checkpoint,
+    pub(crate) base_in: ResolvedInput,
+    pub(crate) adapter: Checkpoint,
+    pub(crate) adapter_in: ResolvedInput,
+    pub(crate) config: AdapterConfig,
+    pub(crate) plan: AdapterPlan,
 }
 
 /// Opens --sft and the adapter at --aligned and analyses the adapter against the base.
@@ -152,15 +151,90 @@ pub fn open_adapter(
 }
 
 /// One output of the run.
-struct Output {
-    alpha: f64,
-    target: OutputTarget,
+pub(crate) struct Output {
+    pub(crate) alpha: f64,
+    pub(crate) target: OutputTarget,
 }
 
+/// What [`prepare`] resolved and checked, before anything is written.
+pub(crate) struct Prepared {
+    pub(crate) kind: AsKind,
+    /// The --skip rules, then the --alpha-for rules (first match wins).
+    pub(crate) rules: Vec<AlphaRule>,
+    pub(crate) inputs: Inputs,
+    pub(crate) outputs: Vec<Output>,
+    /// The files and tensors of the full checkpoint (`--as model`); `None` for `--as adapter`.
+    pub(crate) layout: Option<ModelLayout>,
+    pub(crate) side: AdapterSide,
+}
+
+impl Prepared {
+    /// The α of tensor `name` in the output with `alpha`.
+    pub(crate) fn alpha_for(&self, alpha: f64, name: &str) -> f64 {
+        alpha_for(&self.rules, alpha, name)
+    }
+}
+
+/// The mapped inputs and the worker pool that every output is written from.
+struct Sources<'a> {
+    base: write::Mapped<'a>,
+    adapter: write::Mapped<'a>,
+    pool: &'a rayon::ThreadPool,
+}
+
+/// The adapter path: [`prepare`], then the `--dry-run` plan, or [`produce`] and the summary
+/// (printed by [`crate::report::adapter`]).
 fn run(args: &ExtrapolateArgs, env: &CacheEnv) -> Result<ExitCode> {
     let started = Instant::now();
     let reporter = Reporter::new(args.quiet);
+    let prepared = prepare(args, env, &reporter)?;
+    if args.dry_run {
+        report::adapter::print_plan(args.json, &prepared, &reporter)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    produce(args, &prepared, &reporter)?;
+    let seconds = started.elapsed().as_secs_f64();
+    report::adapter::print_done(args.json, &prepared, seconds, &reporter)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Checks the flags, opens and analyses the inputs, locates the outputs and lists the side
+/// files, warning about what looks wrong; nothing is written.
+fn prepare(args: &ExtrapolateArgs, env: &CacheEnv, reporter: &Reporter) -> Result<Prepared> {
+    check_flags(args)?;
     let kind = args.as_kind.unwrap_or(AsKind::Adapter);
+    let rules: Vec<AlphaRule> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
+    let inputs = open_inputs(args, env)?;
+    if kind == AsKind::Adapter {
+        refuse_dora(&args.aligned, &inputs.plan)?;
+    }
+    let outputs = locate_outputs(args, &inputs)?;
+    for r in &rules {
+        if !changed_tensors(&inputs.plan).any(|n| r.pattern.is_match(n)) {
+            report::adapter::warn_unmatched_rule(reporter, r);
+        }
+    }
+    for &a in args.alpha.0.iter().filter(|&&a| a <= -1.0) {
+        report::adapter::warn_alpha_past_theta0(reporter, a);
+    }
+    let layout = (kind == AsKind::Model)
+        .then(|| ModelLayout::new(&inputs.base, &inputs.adapter, &inputs.plan));
+    let side = side_files(kind, &inputs)?;
+    for warning in side.warnings() {
+        reporter.warn(warning);
+    }
+    Ok(Prepared {
+        kind,
+        rules,
+        inputs,
+        outputs,
+        layout,
+        side,
+    })
+}
+
+/// Refuses the flags that the adapter path does not support.
+fn check_flags(args: &ExtrapolateArgs) -> Result<()> {
     let alphas = &args.alpha.0;
     if alphas.len() > 1 && !alpha::has_placeholder(&args.output) {
         return Err(UsageError(format!(
@@ -185,20 +259,25 @@ fn run(args: &ExtrapolateArgs, env: &CacheEnv) -> Result<ExitCode> {
         )
         .into());
     }
-    let rules: Vec<AlphaRule> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
-    let inputs = open_inputs(args, env)?;
-    if kind == AsKind::Adapter {
-        if let Some(m) = inputs.plan.modules.iter().find(|m| m.magnitude.is_some()) {
-            let key = m.magnitude.as_ref().map_or("", |f| f.key.as_str());
-            anyhow::bail!(
-                "--aligned {} is a DoRA adapter (tensor `{key}`): DoRA's magnitude does not scale with the update, so θ2 cannot be written as an adapter; use --as model to write the merged checkpoint",
-                args.aligned.display()
-            );
-        }
-    }
+    Ok(())
+}
 
-    let mut outputs = Vec::with_capacity(alphas.len());
-    for &a in alphas {
+/// Refuses a DoRA adapter for `--as adapter`.
+fn refuse_dora(aligned: &Path, plan: &AdapterPlan) -> Result<()> {
+    if let Some(m) = plan.modules.iter().find(|m| m.magnitude.is_some()) {
+        let key = m.magnitude.as_ref().map_or("", |f| f.key.as_str());
+        anyhow::bail!(
+            "--aligned {} is a DoRA adapter (tensor `{key}`): DoRA's magnitude does not scale with the update, so θ2 cannot be written as an adapter; use --as model to write the merged checkpoint",
+            aligned.display()
+        );
+    }
+    Ok(())
+}
+
+/// One output per α, each checked against the inputs and replaceable.
+fn locate_outputs(args: &ExtrapolateArgs, inputs: &Inputs) -> Result<Vec<Output>> {
+    let mut outputs = Vec::with_capacity(args.alpha.0.len());
+    for &a in &args.alpha.0 {
         let path = alpha::expand_output(&args.output, a);
         if outputs.iter().any(|o: &Output| o.target.path == path) {
             return Err(UsageError(format!(
@@ -218,167 +297,98 @@ fn run(args: &ExtrapolateArgs, env: &CacheEnv) -> Result<ExitCode> {
         target.check_replaceable()?;
         outputs.push(Output { alpha: a, target });
     }
-    for r in &rules {
-        let hits = inputs
-            .plan
-            .modules
-            .iter()
-            .flat_map(|m| m.targets.iter().chain(m.base_bias.iter()))
-            .chain(
-                inputs
-                    .plan
-                    .full
-                    .iter()
-                    .map(|f| f.base.as_ref().unwrap_or(&f.name)),
-            )
-            .filter(|n| r.pattern.is_match(n))
-            .count();
-        if hits == 0 {
-            reporter.warn(format!(
-                "{} matches no tensor the adapter changes",
-                r.spelling
-            ));
-        }
-    }
-    for &a in alphas.iter().filter(|&&a| a <= -1.0) {
-        reporter.warn(format!(
-            "alpha = {a} moves past θ0, away from the aligned model; did you swap --sft and --aligned?"
-        ));
-    }
-    let layout = (kind == AsKind::Model)
-        .then(|| ModelLayout::new(&inputs.base, &inputs.adapter, &inputs.plan));
-    let side = side_files(kind, &inputs)?;
-    for warning in side.warnings() {
-        reporter.warn(warning);
-    }
+    Ok(outputs)
+}
 
-    if args.dry_run {
-        print_plan(
-            args,
-            kind,
-            &inputs,
-            &outputs,
-            layout.as_ref(),
-            &side,
-            &reporter,
-        )?;
-        return Ok(ExitCode::SUCCESS);
-    }
+/// The θ0 names of the tensors the adapter changes (the names --skip and --alpha-for match).
+fn changed_tensors(plan: &AdapterPlan) -> impl Iterator<Item = &String> + '_ {
+    plan.modules
+        .iter()
+        .flat_map(|m| m.targets.iter().chain(m.base_bias.iter()))
+        .chain(plan.full.iter().map(|f| f.base.as_ref().unwrap_or(&f.name)))
+}
 
+/// Maps the inputs and writes the outputs one after the other.
+fn produce(args: &ExtrapolateArgs, p: &Prepared, reporter: &Reporter) -> Result<()> {
     interrupt::install();
     interrupt::install_sigbus_handler();
     let pool = crate::cmd::worker_pool(args.threads)?;
-    let base_maps = MappedCheckpoint::map_guarded(&inputs.base).context("mapping --sft")?;
+    let base_maps = MappedCheckpoint::map_guarded(&p.inputs.base).context("mapping --sft")?;
     let adapter_maps =
-        MappedCheckpoint::map_guarded(&inputs.adapter).context("mapping --aligned")?;
-    let base = (&inputs.base, &base_maps);
-    let adapter = (&inputs.adapter, &adapter_maps);
-
-    let mut summaries = Vec::new();
-    for o in &outputs {
-        let found = output::clean_stale_staging(&o.target.parent);
-        for stale in found.removed {
-            reporter.warn(format!(
-                "removed {}, left behind by an expo run that was killed",
-                stale.display()
-            ));
-        }
-        let staging = StagingDir::create(&o.target)?;
-        let rule_alpha = |name: &str| alpha_for(&rules, o.alpha, name);
-        let written = match &layout {
-            None => {
-                let alphas = write::adapter_alphas(&inputs.adapter, &inputs.plan, &rule_alpha);
-                write::write_adapter(
-                    staging.path(),
-                    &inputs.plan,
-                    &alphas,
-                    adapter,
-                    base,
-                    interrupt::flag(),
-                )
-            }
-            Some(layout) => {
-                let alphas = write::model_alphas(layout, &rule_alpha);
-                let bar = reporter.progress(layout.data_bytes());
-                let r = write::write_model(
-                    staging.path(),
-                    layout,
-                    &inputs.plan,
-                    &alphas,
-                    adapter,
-                    base,
-                    &pool,
-                    interrupt::flag(),
-                    &|n| bar.inc(n),
-                );
-                bar.finish_and_clear();
-                r
-            }
-        };
-        if let Err(e) = written {
-            if matches!(e, write::WriteError::Interrupted) || interrupt::check().is_err() {
-                return Err(interrupt::Interrupted.into());
-            }
-            return Err(
-                anyhow::Error::new(e).context(format!("writing {}", o.target.path.display()))
-            );
-        }
-        interrupt::check()?;
-        finish(
-            args,
-            kind,
-            &inputs,
-            o,
-            &rules,
-            &side,
-            layout.as_ref(),
-            &staging,
-        )
-        .with_context(|| format!("writing {}", o.target.path.display()))?;
-        for w in staging.commit(&o.target)?.warnings() {
-            reporter.warn(w);
-        }
-        reporter.info(format!(
-            "expo: wrote {} ({}) with alpha = {}",
-            o.target.path.display(),
-            match kind {
-                AsKind::Adapter => "an adapter",
-                AsKind::Model => "a full checkpoint",
-            },
-            alpha::format_alpha(o.alpha)
-        ));
-        summaries.push(json!({
-            "output": o.target.path,
-            "alpha": o.alpha,
-            "ok": true,
-        }));
+        MappedCheckpoint::map_guarded(&p.inputs.adapter).context("mapping --aligned")?;
+    let sources = Sources {
+        base: (&p.inputs.base, &base_maps),
+        adapter: (&p.inputs.adapter, &adapter_maps),
+        pool: &pool,
+    };
+    for o in &p.outputs {
+        write_output(p, o, &sources, reporter)?;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    reporter.info(format!("expo: done in {seconds:.1}s"));
-    if args.json {
-        let mut doc = json!({
-            "dry_run": false,
-            "as": kind_name(kind),
-            "alphas": alphas,
-            "adapter": adapter_json(&inputs),
-            "side_files": side.names(),
-            "seconds": seconds,
-            "warnings": reporter.warnings(),
-            "outputs": summaries,
-        });
-        if let [only] = summaries.as_slice() {
-            if let (Some(obj), Some(fields)) = (doc.as_object_mut(), only.as_object()) {
-                for (k, v) in fields {
-                    obj.entry(k.clone()).or_insert(v.clone());
-                }
-            }
-        }
-        report::print_json(&doc)?;
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
-fn kind_name(kind: AsKind) -> &'static str {
+/// Writes one output in a staging directory (weights, side files, provenance, card) and
+/// puts it in place.
+fn write_output(p: &Prepared, o: &Output, sources: &Sources, reporter: &Reporter) -> Result<()> {
+    let found = output::clean_stale_staging(&o.target.parent);
+    for stale in &found.removed {
+        report::adapter::warn_removed_stale(reporter, stale);
+    }
+    let staging = StagingDir::create(&o.target)?;
+    if let Err(e) = write_weights(p, o, sources, &staging, reporter) {
+        if matches!(e, write::WriteError::Interrupted) || interrupt::check().is_err() {
+            return Err(interrupt::Interrupted.into());
+        }
+        return Err(anyhow::Error::new(e).context(format!("writing {}", o.target.path.display())));
+    }
+    interrupt::check()?;
+    finish(p, o, &staging).with_context(|| format!("writing {}", o.target.path.display()))?;
+    for w in staging.commit(&o.target)?.warnings() {
+        reporter.warn(w);
+    }
+    report::adapter::print_written(reporter, p.kind, o);
+    Ok(())
+}
+
+/// Writes the weights of one output into `staging`: the adapter file, or the full
+/// checkpoint's files (with a progress bar).
+fn write_weights(
+    p: &Prepared,
+    o: &Output,
+    sources: &Sources,
+    staging: &StagingDir,
+    reporter: &Reporter,
+) -> Result<(), write::WriteError> {
+    let rule_alpha = |name: &str| p.alpha_for(o.alpha, name);
+    let Some(layout) = &p.layout else {
+        let alphas = write::adapter_alphas(&p.inputs.adapter, &p.inputs.plan, &rule_alpha);
+        return write::write_adapter(
+            staging.path(),
+            &p.inputs.plan,
+            &alphas,
+            sources.adapter,
+            sources.base,
+            interrupt::flag(),
+        );
+    };
+    let alphas = write::model_alphas(layout, &rule_alpha);
+    let bar = reporter.progress(layout.data_bytes());
+    let written = write::write_model(
+        staging.path(),
+        layout,
+        &p.inputs.plan,
+        &alphas,
+        sources.adapter,
+        sources.base,
+        sources.pool,
+        interrupt::flag(),
+        &|n| bar.inc(n),
+    );
+    bar.finish_and_clear();
+    written
+}
+
+pub(crate) fn kind_name(kind: AsKind) -> &'static str {
     match kind {
         AsKind::Adapter => "adapter",
         AsKind::Model => "model",
@@ -390,13 +400,13 @@ fn kind_name(kind: AsKind) -> &'static str {
 /// `--as adapter`; for `--as model`, θ0's files, except that the adapter directory's
 /// tokenizer and chat-template files win (they belong to the aligned model), and no
 /// `adapter_config.json` is copied (transformers would load the output as an adapter).
-struct AdapterSide {
+pub(crate) struct AdapterSide {
     parts: Vec<SideFiles>,
 }
 
 impl AdapterSide {
     /// The relative paths copied, sorted.
-    fn names(&self) -> Vec<&Path> {
+    pub(crate) fn names(&self) -> Vec<&Path> {
         let mut names: Vec<&Path> = self
             .parts
             .iter()
@@ -436,85 +446,65 @@ fn side_files(kind: AsKind, inputs: &Inputs) -> Result<AdapterSide> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    args: &ExtrapolateArgs,
-    kind: AsKind,
-    inputs: &Inputs,
-    o: &Output,
-    rules: &[AlphaRule],
-    side: &AdapterSide,
-    layout: Option<&ModelLayout>,
-    staging: &StagingDir,
-) -> Result<()> {
-    side.copy_into(staging.path())?;
-    let base_rec = InputRecord::resolved(&inputs.base, &inputs.base_in);
-    let adapter_rec = InputRecord::resolved(&inputs.adapter, &inputs.adapter_in);
-    let rule_records: Vec<_> = rules
-        .iter()
-        .map(|r| json!({"rule": r.spelling, "alpha": r.alpha(o.alpha)}))
-        .collect();
-    let provenance = json!({
-        "tool": "expo",
-        "version": env!("CARGO_PKG_VERSION"),
-        "method": "model extrapolation (ExPO) of a LoRA adapter",
-        "formula": "theta2 = theta0 + (1 + alpha) * delta_W, delta_W = s * B @ A",
-        "arithmetic": match kind {
-            AsKind::Adapter => "float64: lora_B (and lora_embedding_B, lora_B.bias) times (1 + alpha), rounded once to the tensor's dtype; full tensors theta1 + alpha * (theta1 - theta0)",
-            AsKind::Model => "float64: theta0 + (1 + alpha) * s * sum_k B[i,k] * A[k,j] (k in order, no FMA), rounded once to theta0's dtype; DoRA: (1 + alpha) * W1 - alpha * W0",
-        },
-        "paper": sidefiles::PAPER_URL,
-        "as": kind_name(kind),
-        "alpha": o.alpha,
-        "rules": rule_records,
-        "sft": base_rec,
-        "aligned": adapter_rec,
-        "adapter": adapter_json(inputs),
-        "tensors": layout.map(|l| {
-            let (changed, copied, added) = l.counts();
-            json!({"total": l.tensors.len(), "changed": changed, "copied": copied, "added": added})
-        }),
-        "side_files": side.names(),
-        "command": std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
-    });
-    let mut bytes = serde_json::to_vec_pretty(&provenance)?;
+/// Writes the side files, `expo.json` and the model card of one output into `staging`.
+fn finish(p: &Prepared, o: &Output, staging: &StagingDir) -> Result<()> {
+    p.side.copy_into(staging.path())?;
+    let base_rec = InputRecord::resolved(&p.inputs.base, &p.inputs.base_in);
+    let adapter_rec = InputRecord::resolved(&p.inputs.adapter, &p.inputs.adapter_in);
+    let mut bytes = serde_json::to_vec_pretty(&provenance(p, o, &base_rec, &adapter_rec))?;
     bytes.push(b'\n');
     sidefiles::write_file(staging.path(), sidefiles::PROVENANCE_NAME, &bytes)?;
-    let card = model_card(args, kind, inputs, o.alpha, &base_rec, &adapter_rec);
+    let card = model_card(p.kind, &p.inputs, o.alpha, &base_rec, &adapter_rec);
     sidefiles::write_file(staging.path(), sidefiles::MODEL_CARD_NAME, card.as_bytes())?;
     Ok(())
 }
 
+/// The `expo.json` of one output.
+fn provenance(
+    p: &Prepared,
+    o: &Output,
+    base_rec: &InputRecord,
+    adapter_rec: &InputRecord,
+) -> serde_json::Value {
+    let rule_records: Vec<_> = p
+        .rules
+        .iter()
+        .map(|r| json!({"rule": r.spelling, "alpha": r.alpha(o.alpha)}))
+        .collect();
+    json!({
+        "tool": "expo",
+        "version": env!("CARGO_PKG_VERSION"),
+        "method": "model extrapolation (ExPO) of a LoRA adapter",
+        "formula": "theta2 = theta0 + (1 + alpha) * delta_W, delta_W = s * B @ A",
+        "arithmetic": match p.kind {
+            AsKind::Adapter => "float64: lora_B (and lora_embedding_B, lora_B.bias) times (1 + alpha), rounded once to the tensor's dtype; full tensors theta1 + alpha * (theta1 - theta0)",
+            AsKind::Model => "float64: theta0 + (1 + alpha) * s * sum_k B[i,k] * A[k,j] (k in order, no FMA), rounded once to theta0's dtype; DoRA: (1 + alpha) * W1 - alpha * W0",
+        },
+        "paper": sidefiles::PAPER_URL,
+        "as": kind_name(p.kind),
+        "alpha": o.alpha,
+        "rules": rule_records,
+        "sft": base_rec,
+        "aligned": adapter_rec,
+        "adapter": adapter_json(&p.inputs),
+        "tensors": p.layout.as_ref().map(|l| {
+            let (changed, copied, added) = l.counts();
+            json!({"total": l.tensors.len(), "changed": changed, "copied": copied, "added": added})
+        }),
+        "side_files": p.side.names(),
+        "command": std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
+    })
+}
+
+/// The README.md of one output: front matter for the Hub, then what it is and how it was made.
 fn model_card(
-    args: &ExtrapolateArgs,
     kind: AsKind,
     inputs: &Inputs,
     alpha: f64,
     base: &InputRecord,
     adapter: &InputRecord,
 ) -> String {
-    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let mut c = String::new();
-    // `base_model` holds Hugging Face ids only: θ0's Hub id, or the one the adapter's config
-    // names; a local path is not an id (it stays in the card body and expo.json).
-    let base_id = base.hub_id.clone().or_else(|| {
-        inputs
-            .config
-            .base_model_name_or_path
-            .clone()
-            .filter(|id| sidefiles::card::is_hub_id(id))
-    });
-    let _ = writeln!(c, "---");
-    if let Some(id) = base_id {
-        let _ = writeln!(c, "base_model:\n- {}", q(&id));
-    }
-    if kind == AsKind::Adapter {
-        let _ = writeln!(c, "library_name: peft");
-        let _ = writeln!(c, "base_model_relation: adapter");
-    } else {
-        let _ = writeln!(c, "base_model_relation: merge");
-    }
-    let _ = writeln!(c, "tags:\n- expo\n- model-extrapolation\n- lora\n---\n");
+    let mut c = card_front_matter(kind, inputs, base);
     let _ = writeln!(c, "# Model extrapolation (ExPO) of a LoRA adapter\n");
     let _ = writeln!(
         c,
@@ -559,12 +549,38 @@ fn model_card(
         "Method: Zheng et al., *Model Extrapolation Expedites Alignment* ({}). `expo.json` records the exact inputs and settings.",
         sidefiles::PAPER_URL
     );
-    let _ = args;
+    c
+}
+
+/// The model card's YAML front matter (with the blank line after it).
+fn card_front_matter(kind: AsKind, inputs: &Inputs, base: &InputRecord) -> String {
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut c = String::new();
+    // `base_model` holds Hugging Face ids only: θ0's Hub id, or the one the adapter's config
+    // names; a local path is not an id (it stays in the card body and expo.json).
+    let base_id = base.hub_id.clone().or_else(|| {
+        inputs
+            .config
+            .base_model_name_or_path
+            .clone()
+            .filter(|id| sidefiles::card::is_hub_id(id))
+    });
+    let _ = writeln!(c, "---");
+    if let Some(id) = base_id {
+        let _ = writeln!(c, "base_model:\n- {}", q(&id));
+    }
+    if kind == AsKind::Adapter {
+        let _ = writeln!(c, "library_name: peft");
+        let _ = writeln!(c, "base_model_relation: adapter");
+    } else {
+        let _ = writeln!(c, "base_model_relation: merge");
+    }
+    let _ = writeln!(c, "tags:\n- expo\n- model-extrapolation\n- lora\n---\n");
     c
 }
 
 /// A summary of the adapter for JSON output.
-fn adapter_json(inputs: &Inputs) -> serde_json::Value {
+pub(crate) fn adapter_json(inputs: &Inputs) -> serde_json::Value {
     let c = &inputs.config;
     json!({
         "r": c.r,
@@ -615,145 +631,4 @@ fn check_paths(target: &OutputTarget, inputs: &[Input]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn print_plan(
-    args: &ExtrapolateArgs,
-    kind: AsKind,
-    inputs: &Inputs,
-    outputs: &[Output],
-    layout: Option<&ModelLayout>,
-    side: &AdapterSide,
-    reporter: &Reporter,
-) -> Result<()> {
-    let modules: Vec<_> = inputs
-        .plan
-        .modules
-        .iter()
-        .map(|m| {
-            json!({
-                "module": m.path,
-                "base": m.targets,
-                "kind": m.orientation.name(),
-                "r": m.rank,
-                "lora_alpha": m.lora_alpha,
-                "scaling": m.scaling,
-                "dora": m.magnitude.is_some(),
-                "bias": m.base_bias,
-                "alphas": outputs.iter().map(|o| alpha_for_rules(args, o.alpha, &m.targets[0])).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let full: Vec<_> = inputs
-        .plan
-        .full
-        .iter()
-        .map(|f| json!({"tensor": f.key, "base": f.base}))
-        .collect();
-    if args.json {
-        let doc = json!({
-            "dry_run": true,
-            "as": kind_name(kind),
-            "alphas": outputs.iter().map(|o| o.alpha).collect::<Vec<_>>(),
-            "outputs": outputs.iter().map(|o| json!({"output": o.target.path, "alpha": o.alpha})).collect::<Vec<_>>(),
-            "sft": InputRecord::resolved(&inputs.base, &inputs.base_in),
-            "aligned": InputRecord::resolved(&inputs.adapter, &inputs.adapter_in),
-            "adapter": adapter_json(inputs),
-            "modules": modules,
-            "full_tensors": full,
-            "files": layout.map(|l| l.shards.iter().map(|s| &s.file_name).collect::<Vec<_>>()),
-            "side_files": side.names(),
-            "warnings": reporter.warnings(),
-        });
-        report::print_json(&doc)?;
-        return Ok(());
-    }
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "plan: θ0 + (1+α)·ΔW from a LoRA adapter, written as {}",
-        match kind {
-            AsKind::Adapter => "an adapter",
-            AsKind::Model => "a full checkpoint",
-        }
-    );
-    let _ = writeln!(s, "  --sft      {}", inputs.base.given.display());
-    let _ = writeln!(
-        s,
-        "  --aligned  {} (LoRA r = {}, lora_alpha = {}{}{})",
-        inputs.adapter.given.display(),
-        inputs.config.r,
-        inputs.config.lora_alpha,
-        if inputs.config.use_rslora {
-            ", rsLoRA"
-        } else {
-            ""
-        },
-        if inputs.config.use_dora { ", DoRA" } else { "" }
-    );
-    for o in outputs {
-        let _ = writeln!(
-            s,
-            "  α = {:<6} → {}",
-            alpha::format_alpha(o.alpha),
-            o.target.path.display()
-        );
-    }
-    for m in &inputs.plan.modules {
-        let _ = writeln!(
-            s,
-            "    {:<9} r={:<3} s={:<8} {}{}",
-            m.orientation.name(),
-            m.rank,
-            m.scaling,
-            m.targets.join(" + "),
-            if m.magnitude.is_some() { " (DoRA)" } else { "" }
-        );
-    }
-    for f in &inputs.plan.full {
-        let _ = writeln!(
-            s,
-            "    full      {}",
-            match &f.base {
-                Some(b) => format!("{} (θ0: {b})", f.key),
-                None => format!("{} (no θ0: copied, --skip)", f.key),
-            }
-        );
-    }
-    if let Some(l) = layout {
-        let (changed, copied, added) = l.counts();
-        let _ = writeln!(
-            s,
-            "  {} tensors changed, {} copied from --sft, {} added; {} in {} file{}",
-            changed,
-            copied,
-            added,
-            report::bytes(l.data_bytes()),
-            l.shards.len(),
-            if l.shards.len() == 1 { "" } else { "s" }
-        );
-    }
-    let _ = writeln!(
-        s,
-        "  side files: {}",
-        if side.names().is_empty() {
-            "none".to_string()
-        } else {
-            side.names()
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-    );
-    let _ = writeln!(s, "nothing written (--dry-run)");
-    let mut out = std::io::stdout().lock();
-    out.write_all(s.as_bytes())?;
-    out.flush()?;
-    Ok(())
-}
-
-fn alpha_for_rules(args: &ExtrapolateArgs, alpha: f64, name: &str) -> f64 {
-    let rules: Vec<AlphaRule> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
-    alpha_for(&rules, alpha, name)
 }
