@@ -330,9 +330,10 @@ fn produce(args: &ExtrapolateArgs, p: &Prepared, reporter: &Reporter) -> Result<
 /// Writes one output in a staging directory (weights, side files, provenance, card) and
 /// puts it in place.
 fn write_output(p: &Prepared, o: &Output, sources: &Sources, reporter: &Reporter) -> Result<()> {
-    let found = output::clean_stale_staging(&o.target.parent);
-    for stale in &found.removed {
-        report::adapter::warn_removed_stale(reporter, stale);
+    // The same warnings as `extrapolate`: removed stale directories, outputs a killed
+    // `--force` run moved aside, directories that could not be removed.
+    for w in output::clean_stale_staging(&o.target.parent).warnings() {
+        reporter.warn(w);
     }
     let staging = StagingDir::create(&o.target)?;
     if let Err(e) = write_weights(p, o, sources, &staging, reporter) {

@@ -3,7 +3,6 @@
 //! stderr and the `--json` object on stdout.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use serde_json::json;
 
@@ -26,14 +25,6 @@ pub fn warn_unmatched_rule(reporter: &Reporter, rule: &AlphaRule) {
 pub fn warn_alpha_past_theta0(reporter: &Reporter, alpha: f64) {
     reporter.warn(format!(
         "alpha = {alpha} moves past θ0, away from the aligned model; did you swap --sft and --aligned?"
-    ));
-}
-
-/// Warns that a staging directory of a killed run was removed.
-pub fn warn_removed_stale(reporter: &Reporter, stale: &Path) {
-    reporter.warn(format!(
-        "removed {}, left behind by an expo run that was killed",
-        stale.display()
     ));
 }
 
