@@ -216,6 +216,8 @@ mod tests {
         assert_eq!(parse_alphas("-0.5,-0").unwrap(), vec![-0.5, 0.0]);
         assert_eq!(parse_alphas("0:1:0.3").unwrap(), vec![0.0, 0.3, 0.6, 0.9]);
         assert_eq!(parse_alphas("2:25:1").unwrap().len(), 24);
+        assert_eq!(parse_alphas("-1:1:1").unwrap(), vec![-1.0, 0.0, 1.0]);
+        assert_eq!(parse_alphas("+1:-1:-1").unwrap(), vec![1.0, 0.0, -1.0]);
     }
 
     #[test]
@@ -243,9 +245,62 @@ mod tests {
             "0.5:0.1:0.1",
             "1e-3:1:1",
             "0:1000:1",
+            "--1:2:1",
+            "1:--2:1",
+            "1:2:--1",
+            "+-1:2:1",
+            "-+1:2:1",
+            "--1",
         ] {
             assert!(parse_alphas(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn range_limit_is_64_values() {
+        assert_eq!(MAX_ALPHAS, 64);
+        let v = parse_range("1:64:1").unwrap();
+        assert_eq!(v.len(), 64);
+        assert_eq!((v[0], v[63]), (1.0, 64.0));
+        assert_eq!(parse_alphas("1:64:1").unwrap(), v);
+        // The range itself refuses 65, before parse_alphas counts.
+        let e = parse_range("1:65:1").unwrap_err();
+        assert!(e.contains("gives 65 values; at most 64"), "{e}");
+        assert!(parse_alphas("1:65:1").is_err());
+        // 10^15 + 1 values: refused from the count alone; a Vec of that many f64 could not
+        // be allocated, so this test aborts if the values are produced before the check.
+        let e = parse_range("0:1:0.000000000000001").unwrap_err();
+        assert!(e.contains("gives 1000000000000001 values"), "{e}");
+        // A range and a list together: 64 distinct values are fine, 65 are not.
+        assert_eq!(parse_alphas("1:63:1,100").unwrap().len(), 64);
+        assert_eq!(parse_alphas("1:64:1,1,64").unwrap().len(), 64);
+        let e = parse_alphas("1:64:1,100").unwrap_err();
+        assert!(e.contains("more than 64 values"), "{e}");
+    }
+
+    #[test]
+    fn range_numbers_are_capped_at_30_digits_and_15_decimals() {
+        // 30 digits in all, 15 after the point: accepted.
+        let thirty = format!("{}.{}", "0".repeat(15), "0".repeat(14) + "1");
+        assert_eq!(thirty.len() - 1, 30);
+        assert_eq!(
+            parse_range(&format!("0:{thirty}:{thirty}")).unwrap().len(),
+            2
+        );
+        let big = "0".repeat(29) + "1";
+        assert_eq!(parse_range(&format!("{big}:{big}:1")).unwrap(), vec![1.0]);
+        // 31 digits, or 16 decimals: refused as not a plain decimal.
+        let big31 = "0".repeat(30) + "1";
+        let e = parse_range(&format!("{big31}:{big31}:1")).unwrap_err();
+        assert!(e.contains("must be a plain decimal number"), "{e}");
+        let e = parse_range("0:1:0.0000000000000001").unwrap_err();
+        assert!(e.contains("`0.0000000000000001` in a range"), "{e}");
+        // 30 digits that overflow once scaled: too large, not a crash.
+        let nines = "9".repeat(30);
+        let e = parse_range(&format!("0:{nines}:0.000000000000001")).unwrap_err();
+        assert!(e.contains("too large or too precise"), "{e}");
+        let e = parse_range(&format!("-{nines}:{nines}:1")).unwrap_err();
+        assert!(e.contains("gives"), "{e}");
     }
 
     #[test]
