@@ -701,3 +701,120 @@ fn dry_run_json_names_each_tensors_action() {
     );
     s.assert_no_output();
 }
+
+/// Checks a `--json` record's `shards[].bytes`, `tensor_bytes` and `output_bytes` against
+/// the files of `dir` and against `tensor_bytes` computed from the reference tensors.
+fn assert_byte_counts(record: &serde_json::Value, dir: &std::path::Path, tensor_bytes: u64) {
+    let ctx = format!("{}: {record:#}", dir.display());
+    let ck = read_checkpoint(dir);
+    let shards = record["shards"].as_array().expect("shards");
+    let listed: Vec<&str> = shards.iter().map(|s| s["file"].as_str().unwrap()).collect();
+    assert_eq!(listed, ck.shard_names(), "{ctx}");
+    let mut files = 0;
+    for shard in shards {
+        let name = shard["file"].as_str().unwrap();
+        let len = std::fs::metadata(dir.join(name)).unwrap().len();
+        assert_eq!(shard["bytes"], len, "{ctx}: {name}");
+        files += len;
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let index_len = if index.exists() {
+        std::fs::metadata(&index).unwrap().len()
+    } else {
+        0
+    };
+    assert_eq!(record["output_bytes"], files + index_len, "{ctx}");
+    let on_disk: u64 = ck
+        .shards
+        .iter()
+        .map(|s| s.bytes.len() as u64 - 8 - s.header_len)
+        .sum();
+    assert_eq!(on_disk, tensor_bytes, "{ctx}: data on disk");
+    assert_eq!(record["tensor_bytes"], tensor_bytes, "{ctx}");
+}
+
+/// `--json`'s byte counts are the real sizes on disk, for one output and for each output of
+/// a sweep, resharded or not, with and without `--dtype`; the dry run promises the same.
+#[test]
+fn json_byte_counts_are_the_sizes_on_disk() {
+    // bf16 with f32 norms and an int buffer: three element sizes.
+    let (mut t0s, mut t1s) = tiny_llama(Dtype::BF16, Dtype::BF16, false, 34);
+    for (t0, t1) in t0s.iter_mut().zip(t1s.iter_mut()) {
+        if t0.name.ends_with("norm.weight") {
+            *t0 = t0.cast(Dtype::F32);
+            *t1 = t1.cast(Dtype::F32);
+        }
+    }
+    let ids = Tensor::i64("model.rotary_emb.ids", &[4], &[0, 1, 2, 3]);
+    t0s.push(ids.clone());
+    t1s.push(ids);
+    let s = Scratch::new();
+    let sft = sharded(&s.path("sft"), &split(&t0s, 2));
+    let dpo = sharded(&s.path("dpo"), &split(&t1s, 2));
+    let cases: [(&str, &[&str], Option<Dtype>); 4] = [
+        ("mirrored", &[], None),
+        ("resharded", &["--max-shard-size", "700"], None),
+        ("single", &["--max-shard-size", "1GB"], None),
+        ("f32", &["--dtype", "f32"], Some(Dtype::F32)),
+    ];
+    for (name, extra, out) in cases {
+        let expected: u64 = reference(&t0s, &t1s, 0.3, out)
+            .values()
+            .map(|t| t.nbytes() as u64)
+            .sum();
+        let dir = s.out(name);
+        let plan = extrapolate(&sft, &dpo, "0.3", &dir)
+            .args(extra)
+            .args(&["--dry-run", "--json"])
+            .assert_ok()
+            .json
+            .unwrap();
+        let run = extrapolate(&sft, &dpo, "0.3", &dir)
+            .args(extra)
+            .arg("--json")
+            .assert_ok()
+            .json
+            .unwrap();
+        assert_byte_counts(&run, &dir, expected);
+        let ck = read_checkpoint(&dir);
+        if name == "resharded" {
+            assert!(ck.shards.len() > 2, "{name}: {}", ck.shards.len());
+        }
+        if name == "single" {
+            assert!(ck.index.is_none(), "{name}");
+        }
+        // The plan's shard list carries per-tensor entries; its byte counts are the same.
+        let plan_shards: Vec<_> = plan["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["file"].clone(), s["bytes"].clone()))
+            .collect();
+        let run_shards: Vec<_> = run["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["file"].clone(), s["bytes"].clone()))
+            .collect();
+        assert_eq!(plan_shards, run_shards, "{name}");
+        assert_eq!(plan["output_bytes"], run["output_bytes"], "{name}");
+        assert_eq!(plan["tensor_bytes"], run["tensor_bytes"], "{name}");
+    }
+
+    // A sweep: each output's record matches its own directory.
+    let template = s.out("sweep-{alpha}");
+    let run = extrapolate(&sft, &dpo, "0.1,0.3", &template)
+        .args(&["--max-shard-size", "700", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    let outputs = run["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 2);
+    for (record, alpha) in outputs.iter().zip(["0.1", "0.3"]) {
+        let expected: u64 = reference(&t0s, &t1s, alpha_value(alpha), None)
+            .values()
+            .map(|t| t.nbytes() as u64)
+            .sum();
+        assert_byte_counts(record, &s.out(&format!("sweep-{alpha}")), expected);
+    }
+}
