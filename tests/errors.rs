@@ -871,3 +871,108 @@ fn stdout_failing_after_the_commit_says_the_output_is_complete() {
     let got = read_checkpoint(&out);
     assert_eq!(got.tensors.len(), t1s.len());
 }
+
+#[test]
+fn several_alphas_need_the_placeholder_in_output() {
+    let (t0s, t1s) = model();
+    let s = Scratch::new();
+    let (sft, dpo) = dirs(&s, &t0s, &t1s);
+    let out = s.out("o");
+    for (alpha, n) in [("0.1,0.2", 2), ("0.1:0.3:0.1", 3), ("0.5,0.5,1", 2)] {
+        let stderr = fails(&s, &sft, &dpo, alpha, &[], 2, &[]);
+        let want = format!(
+            "--alpha gives {n} values, so --output must contain {{alpha}} to name each output, e.g. --output '{}-{{alpha}}'",
+            out.display()
+        );
+        assert!(stderr.contains(&want), "{alpha}: {stderr}");
+        assert_eq!(stderr.matches("--alpha gives").count(), 1, "{stderr}");
+    }
+    // Repeated values are one α: one output, no placeholder needed.
+    extrapolate(&sft, &dpo, "0.3,0.3", &out).assert_ok();
+    assert!(out.join("model.safetensors").is_file());
+}
+
+#[test]
+fn doubled_signs_in_alpha_are_usage_errors() {
+    let (t0s, t1s) = model();
+    let s = Scratch::new();
+    let (sft, dpo) = dirs(&s, &t0s, &t1s);
+    for (alpha, bad) in [
+        ("--1:2:1", "`--1` in a range must be a plain decimal number"),
+        ("1:--2:1", "`--2` in a range must be a plain decimal number"),
+        (
+            "0:1:--0.5",
+            "`--0.5` in a range must be a plain decimal number",
+        ),
+        ("+-1:2:1", "`+-1` in a range must be a plain decimal number"),
+        ("--1", "`--1` is not a number"),
+    ] {
+        let joined = format!("--alpha={alpha}");
+        for spelling in [vec![joined.as_str()], vec!["--alpha", alpha]] {
+            let mut args: Vec<std::ffi::OsString> = vec![
+                "extrapolate".into(),
+                "--sft".into(),
+                sft.clone().into(),
+                "--aligned".into(),
+                dpo.clone().into(),
+                "--output".into(),
+                s.out("o").into(),
+            ];
+            args.extend(spelling.iter().map(|a| a.into()));
+            expo(&args).assert_fails(2, &[bad]);
+            s.assert_no_output();
+        }
+    }
+}
+
+#[test]
+fn exactly_ten_mismatches_are_all_listed_without_a_tail() {
+    let (t0s, t1s) = model();
+    for (extra, tail) in [(10, None), (11, Some("\n  … and 1 more"))] {
+        let mut t1s = t1s.clone();
+        for k in 0..extra {
+            t1s.push(Tensor::float(
+                &format!("extra.{k:02}"),
+                Dtype::BF16,
+                &[1],
+                &[1.0],
+            ));
+        }
+        let s = Scratch::new();
+        let (sft, dpo) = dirs(&s, &t0s, &t1s);
+        let stderr = fails(
+            &s,
+            &sft,
+            &dpo,
+            "0.3",
+            &[],
+            1,
+            &[&format!("the checkpoints do not match ({extra} problems)")],
+        );
+        let listed = stderr
+            .lines()
+            .filter(|l| l.contains("is in --aligned but not in --sft"))
+            .count();
+        assert_eq!(listed, 10, "{stderr}");
+        match tail {
+            None => assert!(!stderr.contains("more"), "{stderr}"),
+            Some(t) => assert!(stderr.trim_end().ends_with(t), "{stderr}"),
+        }
+    }
+}
+
+/// A stat of the output path that fails for another reason than "not found" is an error
+/// naming the path and the cause, not a missing output to create.
+#[test]
+fn output_stat_errors_other_than_not_found_are_reported() {
+    let (t0s, t1s) = model();
+    let s = Scratch::new();
+    let (sft, dpo) = dirs(&s, &t0s, &t1s);
+    let long = s.out(&"x".repeat(300));
+    let stderr = extrapolate(&sft, &dpo, "0.3", &long)
+        .assert_fails(1, &[&format!("{}: stat failed", long.display())])
+        .stderr;
+    assert!(stderr.contains("File name too long"), "{stderr}");
+    assert_eq!(stderr.matches("File name too long").count(), 1, "{stderr}");
+    s.assert_no_output();
+}
