@@ -976,3 +976,59 @@ fn output_stat_errors_other_than_not_found_are_reported() {
     assert_eq!(stderr.matches("File name too long").count(), 1, "{stderr}");
     s.assert_no_output();
 }
+
+/// A safetensors file from a raw header text and data section.
+fn raw_st(path: &Path, header: &str, data: &[u8]) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, bytes).unwrap();
+}
+
+/// The texts of the header errors a user meets most: a file shorter than the 8-byte length
+/// prefix, exactly the prefix (an empty header, which is not "too short"), metadata that is
+/// not strings, and truncated JSON. Each names the file.
+#[test]
+fn header_error_texts() {
+    let (t0s, t1s) = model();
+    let s = Scratch::new();
+    let (sft, _) = dirs(&s, &t0s, &t1s);
+    let entry = r#""a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}"#;
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        ("seven", vec![0; 7], "file is 7 bytes, too short", ""),
+        (
+            "eight",
+            0u64.to_le_bytes().to_vec(),
+            "not valid JSON",
+            "too short",
+        ),
+        (
+            "meta",
+            Vec::new(),
+            "`__metadata__` must map strings to strings, found a number for key `format`",
+            "",
+        ),
+        ("json", Vec::new(), "header is not valid JSON", "too short"),
+    ];
+    for (name, bytes, needle, absent) in cases {
+        let file = s.path(name).join("model.safetensors");
+        match name {
+            "meta" => raw_st(
+                &file,
+                &format!(r#"{{"__metadata__":{{"format":1}},{entry}}}"#),
+                &[0; 4],
+            ),
+            "json" => raw_st(&file, &format!("{{{entry}"), &[0; 4]),
+            _ => {
+                fs::create_dir_all(file.parent().unwrap()).unwrap();
+                fs::write(&file, bytes).unwrap();
+            }
+        }
+        let file_str = file.display().to_string();
+        let stderr = fails(&s, &sft, &s.path(name), "0.3", &[], 1, &[&file_str, needle]);
+        if !absent.is_empty() {
+            assert!(!stderr.contains(absent), "{name}: {stderr}");
+        }
+    }
+}
