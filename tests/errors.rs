@@ -988,7 +988,7 @@ fn raw_st(path: &Path, header: &str, data: &[u8]) {
 
 /// The texts of the header errors a user meets most: a file shorter than the 8-byte length
 /// prefix, exactly the prefix (an empty header, which is not "too short"), metadata that is
-/// not strings, and truncated JSON. Each names the file.
+/// not strings, and truncated JSON. Each names the file and prints its cause once.
 #[test]
 fn header_error_texts() {
     let (t0s, t1s) = model();
@@ -1030,5 +1030,7 @@ fn header_error_texts() {
         if !absent.is_empty() {
             assert!(!stderr.contains(absent), "{name}: {stderr}");
         }
+        // The cause is printed once, not once per layer of the error chain.
+        assert_eq!(stderr.matches(needle).count(), 1, "{name}: {stderr}");
     }
 }
