@@ -846,30 +846,31 @@ impl Search<'_> {
             values,
             proc: _,
         } = a;
+        if matches!(exit.code, Some(126) | Some(127)) {
+            return Err(self.unrunnable(trial, &values, &exit));
+        }
+        let (end, note) = self.judge(&exit, &values);
+        if let Some(n) = note {
+            self.reporter.warn(format!(
+                "trial {} (alpha {}): {n}; logs in {}",
+                trial.trial,
+                trial.alpha,
+                values.workdir.display()
+            ));
+        }
+        self.store_end(trial, end)?;
+        self.tidy()?;
+        self.write_outputs(None).map_err(Abort::Broken)?;
+        Ok(())
+    }
+
+    /// How a trial that ran ended: scored, unusable (exit 125) or failed; and why it failed.
+    fn judge(&self, exit: &evaluator::Exit, values: &Values) -> (End, Option<String>) {
         let stdout = values.workdir.join("stdout.log");
-        let stderr = values.workdir.join("stderr.log");
         let mut note = None;
         let (state, score, json) = match exit.code {
-            Some(126) | Some(127) => {
-                let end = End {
-                    state: State::Failed,
-                    score: None,
-                    exit: exit.code,
-                    seconds: exit.seconds,
-                    json: None,
-                };
-                self.store_end(trial.clone(), end)?;
-                let tail = evaluator::tail_lines(&stderr, 10);
-                return Err(Abort::Broken(anyhow::anyhow!(
-                    "the evaluator could not be run (exit {}: {}), so the search stopped; fix --eval `{}`{}",
-                    exit.code.unwrap_or(0),
-                    if exit.code == Some(127) { "command not found" } else { "not executable" },
-                    self.cfg.eval.spelling,
-                    if tail.is_empty() { String::new() } else { format!("; its stderr ({}) ends with:\n{tail}", stderr.display()) }
-                )));
-            }
             Some(125) => (State::Unusable, None, None),
-            Some(0) if !exit.timed_out => match self.cfg.score.read(&stdout, &values) {
+            Some(0) if !exit.timed_out => match self.cfg.score.read(&stdout, values) {
                 Ok(s) => (State::Ok, Some(s.value), s.json),
                 Err(e) => {
                     note = Some(e.to_string());
@@ -890,14 +891,6 @@ impl Search<'_> {
                 (State::Failed, None, None)
             }
         };
-        if let Some(n) = note {
-            self.reporter.warn(format!(
-                "trial {} (alpha {}): {n}; logs in {}",
-                trial.trial,
-                trial.alpha,
-                values.workdir.display()
-            ));
-        }
         let end = End {
             state,
             score,
@@ -905,10 +898,31 @@ impl Search<'_> {
             seconds: exit.seconds,
             json,
         };
-        self.store_end(trial, end)?;
-        self.tidy()?;
-        self.write_outputs(None).map_err(Abort::Broken)?;
-        Ok(())
+        (end, note)
+    }
+
+    /// Records a trial whose evaluator could not be run (exit 126 or 127) as failed; the
+    /// error that stops the search.
+    fn unrunnable(&mut self, trial: Trial, values: &Values, exit: &evaluator::Exit) -> Abort {
+        let end = End {
+            state: State::Failed,
+            score: None,
+            exit: exit.code,
+            seconds: exit.seconds,
+            json: None,
+        };
+        if let Err(e) = self.store_end(trial, end) {
+            return e;
+        }
+        let stderr = values.workdir.join("stderr.log");
+        let tail = evaluator::tail_lines(&stderr, 10);
+        Abort::Broken(anyhow::anyhow!(
+            "the evaluator could not be run (exit {}: {}), so the search stopped; fix --eval `{}`{}",
+            exit.code.unwrap_or(0),
+            if exit.code == Some(127) { "command not found" } else { "not executable" },
+            self.cfg.eval.spelling,
+            if tail.is_empty() { String::new() } else { format!("; its stderr ({}) ends with:\n{tail}", stderr.display()) }
+        ))
     }
 
     fn store_end(&mut self, mut trial: Trial, end: End) -> Result<(), Abort> {
