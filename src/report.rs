@@ -11,6 +11,7 @@ pub mod adapter;
 pub mod diff;
 pub mod extrapolate;
 pub mod inspect;
+pub mod search;
 
 /// Set once a command started printing its JSON result on stdout.
 static JSON_PRINTED: AtomicBool = AtomicBool::new(false);

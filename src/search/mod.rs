@@ -12,7 +12,6 @@ pub mod rule;
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -20,11 +19,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
+use crate::checkpoint::Checkpoint;
 use crate::cli::{AlphaList, DtypeArg, ExtrapolateArgs};
 use crate::cmd::extrapolate::UsageError;
 use crate::interrupt;
 use crate::plan::AlphaRule;
-use crate::report::Reporter;
+use crate::report::{self, Reporter};
 
 use evaluator::{Running, ScoreSpec, Template, Values};
 use ledger::{End, Ledger, State, Trial};
@@ -243,6 +243,21 @@ struct Active {
     proc: Running,
 }
 
+/// The trials of a batch, recorded as started, and the α whose candidates to build.
+struct Planned {
+    trials: Vec<Trial>,
+    to_build: Vec<Lat>,
+}
+
+/// Where a trial's candidate is.
+struct Candidate {
+    output: PathBuf,
+    /// Made by expo (not the `--aligned` model).
+    created: bool,
+    /// Still to build.
+    build: bool,
+}
+
 struct Search<'a> {
     cfg: &'a Config,
     reporter: Reporter,
@@ -255,9 +270,54 @@ struct Search<'a> {
     started: Instant,
 }
 
+/// The checkpoints a search starts from, opened and paired.
+struct Inputs {
+    sft: Checkpoint,
+    aligned: Checkpoint,
+    /// Where `--aligned` resolved to (the candidate of α = 0).
+    aligned_path: PathBuf,
+    /// The `--skip` and `--alpha-for` rules, in that order.
+    rules: Vec<AlphaRule>,
+    /// The size of one candidate.
+    candidate_bytes: u64,
+}
+
+/// What a search continues from: the ledger, opened and replayed.
+struct Resumed {
+    ledger: Ledger,
+    /// The finished trials (interrupted ones run again).
+    trials: Vec<Trial>,
+    /// Candidates expo built and has not deleted.
+    created: BTreeSet<PathBuf>,
+    next_trial: u64,
+}
+
 /// Runs a search; the exit code when it completed.
 pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
     let reporter = Reporter::new(false);
+    let inputs = open_inputs(cfg)?;
+    let header = header_event(cfg, &inputs);
+    check_run_dir(cfg)?;
+    if cfg.dry_run {
+        return dry_run(cfg, inputs.candidate_bytes, &inputs.aligned_path);
+    }
+    let resumed = resume(cfg, &header, &reporter)?;
+    let mut search = Search {
+        cfg,
+        reporter,
+        ledger: resumed.ledger,
+        trials: resumed.trials,
+        created: resumed.created,
+        aligned_path: inputs.aligned_path.clone(),
+        next_trial: resumed.next_trial,
+        started: Instant::now(),
+    };
+    drop(inputs);
+    search.go()
+}
+
+/// Opens `--sft` and `--aligned` and checks that they pair (as extrapolate checks them).
+fn open_inputs(cfg: &Config) -> Result<Inputs> {
     let cache_env = crate::hub::CacheEnv::from_process();
     let (sft, _) = crate::hub::open_for("--sft checkpoint", &cfg.sft, &cache_env)?;
     let (aligned, aligned_in) =
@@ -267,39 +327,47 @@ pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
     let candidate_bytes = if crate::adapter::is_adapter_dir(&aligned_in.path) {
         crate::adapter::check_for_search(&cfg.sft, &cfg.aligned, &cfg.skip)?
     } else {
-        crate::plan::build_plan(
-            &sft,
-            &aligned,
-            &crate::plan::PlanOptions {
-                alpha: cfg
-                    .settings
-                    .first
-                    .iter()
-                    .copied()
-                    .max()
-                    .unwrap_or(Lat(0))
-                    .to_f64(),
-                dtype: cfg.dtype.choice(),
-                max_shard_size: cfg.max_shard_size,
-                rules: rules.clone(),
-            },
-        )
-        .with_context(|| {
-            format!(
-                "pairing --sft {} with --aligned {}",
-                cfg.sft.display(),
-                cfg.aligned.display()
-            )
-        })?
-        .output_bytes()
+        let options = crate::plan::PlanOptions {
+            alpha: cfg
+                .settings
+                .first
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(Lat(0))
+                .to_f64(),
+            dtype: cfg.dtype.choice(),
+            max_shard_size: cfg.max_shard_size,
+            rules: rules.clone(),
+        };
+        crate::plan::build_plan(&sft, &aligned, &options)
+            .with_context(|| {
+                format!(
+                    "pairing --sft {} with --aligned {}",
+                    cfg.sft.display(),
+                    cfg.aligned.display()
+                )
+            })?
+            .output_bytes()
     };
-    let header = json!({
+    Ok(Inputs {
+        sft,
+        aligned,
+        aligned_path: aligned_in.path,
+        rules,
+        candidate_bytes,
+    })
+}
+
+/// The ledger's header event: what a resumed search must not change.
+fn header_event(cfg: &Config, inputs: &Inputs) -> Value {
+    json!({
         "event": "header",
         "version": 1,
         "expo": env!("CARGO_PKG_VERSION"),
-        "sft": {"path": cfg.sft, "fingerprint": ledger::fingerprint(&sft)},
-        "aligned": {"path": cfg.aligned, "fingerprint": ledger::fingerprint(&aligned)},
-        "rules": rules.iter().map(|r| r.spelling.clone()).collect::<Vec<_>>(),
+        "sft": {"path": cfg.sft, "fingerprint": ledger::fingerprint(&inputs.sft)},
+        "aligned": {"path": cfg.aligned, "fingerprint": ledger::fingerprint(&inputs.aligned)},
+        "rules": inputs.rules.iter().map(|r| r.spelling.clone()).collect::<Vec<_>>(),
         "dtype": cfg.dtype.name(),
         "max_shard_size": cfg.max_shard_size,
         "eval": cfg.eval.spelling,
@@ -314,7 +382,11 @@ pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
         "timeout": cfg.timeout.map(|t| t.as_secs_f64()),
         "max_evals": cfg.settings.max_evals,
         "bounds": [cfg.settings.lower.to_f64(), cfg.settings.upper.to_f64()],
-    });
+    })
+}
+
+/// `--run` holds a search exactly when `--resume` is given.
+fn check_run_dir(cfg: &Config) -> Result<()> {
     let ledger_path = cfg.run.join(ledger::NAME);
     let exists = ledger_path.exists();
     if exists && !cfg.resume {
@@ -332,11 +404,12 @@ pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
         ))
         .into());
     }
+    Ok(())
+}
 
-    if cfg.dry_run {
-        return dry_run(cfg, candidate_bytes, &aligned_in.path);
-    }
-
+/// Opens the ledger in `--run` (made if missing), checks a resumed search's header against
+/// `header`, appends it, and replays what the ledger holds.
+fn resume(cfg: &Config, header: &Value, reporter: &Reporter) -> Result<Resumed> {
     std::fs::create_dir_all(&cfg.run)
         .with_context(|| format!("creating the run directory {}", cfg.run.display()))?;
     let mut ledger = Ledger::open(&cfg.run)?;
@@ -350,9 +423,9 @@ pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
         ledger.append_raw_newline()?;
     }
     if let Some(was) = &replay.header {
-        ledger::check_header(&ledger.path, was, &header).map_err(|e| UsageError(e.to_string()))?;
+        ledger::check_header(&ledger.path, was, header).map_err(|e| UsageError(e.to_string()))?;
     }
-    ledger.append(&header)?;
+    ledger.append(header)?;
     let mut created = BTreeSet::new();
     for t in &replay.trials {
         if t.created {
@@ -379,22 +452,15 @@ pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
             .map(|r| r.trials.iter().map(|t| t.trial).max().unwrap_or(0) + 1)
             .unwrap_or(1),
     );
-    let mut search = Search {
-        cfg,
-        reporter,
+    Ok(Resumed {
         ledger,
         trials,
         created,
-        aligned_path: aligned_in.path.clone(),
         next_trial,
-        started: Instant::now(),
-    };
-    drop((sft, aligned));
-    search.go()
+    })
 }
 
 fn dry_run(cfg: &Config, candidate_bytes: u64, aligned: &Path) -> Result<std::process::ExitCode> {
-    let mut err = std::io::stderr().lock();
     // The run directory: an existing directory, or one whose parent exists.
     let run_parent = existing_ancestor(&cfg.run);
     if cfg.run.exists() && !cfg.run.is_dir() {
@@ -406,22 +472,34 @@ fn dry_run(cfg: &Config, candidate_bytes: u64, aligned: &Path) -> Result<std::pr
         .saturating_mul((cfg.jobs + cfg.keep.unwrap_or(cfg.settings.max_evals)) as u64);
     let free = free_bytes(&out_parent)
         .with_context(|| format!("checking free space in {}", out_parent.display()))?;
-    writeln!(
-        err,
-        "expo: dry run: candidates of {} each; {} for {} jobs + {} kept, {} free in {}",
-        crate::report::bytes(candidate_bytes),
-        crate::report::bytes(need),
-        cfg.jobs,
-        cfg.keep.map_or("all".to_string(), |k| k.to_string()),
-        crate::report::bytes(free),
-        out_parent.display()
-    )?;
-    writeln!(
-        err,
-        "expo: run directory {} (in {})",
-        cfg.run.display(),
-        run_parent.display()
-    )?;
+    let plan = report::search::DryRun {
+        candidate_bytes,
+        need,
+        free,
+        out_parent: &out_parent,
+        jobs: cfg.jobs,
+        keep: cfg.keep,
+        run: &cfg.run,
+        run_parent: &run_parent,
+        commands: first_commands(cfg, aligned),
+    };
+    report::search::dry_run(&plan, cfg.json)?;
+    if free < need {
+        anyhow::bail!(
+            "{} has {} free but the search may need {} ({} jobs + {} kept candidates of {}); free space, lower --jobs/--keep, or put candidates elsewhere with --output",
+            out_parent.display(),
+            report::bytes(free),
+            report::bytes(need),
+            cfg.jobs,
+            cfg.keep.map_or("all".into(), |k| k.to_string()),
+            report::bytes(candidate_bytes)
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The evaluator commands of the first batch: trial number, α, command line.
+fn first_commands(cfg: &Config, aligned: &Path) -> Vec<(usize, Lat, String)> {
     let mut commands = Vec::new();
     for (k, &a) in cfg.settings.first.iter().enumerate() {
         let output = if a.0 == 0 {
@@ -437,36 +515,9 @@ fn dry_run(cfg: &Config, candidate_bytes: u64, aligned: &Path) -> Result<std::pr
             trial: k as u64 + 1,
         };
         let c = cfg.eval.command(&v);
-        writeln!(
-            err,
-            "  trial {}  alpha {:<6} {}",
-            k + 1,
-            a,
-            c.to_string_lossy()
-        )?;
-        commands.push(json!({"trial": k + 1, "alpha": a.to_f64(), "command": c.to_string_lossy()}));
+        commands.push((k + 1, a, c.to_string_lossy().into_owned()));
     }
-    if cfg.json {
-        crate::report::print_json(&json!({
-            "dry_run": true,
-            "commands": commands,
-            "candidate_bytes": candidate_bytes,
-            "needed_bytes": need,
-            "free_bytes": free,
-        }))?;
-    }
-    if free < need {
-        anyhow::bail!(
-            "{} has {} free but the search may need {} ({} jobs + {} kept candidates of {}); free space, lower --jobs/--keep, or put candidates elsewhere with --output",
-            out_parent.display(),
-            crate::report::bytes(free),
-            crate::report::bytes(need),
-            cfg.jobs,
-            cfg.keep.map_or("all".into(), |k| k.to_string()),
-            crate::report::bytes(candidate_bytes)
-        );
-    }
-    Ok(std::process::ExitCode::SUCCESS)
+    commands
 }
 
 fn existing_ancestor(p: &Path) -> PathBuf {
@@ -607,27 +658,29 @@ impl Search<'_> {
 
     /// Builds the candidates of `batch` in one pass and starts their evaluators.
     fn launch(&mut self, batch: Vec<Lat>, active: &mut Vec<Active>) -> Result<(), Abort> {
-        let mut trials = Vec::new();
-        let mut to_build = Vec::new();
+        let planned = self.plan_trials(batch, active)?;
+        if !planned.to_build.is_empty() {
+            self.build_candidates(&planned)?;
+        }
+        for trial in planned.trials {
+            active.push(self.start_evaluator(trial)?);
+        }
+        Ok(())
+    }
+
+    /// Gives each α of `batch` a trial number, a free slot and its candidate, and records
+    /// its start in the ledger.
+    fn plan_trials(&mut self, batch: Vec<Lat>, active: &[Active]) -> Result<Planned, Abort> {
+        let mut planned = Planned {
+            trials: Vec::new(),
+            to_build: Vec::new(),
+        };
         let mut taken: Vec<usize> = active.iter().map(|a| a.trial.slot).collect();
         for a in batch {
-            let (output, created) = if a.0 == 0 {
-                (self.aligned_path.clone(), false)
-            } else {
-                let p = alpha_path(&self.cfg.output, a);
-                let ours = self.created.contains(&p);
-                if ours && p.join(crate::sidefiles::PROVENANCE_NAME).is_file() {
-                    // Built earlier in this search (an unfinished or retried trial).
-                } else if p.exists() && !is_empty_dir(&p) {
-                    return Err(Abort::Broken(anyhow::anyhow!(
-                        "{} already exists and was not made by this search; remove it, or choose another --output",
-                        p.display()
-                    )));
-                } else {
-                    to_build.push(a);
-                }
-                (p, true)
-            };
+            let candidate = self.candidate(a)?;
+            if candidate.build {
+                planned.to_build.push(a);
+            }
             let slot = (0..self.cfg.jobs)
                 .find(|s| !taken.contains(s))
                 .unwrap_or_else(|| self.free_slot(active));
@@ -636,98 +689,133 @@ impl Search<'_> {
                 trial: self.next_trial,
                 alpha: a,
                 slot,
-                output,
-                created,
+                output: candidate.output,
+                created: candidate.created,
                 end: None,
             };
             self.next_trial += 1;
             self.ledger
                 .append(&ledger::start_event(&trial))
                 .map_err(|e| Abort::Broken(e.into()))?;
-            if created {
+            if trial.created {
                 self.created.insert(trial.output.clone());
             }
-            trials.push(trial);
+            planned.trials.push(trial);
         }
-        if !to_build.is_empty() {
-            for &a in &to_build {
-                if let Some(parent) = alpha_path(&self.cfg.output, a).parent() {
-                    if !parent.as_os_str().is_empty() {
-                        std::fs::create_dir_all(parent)
-                            .with_context(|| format!("creating {}", parent.display()))
-                            .map_err(Abort::Broken)?;
-                    }
-                }
-            }
-            let args = self.extrapolate_args(&to_build, false);
-            crate::failpoint::pause("search-build");
-            match crate::cmd::extrapolate::run(&args) {
-                Ok(_) => {}
-                Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some() => {
-                    // None of them started: record them as interrupted, remove what was built.
-                    for trial in trials {
-                        let end = End {
-                            state: State::Interrupted,
-                            score: None,
-                            exit: None,
-                            seconds: 0.0,
-                            json: None,
-                        };
-                        let _ = self.ledger.append(&ledger::end_event(&trial, &end));
-                        let needed = self.trials.iter().any(|t| t.output == trial.output);
-                        if trial.created && !needed && self.created.contains(&trial.output) {
-                            let _ = self.delete(&trial.output);
-                        }
-                    }
-                    return Err(Abort::Interrupted);
-                }
-                Err(e) => {
-                    return Err(Abort::Broken(e.context(format!(
-                        "building the candidates for alpha {}",
-                        to_build
-                            .iter()
-                            .map(|a| a.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))))
-                }
-            }
-        }
-        for trial in trials {
-            let workdir = self.cfg.run.join("trials").join(trial.trial.to_string());
-            std::fs::create_dir_all(&workdir)
-                .with_context(|| format!("creating {}", workdir.display()))
-                .map_err(Abort::Broken)?;
-            let values = Values {
-                alpha: trial.alpha.to_string(),
-                output: trial.output.clone(),
-                workdir: workdir.clone(),
-                slot: trial.slot,
-                trial: trial.trial,
-            };
-            let command = self.cfg.eval.command(&values);
-            let env: Vec<(&str, OsString)> = vec![
-                ("EXPO_ALPHA", values.alpha.clone().into()),
-                ("EXPO_OUTPUT", values.output.clone().into()),
-                ("EXPO_WORKDIR", values.workdir.clone().into()),
-                ("EXPO_SLOT", values.slot.to_string().into()),
-                ("EXPO_TRIAL", values.trial.to_string().into()),
-            ];
-            let proc = evaluator::spawn(
-                &command,
-                &env,
-                &workdir.join("stdout.log"),
-                &workdir.join("stderr.log"),
-            )
-            .with_context(|| format!("starting the evaluator (sh -c) for trial {}", trial.trial))
-            .map_err(Abort::Broken)?;
-            active.push(Active {
-                trial,
-                values,
-                proc,
+        Ok(planned)
+    }
+
+    /// The candidate of α: the `--aligned` model for α = 0, else the `--output` directory,
+    /// to build unless this search built it earlier. A directory expo did not make is an
+    /// error.
+    fn candidate(&self, a: Lat) -> Result<Candidate, Abort> {
+        if a.0 == 0 {
+            return Ok(Candidate {
+                output: self.aligned_path.clone(),
+                created: false,
+                build: false,
             });
         }
-        Ok(())
+        let p = alpha_path(&self.cfg.output, a);
+        let ours = self.created.contains(&p);
+        // Built earlier in this search (an unfinished or retried trial).
+        let built = ours && p.join(crate::sidefiles::PROVENANCE_NAME).is_file();
+        if !built && p.exists() && !is_empty_dir(&p) {
+            return Err(Abort::Broken(anyhow::anyhow!(
+                "{} already exists and was not made by this search; remove it, or choose another --output",
+                p.display()
+            )));
+        }
+        Ok(Candidate {
+            output: p,
+            created: true,
+            build: !built,
+        })
+    }
+
+    /// Builds the candidates of `planned` with the extrapolation engine, in one pass.
+    fn build_candidates(&mut self, planned: &Planned) -> Result<(), Abort> {
+        for &a in &planned.to_build {
+            if let Some(parent) = alpha_path(&self.cfg.output, a).parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {}", parent.display()))
+                        .map_err(Abort::Broken)?;
+                }
+            }
+        }
+        let args = self.extrapolate_args(&planned.to_build, false);
+        crate::failpoint::pause("search-build");
+        match crate::cmd::extrapolate::run(&args) {
+            Ok(_) => Ok(()),
+            Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some() => {
+                self.abandon(&planned.trials);
+                Err(Abort::Interrupted)
+            }
+            Err(e) => Err(Abort::Broken(e.context(format!(
+                "building the candidates for alpha {}",
+                planned
+                    .to_build
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))),
+        }
+    }
+
+    /// Records `trials`, none of which started, as interrupted, and removes what was built.
+    fn abandon(&mut self, trials: &[Trial]) {
+        for trial in trials {
+            let end = End {
+                state: State::Interrupted,
+                score: None,
+                exit: None,
+                seconds: 0.0,
+                json: None,
+            };
+            let _ = self.ledger.append(&ledger::end_event(trial, &end));
+            let needed = self.trials.iter().any(|t| t.output == trial.output);
+            if trial.created && !needed && self.created.contains(&trial.output) {
+                let _ = self.delete(&trial.output);
+            }
+        }
+    }
+
+    /// Starts the evaluator of `trial` in its own work directory.
+    fn start_evaluator(&self, trial: Trial) -> Result<Active, Abort> {
+        let workdir = self.cfg.run.join("trials").join(trial.trial.to_string());
+        std::fs::create_dir_all(&workdir)
+            .with_context(|| format!("creating {}", workdir.display()))
+            .map_err(Abort::Broken)?;
+        let values = Values {
+            alpha: trial.alpha.to_string(),
+            output: trial.output.clone(),
+            workdir: workdir.clone(),
+            slot: trial.slot,
+            trial: trial.trial,
+        };
+        let command = self.cfg.eval.command(&values);
+        let env: Vec<(&str, OsString)> = vec![
+            ("EXPO_ALPHA", values.alpha.clone().into()),
+            ("EXPO_OUTPUT", values.output.clone().into()),
+            ("EXPO_WORKDIR", values.workdir.clone().into()),
+            ("EXPO_SLOT", values.slot.to_string().into()),
+            ("EXPO_TRIAL", values.trial.to_string().into()),
+        ];
+        let proc = evaluator::spawn(
+            &command,
+            &env,
+            &workdir.join("stdout.log"),
+            &workdir.join("stderr.log"),
+        )
+        .with_context(|| format!("starting the evaluator (sh -c) for trial {}", trial.trial))
+        .map_err(Abort::Broken)?;
+        Ok(Active {
+            trial,
+            values,
+            proc,
+        })
     }
 
     /// The `expo extrapolate` arguments that build `alphas`.
@@ -758,30 +846,31 @@ impl Search<'_> {
             values,
             proc: _,
         } = a;
+        if matches!(exit.code, Some(126) | Some(127)) {
+            return Err(self.unrunnable(trial, &values, &exit));
+        }
+        let (end, note) = self.judge(&exit, &values);
+        if let Some(n) = note {
+            self.reporter.warn(format!(
+                "trial {} (alpha {}): {n}; logs in {}",
+                trial.trial,
+                trial.alpha,
+                values.workdir.display()
+            ));
+        }
+        self.store_end(trial, end)?;
+        self.tidy()?;
+        self.write_outputs(None).map_err(Abort::Broken)?;
+        Ok(())
+    }
+
+    /// How a trial that ran ended: scored, unusable (exit 125) or failed; and why it failed.
+    fn judge(&self, exit: &evaluator::Exit, values: &Values) -> (End, Option<String>) {
         let stdout = values.workdir.join("stdout.log");
-        let stderr = values.workdir.join("stderr.log");
         let mut note = None;
         let (state, score, json) = match exit.code {
-            Some(126) | Some(127) => {
-                let end = End {
-                    state: State::Failed,
-                    score: None,
-                    exit: exit.code,
-                    seconds: exit.seconds,
-                    json: None,
-                };
-                self.store_end(trial.clone(), end)?;
-                let tail = evaluator::tail_lines(&stderr, 10);
-                return Err(Abort::Broken(anyhow::anyhow!(
-                    "the evaluator could not be run (exit {}: {}), so the search stopped; fix --eval `{}`{}",
-                    exit.code.unwrap_or(0),
-                    if exit.code == Some(127) { "command not found" } else { "not executable" },
-                    self.cfg.eval.spelling,
-                    if tail.is_empty() { String::new() } else { format!("; its stderr ({}) ends with:\n{tail}", stderr.display()) }
-                )));
-            }
             Some(125) => (State::Unusable, None, None),
-            Some(0) if !exit.timed_out => match self.cfg.score.read(&stdout, &values) {
+            Some(0) if !exit.timed_out => match self.cfg.score.read(&stdout, values) {
                 Ok(s) => (State::Ok, Some(s.value), s.json),
                 Err(e) => {
                     note = Some(e.to_string());
@@ -792,7 +881,7 @@ impl Search<'_> {
                 note = Some(if exit.timed_out {
                     format!(
                         "timed out after {}",
-                        fmt_secs(self.cfg.timeout.map_or(0.0, |t| t.as_secs_f64()))
+                        report::search::fmt_secs(self.cfg.timeout.map_or(0.0, |t| t.as_secs_f64()))
                     )
                 } else if let Some(sig) = exit.signal {
                     format!("killed by signal {sig}")
@@ -802,14 +891,6 @@ impl Search<'_> {
                 (State::Failed, None, None)
             }
         };
-        if let Some(n) = note {
-            self.reporter.warn(format!(
-                "trial {} (alpha {}): {n}; logs in {}",
-                trial.trial,
-                trial.alpha,
-                values.workdir.display()
-            ));
-        }
         let end = End {
             state,
             score,
@@ -817,10 +898,31 @@ impl Search<'_> {
             seconds: exit.seconds,
             json,
         };
-        self.store_end(trial, end)?;
-        self.tidy()?;
-        self.write_outputs(None).map_err(Abort::Broken)?;
-        Ok(())
+        (end, note)
+    }
+
+    /// Records a trial whose evaluator could not be run (exit 126 or 127) as failed; the
+    /// error that stops the search.
+    fn unrunnable(&mut self, trial: Trial, values: &Values, exit: &evaluator::Exit) -> Abort {
+        let end = End {
+            state: State::Failed,
+            score: None,
+            exit: exit.code,
+            seconds: exit.seconds,
+            json: None,
+        };
+        if let Err(e) = self.store_end(trial, end) {
+            return e;
+        }
+        let stderr = values.workdir.join("stderr.log");
+        let tail = evaluator::tail_lines(&stderr, 10);
+        Abort::Broken(anyhow::anyhow!(
+            "the evaluator could not be run (exit {}: {}), so the search stopped; fix --eval `{}`{}",
+            exit.code.unwrap_or(0),
+            if exit.code == Some(127) { "command not found" } else { "not executable" },
+            self.cfg.eval.spelling,
+            if tail.is_empty() { String::new() } else { format!("; its stderr ({}) ends with:\n{tail}", stderr.display()) }
+        ))
     }
 
     fn store_end(&mut self, mut trial: Trial, end: End) -> Result<(), Abort> {
@@ -1070,6 +1172,21 @@ impl Search<'_> {
             "evaluations": self.evaluations(),
         }))?;
         self.write_outputs(Some(status))?;
+        self.check_scored(status)?;
+        let best = self.best();
+        report::search::status_warning(&self.reporter, status, &self.cfg.settings);
+        if let Some((a, s)) = best {
+            let where_ = self.where_is(a);
+            report::search::best_line(a, s, status, self.evaluations(), &where_);
+        }
+        if self.cfg.json {
+            report::print_json(&self.summary(Some(status)))?;
+        }
+        Ok(std::process::ExitCode::SUCCESS)
+    }
+
+    /// The error of a search that ended without a usable score.
+    fn check_scored(&self, status: Status) -> Result<()> {
         match status {
             Status::Failures => {
                 anyhow::bail!(
@@ -1096,100 +1213,33 @@ impl Search<'_> {
                     self.cfg.run.join("trials").display()
                 );
             }
-            _ => {}
+            _ => Ok(()),
         }
-        let best = self.best();
-        match status {
-            Status::Flat => self.reporter.warn(format!(
-                "the scores around the best alpha are within --tie {} of it (flat): the evaluator cannot tell these α apart; a larger dev set or a less noisy score would",
-                self.cfg.settings.tie
-            )),
-            Status::Edge => self.reporter.warn(format!(
-                "the best alpha is at the edge of the search range {}:{}; widen it with --bounds",
-                self.cfg.settings.lower, self.cfg.settings.upper
-            )),
-            Status::NoGain => self.reporter.warn(
-                "no candidate scored better than the --aligned model itself (alpha = 0): extrapolation does not help this model on this evaluator",
-            ),
-            Status::Budget => self.reporter.warn(format!(
-                "stopped after --max-evals {} evaluations before the best alpha was bracketed; resume with a larger --max-evals",
-                self.cfg.settings.max_evals
-            )),
-            _ => {}
+    }
+
+    /// Where the candidate of α is, for the final line.
+    fn where_is(&self, a: Lat) -> String {
+        let out = self.output_of(a);
+        if a.0 == 0 {
+            format!("the --aligned model {}", out.display())
+        } else if out.exists() {
+            format!("kept in {}", out.display())
+        } else {
+            format!("rebuild it with: {}", self.rebuild_command(a))
         }
-        if let Some((a, s)) = best {
-            let out = self.output_of(a);
-            let where_ = if a.0 == 0 {
-                format!("the --aligned model {}", out.display())
-            } else if out.exists() {
-                format!("kept in {}", out.display())
-            } else {
-                format!("rebuild it with: {}", self.rebuild_command(a))
-            };
-            let _ = writeln!(
-                std::io::stderr(),
-                "expo: best alpha = {a} (score {}, {}) after {} evaluations; {where_}",
-                fmt_score(s),
-                status.name(),
-                self.evaluations()
-            );
-        }
-        if self.cfg.json {
-            crate::report::print_json(&self.summary(Some(status)))?;
-        }
-        Ok(std::process::ExitCode::SUCCESS)
     }
 
     fn print_table_header(&self) {
-        let _ = writeln!(
-            std::io::stderr(),
-            "{:>5}  {:>8}  {:>12}  {:>10}  {:>8}  state",
-            "trial",
-            "alpha",
-            "score",
-            "Δ vs θ1",
-            "time"
-        );
+        report::search::table_header();
     }
 
     fn print_row(&self, t: &Trial) {
-        let Some(e) = &t.end else { return };
-        let base = self.baseline_score();
-        let delta = match (e.score, base) {
-            (Some(s), Some(b)) if t.alpha.0 != 0 => format!("{:+.4}", s - b),
-            _ => "".into(),
-        };
-        let _ = writeln!(
-            std::io::stderr(),
-            "{:>5}  {:>8}  {:>12}  {:>10}  {:>8}  {}",
-            t.trial,
-            t.alpha.to_string(),
-            e.score.map(fmt_score).unwrap_or_default(),
-            delta,
-            fmt_secs(e.seconds),
-            e.state.name()
-        );
+        report::search::trial_row(t, self.baseline_score());
     }
 }
 
 fn is_empty_dir(p: &Path) -> bool {
     std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none())
-}
-
-fn fmt_score(s: f64) -> String {
-    let r = (s * 1e6).round() / 1e6;
-    // No `-0`.
-    format!("{}", if r == 0.0 { 0.0 } else { r })
-}
-
-fn fmt_secs(s: f64) -> String {
-    if s < 60.0 {
-        format!("{s:.1}s")
-    } else if s < 3600.0 {
-        format!("{:.1}m", s / 60.0)
-    } else {
-        format!("{:.1}h", s / 3600.0)
-    }
 }
 
 /// Writes `path` through a temporary file and a rename.
