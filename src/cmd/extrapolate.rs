@@ -125,6 +125,7 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
     )
     .context("comparing the non-float tensors")?;
 
+    engine::check_open_files(outputs.len())?;
     if args.dry_run {
         print_plan(args, &outputs, &rules, &matches, &inputs, &side, &reporter)?;
         return Ok(ExitCode::SUCCESS);
@@ -132,7 +133,7 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
 
     interrupt::install();
     interrupt::install_sigbus_handler();
-    let pool = super::worker_pool(args.threads)?;
+    let pool = super::worker_pool(args.threads, &reporter)?;
 
     for o in &outputs {
         let found = output::clean_stale_staging(&o.target.parent);
@@ -217,7 +218,7 @@ pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
             .and_then(|stats| {
                 for (tensor, count) in &stats.inherited_nonfinite {
                     reporter.warn(format!(
-                        "{}: tensor `{tensor}`: {count} output values are infinite or NaN because the inputs already were",
+                        "{}: tensor `{tensor}`: {count} values are infinite or NaN in --sft or --aligned; --aligned's values were kept there",
                         o.target.path.display()
                     ));
                 }
