@@ -589,7 +589,8 @@ impl OpenFiles {
     /// when the run needs more than the soft limit.
     fn check(outputs: usize, per_output: u64) -> OpenFiles {
         let open = files_open_now();
-        let needed = (per_output * outputs as u64)
+        let needed = per_output
+            .saturating_mul(outputs as u64)
             .saturating_add(open)
             .saturating_add(OPEN_FILES_MARGIN);
         let (soft, _) = open_files_limit();
@@ -619,8 +620,15 @@ impl OpenFiles {
             needed: self.needed,
             limit: self.limit,
             open: self.open,
-            suggest: self.needed.next_power_of_two().max(1024),
-            fit: self.limit.saturating_sub(self.open + OPEN_FILES_MARGIN) / self.per_output.max(1),
+            suggest: self
+                .needed
+                .checked_next_power_of_two()
+                .unwrap_or(self.needed)
+                .max(1024),
+            fit: self
+                .limit
+                .saturating_sub(self.open.saturating_add(OPEN_FILES_MARGIN))
+                / self.per_output.max(1),
         })
     }
 }
@@ -737,7 +745,9 @@ pub fn write_outputs(
             base_sq: 0.0,
         };
     }
-    let spare = files.limit.saturating_sub(files.open + OPEN_FILES_MARGIN);
+    let spare = files
+        .limit
+        .saturating_sub(files.open.saturating_add(OPEN_FILES_MARGIN));
     let gate = ShardGate::new(
         shards,
         (spare / jobs.len() as u64).min(shards as u64) as usize,
@@ -1032,5 +1042,78 @@ fn as_cast(spec: KernelSpec) -> KernelSpec {
     KernelSpec {
         sft: spec.aligned,
         ..spec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_print_their_cause_once() {
+        let e = EngineError::Io {
+            path: PathBuf::from("out/model.safetensors"),
+            op: "write",
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        let cause = std::io::Error::from_raw_os_error(libc::EIO).to_string();
+        let text = format!("{:#}", anyhow::Error::new(e).context("writing out"));
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
+        assert!(
+            text.contains("out/model.safetensors: write failed"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn numbers_in_messages_are_short() {
+        assert_eq!(short_number(0.3), "0.3");
+        assert_eq!(short_number(-2.5), "-2.5");
+        assert_eq!(short_number(0.0), "0");
+        assert_eq!(short_number(1e300), "1e300");
+        assert_eq!(short_number(-3e-300), "-3e-300");
+        assert_eq!(short_number(f64::INFINITY), "inf");
+        let e = EngineError::Overflow {
+            tensor: "w".into(),
+            count: 3,
+            elements: 4,
+            dtype: FloatDtype::F16,
+            alpha: 1e300,
+        };
+        let text = e.to_string();
+        assert!(text.contains("alpha = 1e300 "), "{text}");
+        assert!(text.len() < 250, "{text}");
+        let e = EngineError::NoSpace {
+            path: PathBuf::from("o"),
+            reason: String::new(),
+        };
+        assert_eq!(e.to_string(), "o: ");
+    }
+
+    #[test]
+    fn the_open_files_check_counts_every_output() {
+        let (soft, hard) = open_files_limit();
+        assert!(soft <= hard);
+        let few = OpenFiles::check(1, 2);
+        assert!(few.fits(), "{few:?}");
+        assert!(few.error().is_none());
+        let many = OpenFiles::check(usize::MAX / 4, 2);
+        assert!(!many.fits());
+        let text = many.error().map(|e| e.to_string()).unwrap_or_default();
+        assert!(text.contains("open-files limit"), "{text}");
+        assert!(check_open_files(usize::MAX / 4).is_err());
+    }
+
+    #[test]
+    fn the_shard_gate_admits_at_most_its_limit() {
+        let gate = ShardGate::new(3, 1);
+        let never = || false;
+        assert!(gate.admit(0, &never));
+        // Shard 0 again: already admitted.
+        assert!(gate.admit(0, &never));
+        // Shard 1 waits for shard 0; told to stop, it gives up.
+        assert!(!gate.admit(1, &|| true));
+        gate.release();
+        assert!(gate.admit(1, &never));
     }
 }
