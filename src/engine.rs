@@ -80,6 +80,8 @@ pub enum EngineError {
         suggest: u64,
         fit: u64,
     },
+    #[error("{path} was replaced or removed while expo was writing it; another process is changing expo's temporary directory")]
+    OutputReplaced { path: PathBuf },
     #[error("interrupted")]
     Interrupted,
 }
@@ -444,11 +446,17 @@ fn create_sized(path: &Path, len: u64) -> Result<File, EngineError> {
     Ok(file)
 }
 
-/// One output file: created when the first chunk of its shard starts, closed (after an
-/// fsync) when the last one ends, so the files open at once do not grow with the model.
+/// One output file. All are created at the start (at their final size, so that a disk too
+/// small fails the run before any work) and closed again; a file is reopened when the first
+/// chunk of its shard starts and closed (after an fsync) when the last one ends, so the
+/// files open at once do not grow with the number of shards.
 enum ShardFile {
-    Pending,
+    /// Not created (yet, or because creating an earlier one failed).
+    Absent,
+    /// Created and closed; the device and inode it has.
+    Created(u64, u64),
     Open(Arc<File>),
+    /// Complete: fsynced and closed.
     Closed,
 }
 
@@ -470,7 +478,7 @@ impl<'a> OutputState<'a> {
                 .plan
                 .shards
                 .iter()
-                .map(|_| Mutex::new(ShardFile::Pending))
+                .map(|_| Mutex::new(ShardFile::Absent))
                 .collect(),
             inherited: job.plan.pairs.iter().map(|_| AtomicU64::new(0)).collect(),
             failure: Mutex::new(None),
@@ -490,19 +498,61 @@ impl<'a> OutputState<'a> {
         self.job.dir.join(&self.job.plan.shards[shard].file_name)
     }
 
-    /// Shard `shard`'s file, created at its final size with its header on first use. (A
-    /// closed file is never reopened: creating it again fails, as it exists.)
-    fn file(&self, shard: usize) -> Result<Arc<File>, EngineError> {
-        let mut slot = self.files[shard].lock().unwrap_or_else(|p| p.into_inner());
-        if let ShardFile::Open(file) = &*slot {
-            return Ok(Arc::clone(file));
+    /// Creates every file of the output at its final size with its header, one at a time,
+    /// closing each; a shard without chunks is complete then and is fsynced.
+    fn create_files(&mut self, chunks: &[AtomicUsize]) -> Result<(), EngineError> {
+        use std::os::unix::fs::MetadataExt;
+        for (s, shard) in self.job.plan.shards.iter().enumerate() {
+            let path = self.job.dir.join(&shard.file_name);
+            let file = create_sized(&path, shard.file_len())?;
+            file.write_all_at(&shard.header, 0)
+                .map_err(|source| map_write_error(&path, source))?;
+            let slot = self.files[s].get_mut().unwrap_or_else(|p| p.into_inner());
+            *slot = if chunks[s].load(Ordering::Relaxed) == 0 {
+                sync_file(&path, &file)?;
+                ShardFile::Closed
+            } else {
+                let meta = file.metadata().map_err(|source| EngineError::Io {
+                    path: path.clone(),
+                    op: "stat",
+                    source,
+                })?;
+                ShardFile::Created(meta.dev(), meta.ino())
+            };
         }
-        // Created under the lock: the other workers on this shard wait for the header.
-        let s = &self.job.plan.shards[shard];
-        let path = self.path(shard);
-        let file = create_sized(&path, s.file_len())?;
-        file.write_all_at(&s.header, 0)
-            .map_err(|source| map_write_error(&path, source))?;
+        Ok(())
+    }
+
+    /// Shard `shard`'s file, reopened when its first chunk starts. The file must be the one
+    /// created at the start.
+    fn file(&self, shard: usize) -> Result<Arc<File>, EngineError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut slot = self.files[shard].lock().unwrap_or_else(|p| p.into_inner());
+        let path = || self.path(shard);
+        let (dev, ino) = match &*slot {
+            ShardFile::Open(file) => return Ok(Arc::clone(file)),
+            ShardFile::Created(dev, ino) => (*dev, *ino),
+            ShardFile::Absent | ShardFile::Closed => {
+                return Err(EngineError::OutputReplaced { path: path() })
+            }
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path())
+            .map_err(|source| EngineError::Io {
+                path: path(),
+                op: "reopen",
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| EngineError::Io {
+            path: path(),
+            op: "stat",
+            source,
+        })?;
+        if (meta.dev(), meta.ino()) != (dev, ino) {
+            return Err(EngineError::OutputReplaced { path: path() });
+        }
         let file = Arc::new(file);
         *slot = ShardFile::Open(Arc::clone(&file));
         Ok(file)
@@ -726,7 +776,7 @@ pub fn write_outputs(
                 .zip(&first.plan.shards)
                 .all(|(a, b)| a.header == b.header)));
     let tasks = make_tasks(first.plan, aligned.0);
-    let states: Vec<OutputState> = jobs.iter().map(|&j| OutputState::new(j)).collect();
+    let mut states: Vec<OutputState> = jobs.iter().map(|&j| OutputState::new(j)).collect();
     let shards = first.plan.shards.len();
     let mut chunks_left: Vec<AtomicUsize> = (0..shards).map(|_| AtomicUsize::new(0)).collect();
     for t in &tasks {
@@ -752,17 +802,12 @@ pub fn write_outputs(
         shards,
         (spare / jobs.len() as u64).min(shards as u64) as usize,
     );
-    // Shards without tensors are complete as soon as their header is written.
-    for (s, left) in chunks_left.iter().enumerate() {
-        if left.load(Ordering::Relaxed) == 0 {
-            for state in &states {
-                if let Err(e) = state.file(s).map(drop) {
-                    state.fail(e);
-                }
-                state.finish_shard(s);
-            }
+    for state in &mut states {
+        if let Err(e) = state.create_files(&chunks_left) {
+            state.fail(e);
         }
     }
+    let states = states;
 
     // Which pairs some output extrapolates: only those need θ0, and they make the Δ stats.
     let extrapolated: Vec<Option<KernelSpec>> = (0..first.plan.pairs.len())
@@ -830,7 +875,6 @@ pub fn write_outputs(
                 sft.1.release(a);
             }
             if chunks_left[task.shard].fetch_sub(1, Ordering::AcqRel) == 1 {
-                crate::failpoint::pause("shard-done");
                 for state in &states {
                     state.finish_shard(task.shard);
                 }
