@@ -589,7 +589,7 @@ fn open_files_limit() -> (u64, u64) {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return (1024, 1024);
     }
-    (lim.rlim_cur as u64, lim.rlim_max as u64)
+    (lim.rlim_cur, lim.rlim_max)
 }
 
 /// Raises the soft open-files limit to the hard one; returns the soft limit in force.
@@ -599,8 +599,8 @@ fn raise_open_files_limit() -> u64 {
         return soft;
     }
     let lim = libc::rlimit {
-        rlim_cur: hard as libc::rlim_t,
-        rlim_max: hard as libc::rlim_t,
+        rlim_cur: hard,
+        rlim_max: hard,
     };
     // SAFETY: setrlimit reads the struct it is given; raising the soft limit up to the hard
     // one needs no privilege and affects only this process (and its children).

@@ -53,8 +53,9 @@ fn non_finite_inputs_keep_the_aligned_element() {
             pairs.insert(k * 7, p);
         }
         let (t0, t1) = pair_tensors("w", &pairs, dtype, dtype);
-        let sft = single(&s.path("sft"), &[t0.clone()]);
-        let dpo = single(&s.path("dpo"), &[t1.clone()]);
+        let (t0s, t1s) = (vec![t0.clone()], vec![t1.clone()]);
+        let sft = single(&s.path("sft"), &t0s);
+        let dpo = single(&s.path("dpo"), &t1s);
         let run = extrapolate(&sft, &dpo, alpha, &s.out("o")).assert_ok();
         assert!(
             run.stderr.contains(&format!(
@@ -69,8 +70,8 @@ fn non_finite_inputs_keep_the_aligned_element() {
         let got = read_checkpoint(&s.out("o"));
         assert_tensors_eq(
             &got.tensors,
-            &reference(&[t0.clone()], &[t1.clone()], a, None),
-            Some((&[t0.clone()], &[t1.clone()], a)),
+            &reference(&t0s, &t1s, a, None),
+            Some((&t0s, &t1s, a)),
         );
         // Bit for bit, NaNs included: θ1's elements are copied.
         let (gb, b1) = (
@@ -96,8 +97,8 @@ fn non_finite_inputs_keep_the_aligned_element() {
         let got = read_checkpoint(&s.out("converted"));
         assert_tensors_eq(
             &got.tensors,
-            &reference(&[t0.clone()], &[t1.clone()], a, Some(wide)),
-            Some((&[t0.clone()], &[t1.clone()], a)),
+            &reference(&t0s, &t1s, a, Some(wide)),
+            Some((&t0s, &t1s, a)),
         );
     }
 }
@@ -158,7 +159,7 @@ fn hard_open_files_limit() -> u64 {
     };
     // SAFETY: getrlimit writes the struct it is given.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-    lim.rlim_max as u64
+    lim.rlim_max
 }
 
 fn check_sweep(s: &Scratch, t0s: &[Tensor], t1s: &[Tensor], alphas: &[String]) {
