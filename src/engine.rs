@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 
 use memmap2::{Mmap, UncheckedAdvice};
 
@@ -27,9 +27,12 @@ pub const CHUNK_ELEMENTS: u64 = 1 << 20;
 pub const COPY_CHUNK_BYTES: u64 = 4 << 20;
 
 /// Errors while reading inputs or writing the output.
+///
+/// The I/O error of [`EngineError::Io`] is its `source()`, not part of its message, so that
+/// `{:#}` prints it once.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed")]
     Io {
         path: PathBuf,
         op: &'static str,
@@ -53,7 +56,7 @@ pub enum EngineError {
         dtype: crate::dtype::Dtype,
         offset: u64,
     },
-    #[error("tensor `{tensor}`: {count} of {elements} values become infinite or NaN in {dtype} at alpha = {alpha} although both inputs are finite; use a smaller --alpha or a wider --dtype (e.g. f32)")]
+    #[error("tensor `{tensor}`: {count} of {elements} values become infinite or NaN in {dtype} at alpha = {alpha} although --aligned's are finite; use a smaller --alpha or a wider --dtype (e.g. f32)", alpha = short_number(*alpha))]
     Overflow {
         tensor: String,
         count: u64,
@@ -68,8 +71,29 @@ pub enum EngineError {
         elements: u64,
         dtype: crate::dtype::FloatDtype,
     },
+    #[error("writing {outputs} outputs at once keeps at least {needed} files open, but the open-files limit is {limit} (`ulimit -n`; {open} are open already); raise the limit (e.g. `ulimit -n {suggest}`) or write fewer outputs per run (at most {fit})")]
+    TooManyOpenFiles {
+        outputs: usize,
+        needed: u64,
+        limit: u64,
+        open: u64,
+        suggest: u64,
+        fit: u64,
+    },
+    #[error("{path} was replaced or removed while expo was writing it; another process is changing expo's temporary directory")]
+    OutputReplaced { path: PathBuf },
     #[error("interrupted")]
     Interrupted,
+}
+
+/// A number for a message: as written when short, else in scientific notation (`1e300`,
+/// not three hundred digits).
+pub fn short_number(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() || (1e-5..1e16).contains(&x.abs()) {
+        format!("{x}")
+    } else {
+        format!("{x:e}")
+    }
 }
 
 /// Read-only maps of every shard of a checkpoint.
@@ -388,7 +412,7 @@ fn create_sized(path: &Path, len: u64) -> Result<File, EngineError> {
             if let Some(problem) = space_problem(&err) {
                 return Err(EngineError::NoSpace {
                     path: path.to_path_buf(),
-                    reason: format!("{problem}: the file needs {len} bytes"),
+                    reason: format!("{problem}: the file needs {}", crate::report::bytes(len)),
                 });
             }
             match err.raw_os_error() {
@@ -397,7 +421,10 @@ fn create_sized(path: &Path, len: u64) -> Result<File, EngineError> {
                     file.set_len(len).map_err(|e| match space_problem(&e) {
                         Some(problem) => EngineError::NoSpace {
                             path: path.to_path_buf(),
-                            reason: format!("{problem}: the file needs {len} bytes"),
+                            reason: format!(
+                                "{problem}: the file needs {}",
+                                crate::report::bytes(len)
+                            ),
                         },
                         None => io("resize", e),
                     })?
@@ -409,17 +436,46 @@ fn create_sized(path: &Path, len: u64) -> Result<File, EngineError> {
     Ok(file)
 }
 
-/// The files of one output and what is left to do in each.
-struct OutputState {
-    files: Vec<(PathBuf, File)>,
-    /// Chunks not yet written, per shard; the worker that writes the last one fsyncs.
-    remaining: Vec<AtomicUsize>,
+/// One output file. All are created at the start (at their final size, so that a disk too
+/// small fails the run before any work) and closed again; a file is reopened when the first
+/// chunk of its shard starts and closed (after an fsync) when the last one ends, so the
+/// files open at once do not grow with the number of shards.
+enum ShardFile {
+    /// Not created (yet, or because creating an earlier one failed).
+    Absent,
+    /// Created and closed; the device and inode it has.
+    Created(u64, u64),
+    Open(Arc<File>),
+    /// Complete: fsynced and closed.
+    Closed,
+}
+
+/// The files of one output and what its chunks found.
+struct OutputState<'a> {
+    job: OutputJob<'a>,
+    /// One per shard of the plan.
+    files: Vec<Mutex<ShardFile>>,
     inherited: Vec<AtomicU64>,
     failure: Mutex<Option<EngineError>>,
     failed: AtomicBool,
 }
 
-impl OutputState {
+impl<'a> OutputState<'a> {
+    fn new(job: OutputJob<'a>) -> OutputState<'a> {
+        OutputState {
+            job,
+            files: job
+                .plan
+                .shards
+                .iter()
+                .map(|_| Mutex::new(ShardFile::Absent))
+                .collect(),
+            inherited: job.plan.pairs.iter().map(|_| AtomicU64::new(0)).collect(),
+            failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
+        }
+    }
+
     fn fail(&self, e: EngineError) {
         let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
@@ -427,44 +483,261 @@ impl OutputState {
         }
         self.failed.store(true, Ordering::Relaxed);
     }
-}
 
-fn open_output(job: &OutputJob<'_>, tasks: &[Task]) -> Result<OutputState, EngineError> {
-    let mut files = Vec::with_capacity(job.plan.shards.len());
-    for shard in &job.plan.shards {
-        let path = job.dir.join(&shard.file_name);
-        let file = create_sized(&path, shard.file_len())?;
-        file.write_all_at(&shard.header, 0)
-            .map_err(|source| map_write_error(&path, source))?;
-        files.push((path, file));
+    fn path(&self, shard: usize) -> PathBuf {
+        self.job.dir.join(&self.job.plan.shards[shard].file_name)
     }
-    let mut remaining: Vec<AtomicUsize> = job
-        .plan
-        .shards
-        .iter()
-        .map(|_| AtomicUsize::new(0))
-        .collect();
-    for t in tasks {
-        *remaining[t.shard].get_mut() += 1;
+
+    /// Creates every file of the output at its final size with its header, one at a time,
+    /// closing each; a shard without chunks is complete then and is fsynced.
+    fn create_files(&mut self, chunks: &[AtomicUsize]) -> Result<(), EngineError> {
+        use std::os::unix::fs::MetadataExt;
+        for (s, shard) in self.job.plan.shards.iter().enumerate() {
+            let path = self.job.dir.join(&shard.file_name);
+            let file = create_sized(&path, shard.file_len())?;
+            file.write_all_at(&shard.header, 0)
+                .map_err(|source| map_write_error(&path, source))?;
+            let slot = self.files[s].get_mut().unwrap_or_else(|p| p.into_inner());
+            *slot = if chunks[s].load(Ordering::Relaxed) == 0 {
+                sync_file(&path, &file)?;
+                ShardFile::Closed
+            } else {
+                let meta = file.metadata().map_err(|source| EngineError::Io {
+                    path: path.clone(),
+                    op: "stat",
+                    source,
+                })?;
+                ShardFile::Created(meta.dev(), meta.ino())
+            };
+        }
+        Ok(())
     }
-    // Shards without tensors are complete as soon as their header is written.
-    for (s, left) in remaining.iter_mut().enumerate() {
-        if *left.get_mut() == 0 {
-            sync_file(&files[s].0, &files[s].1)?;
+
+    /// Shard `shard`'s file, reopened when its first chunk starts. The file must be the one
+    /// created at the start.
+    fn file(&self, shard: usize) -> Result<Arc<File>, EngineError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut slot = self.files[shard].lock().unwrap_or_else(|p| p.into_inner());
+        let path = || self.path(shard);
+        let (dev, ino) = match &*slot {
+            ShardFile::Open(file) => return Ok(Arc::clone(file)),
+            ShardFile::Created(dev, ino) => (*dev, *ino),
+            ShardFile::Absent | ShardFile::Closed => {
+                return Err(EngineError::OutputReplaced { path: path() })
+            }
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path())
+            .map_err(|source| EngineError::Io {
+                path: path(),
+                op: "reopen",
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| EngineError::Io {
+            path: path(),
+            op: "stat",
+            source,
+        })?;
+        if (meta.dev(), meta.ino()) != (dev, ino) {
+            return Err(EngineError::OutputReplaced { path: path() });
+        }
+        let file = Arc::new(file);
+        *slot = ShardFile::Open(Arc::clone(&file));
+        Ok(file)
+    }
+
+    /// After the last chunk of `shard`: fsyncs its file (unless this output failed) and
+    /// closes it.
+    fn finish_shard(&self, shard: usize) {
+        let file = std::mem::replace(
+            &mut *self.files[shard].lock().unwrap_or_else(|p| p.into_inner()),
+            ShardFile::Closed,
+        );
+        if let ShardFile::Open(file) = file {
+            if !self.failed.load(Ordering::Relaxed) {
+                if let Err(e) = sync_file(&self.path(shard), &file) {
+                    self.fail(e);
+                }
+            }
         }
     }
-    Ok(OutputState {
-        files,
-        remaining,
-        inherited: job.plan.pairs.iter().map(|_| AtomicU64::new(0)).collect(),
-        failure: Mutex::new(None),
-        failed: AtomicBool::new(false),
-    })
+}
+
+/// Files a run needs open besides one per output and shard in progress (standard streams,
+/// directory handles, side files, the runtime's own).
+const OPEN_FILES_MARGIN: u64 = 16;
+
+/// The process's open-files limits (soft, hard); `RLIM_INFINITY` reads as `u64::MAX`.
+fn open_files_limit() -> (u64, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return (1024, 1024);
+    }
+    (lim.rlim_cur, lim.rlim_max)
+}
+
+/// Raises the soft open-files limit to the hard one; returns the soft limit in force.
+fn raise_open_files_limit() -> u64 {
+    let (soft, hard) = open_files_limit();
+    if soft >= hard {
+        return soft;
+    }
+    let lim = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct it is given; raising the soft limit up to the hard
+    // one needs no privilege and affects only this process (and its children).
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        hard
+    } else {
+        soft
+    }
+}
+
+/// Descriptors this process has open now (a guess when `/proc` is not mounted).
+fn files_open_now() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(OPEN_FILES_MARGIN, |d| d.count() as u64)
+}
+
+/// The open files a run writing `outputs` outputs needs, against the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OpenFiles {
+    /// Outputs written at once.
+    pub outputs: usize,
+    /// Files each output needs open besides those already open.
+    pub per_output: u64,
+    /// Files open before the run starts writing.
+    pub open: u64,
+    /// The fewest files the run can work with: every output's file of the shard in
+    /// progress (and, before the outputs' directories exist, a handle on each), plus
+    /// `open` and a margin.
+    pub needed: u64,
+    /// The soft limit, after raising it to the hard one when `needed` is above it.
+    pub limit: u64,
+}
+
+impl OpenFiles {
+    /// Counts for a run writing `outputs` outputs that keeps `per_output` files open for
+    /// each besides those already open, raising the soft open-files limit to the hard one
+    /// when the run needs more than the soft limit.
+    fn check(outputs: usize, per_output: u64) -> OpenFiles {
+        let open = files_open_now();
+        let needed = per_output
+            .saturating_mul(outputs as u64)
+            .saturating_add(open)
+            .saturating_add(OPEN_FILES_MARGIN);
+        let (soft, _) = open_files_limit();
+        let limit = if needed > soft {
+            raise_open_files_limit()
+        } else {
+            soft
+        };
+        OpenFiles {
+            outputs,
+            per_output,
+            open,
+            needed,
+            limit,
+        }
+    }
+
+    /// True when the run fits under the limit.
+    fn fits(&self) -> bool {
+        self.needed <= self.limit
+    }
+
+    /// The error to report when the run does not fit.
+    fn error(&self) -> Option<EngineError> {
+        (!self.fits()).then(|| EngineError::TooManyOpenFiles {
+            outputs: self.outputs,
+            needed: self.needed,
+            limit: self.limit,
+            open: self.open,
+            suggest: self
+                .needed
+                .checked_next_power_of_two()
+                .unwrap_or(self.needed)
+                .max(1024),
+            fit: self
+                .limit
+                .saturating_sub(self.open.saturating_add(OPEN_FILES_MARGIN))
+                / self.per_output.max(1),
+        })
+    }
+}
+
+/// Checks, before any work, that writing `outputs` outputs at once fits under the
+/// open-files limit, raising the soft limit to the hard one if that helps; the error says
+/// how many outputs fit.
+pub fn check_open_files(outputs: usize) -> Result<(), EngineError> {
+    OpenFiles::check(outputs, 2).error().map_or(Ok(()), Err)
+}
+
+/// Admits shards into progress, at most `limit` at a time: a shard's files (one per
+/// output) are open from when its first chunk starts until its last one ends.
+struct ShardGate {
+    state: Mutex<(usize, Vec<bool>)>,
+    freed: Condvar,
+    limit: usize,
+}
+
+impl ShardGate {
+    fn new(shards: usize, limit: usize) -> ShardGate {
+        ShardGate {
+            state: Mutex::new((0, vec![false; shards])),
+            freed: Condvar::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    /// Waits until `shard` may be worked on; false when `stop` says to give up instead.
+    fn admit(&self, shard: usize, stop: &dyn Fn() -> bool) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let (in_flight, admitted) = &mut *st;
+            if admitted[shard] {
+                return true;
+            }
+            if *in_flight < self.limit {
+                *in_flight += 1;
+                admitted[shard] = true;
+                return true;
+            }
+            if stop() {
+                return false;
+            }
+            // Woken when a shard finishes; the timeout only makes a stop request seen.
+            st = self
+                .freed
+                .wait_timeout(st, std::time::Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn release(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = st.0.saturating_sub(1);
+        drop(st);
+        self.freed.notify_all();
+    }
 }
 
 /// Writes every output in one pass over the inputs: each chunk of θ0 and θ1 is read once
 /// and turned into that chunk of every output. Each output's shards are fsynced when
 /// complete. An error in one output (e.g. overflow at a large α) stops that output only.
+///
+/// A shard's output files are created when its first chunk starts and closed when its
+/// last chunk ends; shards are started only as far as the open-files limit allows (see
+/// [`check_open_files`]), so the files open at once do not grow with the number of
+/// shards, and with many outputs the run waits for a shard to finish rather than fail.
 ///
 /// `on_progress` is called with the number of output bytes each finished chunk wrote.
 /// Setting `cancel` makes the workers stop at the next chunk; every output then reports
@@ -493,8 +766,38 @@ pub fn write_outputs(
                 .zip(&first.plan.shards)
                 .all(|(a, b)| a.header == b.header)));
     let tasks = make_tasks(first.plan, aligned.0);
-    let states: Vec<Result<OutputState, EngineError>> =
-        jobs.iter().map(|j| open_output(j, &tasks)).collect();
+    let mut states: Vec<OutputState> = jobs.iter().map(|&j| OutputState::new(j)).collect();
+    let shards = first.plan.shards.len();
+    let mut chunks_left: Vec<AtomicUsize> = (0..shards).map(|_| AtomicUsize::new(0)).collect();
+    for t in &tasks {
+        *chunks_left[t.shard].get_mut() += 1;
+    }
+    // How many shards may be in progress at once: each keeps one file per output open.
+    // (The outputs' directories exist by now: what they hold open is counted as open.)
+    let files = OpenFiles::check(jobs.len(), 1);
+    if files.error().is_some() {
+        return RunReport {
+            outputs: jobs
+                .iter()
+                .map(|_| files.error().map_or(Ok(WriteStats::default()), Err))
+                .collect(),
+            delta_sq: 0.0,
+            base_sq: 0.0,
+        };
+    }
+    let spare = files
+        .limit
+        .saturating_sub(files.open.saturating_add(OPEN_FILES_MARGIN));
+    let gate = ShardGate::new(
+        shards,
+        (spare / jobs.len() as u64).min(shards as u64) as usize,
+    );
+    for state in &mut states {
+        if let Err(e) = state.create_files(&chunks_left) {
+            state.fail(e);
+        }
+    }
+    let states = states;
 
     // Which pairs some output extrapolates: only those need θ0, and they make the Δ stats.
     let extrapolated: Vec<Option<KernelSpec>> = (0..first.plan.pairs.len())
@@ -510,25 +813,25 @@ pub fn write_outputs(
         .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
         .collect();
     let next = AtomicUsize::new(0);
-    let live = |states: &[Result<OutputState, EngineError>]| {
-        states
-            .iter()
-            .any(|s| matches!(s, Ok(st) if !st.failed.load(Ordering::Relaxed)))
+    let stop = || {
+        cancel.load(Ordering::Relaxed)
+            || !states.iter().any(|st| !st.failed.load(Ordering::Relaxed))
+            || sft.1.damaged()
+            || aligned.1.damaged()
     };
     let max_chunk = (CHUNK_ELEMENTS * 8) as usize;
 
     let worker = || {
         let mut buf: Vec<u8> = Vec::new();
         loop {
-            if cancel.load(Ordering::Relaxed)
-                || !live(&states)
-                || sft.1.damaged()
-                || aligned.1.damaged()
-            {
+            if stop() {
                 return;
             }
             let ti = next.fetch_add(1, Ordering::Relaxed);
             let Some(task) = tasks.get(ti) else { return };
+            if !gate.admit(task.shard, &stop) {
+                return;
+            }
             let t1_all = aligned
                 .1
                 .tensor(aligned.0, first.plan.pairs[task.pair].aligned);
@@ -541,34 +844,31 @@ pub fn write_outputs(
             let mut summed = false;
             let unit = in1.map_or(1, |d| d.size());
             let b = &t1_all[task.start as usize * unit..task.end as usize * unit];
-            for (job, state) in jobs.iter().zip(&states) {
-                let Ok(state) = state else { continue };
+            for state in &states {
                 if state.failed.load(Ordering::Relaxed) {
                     continue;
                 }
-                let result = run_task(
-                    job.plan, sft, aligned, task, state, b, t0_chunk, &mut buf, max_chunk,
-                )
-                .and_then(|(written, sums)| {
-                    if let (Some((dd, bb)), false) = (sums, summed) {
-                        partials[ti].0.store(dd.to_bits(), Ordering::Relaxed);
-                        partials[ti].1.store(bb.to_bits(), Ordering::Relaxed);
-                        summed = true;
+                match run_task(sft, aligned, task, state, b, t0_chunk, &mut buf, max_chunk) {
+                    Ok((written, sums)) => {
+                        if let (Some((dd, bb)), false) = (sums, summed) {
+                            partials[ti].0.store(dd.to_bits(), Ordering::Relaxed);
+                            partials[ti].1.store(bb.to_bits(), Ordering::Relaxed);
+                            summed = true;
+                        }
+                        on_progress(written);
                     }
-                    on_progress(written);
-                    if state.remaining[task.shard].fetch_sub(1, Ordering::AcqRel) == 1 {
-                        let (path, file) = &state.files[task.shard];
-                        sync_file(path, file)?;
-                    }
-                    Ok(())
-                });
-                if let Err(e) = result {
-                    state.fail(e);
+                    Err(e) => state.fail(e),
                 }
             }
             aligned.1.release(b);
             if let Some(a) = t0_chunk {
                 sft.1.release(a);
+            }
+            if chunks_left[task.shard].fetch_sub(1, Ordering::AcqRel) == 1 {
+                for state in &states {
+                    state.finish_shard(task.shard);
+                }
+                gate.release();
             }
         }
     };
@@ -577,17 +877,15 @@ pub fn write_outputs(
     let interrupted = cancel.load(Ordering::Relaxed);
     // An input that changed under the maps makes every output worthless.
     let intact = sft.1.check_intact().and(aligned.1.check_intact());
-    let outputs = jobs
-        .iter()
-        .zip(states)
-        .map(|(job, state)| {
+    let outputs = states
+        .into_iter()
+        .map(|state| {
             if let Err(EngineError::InputModified { path, what }) = &intact {
                 return Err(EngineError::InputModified {
                     path: path.clone(),
                     what,
                 });
             }
-            let state = state?;
             if let Some(e) = state
                 .failure
                 .into_inner()
@@ -598,7 +896,8 @@ pub fn write_outputs(
             if interrupted {
                 return Err(EngineError::Interrupted);
             }
-            let inherited_nonfinite = job
+            let inherited_nonfinite = state
+                .job
                 .plan
                 .pairs
                 .iter()
@@ -637,7 +936,6 @@ fn sync_file(path: &Path, file: &File) -> Result<(), EngineError> {
 /// Writes one chunk of one output. `b` is θ1's chunk, `a` θ0's when some output needs it.
 #[allow(clippy::too_many_arguments)]
 fn run_task(
-    plan: &Plan,
     sft: (&Checkpoint, &MappedCheckpoint),
     aligned: (&Checkpoint, &MappedCheckpoint),
     task: &Task,
@@ -647,10 +945,10 @@ fn run_task(
     buf: &mut Vec<u8>,
     max_chunk: usize,
 ) -> Result<(u64, Option<(f64, f64)>), EngineError> {
-    let p = &plan.pairs[task.pair];
-    let (path, file) = &state.files[task.shard];
-    let write_err = |source| map_write_error(path, source);
-    let (stats, out) = match p.treatment {
+    let p = &state.job.plan.pairs[task.pair];
+    let file = state.file(task.shard)?;
+    let write_err = |source| map_write_error(&state.path(task.shard), source);
+    let (inherited, out) = match p.treatment {
         Treatment::Copy => {
             file.write_all_at(b, task.out_offset).map_err(write_err)?;
             return Ok((b.len() as u64, None));
@@ -664,12 +962,16 @@ fn run_task(
             let stats = kernel::cast(spec, b, out);
             if stats.nonfinite_out > 0 && kernel::count_new_nonfinite(as_cast(spec), b, b, out) > 0
             {
-                return Err(overflow_error(p, sft, aligned));
+                return Err(overflow_error(p, as_cast(spec), None, sft, aligned));
             }
-            (stats, &*out)
+            (stats.nonfinite_in, &*out)
         }
         Treatment::Extrapolate(spec) => {
-            let a = a.expect("θ0 is read for every extrapolated tensor");
+            // θ0's chunk, read here if the caller did not (it always does).
+            let a = a.unwrap_or_else(|| {
+                &sft.1.tensor(sft.0, p.sft)
+                    [task.start as usize * spec.sft.size()..task.end as usize * spec.sft.size()]
+            });
             let n = (task.end - task.start) as usize;
             if buf.len() < max_chunk {
                 buf.resize(max_chunk, 0);
@@ -677,18 +979,20 @@ fn run_task(
             let out = &mut buf[..n * spec.out.size()];
             let stats = kernel::extrapolate(spec, p.alpha, a, b, out);
             if stats.nonfinite_out > 0 && kernel::count_new_nonfinite(spec, a, b, out) > 0 {
-                return Err(overflow_error(p, sft, aligned));
+                return Err(overflow_error(p, spec, Some(p.alpha), sft, aligned));
             }
-            (stats, &*out)
+            file.write_all_at(out, task.out_offset).map_err(write_err)?;
+            if stats.nonfinite_in > 0 {
+                state.inherited[task.pair].fetch_add(stats.nonfinite_in, Ordering::Relaxed);
+            }
+            return Ok((out.len() as u64, Some((stats.delta_sq, stats.base_sq))));
         }
     };
-    if stats.nonfinite_out > 0 {
-        state.inherited[task.pair].fetch_add(stats.nonfinite_out, Ordering::Relaxed);
-    }
     file.write_all_at(out, task.out_offset).map_err(write_err)?;
-    let sums =
-        matches!(p.treatment, Treatment::Extrapolate(_)).then_some((stats.delta_sq, stats.base_sq));
-    Ok((out.len() as u64, sums))
+    if inherited > 0 {
+        state.inherited[task.pair].fetch_add(inherited, Ordering::Relaxed);
+    }
+    Ok((out.len() as u64, None))
 }
 
 fn map_write_error(path: &Path, source: std::io::Error) -> EngineError {
@@ -715,57 +1019,55 @@ fn space_problem(err: &std::io::Error) -> Option<&'static str> {
     }
 }
 
-/// Counts, over the whole tensor, the values that overflow although both inputs are finite.
+/// Counts, over the whole tensor, the values that overflow although θ1's are finite:
+/// `alpha` for an extrapolation, `None` for a conversion (`spec` from [`as_cast`]).
 fn overflow_error(
     p: &TensorPair,
+    spec: KernelSpec,
+    alpha: Option<f64>,
     sft: (&Checkpoint, &MappedCheckpoint),
     aligned: (&Checkpoint, &MappedCheckpoint),
 ) -> EngineError {
-    let (spec, cast) = match p.treatment {
-        Treatment::Extrapolate(spec) => (spec, false),
-        Treatment::Cast(spec) => (as_cast(spec), true),
-        Treatment::Copy => unreachable!("copies do not compute"),
-    };
     let t0 = sft.1.tensor(sft.0, p.sft);
     let t1 = aligned.1.tensor(aligned.0, p.aligned);
     let n = p.elements() as usize;
     let step = CHUNK_ELEMENTS as usize;
-    let mut out = vec![0u8; step * spec.out.size()];
+    let mut out = vec![0u8; step.min(n) * spec.out.size()];
     let mut count = 0;
     let mut s = 0;
     while s < n {
         let e = (s + step).min(n);
         let b = &t1[s * spec.aligned.size()..e * spec.aligned.size()];
         let o = &mut out[..(e - s) * spec.out.size()];
-        count += if cast {
-            match kernel::cast(spec, b, o).nonfinite_out {
+        count += match alpha {
+            None => match kernel::cast(spec, b, o).nonfinite_out {
                 0 => 0,
                 _ => kernel::count_new_nonfinite(spec, b, b, o),
-            }
-        } else {
-            let a = &t0[s * spec.sft.size()..e * spec.sft.size()];
-            match kernel::extrapolate(spec, p.alpha, a, b, o).nonfinite_out {
-                0 => 0,
-                _ => kernel::count_new_nonfinite(spec, a, b, o),
+            },
+            Some(alpha) => {
+                let a = &t0[s * spec.sft.size()..e * spec.sft.size()];
+                match kernel::extrapolate(spec, alpha, a, b, o).nonfinite_out {
+                    0 => 0,
+                    _ => kernel::count_new_nonfinite(spec, a, b, o),
+                }
             }
         };
         s = e;
     }
-    if cast {
-        EngineError::CastOverflow {
+    match alpha {
+        None => EngineError::CastOverflow {
             tensor: p.name.clone(),
             count,
             elements: n as u64,
             dtype: spec.out,
-        }
-    } else {
-        EngineError::Overflow {
+        },
+        Some(alpha) => EngineError::Overflow {
             tensor: p.name.clone(),
             count,
             elements: n as u64,
             dtype: spec.out,
-            alpha: p.alpha,
-        }
+            alpha,
+        },
     }
 }
 
@@ -774,5 +1076,78 @@ fn as_cast(spec: KernelSpec) -> KernelSpec {
     KernelSpec {
         sft: spec.aligned,
         ..spec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_print_their_cause_once() {
+        let e = EngineError::Io {
+            path: PathBuf::from("out/model.safetensors"),
+            op: "write",
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        let cause = std::io::Error::from_raw_os_error(libc::EIO).to_string();
+        let text = format!("{:#}", anyhow::Error::new(e).context("writing out"));
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
+        assert!(
+            text.contains("out/model.safetensors: write failed"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn numbers_in_messages_are_short() {
+        assert_eq!(short_number(0.3), "0.3");
+        assert_eq!(short_number(-2.5), "-2.5");
+        assert_eq!(short_number(0.0), "0");
+        assert_eq!(short_number(1e300), "1e300");
+        assert_eq!(short_number(-3e-300), "-3e-300");
+        assert_eq!(short_number(f64::INFINITY), "inf");
+        let e = EngineError::Overflow {
+            tensor: "w".into(),
+            count: 3,
+            elements: 4,
+            dtype: FloatDtype::F16,
+            alpha: 1e300,
+        };
+        let text = e.to_string();
+        assert!(text.contains("alpha = 1e300 "), "{text}");
+        assert!(text.len() < 250, "{text}");
+        let e = EngineError::NoSpace {
+            path: PathBuf::from("o"),
+            reason: String::new(),
+        };
+        assert_eq!(e.to_string(), "o: ");
+    }
+
+    #[test]
+    fn the_open_files_check_counts_every_output() {
+        let (soft, hard) = open_files_limit();
+        assert!(soft <= hard);
+        let few = OpenFiles::check(1, 2);
+        assert!(few.fits(), "{few:?}");
+        assert!(few.error().is_none());
+        let many = OpenFiles::check(usize::MAX / 4, 2);
+        assert!(!many.fits());
+        let text = many.error().map(|e| e.to_string()).unwrap_or_default();
+        assert!(text.contains("open-files limit"), "{text}");
+        assert!(check_open_files(usize::MAX / 4).is_err());
+    }
+
+    #[test]
+    fn the_shard_gate_admits_at_most_its_limit() {
+        let gate = ShardGate::new(3, 1);
+        let never = || false;
+        assert!(gate.admit(0, &never));
+        // Shard 0 again: already admitted.
+        assert!(gate.admit(0, &never));
+        // Shard 1 waits for shard 0; told to stop, it gives up.
+        assert!(!gate.admit(1, &|| true));
+        gate.release();
+        assert!(gate.admit(1, &never));
     }
 }

@@ -312,7 +312,7 @@ fn changed_tensors(plan: &AdapterPlan) -> impl Iterator<Item = &String> + '_ {
 fn produce(args: &ExtrapolateArgs, p: &Prepared, reporter: &Reporter) -> Result<()> {
     interrupt::install();
     interrupt::install_sigbus_handler();
-    let pool = crate::cmd::worker_pool(args.threads)?;
+    let pool = crate::cmd::worker_pool(args.threads, reporter)?;
     let base_maps = MappedCheckpoint::map_guarded(&p.inputs.base).context("mapping --sft")?;
     let adapter_maps =
         MappedCheckpoint::map_guarded(&p.inputs.adapter).context("mapping --aligned")?;

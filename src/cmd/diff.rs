@@ -93,7 +93,7 @@ fn measure(
         .zip(&maps)
         .map(|(checkpoint, maps)| Input { checkpoint, maps })
         .collect();
-    let pool = super::worker_pool(args.threads)?;
+    let pool = super::worker_pool(args.threads, reporter)?;
     let total_bytes: u64 = checkpoints.iter().map(Checkpoint::data_bytes).sum();
     let bar = reporter.progress(total_bytes);
     let sums = stats::compare(&inputs, entries, pairs, &pool, &|n| bar.inc(n));

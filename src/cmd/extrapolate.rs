@@ -74,6 +74,9 @@ pub fn prepare<'a>(args: &'a ExtrapolateArgs, reporter: &Reporter) -> Result<Pre
     }
     let side = list_side_files(args, &inputs[1].checkpoint, &outputs, reporter)?;
     let maps = map_and_verify(&inputs, &outputs)?;
+    // Every output's files of one shard are open at once: refuse a sweep that cannot fit
+    // under the open-files limit now, not after hours of work (also in --dry-run).
+    engine::check_open_files(outputs.len())?;
     Ok(Prepared {
         args,
         inputs,
@@ -93,7 +96,7 @@ pub fn prepare<'a>(args: &'a ExtrapolateArgs, reporter: &Reporter) -> Result<Pre
 pub fn produce(p: &mut Prepared, reporter: &Reporter) -> Result<Produced> {
     interrupt::install();
     interrupt::install_sigbus_handler();
-    let pool = super::worker_pool(p.args.threads)?;
+    let pool = super::worker_pool(p.args.threads, reporter)?;
     let maps = p
         .maps
         .take()

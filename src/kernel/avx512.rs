@@ -284,6 +284,7 @@ unsafe fn run<S: Step>(
     );
     super::ChunkStats {
         nonfinite_out: nonfinite + tail.nonfinite_out,
+        nonfinite_in: 0,
         delta_sq: Sums::total(&sums, |s| s.dd) + tail.delta_sq,
         base_sq: Sums::total(&sums, |s| s.bb) + tail.base_sq,
     }

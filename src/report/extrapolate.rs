@@ -25,7 +25,7 @@ pub fn premise_warning(relative_change: f64, threshold: f64) -> String {
 pub fn warn_inherited_nonfinite(reporter: &Reporter, o: &Output, stats: &WriteStats) {
     for (tensor, count) in &stats.inherited_nonfinite {
         reporter.warn(format!(
-            "{}: tensor `{tensor}`: {count} output values are infinite or NaN because the inputs already were",
+            "{}: tensor `{tensor}`: {count} values are infinite or NaN in --sft or --aligned; --aligned's values were kept there",
             o.target.path.display()
         ));
     }

@@ -228,9 +228,10 @@ pub fn encode(d: Dtype, values: &[f64]) -> Vec<u8> {
     out
 }
 
-/// θ1 + α·(θ1 − θ0) in f64: subtract, multiply, add. α = 0 is θ1 itself.
+/// θ1 + α·(θ1 − θ0) in f64: subtract, multiply, add. α = 0 is θ1 itself, and so is an
+/// element where θ0 or θ1 is ±inf or NaN.
 pub fn formula(t0: f64, t1: f64, alpha: f64) -> f64 {
-    if alpha == 0.0 {
+    if alpha == 0.0 || !t0.is_finite() || !t1.is_finite() {
         return t1;
     }
     let diff = t1 - t0;
@@ -1054,6 +1055,8 @@ pub struct Expo {
     cwd: Option<PathBuf>,
     /// Environment changes: `Some(value)` sets the variable, `None` removes it.
     env: Vec<(OsString, Option<OsString>)>,
+    /// Arguments of a shell `ulimit` run before expo (e.g. `-n 64`).
+    ulimit: Option<String>,
 }
 
 /// `expo ARGS…`; finish with [`Expo::assert_ok`] or [`Expo::assert_fails`].
@@ -1062,6 +1065,7 @@ pub fn expo<S: AsRef<OsStr>>(args: &[S]) -> Expo {
         args: args.iter().map(|a| a.as_ref().to_os_string()).collect(),
         cwd: None,
         env: Vec::new(),
+        ulimit: None,
     }
 }
 
@@ -1105,6 +1109,12 @@ impl Expo {
         self
     }
 
+    /// Runs expo under `sh -c 'ulimit LIMITS && exec expo …'` (e.g. `"-n 64"`).
+    pub fn ulimit(mut self, limits: &str) -> Expo {
+        self.ulimit = Some(limits.to_owned());
+        self
+    }
+
     pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Expo {
         self.env.push((key.as_ref().to_os_string(), None));
         self
@@ -1125,7 +1135,16 @@ impl Expo {
 
     /// Runs the command (stdin closed, so stderr is not a terminal).
     pub fn run(&self) -> Outcome {
-        let mut cmd = assert_cmd::Command::new(env!("CARGO_BIN_EXE_expo"));
+        let mut cmd = match &self.ulimit {
+            None => assert_cmd::Command::new(env!("CARGO_BIN_EXE_expo")),
+            Some(limits) => {
+                let mut sh = assert_cmd::Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit {limits} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_expo"));
+                sh
+            }
+        };
         cmd.args(&self.args).env_remove("RUST_BACKTRACE");
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
