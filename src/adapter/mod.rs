@@ -598,38 +598,9 @@ pub(crate) fn adapter_json(inputs: &Inputs) -> serde_json::Value {
 /// A checkpoint argument: the flag, the opened checkpoint and where it was resolved to.
 type Input<'a> = (&'static str, &'a Checkpoint, &'a ResolvedInput);
 
-fn canonical(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
 /// Refuses an output that is, contains, or lies inside an input.
 fn check_paths(target: &OutputTarget, inputs: &[Input]) -> Result<()> {
-    let parent = std::fs::canonicalize(&target.parent)
-        .with_context(|| format!("resolving {}", target.parent.display()))?;
-    let out = parent.join(&target.name);
-    for &(flag, ck, resolved) in inputs {
-        let input = canonical(&resolved.path);
-        let root = canonical(&ck.root);
-        let mut clash = out == input
-            || out.starts_with(&root) && ck.is_dir
-            || out.starts_with(&input)
-            || input.starts_with(&out);
-        clash |= ck
-            .shards
-            .iter()
-            .any(|s| canonical(&s.path).starts_with(&out));
-        if let Some(repo_dir) = &resolved.repo_dir {
-            let repo_dir = canonical(repo_dir);
-            clash |= out.starts_with(&repo_dir) || repo_dir.starts_with(&out);
-        }
-        if clash {
-            return Err(UsageError(format!(
-                "--output {} overlaps {flag} {}; write the result somewhere else",
-                target.path.display(),
-                ck.given.display()
-            ))
-            .into());
-        }
-    }
-    Ok(())
+    inputs.iter().try_for_each(|&(flag, ck, resolved)| {
+        crate::cmd::extrapolate::check_overlap(target, flag, ck, resolved)
+    })
 }

@@ -324,38 +324,45 @@ fn canonical(path: &Path) -> PathBuf {
 /// Refuses an output that is, contains, or lies inside either input, that contains the
 /// data behind a symlinked weight file, or that lies in a Hub input's cache entry.
 fn check_paths(target: &OutputTarget, inputs: &[Input]) -> Result<()> {
+    inputs
+        .iter()
+        .try_for_each(|i| check_overlap(target, i.flag, &i.checkpoint, &i.resolved))
+}
+
+/// Refuses (usage error) an output that is, contains, or lies inside the input given with
+/// `flag`, holds the data behind a symlinked weight file, or lies in a Hub input's cache
+/// entry. Shared with the adapter path.
+pub(crate) fn check_overlap(
+    target: &OutputTarget,
+    flag: &str,
+    ck: &Checkpoint,
+    resolved: &crate::hub::ResolvedInput,
+) -> Result<()> {
     let parent = std::fs::canonicalize(&target.parent)
         .with_context(|| format!("resolving {}", target.parent.display()))?;
     let out = parent.join(&target.name);
-    for Input {
-        flag,
-        checkpoint: ck,
-        resolved,
-    } in inputs
-    {
-        let input = canonical(&resolved.path);
-        let root = canonical(&ck.root);
-        let mut clash = out == input
-            || out.starts_with(&root) && ck.is_dir
-            || out.starts_with(&input)
-            || input.starts_with(&out);
-        // Weight files may be symlinks (the Hugging Face cache links them into blobs/).
-        clash |= ck
-            .shards
-            .iter()
-            .any(|s| canonical(&s.path).starts_with(&out));
-        if let Some(repo_dir) = &resolved.repo_dir {
-            let repo_dir = canonical(repo_dir);
-            clash |= out.starts_with(&repo_dir) || repo_dir.starts_with(&out);
-        }
-        if clash {
-            return Err(UsageError(format!(
-                "--output {} overlaps {flag} {}; write the result somewhere else",
-                target.path.display(),
-                ck.given.display()
-            ))
-            .into());
-        }
+    let input = canonical(&resolved.path);
+    let root = canonical(&ck.root);
+    let mut clash = out == input
+        || out.starts_with(&root) && ck.is_dir
+        || out.starts_with(&input)
+        || input.starts_with(&out);
+    // Weight files may be symlinks (the Hugging Face cache links them into blobs/).
+    clash |= ck
+        .shards
+        .iter()
+        .any(|s| canonical(&s.path).starts_with(&out));
+    if let Some(repo_dir) = &resolved.repo_dir {
+        let repo_dir = canonical(repo_dir);
+        clash |= out.starts_with(&repo_dir) || repo_dir.starts_with(&out);
+    }
+    if clash {
+        return Err(UsageError(format!(
+            "--output {} overlaps {flag} {}; write the result somewhere else",
+            target.path.display(),
+            ck.given.display()
+        ))
+        .into());
     }
     Ok(())
 }
