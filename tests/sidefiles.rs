@@ -79,8 +79,15 @@ impl Paused {
 
     /// Lets expo go on and waits for it; a run still going after a minute is blocked (e.g.
     /// on a FIFO), killed and reported.
-    fn finish(mut self) -> (i32, String) {
+    fn finish(self) -> (i32, String) {
         fs::write(self.dir.join(format!("{}.continue", self.name)), b"").unwrap();
+        self.wait()
+    }
+
+    /// Waits for expo to end without letting it go on: the pause point itself returns once
+    /// a signal was registered (its handler runs on another thread, so letting it go on at
+    /// once would race the handler).
+    fn wait(mut self) -> (i32, String) {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -197,7 +204,7 @@ fn sigterm_while_side_files_are_copied_stops_the_run() {
     // SAFETY: kill(2) on the pid of our own child.
     let rc = unsafe { libc::kill(paused.child.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(rc, 0);
-    let (code, err) = paused.finish();
+    let (code, err) = paused.wait();
     assert_eq!(code, 130, "{err}");
     s.assert_no_output();
 }
