@@ -3,11 +3,7 @@
 
 mod common;
 
-use std::fs;
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -282,28 +278,6 @@ fn too_many_threads_are_capped_with_a_warning() {
     );
 }
 
-fn finish(mut child: Child) -> (ExitStatus, String) {
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for expo") {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("expo did not finish within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    (status, reader.join().expect("reading stderr"))
-}
-
 /// SIGTERM while the worker threads start: expo stops there, exit 130, nothing written.
 #[test]
 fn sigterm_while_the_threads_start_is_honoured() {
@@ -311,42 +285,21 @@ fn sigterm_while_the_threads_start_is_honoured() {
     let (t0s, t1s) = tiny_llama(Dtype::BF16, Dtype::BF16, false, 8);
     let sft = single(&s.path("sft"), &t0s);
     let dpo = single(&s.path("dpo"), &t1s);
-    let handshake = s.path("failpoints");
-    fs::create_dir(&handshake).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_expo"))
-        .args(["extrapolate", "--alpha", "0.3", "--threads", "8", "--sft"])
-        .arg(&sft)
-        .arg("--aligned")
-        .arg(&dpo)
-        .arg("--output")
-        .arg(s.out("o"))
-        .env("EXPO_FAILPOINT", "pool-start")
-        .env("EXPO_FAILPOINT_DIR", &handshake)
-        .env_remove("RUST_BACKTRACE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !handshake.join("pool-start.reached").exists() {
-        if let Some(status) = child.try_wait().unwrap() {
-            let (_, stderr) = finish(child);
-            panic!("expo ended ({status}) before starting its threads:\n{stderr}");
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "expo never reached the start of its threads"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
-    let (status, stderr) = finish(child);
-    assert_eq!(status.code(), Some(130), "{status}\n{stderr}");
+    let mut args: Vec<std::ffi::OsString> =
+        ["extrapolate", "--alpha", "0.3", "--threads", "8", "--sft"]
+            .map(Into::into)
+            .into();
+    args.extend([
+        sft.into_os_string(),
+        "--aligned".into(),
+        dpo.into_os_string(),
+        "--output".into(),
+        s.out("o").into_os_string(),
+    ]);
+    let paused = Paused::start(&args, "pool-start", &s.path("failpoints"));
+    paused.signal(libc::SIGTERM);
+    let (code, stderr) = paused.wait();
+    assert_eq!(code, 130, "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
     s.assert_no_output();
 }

@@ -442,35 +442,21 @@ fn ctrl_c_while_candidates_are_built_leaves_nothing_behind() {
     let s = Scratch::new();
     small_pair(&s);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
-    let fp = s.path("fp");
-    fs::create_dir_all(&fp).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_expo"))
-        .arg("search")
-        .arg("--sft")
-        .arg(s.path("sft"))
-        .arg("--aligned")
-        .arg(s.path("aligned"))
-        .arg("--eval")
-        .arg(format!("sh '{}' {{output}}", script.display()))
-        .arg("--run")
-        .arg(s.out("run"))
-        .env("EXPO_FAILPOINT", "search-build")
-        .env("EXPO_FAILPOINT_DIR", &fp)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(&fp.join("search-build.reached"));
-    // SAFETY: signalling a child process this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args: Vec<std::ffi::OsString> = vec![
+        "search".into(),
+        "--sft".into(),
+        s.path("sft").into(),
+        "--aligned".into(),
+        s.path("aligned").into(),
+        "--eval".into(),
+        format!("sh '{}' {{output}}", script.display()).into(),
+        "--run".into(),
+        s.out("run").into(),
+    ];
+    let paused = common::Paused::start(&args, "search-build", &s.path("fp"));
+    paused.signal(libc::SIGINT);
+    let (code, stderr) = paused.wait();
+    assert_eq!(code, 130, "{stderr}");
     // Only the baseline was evaluated; the candidate being built is not there.
     assert_eq!(calls(&s), ["0"]);
     assert_eq!(candidates(&s), Vec::<String>::new());

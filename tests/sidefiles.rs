@@ -7,10 +7,7 @@ mod common;
 
 use std::ffi::OsString;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -32,91 +29,8 @@ fn mkfifo(path: &Path) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Runs paused at a failpoint
+// Runs paused at a failpoint (common::Paused)
 // ---------------------------------------------------------------------------------------
-
-/// An expo run paused at the failpoint `name` (see src/failpoint.rs).
-struct Paused {
-    child: Child,
-    dir: PathBuf,
-    name: &'static str,
-}
-
-impl Paused {
-    /// Starts `expo ARGS` and waits until it reaches the failpoint; fails the test if expo
-    /// exits first (the racy step was never reached).
-    fn start(args: &[OsString], name: &'static str, dir: &Path) -> Paused {
-        fs::create_dir_all(dir).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_expo"))
-            .args(args)
-            .env("EXPO_FAILPOINT", name)
-            .env("EXPO_FAILPOINT_DIR", dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let reached = dir.join(format!("{name}.reached"));
-        while !reached.exists() {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("expo exited ({status}) without reaching the failpoint `{name}`:\n{err}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Paused {
-            child,
-            dir: dir.to_path_buf(),
-            name,
-        }
-    }
-
-    /// Lets expo go on and waits for it; a run still going after a minute is blocked (e.g.
-    /// on a FIFO), killed and reported.
-    fn finish(self) -> (i32, String) {
-        fs::write(self.dir.join(format!("{}.continue", self.name)), b"").unwrap();
-        self.wait()
-    }
-
-    /// Waits for expo to end without letting it go on: the pause point itself returns once
-    /// a signal was registered (its handler runs on another thread, so letting it go on at
-    /// once would race the handler).
-    fn wait(mut self) -> (i32, String) {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                self.child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                let mut out = String::new();
-                self.child
-                    .stdout
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut out)
-                    .unwrap();
-                assert_eq!(out, "", "stdout must be empty");
-                return (status.code().unwrap_or(-1), err);
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("expo did not finish after the failpoint (blocked?)");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
 
 fn args(sft: &Path, dpo: &Path, out: &Path) -> Vec<OsString> {
     [
@@ -201,9 +115,7 @@ fn sigterm_while_side_files_are_copied_stops_the_run() {
     let (sft, dpo) = pair(&s);
     let out = s.out("expo");
     let paused = Paused::start(&args(&sft, &dpo, &out), "side-files-copy", &s.path("fp"));
-    // SAFETY: kill(2) on the pid of our own child.
-    let rc = unsafe { libc::kill(paused.child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
+    paused.signal(libc::SIGTERM);
     let (code, err) = paused.wait();
     assert_eq!(code, 130, "{err}");
     s.assert_no_output();

@@ -1386,3 +1386,113 @@ pub fn weight_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 pub fn alpha_value(alpha: &str) -> f64 {
     alpha.parse().unwrap()
 }
+
+// ---------------------------------------------------------------------------------------
+// Runs paused at a failpoint: the one handshake of the race tests (src/failpoint.rs)
+// ---------------------------------------------------------------------------------------
+
+/// An expo run paused at the failpoint `name`: started with `EXPO_FAILPOINT` and
+/// `EXPO_FAILPOINT_DIR` set, and waited for until it created `DIR/NAME.reached`. The test
+/// then acts (swaps a path, sends a signal) and either lets expo go on ([`Paused::finish`])
+/// or waits for a signal to end it ([`Paused::wait`]). stdout and stderr are read on their
+/// own threads, so a chatty run cannot block on a full pipe.
+pub struct Paused {
+    child: std::process::Child,
+    dir: PathBuf,
+    name: String,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// Reads a child's pipe to the end on another thread.
+fn read_pipe(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
+}
+
+impl Paused {
+    /// Starts `expo ARGS` and waits until it reaches the failpoint `name`; fails the test
+    /// if expo exits first (the racy step was never reached) or takes over a minute.
+    pub fn start<S: AsRef<OsStr>>(args: &[S], name: &str, dir: &Path) -> Paused {
+        use std::process::{Command, Stdio};
+        use std::time::{Duration, Instant};
+        fs::create_dir_all(dir).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_expo"))
+            .args(args)
+            .env("EXPO_FAILPOINT", name)
+            .env("EXPO_FAILPOINT_DIR", dir)
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = read_pipe(child.stdout.take());
+        let stderr = read_pipe(child.stderr.take());
+        let reached = dir.join(format!("{name}.reached"));
+        let started = Instant::now();
+        while !reached.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                let err = stderr.join().unwrap_or_default();
+                panic!("expo exited ({status}) without reaching the failpoint `{name}`:\n{err}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "expo did not reach the failpoint `{name}`"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Paused {
+            child,
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Sends `signal` to the paused expo.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({signal})");
+    }
+
+    /// Lets expo go on and waits for it: (exit code, stderr).
+    pub fn finish(self) -> (i32, String) {
+        fs::write(self.dir.join(format!("{}.continue", self.name)), b"").unwrap();
+        self.wait()
+    }
+
+    /// Waits for expo to end without letting it go on: the pause point returns by itself
+    /// once a signal was registered (the handler runs on another thread, so letting expo go
+    /// on right after the signal would race it). A run still going after two minutes is
+    /// blocked (e.g. on a FIFO): killed and reported. stdout must be empty.
+    pub fn wait(mut self) -> (i32, String) {
+        use std::time::{Duration, Instant};
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "expo did not finish after the failpoint `{}` (blocked?)",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let out = self.stdout.join().unwrap_or_default();
+        let err = self.stderr.join().unwrap_or_default();
+        assert_eq!(out, "", "stdout must be empty; stderr:\n{err}");
+        (status.code().unwrap_or(-1), err)
+    }
+}
