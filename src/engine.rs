@@ -951,6 +951,7 @@ fn run_task(
     let (inherited, out) = match p.treatment {
         Treatment::Copy => {
             file.write_all_at(b, task.out_offset).map_err(write_err)?;
+            crate::sys::start_writeback(&file, task.out_offset, b.len() as u64);
             return Ok((b.len() as u64, None));
         }
         Treatment::Cast(spec) => {
@@ -982,6 +983,7 @@ fn run_task(
                 return Err(overflow_error(p, spec, Some(p.alpha), sft, aligned));
             }
             file.write_all_at(out, task.out_offset).map_err(write_err)?;
+            crate::sys::start_writeback(&file, task.out_offset, out.len() as u64);
             if stats.nonfinite_in > 0 {
                 state.inherited[task.pair].fetch_add(stats.nonfinite_in, Ordering::Relaxed);
             }
@@ -989,6 +991,7 @@ fn run_task(
         }
     };
     file.write_all_at(out, task.out_offset).map_err(write_err)?;
+    crate::sys::start_writeback(&file, task.out_offset, out.len() as u64);
     if inherited > 0 {
         state.inherited[task.pair].fetch_add(inherited, Ordering::Relaxed);
     }

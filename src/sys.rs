@@ -11,3 +11,31 @@ pub fn page_size() -> usize {
         4096
     }
 }
+
+/// Asks the kernel to start writing `len` bytes of `file` at `offset` to the disk, without
+/// waiting for it.
+///
+/// Outputs are fsynced once they are complete. Left alone, their dirty pages stay in memory
+/// until then (a checkpoint is usually below the kernel's background write-back threshold),
+/// so the disk idles while the chunks are computed and the whole file is written during the
+/// final fsync. Started chunk by chunk, the disk works while the CPU computes and the final
+/// fsync waits only for the last chunks. Errors are left to that fsync, which reports them.
+pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
+            return;
+        };
+        // SAFETY: sync_file_range only reads its arguments; the descriptor is open for the
+        // duration of the call.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}

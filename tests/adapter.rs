@@ -1072,3 +1072,91 @@ fn search_over_an_adapter_makes_adapter_candidates() {
         fs::read(reference.join("adapter_model.safetensors")).unwrap()
     );
 }
+
+/// Where θ0 is ±inf or NaN, `--as model` keeps θ0's bits (a NaN's payload included) and
+/// computes every other element; rows long enough for the vector loops and their tails.
+/// A factor holding NaN makes the run fail naming that tensor, not blaming α.
+#[test]
+fn non_finite_base_values_are_kept_and_non_finite_factors_are_refused() {
+    let s = Scratch::new();
+    let (rows, cols, r) = (5, 37, 2);
+    let mut rng = Rng::new(11);
+    let w0 = t(
+        &format!("{Q}.weight"),
+        Dtype::BF16,
+        &[rows, cols],
+        &mut rng,
+        1.0,
+    );
+    let mut data = w0.data.clone();
+    // A negative signalling NaN with a payload (arithmetic would make it quiet), a positive
+    // quiet NaN, +inf and −inf.
+    for (i, bits) in [
+        (0usize, 0xff8au16),
+        (17, 0x7fc1),
+        (40, 0x7f80),
+        (cols * 4 + 36, 0xff80),
+    ] {
+        data[2 * i..2 * i + 2].copy_from_slice(&bits.to_le_bytes());
+    }
+    let w0 = Tensor::raw(&w0.name, Dtype::BF16, &[rows, cols], data);
+    let base = single(&s.path("base"), std::slice::from_ref(&w0));
+    side_files(&base, "base");
+    let a = t(
+        &format!("{P}{Q}.lora_A.weight"),
+        Dtype::F32,
+        &[r, cols],
+        &mut rng,
+        0.5,
+    );
+    let b = t(
+        &format!("{P}{Q}.lora_B.weight"),
+        Dtype::F32,
+        &[rows, r],
+        &mut rng,
+        0.05,
+    );
+    let config = lora_config(r as u64, 4.0, &["q_proj"]);
+    let adapter = write_adapter(&s.path("adapter"), &config, &[a.clone(), b.clone()]);
+    let out = s.out("merged");
+    extrapolate(&base, &adapter, "0.5", &out)
+        .args(&["--as", "model"])
+        .assert_ok();
+    let got = &by_name_map(&out)[&w0.name];
+    let expected = merged(
+        &w0.values(),
+        &product(&b.values(), &a.values(), rows, r, cols),
+        2.0,
+        0.5,
+    );
+    let (got_bits, w0_bits) = (
+        elem_bits(&got.data, Dtype::BF16),
+        elem_bits(&w0.data, Dtype::BF16),
+    );
+    for (i, e) in expected.iter().enumerate() {
+        let want = if bits_to_f64(w0_bits[i], Dtype::BF16).is_finite() {
+            round_bits(*e, Dtype::BF16)
+        } else {
+            w0_bits[i]
+        };
+        assert_eq!(got_bits[i], want, "[{i}]");
+    }
+
+    // NaN in lora_B: refused, naming lora_B, and nothing is written.
+    let mut bad = b.values();
+    bad[3] = f64::NAN;
+    let b_nan = b.with(Dtype::F32, &bad);
+    let adapter = write_adapter(&s.path("adapter-nan"), &config, &[a, b_nan]);
+    let out = s.out("nan");
+    extrapolate(&base, &adapter, "0.5", &out)
+        .args(&["--as", "model"])
+        .assert_fails(
+            1,
+            &[
+                &format!("{Q}.lora_B.weight"),
+                "1 infinite or NaN",
+                "damaged",
+            ],
+        );
+    assert!(!out.exists());
+}

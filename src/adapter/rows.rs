@@ -1,14 +1,18 @@
-//! The hot loop of `--as model`: rows of θ0 + (1+α)·s·(left ᵀ·right), computed in f64
+//! The hot loop of `--as model`: rows of θ0 + (1+α)·(s·(leftᵀ·right)), computed in f64
 //! with the rank-r sum in order (k = 0..r, no FMA) and rounded once.
 //!
-//! Rows are taken four at a time and columns eight at a time, so each load of `right`
-//! feeds eight accumulators held in registers; the body is compiled once per instruction
-//! set (portable, AVX2, AVX-512) and chosen at run time, like the extrapolation kernels.
+//! Two steps per block of rows. The products: rows eight at a time and columns eight at a
+//! time, so each load of `right` feeds eight accumulators held in registers. The epilogue:
+//! one pass over each row that reads θ0, adds (1+α)·(s·d) and rounds into the output. The
+//! body is compiled once per instruction set (portable, AVX2, AVX-512) and chosen at run
+//! time, like the extrapolation kernels; on AVX-512 the epilogue for bf16 and f16 is
+//! hand-written (`kernel::avx512::lora_*`). Every version gives the same bits, which the
+//! tests check on each instruction set the machine has.
 
 use crate::dtype::FloatDtype;
-use crate::kernel::Isa;
+use crate::kernel::{Bf16, Elem, Isa, F16, F32, F64};
 
-use super::lora::{decode_into, encode_into, Factors, Orientation};
+use super::lora::{Factors, Orientation};
 
 /// Rows per register block.
 const RB: usize = 8;
@@ -32,87 +36,170 @@ pub struct Rows<'a> {
 pub struct Scratch {
     acc: Vec<f64>,
     lk: Vec<f64>,
-    w: Vec<f64>,
-    v: Vec<f64>,
 }
 
 /// Writes the rows into `out` (θ0's dtype). Returns how many finite θ0 values became
 /// non-finite.
 pub fn weight_rows(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
-    match Isa::best() {
+    weight_rows_with(Isa::best(), job, out, scratch)
+}
+
+/// A hand-written row epilogue: `out[j] = round(w[j] + c·(s·d[j]))` in θ0's format;
+/// returns how many outputs are ±inf or NaN. See `kernel::avx512`.
+type Epilogue = unsafe fn(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64;
+
+/// [`weight_rows`] compiled for `isa`, which must be one of [`Isa::available`].
+fn weight_rows_with(isa: Isa, job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
+    assert!(isa.supported(), "{} is not available", isa.name());
+    match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 => {
-            // SAFETY: Isa::best() returns these only when the CPU supports every feature
-            // the function enables.
-            unsafe { weight_rows_avx512(job, out, scratch) }
+            use crate::kernel::avx512;
+            let fast: Option<Epilogue> = match (job.dtype, isa) {
+                (FloatDtype::BF16, Isa::Avx512Bf16) => Some(avx512::lora_bf16_native),
+                (FloatDtype::BF16, _) => Some(avx512::lora_bf16),
+                (FloatDtype::F16, _) => Some(avx512::lora_f16),
+                _ => None,
+            };
+            // SAFETY: the CPU supports every feature these functions enable (checked just
+            // above: `supported` tests each of them, AVX512_BF16 for Avx512Bf16).
+            unsafe { weight_rows_avx512(job, out, scratch, fast) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             // SAFETY: as above, AVX2 and F16C are present.
             unsafe { weight_rows_avx2(job, out, scratch) }
         }
-        _ => body(job, out, scratch),
+        _ => by_dtype(job, out, scratch, None),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
-unsafe fn weight_rows_avx512(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
-    body(job, out, scratch)
+unsafe fn weight_rows_avx512(
+    job: &Rows,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+    fast: Option<Epilogue>,
+) -> u64 {
+    by_dtype(job, out, scratch, fast)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn weight_rows_avx2(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
-    body(job, out, scratch)
+    by_dtype(job, out, scratch, None)
+}
+
+/// One body per element format (and DoRA or not), so that every loop is straight-line
+/// code the compiler can vectorize. `fast`, when given, is the row epilogue for θ0's
+/// format without DoRA, and the CPU must support what it needs.
+#[inline(always)]
+fn by_dtype(job: &Rows, out: &mut [u8], scratch: &mut Scratch, fast: Option<Epilogue>) -> u64 {
+    match (job.dtype, job.dora.is_some()) {
+        (FloatDtype::BF16, false) => body::<Bf16, false>(job, out, scratch, fast),
+        (FloatDtype::BF16, true) => body::<Bf16, true>(job, out, scratch, None),
+        (FloatDtype::F16, false) => body::<F16, false>(job, out, scratch, fast),
+        (FloatDtype::F16, true) => body::<F16, true>(job, out, scratch, None),
+        (FloatDtype::F32, false) => body::<F32, false>(job, out, scratch, fast),
+        (FloatDtype::F32, true) => body::<F32, true>(job, out, scratch, None),
+        (FloatDtype::F64, false) => body::<F64, false>(job, out, scratch, fast),
+        (FloatDtype::F64, true) => body::<F64, true>(job, out, scratch, None),
+    }
+}
+
+/// DoRA's arithmetic for one element: θ0 `w`, its rank-r sum `d` and `g`, the factor of
+/// the element's output feature. W1 = g·(W0 + ΔW) with g = m / ‖W0 + ΔW‖; θ2 = (1+α)·W1 −
+/// α·W0. (Without DoRA an element is w + (1+α)·(s·d), see [`epilogue`].)
+#[inline(always)]
+fn dora(w: f64, d: f64, s: f64, alpha: f64, g: f64) -> f64 {
+    let w1 = g * (w + s * d);
+    (1.0 + alpha) * w1 - alpha * w
+}
+
+/// Where θ0's element is ±inf or NaN the output keeps θ0's bits: θ1 = θ0 + ΔW is not
+/// finite there either, and the payload a NaN gets through arithmetic is not defined (it
+/// may come from either operand). Returns how many outputs are ±inf or NaN where θ0 is
+/// finite. Runs only on rows with a non-finite output, so every version shares it.
+fn keep_nonfinite_base<E: Elem>(src: &[u8], dst: &mut [u8]) -> u64 {
+    let mut new_nonfinite = 0;
+    for (w, o) in src.chunks_exact(E::SIZE).zip(dst.chunks_exact_mut(E::SIZE)) {
+        if !E::load(w).is_finite() {
+            o.copy_from_slice(w);
+        } else if !E::load(o).is_finite() {
+            new_nonfinite += 1;
+        }
+    }
+    new_nonfinite
+}
+
+/// The portable row epilogue: `out[j] = round(w[j] + c·(s·d[j]))` in `E`; returns how
+/// many outputs are ±inf or NaN. The hand-written ones must give the same bits.
+#[inline(always)]
+fn epilogue<E: Elem>(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
+    let mut nonfinite = 0;
+    for ((&d, w), o) in d
+        .iter()
+        .zip(w.chunks_exact(E::SIZE))
+        .zip(out.chunks_exact_mut(E::SIZE))
+    {
+        nonfinite += E::store(E::load(w) + c * (s * d), o) as u64;
+    }
+    nonfinite
 }
 
 #[inline(always)]
-fn body(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
+fn body<E: Elem, const DORA: bool>(
+    job: &Rows,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+    fast: Option<Epilogue>,
+) -> u64 {
     let f = job.factors;
     let cols = f.cols;
-    let size = job.dtype.size();
-    let n = job.w0.len() / (cols * size).max(1);
+    let row_bytes = cols * E::SIZE;
+    let n = job.w0.len() / row_bytes.max(1);
+    let (s, alpha) = (f.scaling, job.alpha);
     scratch.acc.resize(RB * cols, 0.0);
-    scratch.w.resize(cols, 0.0);
-    scratch.v.resize(cols, 0.0);
-    let c = 1.0 + job.alpha;
-    let s = f.scaling;
     let mut new_nonfinite = 0;
     let mut i0 = 0;
     while i0 < n {
         let nb = RB.min(n - i0);
         products(f, job.first + i0, nb, &mut scratch.acc, &mut scratch.lk);
-        for i in 0..nb {
+        for (i, acc) in scratch.acc.chunks_exact(cols).enumerate().take(nb) {
             let row = job.first + i0 + i;
-            let src = &job.w0[(i0 + i) * cols * size..(i0 + i + 1) * cols * size];
-            let dst = &mut out[(i0 + i) * cols * size..(i0 + i + 1) * cols * size];
-            decode_into(job.dtype, src, &mut scratch.w);
-            let acc = &scratch.acc[i * cols..(i + 1) * cols];
+            let at = (i0 + i) * row_bytes;
+            let src = &job.w0[at..at + row_bytes];
+            let dst = &mut out[at..at + row_bytes];
+            // One pass over the row: read θ0, combine, round, count non-finite outputs.
+            let mut nonfinite = 0u64;
             match job.dora {
-                None => {
-                    for ((v, &w), &d) in scratch.v.iter_mut().zip(&scratch.w).zip(acc) {
-                        *v = w + c * (s * d);
-                    }
-                }
-                Some((g, orientation)) => {
-                    // W1 = g·(W0 + ΔW), g = m / ‖W0 + ΔW‖ per output feature;
-                    // θ2 = (1+α)·W1 − α·W0.
-                    for (j, ((v, &w), &d)) in
-                        scratch.v.iter_mut().zip(&scratch.w).zip(acc).enumerate()
+                Some((g, orientation)) if DORA => {
+                    for (j, ((&d, w), o)) in acc
+                        .iter()
+                        .zip(src.chunks_exact(E::SIZE))
+                        .zip(dst.chunks_exact_mut(E::SIZE))
+                        .enumerate()
                     {
                         let gj = match orientation {
                             Orientation::Conv1D => g[j],
                             _ => g[row],
                         };
-                        let w1 = gj * (w + s * d);
-                        *v = c * w1 - job.alpha * w;
+                        let v = dora(E::load(w), d, s, alpha, gj);
+                        nonfinite += E::store(v, o) as u64;
                     }
                 }
+                _ if fast.is_some() => {
+                    if let Some(epilogue) = fast {
+                        // SAFETY: the caller passes an epilogue only when the CPU supports
+                        // it (see `by_dtype`).
+                        nonfinite = unsafe { epilogue(1.0 + alpha, s, src, acc, dst) };
+                    }
+                }
+                _ => nonfinite = epilogue::<E>(1.0 + alpha, s, src, acc, dst),
             }
-            encode_into(job.dtype, &scratch.v, dst);
-            if any_nonfinite(job.dtype, dst) {
-                new_nonfinite += count_new_nonfinite(job.dtype, &scratch.w, dst);
+            if nonfinite > 0 {
+                new_nonfinite += keep_nonfinite_base::<E>(src, dst);
             }
         }
         i0 += nb;
@@ -120,7 +207,8 @@ fn body(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
     new_nonfinite
 }
 
-/// acc[i·cols + c] = Σₖ left[k, row0 + i]·right[k, c] for i < nb, k in order.
+/// acc[i·cols + c] = Σₖ left[k, row0 + i]·right[k, c] for i < nb, k in order (no fused
+/// multiply-add).
 ///
 /// A partial block (nb < RB) repeats its last row in the spare accumulators, whose
 /// results are not used.
@@ -152,62 +240,284 @@ fn products(f: &Factors, row0: usize, nb: usize, acc: &mut [f64], lk: &mut Vec<f
         }
         c0 += CB;
     }
+    // Columns past the last whole block, element by element, k in order.
     for i in 0..nb {
-        tail(f, row0 + i, c0, &mut acc[i * cols..(i + 1) * cols]);
-    }
-}
-
-/// One row's products for columns `from..cols`, element by element.
-#[inline(always)]
-fn tail(f: &Factors, row: usize, from: usize, acc: &mut [f64]) {
-    for (c, a) in acc.iter_mut().enumerate().skip(from) {
-        let mut sum = 0.0;
-        for k in 0..f.rank {
-            sum += f.left[k * f.rows + row] * f.right[k * f.cols + c];
+        let row = row0 + i;
+        for (c, a) in acc[i * cols..(i + 1) * cols]
+            .iter_mut()
+            .enumerate()
+            .skip(c0)
+        {
+            let mut sum = 0.0;
+            for k in 0..f.rank {
+                sum += f.left[k * rows + row] * f.right[k * cols + c];
+            }
+            *a = sum;
         }
-        *a = sum;
     }
 }
 
-/// True when some encoded value is ±inf or NaN (all exponent bits set).
-#[inline(always)]
-fn any_nonfinite(d: FloatDtype, bytes: &[u8]) -> bool {
-    match d {
-        FloatDtype::BF16 => bytes.chunks_exact(2).fold(false, |a, c| {
-            a | (u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80)
-        }),
-        FloatDtype::F16 => bytes.chunks_exact(2).fold(false, |a, c| {
-            a | (u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00)
-        }),
-        FloatDtype::F32 => bytes.chunks_exact(4).fold(false, |a, c| {
-            a | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000)
-        }),
-        FloatDtype::F64 => bytes.chunks_exact(8).any(|c| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            !f64::from_le_bytes(b).is_finite()
-        }),
+/// θ0 + (1+α)·(s·d) for `d` given in f64 (a `lora_B.bias` times its scaling), with the
+/// rounding and the non-finite rule of the weight rows. Returns how many outputs are ±inf
+/// or NaN where θ0 is finite.
+pub fn add_scaled(
+    dtype: FloatDtype,
+    alpha: f64,
+    s: f64,
+    w0: &[u8],
+    d: &[f64],
+    out: &mut [u8],
+) -> u64 {
+    fn run<E: Elem>(alpha: f64, s: f64, w0: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
+        match epilogue::<E>(1.0 + alpha, s, w0, d, out) {
+            0 => 0,
+            _ => keep_nonfinite_base::<E>(w0, out),
+        }
     }
-}
-
-/// Counts outputs that are non-finite where θ0 is finite.
-fn count_new_nonfinite(d: FloatDtype, w0: &[f64], out: &[u8]) -> u64 {
-    let mut back = vec![0.0; w0.len()];
-    decode_into(d, out, &mut back);
-    w0.iter()
-        .zip(&back)
-        .filter(|(w, b)| w.is_finite() && !b.is_finite())
-        .count() as u64
-}
-
-/// Rounds `values` into `out` (exposed for the bias and scaling paths).
-pub fn encode(d: FloatDtype, values: &[f64], out: &mut [u8]) {
-    encode_into(d, values, out)
+    match dtype {
+        FloatDtype::BF16 => run::<Bf16>(alpha, s, w0, d, out),
+        FloatDtype::F16 => run::<F16>(alpha, s, w0, d, out),
+        FloatDtype::F32 => run::<F32>(alpha, s, w0, d, out),
+        FloatDtype::F64 => run::<F64>(alpha, s, w0, d, out),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// xorshift, for test data.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// θ0 values of one format as raw bits: any pattern (NaN, ±inf and subnormals
+    /// included), with ordinary numbers most often.
+    fn some_bits(rng: &mut Rng, d: FloatDtype) -> u64 {
+        let width = 8 * d.size() as u32;
+        let any = rng.next() >> (64 - width);
+        match (rng.below(4), d) {
+            (0, _) => any,
+            // Subnormal or zero.
+            (1, FloatDtype::BF16) => any & 0x807f,
+            (1, FloatDtype::F16) => any & 0x83ff,
+            (1, FloatDtype::F32) => any & 0x807f_ffff,
+            (1, _) => any & 0x800f_ffff_ffff_ffff,
+            // Around 1.
+            (_, FloatDtype::BF16) => 0x3f00 | (any & 0x80ff),
+            (_, FloatDtype::F16) => 0x3800 | (any & 0x87ff),
+            (_, FloatDtype::F32) => 0x3f00_0000 | (any & 0x80ff_ffff),
+            (_, _) => 0x3fe0_0000_0000_0000 | (any & 0x801f_ffff_ffff_ffff),
+        }
+    }
+
+    /// The value added to θ0 for `w`: often exactly half a unit in θ0's last place
+    /// (a tie) or just beside it, often tiny (f32-subnormal results), sometimes huge,
+    /// infinite or NaN.
+    fn some_delta(rng: &mut Rng, w: f64, mantissa: u32, min_exponent: i32) -> f64 {
+        // Half the spacing of θ0's format at w (subnormals have the smallest spacing).
+        let exponent = if w.is_finite() && w != 0.0 {
+            w.abs().log2().floor() as i32
+        } else {
+            min_exponent
+        };
+        let half_ulp = 2f64.powi(exponent.max(min_exponent) - mantissa as i32 - 1);
+        let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+        match rng.below(9) {
+            0 | 1 => sign * half_ulp,
+            2 => sign * half_ulp * (1.0 + 2f64.powi(-40)),
+            3 => sign * half_ulp * (1.0 - 2f64.powi(-40)),
+            4 => sign * 2f64.powi(-(rng.below(30) as i32) - 120) * (1.0 + rng.below(1000) as f64),
+            5 => sign * 2f64.powi(rng.below(300) as i32),
+            6 => [f64::INFINITY, f64::NEG_INFINITY, f64::NAN][rng.below(3) as usize],
+            _ => sign * f64::from_bits(0x3c00_0000_0000_0000 | (rng.next() >> 12)),
+        }
+    }
+
+    fn load(d: FloatDtype, b: &[u8]) -> f64 {
+        let mut x = [0.0];
+        super::super::lora::decode_into(d, b, &mut x);
+        x[0]
+    }
+
+    /// Every hand-written epilogue gives the portable loop's bits and non-finite count,
+    /// on ties, near-ties, f32-subnormal results, overflow and non-finite inputs, at every
+    /// length (the tails included).
+    #[test]
+    fn fast_epilogues_match_the_portable_loop() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::kernel::avx512;
+            let mut fast: Vec<(FloatDtype, &str, Epilogue)> = Vec::new();
+            if Isa::Avx512.supported() {
+                fast.push((FloatDtype::BF16, "lora_bf16", avx512::lora_bf16));
+                fast.push((FloatDtype::F16, "lora_f16", avx512::lora_f16));
+            }
+            if Isa::Avx512Bf16.supported() {
+                fast.push((
+                    FloatDtype::BF16,
+                    "lora_bf16_native",
+                    avx512::lora_bf16_native,
+                ));
+            }
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+            for (d, name, f) in fast {
+                // Significand bits and the smallest normal exponent of the format.
+                let (mantissa, min_exponent) = if d == FloatDtype::BF16 {
+                    (7, -126)
+                } else {
+                    (10, -14)
+                };
+                for round in 0..400 {
+                    let n = if round < 40 {
+                        round
+                    } else {
+                        16 * 64 + round % 17
+                    };
+                    let mut w = vec![0u8; n * 2];
+                    let mut delta = vec![0.0; n];
+                    for j in 0..n {
+                        let bits = some_bits(&mut rng, d) as u16;
+                        w[2 * j..2 * j + 2].copy_from_slice(&bits.to_le_bytes());
+                        delta[j] = some_delta(
+                            &mut rng,
+                            load(d, &w[2 * j..2 * j + 2]),
+                            mantissa,
+                            min_exponent,
+                        );
+                    }
+                    // c·(s·d) = d exactly for the ties; other rounds scale it.
+                    let (c, s) = if round % 2 == 0 {
+                        (1.0, 1.0)
+                    } else {
+                        (1.3, 0.37)
+                    };
+                    let (mut want, mut got) = (vec![0u8; n * 2], vec![0u8; n * 2]);
+                    let want_nf = match d {
+                        FloatDtype::BF16 => epilogue::<Bf16>(c, s, &w, &delta, &mut want),
+                        _ => epilogue::<F16>(c, s, &w, &delta, &mut want),
+                    };
+                    // SAFETY: only epilogues the CPU supports were listed.
+                    let got_nf = unsafe { f(c, s, &w, &delta, &mut got) };
+                    assert_eq!(got_nf, want_nf, "{name}: non-finite count, n = {n}");
+                    // Where θ0 is NaN and so is d, the NaN's payload is not defined; the
+                    // fix-up every version shares gives θ0's bits there.
+                    let (want_new, got_new) = match d {
+                        FloatDtype::BF16 => (
+                            keep_nonfinite_base::<Bf16>(&w, &mut want),
+                            keep_nonfinite_base::<Bf16>(&w, &mut got),
+                        ),
+                        _ => (
+                            keep_nonfinite_base::<F16>(&w, &mut want),
+                            keep_nonfinite_base::<F16>(&w, &mut got),
+                        ),
+                    };
+                    assert_eq!(got_new, want_new);
+                    for j in 0..n {
+                        assert_eq!(
+                            got[2 * j..2 * j + 2],
+                            want[2 * j..2 * j + 2],
+                            "{name}: element {j} of {n}: w = {:?}, d = {:e}",
+                            &w[2 * j..2 * j + 2],
+                            delta[j]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The portable epilogue rounds exactly: a tie goes to the even neighbour, a value
+    /// just beside it to the nearer one (checked against neighbours found by bits).
+    #[test]
+    fn portable_epilogue_rounds_ties_to_even() {
+        // 1 + 2⁻⁸ lies halfway between bf16 1 (even) and 1 + 2⁻⁷ (odd).
+        let one = 0x3f80u16.to_le_bytes();
+        for (delta, want) in [
+            (2f64.powi(-8), 0x3f80u16),
+            (2f64.powi(-8) * (1.0 + 1e-12), 0x3f81),
+            (3.0 * 2f64.powi(-8), 0x3f82), // 1 + 3·2⁻⁸: halfway between 0x3f81 and 0x3f82
+            (-(2f64.powi(-9)), 0x3f80),    // 1 − 2⁻⁹: halfway below 1, to the even 1
+        ] {
+            let mut out = [0u8; 2];
+            assert_eq!(epilogue::<Bf16>(1.0, 1.0, &one, &[delta], &mut out), 0);
+            assert_eq!(u16::from_le_bytes(out), want, "1 + {delta:e}");
+        }
+    }
+
+    /// Whole rows on every instruction set give the portable bits, for every format, with
+    /// and without DoRA, for block and column tails.
+    #[test]
+    fn every_isa_gives_the_portable_bits() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for d in [
+            FloatDtype::BF16,
+            FloatDtype::F16,
+            FloatDtype::F32,
+            FloatDtype::F64,
+        ] {
+            for (rows, cols, rank) in [(9, 37, 3), (16, 64, 16), (3, 8, 1), (11, 130, 5)] {
+                let left: Vec<f64> = (0..rank * rows)
+                    .map(|_| f64::from_bits(0x3f00_0000_0000_0000 | (rng.next() >> 12)))
+                    .collect();
+                let right: Vec<f64> = (0..rank * cols)
+                    .map(|_| f64::from_bits(0x3f00_0000_0000_0000 | (rng.next() >> 12)))
+                    .collect();
+                let f = Factors {
+                    rank,
+                    rows,
+                    cols,
+                    left,
+                    right,
+                    scaling: 2.0,
+                };
+                let mut w0 = vec![0u8; rows * cols * d.size()];
+                for c in w0.chunks_exact_mut(d.size()) {
+                    c.copy_from_slice(&some_bits(&mut rng, d).to_le_bytes()[..d.size()]);
+                }
+                let g: Vec<f64> = (0..rows.max(cols)).map(|i| 0.5 + i as f64 / 7.0).collect();
+                for dora in [
+                    None,
+                    Some((&g[..], Orientation::Linear)),
+                    Some((&g[..], Orientation::Conv1D)),
+                ] {
+                    let job = Rows {
+                        factors: &f,
+                        w0: &w0,
+                        dtype: d,
+                        first: 0,
+                        alpha: 0.3,
+                        dora,
+                    };
+                    let mut want = vec![0u8; w0.len()];
+                    let want_nf =
+                        weight_rows_with(Isa::Portable, &job, &mut want, &mut Scratch::default());
+                    for isa in Isa::available() {
+                        let mut got = vec![0u8; w0.len()];
+                        let nf = weight_rows_with(isa, &job, &mut got, &mut Scratch::default());
+                        assert!(
+                            got == want,
+                            "{} {d:?} {rows}x{cols} r{rank} dora {}",
+                            isa.name(),
+                            dora.is_some()
+                        );
+                        assert_eq!(nf, want_nf);
+                    }
+                }
+            }
+        }
+    }
 
     /// The blocked products equal the plain sum in order, for every row/column tail.
     #[test]
@@ -225,7 +535,7 @@ mod tests {
             };
             let w0: Vec<f64> = (0..rows * cols).map(|i| i as f64 * 0.01).collect();
             let mut bytes = vec![0u8; rows * cols * 8];
-            encode_into(FloatDtype::F64, &w0, &mut bytes);
+            super::super::lora::encode_into(FloatDtype::F64, &w0, &mut bytes);
             let job = Rows {
                 factors: &f,
                 w0: &bytes,
@@ -235,9 +545,12 @@ mod tests {
                 dora: None,
             };
             let mut out = vec![0u8; bytes.len()];
-            assert_eq!(body(&job, &mut out, &mut Scratch::default()), 0);
+            assert_eq!(
+                body::<F64, false>(&job, &mut out, &mut Scratch::default(), None),
+                0
+            );
             let mut got = vec![0.0; rows * cols];
-            decode_into(FloatDtype::F64, &out, &mut got);
+            super::super::lora::decode_into(FloatDtype::F64, &out, &mut got);
             for r in 0..rows {
                 for c in 0..cols {
                     let mut sum = 0.0;

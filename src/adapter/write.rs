@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -40,6 +40,8 @@ pub enum WriteError {
         dtype: FloatDtype,
         alpha: f64,
     },
+    #[error("adapter tensor `{tensor}` holds {count} infinite or NaN values, so the merged weights would too; the adapter is damaged (check how it was trained and saved)")]
+    NonFiniteFactor { tensor: String, count: u64 },
     #[error("interrupted")]
     Interrupted,
     #[error(transparent)]
@@ -484,7 +486,6 @@ fn make_tasks(layout: &ModelLayout, plan: &AdapterPlan) -> Vec<Task> {
 
 /// Per-module f64 data shared by the workers.
 struct Prepared {
-    factors: Vec<Factors>,
     /// lora_B.bias in f64, per module that has one.
     bias: Vec<Option<Vec<f64>>>,
     /// DoRA: m / ‖W0 + ΔW‖ per output feature, per module that has a magnitude.
@@ -498,11 +499,6 @@ fn prepare(
     pool: &rayon::ThreadPool,
 ) -> Prepared {
     let (ack, amaps) = adapter;
-    let factors: Vec<Factors> = plan
-        .modules
-        .iter()
-        .map(|m| Factors::new(m, amaps.tensor(ack, m.a.loc), amaps.tensor(ack, m.b.loc)))
-        .collect();
     let bias = plan
         .modules
         .iter()
@@ -515,13 +511,13 @@ fn prepare(
     let dora = pool.install(|| {
         plan.modules
             .par_iter()
-            .zip(&factors)
-            .map(|(m, f)| {
+            .map(|m| {
                 let mag = m.magnitude.as_ref()?;
                 let mag = decode(mag.dtype, amaps.tensor(ack, mag.loc));
                 let (loc, t0) = base.0.get(&m.targets[0])?;
                 let d0 = float(t0.dtype)?;
                 let w0 = base.1.tensor(base.0, loc);
+                let f = Factors::new(m, amaps.tensor(ack, m.a.loc), amaps.tensor(ack, m.b.loc));
                 let (rows, cols) = (f.rows, f.cols);
                 let mut sq = vec![0.0f64; mag.len()];
                 let mut acc = vec![0.0; cols];
@@ -553,10 +549,53 @@ fn prepare(
             })
             .collect()
     });
-    Prepared {
-        factors,
-        bias,
-        dora,
+    Prepared { bias, dora }
+}
+
+/// Each module's factors in f64, decoded by the first task that needs them and dropped
+/// after its last task, so that memory holds the factors of the modules in progress (tasks
+/// are handed out in file order), not the whole adapter's.
+struct FactorCache {
+    slots: Vec<Mutex<Option<Arc<Factors>>>>,
+    /// Tasks left per module.
+    left: Vec<AtomicUsize>,
+}
+
+impl FactorCache {
+    fn new(plan: &AdapterPlan, tasks: &[Task], layout: &ModelLayout) -> FactorCache {
+        let left: Vec<AtomicUsize> = plan.modules.iter().map(|_| AtomicUsize::new(0)).collect();
+        for t in tasks {
+            if let Source::Weight { module, .. } = layout.tensors[t.tensor].source {
+                left[module].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        FactorCache {
+            slots: plan.modules.iter().map(|_| Mutex::new(None)).collect(),
+            left,
+        }
+    }
+
+    /// The factors of `module`, decoded from the adapter on first use.
+    fn get(&self, module: usize, plan: &AdapterPlan, adapter: Mapped) -> Arc<Factors> {
+        let mut slot = self.slots[module].lock().unwrap_or_else(|p| p.into_inner());
+        let f = slot.get_or_insert_with(|| {
+            let m = &plan.modules[module];
+            let (ack, amaps) = adapter;
+            let (a, b) = (amaps.tensor(ack, m.a.loc), amaps.tensor(ack, m.b.loc));
+            let f = Factors::new(m, a, b);
+            // Decoded: the mapped pages need not stay in this process's memory.
+            amaps.release(a);
+            amaps.release(b);
+            Arc::new(f)
+        });
+        Arc::clone(f)
+    }
+
+    /// Called after each task of `module`: the last one drops the factors.
+    fn done(&self, module: usize) {
+        if self.left[module].fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.slots[module].lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 }
 
@@ -602,6 +641,7 @@ pub fn write_model(
         })
         .collect();
     let tasks = make_tasks(layout, plan);
+    let factors = FactorCache::new(plan, &tasks, layout);
     let run = |task: &Task, buf: &mut Bufs| -> Result<(), WriteError> {
         if cancel.load(Ordering::Relaxed) {
             return Err(WriteError::Interrupted);
@@ -626,6 +666,7 @@ pub fn write_model(
                         .map_err(io(path, "write"))?;
                     base.1.release(chunk);
                 }
+                crate::sys::start_writeback(file, task.out_offset, len);
                 on_progress(len);
                 return Ok(());
             }
@@ -679,26 +720,26 @@ pub fn write_model(
                 };
                 let (s, e) = (task.start as usize, task.end as usize);
                 let src = &base.1.tensor(base.0, loc)[s * d0.size()..e * d0.size()];
-                let n = e - s;
-                buf.w.resize(n, 0.0);
-                decode_into(d0, src, &mut buf.w);
                 let lb = prepared.bias[module].as_deref().unwrap_or(&[]);
-                let sc = prepared.factors[module].scaling;
-                let c = 1.0 + alpha;
-                buf.v.resize(n, 0.0);
-                for ((v, w), b) in buf.v.iter_mut().zip(&buf.w).zip(&lb[s..e]) {
-                    *v = w + c * (sc * b);
+                let sc = plan.modules[module].scaling;
+                buf.bytes.resize(src.len(), 0);
+                let count = super::rows::add_scaled(d0, alpha, sc, src, &lb[s..e], &mut buf.bytes);
+                if count > 0 {
+                    return Err(WriteError::Overflow {
+                        tensor: t.name.clone(),
+                        count,
+                        dtype: d0,
+                        alpha,
+                    });
                 }
-                buf.bytes.resize(n * d0.size(), 0);
-                encode_into(d0, &buf.v, &mut buf.bytes);
-                check_new_nonfinite(&buf.w, &buf.v, d0, &buf.bytes, &t.name, alpha)?;
                 &buf.bytes[..]
             }
             Source::Weight { module, base: loc } => {
                 let Some(d0) = float(t.dtype) else {
                     unreachable!("planning checked that the base weight is float")
                 };
-                let f = &prepared.factors[module];
+                let f = factors.get(module, plan, adapter);
+                let f = &*f;
                 let m = &plan.modules[module];
                 let cols = f.cols;
                 let (r0, r1) = (task.start as usize, task.end as usize);
@@ -714,7 +755,21 @@ pub fn write_model(
                     dora: prepared.dora[module].as_deref().map(|g| (g, m.orientation)),
                 };
                 let count = super::rows::weight_rows(&job, &mut buf.bytes, &mut buf.rows);
+                factors.done(module);
                 if count > 0 {
+                    // Non-finite factors, not α, are the cause: say so.
+                    let bad = |x: &[f64]| x.iter().filter(|v| !v.is_finite()).count() as u64;
+                    let (in_a, in_b) = match m.orientation {
+                        Orientation::Linear => (bad(&f.right), bad(&f.left)),
+                        _ => (bad(&f.left), bad(&f.right)),
+                    };
+                    if in_a + in_b > 0 {
+                        let (factor, n) = if in_a > 0 { (&m.a, in_a) } else { (&m.b, in_b) };
+                        return Err(WriteError::NonFiniteFactor {
+                            tensor: factor.key.clone(),
+                            count: n,
+                        });
+                    }
                     return Err(WriteError::Overflow {
                         tensor: t.name.clone(),
                         count,
@@ -728,6 +783,7 @@ pub fn write_model(
         };
         file.write_all_at(out, task.out_offset)
             .map_err(io(path, "write"))?;
+        crate::sys::start_writeback(file, task.out_offset, out.len() as u64);
         on_progress(out.len() as u64);
         Ok(())
     };
@@ -764,37 +820,8 @@ pub fn write_model(
 
 #[derive(Default)]
 struct Bufs {
-    w: Vec<f64>,
-    v: Vec<f64>,
     bytes: Vec<u8>,
     rows: super::rows::Scratch,
-}
-
-/// Fails when a finite θ0 value became non-finite in the output's dtype.
-fn check_new_nonfinite(
-    w0: &[f64],
-    v: &[f64],
-    d: FloatDtype,
-    out: &[u8],
-    name: &str,
-    alpha: f64,
-) -> Result<(), WriteError> {
-    let mut back = vec![0.0; v.len()];
-    decode_into(d, out, &mut back);
-    let count = w0
-        .iter()
-        .zip(&back)
-        .filter(|(w, b)| w.is_finite() && !b.is_finite())
-        .count() as u64;
-    if count > 0 {
-        return Err(WriteError::Overflow {
-            tensor: name.to_string(),
-            count,
-            dtype: d,
-            alpha,
-        });
-    }
-    Ok(())
 }
 
 /// Copies `len` bytes from `src` at `from` to `dst` at `to` with copy_file_range; false

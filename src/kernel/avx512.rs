@@ -80,7 +80,13 @@ unsafe fn extrapolate_round_odd(
     t1: __m512d,
     sums: &mut Sums,
 ) -> (__m256, __mmask8) {
-    let y = extrapolate_lanes(alpha, t0, t1, sums);
+    round_odd(extrapolate_lanes(alpha, t0, t1, sums))
+}
+
+/// 8 f64 lanes rounded to f32 with round-to-odd, exactly (the last bit of inexact results
+/// forced): the f32 lanes and the mask of lanes whose last bit must be set.
+#[inline(always)]
+unsafe fn round_odd(y: __m512d) -> (__m256, __mmask8) {
     let r = _mm512_cvt_roundpd_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
     // Inexact (or NaN, which compares unordered): force the last bit to 1.
     let inexact = _mm512_cmp_pd_mask::<_CMP_NEQ_UQ>(_mm512_cvtps_pd(r), y);
@@ -102,7 +108,14 @@ unsafe fn extrapolate_round_odd_normal(
     t1: __m512d,
     sums: &mut Sums,
 ) -> __m256 {
-    let y = _mm512_castpd_si512(extrapolate_lanes(alpha, t0, t1, sums));
+    round_odd_normal(extrapolate_lanes(alpha, t0, t1, sums))
+}
+
+/// 8 f64 lanes rounded to f32 with round-to-odd where the f32 result is normal, as
+/// [`extrapolate_round_odd_normal`] says.
+#[inline(always)]
+unsafe fn round_odd_normal(y: __m512d) -> __m256 {
+    let y = _mm512_castpd_si512(y);
     let below = _mm512_set1_epi64(0x1fff_ffff);
     // (y & below) + below carries into bit 29 exactly when some bit below it is set.
     let carry = _mm512_add_epi64(_mm512_and_si512(y, below), below);
@@ -456,4 +469,169 @@ pub unsafe fn f32(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> sup
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,popcnt")]
 pub unsafe fn f64(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> super::ChunkStats {
     run::<F64>(alpha, sft, aligned, out)
+}
+
+// ---------------------------------------------------------------------------------------
+// The row epilogue of merging a LoRA adapter (`--as model`): θ2 = w + c·(s·d) for θ0's
+// elements `w` and their rank-r sums `d` (f64), rounded once to θ0's format. The same
+// arithmetic and rounding as the portable loop (`adapter::rows`), which the tests there
+// compare bit for bit on every instruction set.
+
+/// w + c·(s·d) on 8 f64 lanes: multiply, multiply, add (no fused multiply-add).
+#[inline(always)]
+unsafe fn lora_lanes(c: __m512d, s: __m512d, w: __m512d, d: *const f64) -> __m512d {
+    _mm512_add_pd(w, _mm512_mul_pd(c, _mm512_mul_pd(s, _mm512_loadu_pd(d))))
+}
+
+/// The elements past the last whole step, and blocks the fast path cannot round, one by
+/// one as the portable loop computes them. Returns how many outputs are ±inf or NaN.
+#[inline(always)]
+unsafe fn lora_scalar(
+    format: crate::dtype::FloatDtype,
+    c: f64,
+    s: f64,
+    w: &[u8],
+    d: &[f64],
+    out: &mut [u8],
+) -> u64 {
+    use super::convert;
+    let mut nonfinite = 0;
+    for ((w, &d), o) in w.chunks_exact(2).zip(d).zip(out.chunks_exact_mut(2)) {
+        let h = u16::from_le_bytes([w[0], w[1]]);
+        let (x, mask) = match format {
+            crate::dtype::FloatDtype::BF16 => (convert::bf16_to_f64(h), 0x7f80),
+            _ => (convert::f16_to_f64(h), 0x7c00),
+        };
+        let y = x + c * (s * d);
+        let r = match format {
+            crate::dtype::FloatDtype::BF16 => convert::f64_to_bf16(y),
+            _ => convert::f64_to_f16(y),
+        };
+        o.copy_from_slice(&r.to_le_bytes());
+        nonfinite += (r & mask == mask) as u64;
+    }
+    nonfinite
+}
+
+/// bf16 rows, 16 elements a step, in order: widen, compute two halves, round to odd f32
+/// with the sticky-bit trick, narrow with `N`; a step with an f32-subnormal intermediate
+/// is redone one element at a time.
+#[inline(always)]
+unsafe fn lora_bf16_with<N: Narrow16>(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
+    const SUBNORMAL: i32 = 0x20;
+    let n = d.len().min(w.len() / 2).min(out.len() / 2);
+    let (vc, vs) = (_mm512_set1_pd(c), _mm512_set1_pd(s));
+    let mut nonfinite = 0u64;
+    let mut i = 0;
+    while i + LANES <= n {
+        // SAFETY (of the loads and stores): i + LANES <= n, so 16 elements are in bounds
+        // of `w`, `d` and `out`.
+        let h = _mm256_loadu_si256(w.as_ptr().add(2 * i) as *const __m256i);
+        let x = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+        let (lo, hi) = widen(x);
+        let r_lo = round_odd_normal(lora_lanes(vc, vs, lo, d.as_ptr().add(i)));
+        let r_hi = round_odd_normal(lora_lanes(vc, vs, hi, d.as_ptr().add(i + 8)));
+        let r = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(r_lo), r_hi);
+        let dst = out.as_mut_ptr().add(2 * i);
+        if _mm512_fpclass_ps_mask::<SUBNORMAL>(r) == 0 {
+            let b = N::narrow(r);
+            _mm256_storeu_si256(dst as *mut __m256i, b);
+            let exp = _mm256_and_si256(b, _mm256_set1_epi16(0x7f80));
+            nonfinite +=
+                _mm256_cmpeq_epi16_mask(exp, _mm256_set1_epi16(0x7f80)).count_ones() as u64;
+        } else {
+            nonfinite += lora_scalar(
+                crate::dtype::FloatDtype::BF16,
+                c,
+                s,
+                &w[2 * i..2 * (i + LANES)],
+                &d[i..i + LANES],
+                &mut out[2 * i..2 * (i + LANES)],
+            );
+        }
+        i += LANES;
+    }
+    nonfinite
+        + lora_scalar(
+            crate::dtype::FloatDtype::BF16,
+            c,
+            s,
+            &w[2 * i..2 * n],
+            &d[i..n],
+            &mut out[2 * i..2 * n],
+        )
+}
+
+/// 16 f32 lanes (rounded to odd, none subnormal) → 16 bf16 values in order.
+trait Narrow16 {
+    unsafe fn narrow(r: __m512) -> __m256i;
+}
+
+impl Narrow16 for IntegerNarrowing {
+    #[inline(always)]
+    unsafe fn narrow(r: __m512) -> __m256i {
+        _mm512_cvtepi32_epi16(bf16_lanes(_mm512_castps_si512(r)))
+    }
+}
+
+impl Narrow16 for HardwareNarrowing {
+    #[inline(always)]
+    unsafe fn narrow(r: __m512) -> __m256i {
+        std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(r))
+    }
+}
+
+/// The row epilogue for bf16: `out[j] = bf16(w[j] + c·(s·d[j]))`; returns how many outputs
+/// are ±inf or NaN.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and DQ and POPCNT.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,popcnt")]
+pub unsafe fn lora_bf16(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
+    lora_bf16_with::<IntegerNarrowing>(c, s, w, d, out)
+}
+
+/// [`lora_bf16`] with the AVX512_BF16 conversion.
+///
+/// # Safety
+/// As [`lora_bf16`], and the CPU must support AVX512_BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,popcnt")]
+pub unsafe fn lora_bf16_native(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
+    lora_bf16_with::<HardwareNarrowing>(c, s, w, d, out)
+}
+
+/// The row epilogue for f16, with F16C conversions; the round to odd needs no check (see
+/// [`F16`]).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and DQ, F16C and POPCNT.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,popcnt")]
+pub unsafe fn lora_f16(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
+    let n = d.len().min(w.len() / 2).min(out.len() / 2);
+    let (vc, vs) = (_mm512_set1_pd(c), _mm512_set1_pd(s));
+    let mut nonfinite = 0u64;
+    let mut i = 0;
+    while i + LANES <= n {
+        // SAFETY (of the loads and stores): i + LANES <= n, so 16 elements are in bounds
+        // of `w`, `d` and `out`.
+        let x = _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(2 * i) as *const __m256i));
+        let (lo, hi) = widen(x);
+        let r_lo = round_odd_normal(lora_lanes(vc, vs, lo, d.as_ptr().add(i)));
+        let r_hi = round_odd_normal(lora_lanes(vc, vs, hi, d.as_ptr().add(i + 8)));
+        let r = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(r_lo), r_hi);
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r);
+        _mm256_storeu_si256(out.as_mut_ptr().add(2 * i) as *mut __m256i, h);
+        let exp = _mm256_and_si256(h, _mm256_set1_epi16(0x7c00));
+        nonfinite += _mm256_cmpeq_epi16_mask(exp, _mm256_set1_epi16(0x7c00)).count_ones() as u64;
+        i += LANES;
+    }
+    nonfinite
+        + lora_scalar(
+            crate::dtype::FloatDtype::F16,
+            c,
+            s,
+            &w[2 * i..2 * n],
+            &d[i..n],
+            &mut out[2 * i..2 * n],
+        )
 }

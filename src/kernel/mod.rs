@@ -19,7 +19,7 @@
 //! file sit at arbitrary byte offsets.
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(crate) mod avx512;
 pub mod convert;
 
 use std::sync::OnceLock;
@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 use crate::dtype::FloatDtype;
 
 /// One element format: how to read it as f64 and how to round an f64 into it.
-trait Elem {
+pub(crate) trait Elem {
     const DTYPE: FloatDtype;
     const SIZE: usize;
     /// Significand bits stored (without the implicit one).
@@ -65,10 +65,10 @@ trait Elem {
     }
 }
 
-struct Bf16;
-struct F16;
-struct F32;
-struct F64;
+pub(crate) struct Bf16;
+pub(crate) struct F16;
+pub(crate) struct F32;
+pub(crate) struct F64;
 
 impl Elem for Bf16 {
     const DTYPE: FloatDtype = FloatDtype::BF16;
