@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Read;
+use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
@@ -422,6 +422,16 @@ fn normalize_shard_name(name: &str) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("/"))
 }
 
+/// Reads all of `reader` as text, or `None` when it holds more than `cap` bytes (reading
+/// at most `cap + 1` of them).
+fn read_capped(reader: impl Read, cap: u64) -> io::Result<Option<String>> {
+    let mut text = String::new();
+    reader
+        .take(cap.saturating_add(1))
+        .read_to_string(&mut text)?;
+    Ok((text.len() as u64 <= cap).then_some(text))
+}
+
 fn open_indexed(
     given: &Path,
     root: &Path,
@@ -439,16 +449,12 @@ fn open_indexed(
             path: index_path.clone(),
             reason: "not a regular file".into(),
         })?;
-    let mut text = String::new();
-    file.take(MAX_INDEX_LEN + 1)
-        .read_to_string(&mut text)
-        .map_err(io_err)?;
-    if text.len() as u64 > MAX_INDEX_LEN {
+    let Some(text) = read_capped(file, MAX_INDEX_LEN).map_err(io_err)? else {
         return Err(CheckpointError::InvalidIndex {
             path: index_path,
             reason: format!("larger than {MAX_INDEX_LEN} bytes"),
         });
-    }
+    };
     let raw: RawIndex = serde_json::from_str(&text).map_err(|e| CheckpointError::InvalidIndex {
         path: index_path.clone(),
         reason: e.to_string(),
@@ -573,6 +579,18 @@ mod tests {
         ] {
             assert_eq!(n(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn index_files_are_read_up_to_their_cap_and_no_further() {
+        let read = |text: &str, cap| read_capped(text.as_bytes(), cap).unwrap();
+        assert_eq!(read("{}", 2).as_deref(), Some("{}"));
+        assert_eq!(read("{} ", 2), None);
+        assert_eq!(read("", 0).as_deref(), Some(""));
+        // The cap bounds what is read, not only what is kept.
+        let mut endless = std::io::repeat(b' ');
+        assert_eq!(read_capped(&mut endless, 1 << 20).unwrap(), None);
+        assert_eq!(MAX_INDEX_LEN, 256 << 20);
     }
 
     #[test]

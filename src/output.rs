@@ -482,7 +482,7 @@ fn looks_like_checkpoint(dir: &File) -> io::Result<bool> {
         let text = String::from_utf8_lossy(name.to_bytes());
         let known = CHECKPOINT_FILES.contains(&text.as_ref())
             || text.ends_with(".safetensors")
-            || text.ends_with(".safetensors.index.json");
+            || crate::checkpoint::is_index_name(&text);
         if known && stat_at(dir, &name, true).is_ok_and(|st| is_file_mode(st.st_mode)) {
             return Ok(true);
         }
@@ -1323,6 +1323,30 @@ pub fn sync_dir(path: &Path) -> Result<(), OutputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory is taken for a checkpoint (and `--force` may replace it) when it holds
+    /// a checkpoint file: shards, an index (transformers' variant names included), config or
+    /// expo.json; anything else is not.
+    #[test]
+    fn checkpoints_are_recognised_by_their_files() {
+        let root = tempfile::tempdir().unwrap();
+        for (name, is) in [
+            ("model.safetensors.index.fp16.json", true),
+            ("model.safetensors.index.json", true),
+            ("model-00001-of-00002.safetensors", true),
+            ("config.json", true),
+            ("expo.json", true),
+            ("notes.json", false),
+            ("model.safetensors.index.json.bak", false),
+            ("weights.bin", false),
+        ] {
+            let dir = root.path().join(name.replace('.', "_"));
+            fs::create_dir(&dir).unwrap();
+            fs::write(dir.join(name), b"{}").unwrap();
+            let handle = open_dir(&dir).unwrap();
+            assert_eq!(looks_like_checkpoint(&handle).unwrap(), is, "{name}");
+        }
+    }
 
     fn marked(dir: &Path, content: &str) {
         fs::create_dir(dir).unwrap();

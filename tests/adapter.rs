@@ -1160,3 +1160,83 @@ fn non_finite_base_values_are_kept_and_non_finite_factors_are_refused() {
         );
     assert!(!out.exists());
 }
+
+/// Tensors larger than one unit of work (1 Mi elements for computed tensors, 4 MiB for
+/// copies) are cut into several tasks; every part lands at its own offset: an adapted
+/// weight (two row blocks), a full tensor (two chunks) and an untouched tensor (two
+/// copies).
+#[test]
+fn tensors_larger_than_one_task_are_written_whole() {
+    let s = Scratch::new();
+    let mut rng = Rng::new(5);
+    let (rows, cols, r) = (20_000, 64, 2);
+    let up = "model.layers.0.mlp.up_proj";
+    let base_tensors = vec![
+        t(
+            "model.embed_tokens.weight",
+            Dtype::BF16,
+            &[40_000, cols],
+            &mut rng,
+            1.0,
+        ),
+        t(
+            &format!("{up}.weight"),
+            Dtype::BF16,
+            &[rows, cols],
+            &mut rng,
+            1.0,
+        ),
+        t("lm_head.weight", Dtype::BF16, &[rows, cols], &mut rng, 1.0),
+    ];
+    let base = single(&s.path("base"), &base_tensors);
+    let a = t(
+        &format!("{P}{up}.lora_A.weight"),
+        Dtype::F32,
+        &[r, cols],
+        &mut rng,
+        0.5,
+    );
+    let b = t(
+        &format!("{P}{up}.lora_B.weight"),
+        Dtype::F32,
+        &[rows, r],
+        &mut rng,
+        0.05,
+    );
+    let head1: Vec<f64> = base_tensors[2]
+        .values()
+        .iter()
+        .map(|x| x * 1.01 + 0.01)
+        .collect();
+    let head = Tensor::float(
+        &format!("{P}lm_head.weight"),
+        Dtype::F32,
+        &[rows, cols],
+        &head1,
+    );
+    let mut config = lora_config(r as u64, 4.0, &["up_proj"]);
+    config["modules_to_save"] = json!(["lm_head"]);
+    let adapter = write_adapter(
+        &s.path("adapter"),
+        &config,
+        &[a.clone(), b.clone(), head.clone()],
+    );
+    let out = s.out("m");
+    extrapolate(&base, &adapter, "0.5", &out)
+        .args(&["--as", "model"])
+        .assert_ok();
+    let got = by_name_map(&out);
+    assert_eq!(got["model.embed_tokens.weight"].data, base_tensors[0].data);
+    let p = product(&b.values(), &a.values(), rows, r, cols);
+    assert_rounded(
+        &got[&format!("{up}.weight")],
+        &merged(&base_tensors[1].values(), &p, 2.0, 0.5),
+    );
+    let head2: Vec<f64> = base_tensors[2]
+        .values()
+        .iter()
+        .zip(head.values())
+        .map(|(t0, t1)| formula(*t0, t1, 0.5))
+        .collect();
+    assert_rounded(&got["lm_head.weight"], &head2);
+}

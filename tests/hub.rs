@@ -7,14 +7,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use common::{expo, Expo};
+use common::{add_snapshot, expo, Expo};
 
 const SFT: &str = "org/sft-model";
 const DPO: &str = "org/dpo-model";
@@ -56,44 +55,6 @@ fn expected(sft: &[f32], aligned: &[f32], alpha: f64) -> Vec<f32> {
             (b + alpha * (b - a)) as f32
         })
         .collect()
-}
-
-/// A stand-in for a blob name (the Hub uses the git/LFS hash of the content).
-fn blob_name(content: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in content {
-        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-    }
-    format!("{h:016x}{:024x}", content.len())
-}
-
-/// Adds `files` as snapshot `commit` of `repo_id` in the cache at `cache`, each file a
-/// relative symlink into blobs/, the way huggingface_hub stores them; points `refs` at it.
-fn add_snapshot(
-    cache: &Path,
-    repo_id: &str,
-    commit: &str,
-    refs: &[&str],
-    files: &[(&str, Vec<u8>)],
-) {
-    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
-    let snapshot = repo.join("snapshots").join(commit);
-    fs::create_dir_all(repo.join("blobs")).unwrap();
-    for (name, content) in files {
-        let blob = blob_name(content);
-        fs::write(repo.join("blobs").join(&blob), content).unwrap();
-        let link = snapshot.join(name);
-        fs::create_dir_all(link.parent().unwrap()).unwrap();
-        let depth = Path::new(name).components().count() + 1;
-        let target = format!("{}blobs/{blob}", "../".repeat(depth));
-        symlink(&target, &link).unwrap();
-        assert!(fs::metadata(&link).is_ok(), "dangling {}", link.display());
-    }
-    for r in refs {
-        let path = repo.join("refs").join(r);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(path, commit).unwrap(); // no trailing newline, as huggingface_hub writes it
-    }
 }
 
 fn model_files(seed: f32, extra: &str) -> Vec<(&'static str, Vec<u8>)> {
