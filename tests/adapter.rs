@@ -1146,7 +1146,7 @@ fn non_finite_base_values_are_kept_and_non_finite_factors_are_refused() {
     let mut bad = b.values();
     bad[3] = f64::NAN;
     let b_nan = b.with(Dtype::F32, &bad);
-    let adapter = write_adapter(&s.path("adapter-nan"), &config, &[a, b_nan]);
+    let adapter = write_adapter(&s.path("adapter-nan"), &config, &[a.clone(), b_nan]);
     let out = s.out("nan");
     extrapolate(&base, &adapter, "0.5", &out)
         .args(&["--as", "model"])
@@ -1158,6 +1158,26 @@ fn non_finite_base_values_are_kept_and_non_finite_factors_are_refused() {
                 "damaged",
             ],
         );
+    assert!(!out.exists());
+
+    // The same for a NaN in lora_B.bias (`lora_bias`).
+    let bias0 = t(&format!("{Q}.bias"), Dtype::BF16, &[rows], &mut rng, 1.0);
+    let base = single(&s.path("base-bias"), &[w0.clone(), bias0]);
+    side_files(&base, "base");
+    let mut bias = vec![0.01; rows];
+    bias[2] = f64::NAN;
+    let lb = Tensor::float(&format!("{P}{Q}.lora_B.bias"), Dtype::F32, &[rows], &bias);
+    let mut config = config.clone();
+    config["lora_bias"] = json!(true);
+    let adapter = write_adapter(
+        &s.path("adapter-bias"),
+        &config,
+        &[a.clone(), b.clone(), lb],
+    );
+    let out = s.out("nan-bias");
+    extrapolate(&base, &adapter, "0.5", &out)
+        .args(&["--as", "model"])
+        .assert_fails(1, &[&format!("{Q}.lora_B.bias"), "1 infinite or NaN"]);
     assert!(!out.exists());
 }
 

@@ -48,6 +48,27 @@ pub fn weight_rows(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
 /// returns how many outputs are ±inf or NaN. See `kernel::avx512`.
 type Epilogue = unsafe fn(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64;
 
+/// An [`Epilogue`] the CPU is known to support: built only by the unsafe [`Fast::new`],
+/// so that code holding one may call it safely.
+#[derive(Clone, Copy)]
+struct Fast(Epilogue);
+
+impl Fast {
+    /// # Safety
+    /// The CPU must support every feature `f` enables.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn new(f: Epilogue) -> Fast {
+        Fast(f)
+    }
+
+    #[inline(always)]
+    fn run(self, c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
+        // SAFETY: a `Fast` is only built by `Fast::new`, whose caller vouched that the CPU
+        // supports the function.
+        unsafe { (self.0)(c, s, w, d, out) }
+    }
+}
+
 /// [`weight_rows`] compiled for `isa`, which must be one of [`Isa::available`].
 fn weight_rows_with(isa: Isa, job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
     assert!(isa.supported(), "{} is not available", isa.name());
@@ -55,15 +76,16 @@ fn weight_rows_with(isa: Isa, job: &Rows, out: &mut [u8], scratch: &mut Scratch)
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 => {
             use crate::kernel::avx512;
-            let fast: Option<Epilogue> = match (job.dtype, isa) {
+            let f: Option<Epilogue> = match (job.dtype, isa) {
                 (FloatDtype::BF16, Isa::Avx512Bf16) => Some(avx512::lora_bf16_native),
                 (FloatDtype::BF16, _) => Some(avx512::lora_bf16),
                 (FloatDtype::F16, _) => Some(avx512::lora_f16),
                 _ => None,
             };
-            // SAFETY: the CPU supports every feature these functions enable (checked just
-            // above: `supported` tests each of them, AVX512_BF16 for Avx512Bf16).
-            unsafe { weight_rows_avx512(job, out, scratch, fast) }
+            // SAFETY: the CPU supports every feature these functions and
+            // `weight_rows_avx512` enable (checked just above: `supported` tests each of
+            // them, AVX512_BF16 for Avx512Bf16).
+            unsafe { weight_rows_avx512(job, out, scratch, f.map(|f| Fast::new(f))) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
@@ -80,7 +102,7 @@ unsafe fn weight_rows_avx512(
     job: &Rows,
     out: &mut [u8],
     scratch: &mut Scratch,
-    fast: Option<Epilogue>,
+    fast: Option<Fast>,
 ) -> u64 {
     by_dtype(job, out, scratch, fast)
 }
@@ -95,7 +117,7 @@ unsafe fn weight_rows_avx2(job: &Rows, out: &mut [u8], scratch: &mut Scratch) ->
 /// code the compiler can vectorize. `fast`, when given, is the row epilogue for θ0's
 /// format without DoRA, and the CPU must support what it needs.
 #[inline(always)]
-fn by_dtype(job: &Rows, out: &mut [u8], scratch: &mut Scratch, fast: Option<Epilogue>) -> u64 {
+fn by_dtype(job: &Rows, out: &mut [u8], scratch: &mut Scratch, fast: Option<Fast>) -> u64 {
     match (job.dtype, job.dora.is_some()) {
         (FloatDtype::BF16, false) => body::<Bf16, false>(job, out, scratch, fast),
         (FloatDtype::BF16, true) => body::<Bf16, true>(job, out, scratch, None),
@@ -153,7 +175,7 @@ fn body<E: Elem, const DORA: bool>(
     job: &Rows,
     out: &mut [u8],
     scratch: &mut Scratch,
-    fast: Option<Epilogue>,
+    fast: Option<Fast>,
 ) -> u64 {
     let f = job.factors;
     let cols = f.cols;
@@ -191,9 +213,7 @@ fn body<E: Elem, const DORA: bool>(
                 }
                 _ if fast.is_some() => {
                     if let Some(epilogue) = fast {
-                        // SAFETY: the caller passes an epilogue only when the CPU supports
-                        // it (see `by_dtype`).
-                        nonfinite = unsafe { epilogue(1.0 + alpha, s, src, acc, dst) };
+                        nonfinite = epilogue.run(1.0 + alpha, s, src, acc, dst);
                     }
                 }
                 _ => nonfinite = epilogue::<E>(1.0 + alpha, s, src, acc, dst),

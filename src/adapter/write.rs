@@ -676,6 +676,7 @@ pub fn write_model(
                 let chunk = &src[task.start as usize..task.end as usize];
                 file.write_all_at(chunk, task.out_offset)
                     .map_err(io(path, "write"))?;
+                crate::sys::start_writeback(file, task.out_offset, chunk.len() as u64);
                 on_progress(chunk.len() as u64);
                 return Ok(());
             }
@@ -689,6 +690,8 @@ pub fn write_model(
                     let chunk = &src[task.start as usize..task.end as usize];
                     file.write_all_at(chunk, task.out_offset)
                         .map_err(io(path, "write"))?;
+                    crate::sys::start_writeback(file, task.out_offset, chunk.len() as u64);
+                    on_progress(chunk.len() as u64);
                     return Ok(());
                 };
                 let spec = KernelSpec {
@@ -724,6 +727,13 @@ pub fn write_model(
                 let sc = plan.modules[module].scaling;
                 buf.bytes.resize(src.len(), 0);
                 let count = super::rows::add_scaled(d0, alpha, sc, src, &lb[s..e], &mut buf.bytes);
+                let bad = lb[s..e].iter().filter(|v| !v.is_finite()).count() as u64;
+                if let (true, Some(bias)) = (count > 0 && bad > 0, &plan.modules[module].bias) {
+                    return Err(WriteError::NonFiniteFactor {
+                        tensor: bias.key.clone(),
+                        count: bad,
+                    });
+                }
                 if count > 0 {
                     return Err(WriteError::Overflow {
                         tensor: t.name.clone(),

@@ -478,6 +478,9 @@ pub unsafe fn f64(alpha: f64, sft: &[u8], aligned: &[u8], out: &mut [u8]) -> sup
 // compare bit for bit on every instruction set.
 
 /// w + c·(s·d) on 8 f64 lanes: multiply, multiply, add (no fused multiply-add).
+///
+/// # Safety
+/// 8 f64 must be readable at `d`; the CPU must support AVX-512 F.
 #[inline(always)]
 unsafe fn lora_lanes(c: __m512d, s: __m512d, w: __m512d, d: *const f64) -> __m512d {
     _mm512_add_pd(w, _mm512_mul_pd(c, _mm512_mul_pd(s, _mm512_loadu_pd(d))))
@@ -486,7 +489,7 @@ unsafe fn lora_lanes(c: __m512d, s: __m512d, w: __m512d, d: *const f64) -> __m51
 /// The elements past the last whole step, and blocks the fast path cannot round, one by
 /// one as the portable loop computes them. Returns how many outputs are ±inf or NaN.
 #[inline(always)]
-unsafe fn lora_scalar(
+fn lora_scalar(
     format: crate::dtype::FloatDtype,
     c: f64,
     s: f64,
@@ -516,6 +519,9 @@ unsafe fn lora_scalar(
 /// bf16 rows, 16 elements a step, in order: widen, compute two halves, round to odd f32
 /// with the sticky-bit trick, narrow with `N`; a step with an f32-subnormal intermediate
 /// is redone one element at a time.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and DQ, POPCNT, and what `N` uses.
 #[inline(always)]
 unsafe fn lora_bf16_with<N: Narrow16>(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
     const SUBNORMAL: i32 = 0x20;
