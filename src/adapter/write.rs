@@ -625,21 +625,6 @@ pub fn write_model(
         files.push((path, file));
     }
     let prepared = prepare(plan, adapter, base, pool);
-    // The base files, opened again for kernel-side copies; only a file that is still the
-    // one whose header was validated is used (else the copy reads the map).
-    let sources: Vec<Option<File>> = base
-        .0
-        .shards
-        .iter()
-        .map(|s| {
-            let f = crate::header::open_regular(&s.path).ok()??;
-            let meta = f.metadata().ok()?;
-            let same = s
-                .identity
-                .is_none_or(|id| id == crate::checkpoint::file_identity(&meta));
-            same.then_some(f)
-        })
-        .collect();
     let tasks = make_tasks(layout, plan);
     let factors = FactorCache::new(plan, &tasks, layout);
     let run = |task: &Task, buf: &mut Bufs| -> Result<(), WriteError> {
@@ -651,23 +636,16 @@ pub fn write_model(
         let alpha = alphas[task.tensor];
         let out: &[u8] = match t.source {
             Source::Copy(loc) => {
-                let len = task.end - task.start;
-                let shard = &base.0.shards[loc.shard];
-                let from =
-                    shard.header.data_start + shard.header.tensors[loc.index].start + task.start;
-                // In the kernel when it can (no page faults on the map, no user copy).
-                let copied = sources[loc.shard]
-                    .as_ref()
-                    .is_some_and(|src| copy_range(src, from, file, task.out_offset, len));
-                if !copied {
-                    let src = base.1.tensor(base.0, loc);
-                    let chunk = &src[task.start as usize..task.end as usize];
-                    file.write_all_at(chunk, task.out_offset)
-                        .map_err(io(path, "write"))?;
-                    base.1.release(chunk);
-                }
-                crate::sys::start_writeback(file, task.out_offset, len);
-                on_progress(len);
+                // From the map, as `extrapolate` copies: measured cheaper here than
+                // copy_file_range, which goes through a pipe on file systems without
+                // reflinks (two copies of every byte).
+                let src = base.1.tensor(base.0, loc);
+                let chunk = &src[task.start as usize..task.end as usize];
+                file.write_all_at(chunk, task.out_offset)
+                    .map_err(io(path, "write"))?;
+                base.1.release(chunk);
+                crate::sys::start_writeback(file, task.out_offset, chunk.len() as u64);
+                on_progress(chunk.len() as u64);
                 return Ok(());
             }
             Source::Extra { full } => {
@@ -832,33 +810,6 @@ pub fn write_model(
 struct Bufs {
     bytes: Vec<u8>,
     rows: super::rows::Scratch,
-}
-
-/// Copies `len` bytes from `src` at `from` to `dst` at `to` with copy_file_range; false
-/// (nothing to rely on) when the kernel cannot, so the caller copies by hand.
-fn copy_range(src: &File, from: u64, dst: &File, to: u64, len: u64) -> bool {
-    use std::os::fd::AsRawFd;
-    let (mut off_in, mut off_out) = (from as libc::loff_t, to as libc::loff_t);
-    let mut left = len as usize;
-    while left > 0 {
-        // SAFETY: both descriptors are open for the duration of the call and the offset
-        // pointers point at live locals.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                left,
-                0,
-            )
-        };
-        if n <= 0 {
-            return false;
-        }
-        left -= n as usize;
-    }
-    true
 }
 
 /// Creates a file at its final size, reserving its blocks when the filesystem can (so
