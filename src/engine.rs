@@ -950,8 +950,7 @@ fn run_task(
     let write_err = |source| map_write_error(&state.path(task.shard), source);
     let (inherited, out) = match p.treatment {
         Treatment::Copy => {
-            file.write_all_at(b, task.out_offset).map_err(write_err)?;
-            crate::sys::start_writeback(&file, task.out_offset, b.len() as u64);
+            crate::sys::write_out(&file, b, task.out_offset).map_err(write_err)?;
             return Ok((b.len() as u64, None));
         }
         Treatment::Cast(spec) => {
@@ -982,16 +981,14 @@ fn run_task(
             if stats.nonfinite_out > 0 && kernel::count_new_nonfinite(spec, a, b, out) > 0 {
                 return Err(overflow_error(p, spec, Some(p.alpha), sft, aligned));
             }
-            file.write_all_at(out, task.out_offset).map_err(write_err)?;
-            crate::sys::start_writeback(&file, task.out_offset, out.len() as u64);
+            crate::sys::write_out(&file, out, task.out_offset).map_err(write_err)?;
             if stats.nonfinite_in > 0 {
                 state.inherited[task.pair].fetch_add(stats.nonfinite_in, Ordering::Relaxed);
             }
             return Ok((out.len() as u64, Some((stats.delta_sq, stats.base_sq))));
         }
     };
-    file.write_all_at(out, task.out_offset).map_err(write_err)?;
-    crate::sys::start_writeback(&file, task.out_offset, out.len() as u64);
+    crate::sys::write_out(&file, out, task.out_offset).map_err(write_err)?;
     if inherited > 0 {
         state.inherited[task.pair].fetch_add(inherited, Ordering::Relaxed);
     }

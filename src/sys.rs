@@ -12,6 +12,15 @@ pub fn page_size() -> usize {
     }
 }
 
+/// Writes `bytes` at `offset` of an output file and starts their write-back (see
+/// [`start_writeback`]): how every chunk of an output is written.
+pub fn write_out(file: &std::fs::File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(bytes, offset)?;
+    start_writeback(file, offset, bytes.len() as u64);
+    Ok(())
+}
+
 /// Asks the kernel to start writing `len` bytes of `file` at `offset` to the disk, without
 /// waiting for it.
 ///
@@ -20,7 +29,7 @@ pub fn page_size() -> usize {
 /// so the disk idles while the chunks are computed and the whole file is written during the
 /// final fsync. Started chunk by chunk, the disk works while the CPU computes and the final
 /// fsync waits only for the last chunks. Errors are left to that fsync, which reports them.
-pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;

@@ -10,7 +10,7 @@
 //! tests check on each instruction set the machine has.
 
 use crate::dtype::FloatDtype;
-use crate::kernel::{Bf16, Elem, Isa, F16, F32, F64};
+use crate::kernel::{lora_epilogue, Bf16, Elem, Isa, F16, F32, F64};
 
 use super::lora::{Factors, Orientation};
 
@@ -132,7 +132,7 @@ fn by_dtype(job: &Rows, out: &mut [u8], scratch: &mut Scratch, fast: Option<Fast
 
 /// DoRA's arithmetic for one element: θ0 `w`, its rank-r sum `d` and `g`, the factor of
 /// the element's output feature. W1 = g·(W0 + ΔW) with g = m / ‖W0 + ΔW‖; θ2 = (1+α)·W1 −
-/// α·W0. (Without DoRA an element is w + (1+α)·(s·d), see [`epilogue`].)
+/// α·W0. (Without DoRA an element is w + (1+α)·(s·d), see [`lora_epilogue`].)
 #[inline(always)]
 fn dora(w: f64, d: f64, s: f64, alpha: f64, g: f64) -> f64 {
     let w1 = g * (w + s * d);
@@ -153,21 +153,6 @@ fn keep_nonfinite_base<E: Elem>(src: &[u8], dst: &mut [u8]) -> u64 {
         }
     }
     new_nonfinite
-}
-
-/// The portable row epilogue: `out[j] = round(w[j] + c·(s·d[j]))` in `E`; returns how
-/// many outputs are ±inf or NaN. The hand-written ones must give the same bits.
-#[inline(always)]
-fn epilogue<E: Elem>(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
-    let mut nonfinite = 0;
-    for ((&d, w), o) in d
-        .iter()
-        .zip(w.chunks_exact(E::SIZE))
-        .zip(out.chunks_exact_mut(E::SIZE))
-    {
-        nonfinite += E::store(E::load(w) + c * (s * d), o) as u64;
-    }
-    nonfinite
 }
 
 #[inline(always)]
@@ -216,7 +201,7 @@ fn body<E: Elem, const DORA: bool>(
                         nonfinite = epilogue.run(1.0 + alpha, s, src, acc, dst);
                     }
                 }
-                _ => nonfinite = epilogue::<E>(1.0 + alpha, s, src, acc, dst),
+                _ => nonfinite = lora_epilogue::<E>(1.0 + alpha, s, src, acc, dst),
             }
             if nonfinite > 0 {
                 new_nonfinite += keep_nonfinite_base::<E>(src, dst);
@@ -289,7 +274,7 @@ pub fn add_scaled(
     out: &mut [u8],
 ) -> u64 {
     fn run<E: Elem>(alpha: f64, s: f64, w0: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
-        match epilogue::<E>(1.0 + alpha, s, w0, d, out) {
+        match lora_epilogue::<E>(1.0 + alpha, s, w0, d, out) {
             0 => 0,
             _ => keep_nonfinite_base::<E>(w0, out),
         }
@@ -425,8 +410,8 @@ mod tests {
                     };
                     let (mut want, mut got) = (vec![0u8; n * 2], vec![0u8; n * 2]);
                     let want_nf = match d {
-                        FloatDtype::BF16 => epilogue::<Bf16>(c, s, &w, &delta, &mut want),
-                        _ => epilogue::<F16>(c, s, &w, &delta, &mut want),
+                        FloatDtype::BF16 => lora_epilogue::<Bf16>(c, s, &w, &delta, &mut want),
+                        _ => lora_epilogue::<F16>(c, s, &w, &delta, &mut want),
                     };
                     // SAFETY: only epilogues the CPU supports were listed.
                     let got_nf = unsafe { f(c, s, &w, &delta, &mut got) };
@@ -471,7 +456,7 @@ mod tests {
             (-(2f64.powi(-9)), 0x3f80),    // 1 − 2⁻⁹: halfway below 1, to the even 1
         ] {
             let mut out = [0u8; 2];
-            assert_eq!(epilogue::<Bf16>(1.0, 1.0, &one, &[delta], &mut out), 0);
+            assert_eq!(lora_epilogue::<Bf16>(1.0, 1.0, &one, &[delta], &mut out), 0);
             assert_eq!(u16::from_le_bytes(out), want, "1 + {delta:e}");
         }
     }

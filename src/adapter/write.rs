@@ -627,36 +627,31 @@ pub fn write_model(
     let prepared = prepare(plan, adapter, base, pool);
     let tasks = make_tasks(layout, plan);
     let factors = FactorCache::new(plan, &tasks, layout);
+    // Writes one task's output at its place, and counts it.
+    let write = |task: &Task, bytes: &[u8]| -> Result<(), WriteError> {
+        let (path, file) = &files[task.shard];
+        crate::sys::write_out(file, bytes, task.out_offset).map_err(io(path, "write"))?;
+        on_progress(bytes.len() as u64);
+        Ok(())
+    };
     let run = |task: &Task, buf: &mut Bufs| -> Result<(), WriteError> {
         if cancel.load(Ordering::Relaxed) {
             return Err(WriteError::Interrupted);
         }
         let t = &layout.tensors[task.tensor];
-        let (path, file) = &files[task.shard];
         let alpha = alphas[task.tensor];
         let out: &[u8] = match t.source {
             Source::Copy(loc) => {
                 // From the map, as `extrapolate` copies: measured cheaper here than
                 // copy_file_range, which goes through a pipe on file systems without
                 // reflinks (two copies of every byte).
-                let src = base.1.tensor(base.0, loc);
-                let chunk = &src[task.start as usize..task.end as usize];
-                file.write_all_at(chunk, task.out_offset)
-                    .map_err(io(path, "write"))?;
+                let chunk = stored_chunk(base, loc, task);
+                write(task, chunk)?;
                 base.1.release(chunk);
-                crate::sys::start_writeback(file, task.out_offset, chunk.len() as u64);
-                on_progress(chunk.len() as u64);
                 return Ok(());
             }
             Source::Extra { full } => {
-                let f = &plan.full[full];
-                let src = adapter.1.tensor(adapter.0, f.loc);
-                let chunk = &src[task.start as usize..task.end as usize];
-                file.write_all_at(chunk, task.out_offset)
-                    .map_err(io(path, "write"))?;
-                crate::sys::start_writeback(file, task.out_offset, chunk.len() as u64);
-                on_progress(chunk.len() as u64);
-                return Ok(());
+                return write(task, stored_chunk(adapter, plan.full[full].loc, task));
             }
             Source::Full { full, base: loc } => {
                 let f = &plan.full[full];
@@ -664,13 +659,7 @@ pub fn write_model(
                 let d1 = float(adapter.0.shards[f.loc.shard].header.tensors[f.loc.index].dtype);
                 let (Some(d0), Some(d1)) = (d0, d1) else {
                     // Non-float: θ0's bytes (a full tensor that is not float is not trained).
-                    let src = base.1.tensor(base.0, loc);
-                    let chunk = &src[task.start as usize..task.end as usize];
-                    file.write_all_at(chunk, task.out_offset)
-                        .map_err(io(path, "write"))?;
-                    crate::sys::start_writeback(file, task.out_offset, chunk.len() as u64);
-                    on_progress(chunk.len() as u64);
-                    return Ok(());
+                    return write(task, stored_chunk(base, loc, task));
                 };
                 let spec = KernelSpec {
                     sft: d0,
@@ -705,14 +694,15 @@ pub fn write_model(
                 let sc = plan.modules[module].scaling;
                 buf.bytes.resize(src.len(), 0);
                 let count = super::rows::add_scaled(d0, alpha, sc, src, &lb[s..e], &mut buf.bytes);
-                let bad = lb[s..e].iter().filter(|v| !v.is_finite()).count() as u64;
-                if let (true, Some(bias)) = (count > 0 && bad > 0, &plan.modules[module].bias) {
-                    return Err(WriteError::NonFiniteFactor {
-                        tensor: bias.key.clone(),
-                        count: bad,
-                    });
-                }
                 if count > 0 {
+                    // Non-finite bias values, not α, are the cause: say so.
+                    let bad = lb[s..e].iter().filter(|v| !v.is_finite()).count() as u64;
+                    if let (true, Some(bias)) = (bad > 0, &plan.modules[module].bias) {
+                        return Err(WriteError::NonFiniteFactor {
+                            tensor: bias.key.clone(),
+                            count: bad,
+                        });
+                    }
                     return Err(WriteError::Overflow {
                         tensor: t.name.clone(),
                         count,
@@ -769,11 +759,7 @@ pub fn write_model(
                 &buf.bytes[..]
             }
         };
-        file.write_all_at(out, task.out_offset)
-            .map_err(io(path, "write"))?;
-        crate::sys::start_writeback(file, task.out_offset, out.len() as u64);
-        on_progress(out.len() as u64);
-        Ok(())
+        write(task, out)
     };
     // Tasks are handed out in file order from one counter; each worker keeps its buffers.
     let next = AtomicUsize::new(0);
@@ -804,6 +790,11 @@ pub fn write_model(
     adapter.1.check_intact()?;
     base.1.check_intact()?;
     Ok(())
+}
+
+/// Bytes [start, end) of a stored tensor: a task that copies them.
+fn stored_chunk<'m>((ck, maps): Mapped<'m>, loc: TensorLoc, task: &Task) -> &'m [u8] {
+    &maps.tensor(ck, loc)[task.start as usize..task.end as usize]
 }
 
 #[derive(Default)]

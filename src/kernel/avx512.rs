@@ -486,36 +486,6 @@ unsafe fn lora_lanes(c: __m512d, s: __m512d, w: __m512d, d: *const f64) -> __m51
     _mm512_add_pd(w, _mm512_mul_pd(c, _mm512_mul_pd(s, _mm512_loadu_pd(d))))
 }
 
-/// The elements past the last whole step, and blocks the fast path cannot round, one by
-/// one as the portable loop computes them. Returns how many outputs are ±inf or NaN.
-#[inline(always)]
-fn lora_scalar(
-    format: crate::dtype::FloatDtype,
-    c: f64,
-    s: f64,
-    w: &[u8],
-    d: &[f64],
-    out: &mut [u8],
-) -> u64 {
-    use super::convert;
-    let mut nonfinite = 0;
-    for ((w, &d), o) in w.chunks_exact(2).zip(d).zip(out.chunks_exact_mut(2)) {
-        let h = u16::from_le_bytes([w[0], w[1]]);
-        let (x, mask) = match format {
-            crate::dtype::FloatDtype::BF16 => (convert::bf16_to_f64(h), 0x7f80),
-            _ => (convert::f16_to_f64(h), 0x7c00),
-        };
-        let y = x + c * (s * d);
-        let r = match format {
-            crate::dtype::FloatDtype::BF16 => convert::f64_to_bf16(y),
-            _ => convert::f64_to_f16(y),
-        };
-        o.copy_from_slice(&r.to_le_bytes());
-        nonfinite += (r & mask == mask) as u64;
-    }
-    nonfinite
-}
-
 /// bf16 rows, 16 elements a step, in order: widen, compute two halves, round to odd f32
 /// with the sticky-bit trick, narrow with `N`; a step with an f32-subnormal intermediate
 /// is redone one element at a time.
@@ -546,8 +516,7 @@ unsafe fn lora_bf16_with<N: Narrow16>(c: f64, s: f64, w: &[u8], d: &[f64], out: 
             nonfinite +=
                 _mm256_cmpeq_epi16_mask(exp, _mm256_set1_epi16(0x7f80)).count_ones() as u64;
         } else {
-            nonfinite += lora_scalar(
-                crate::dtype::FloatDtype::BF16,
+            nonfinite += super::lora_epilogue::<super::Bf16>(
                 c,
                 s,
                 &w[2 * i..2 * (i + LANES)],
@@ -558,8 +527,7 @@ unsafe fn lora_bf16_with<N: Narrow16>(c: f64, s: f64, w: &[u8], d: &[f64], out: 
         i += LANES;
     }
     nonfinite
-        + lora_scalar(
-            crate::dtype::FloatDtype::BF16,
+        + super::lora_epilogue::<super::Bf16>(
             c,
             s,
             &w[2 * i..2 * n],
@@ -632,8 +600,7 @@ pub unsafe fn lora_f16(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u
         i += LANES;
     }
     nonfinite
-        + lora_scalar(
-            crate::dtype::FloatDtype::F16,
+        + super::lora_epilogue::<super::F16>(
             c,
             s,
             &w[2 * i..2 * n],

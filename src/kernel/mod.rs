@@ -314,6 +314,24 @@ fn sums_of_squares<A: Elem, B: Elem>(sft: &[u8], aligned: &[u8]) -> (f64, f64) {
     (sum_lanes(dd), sum_lanes(bb))
 }
 
+/// The row epilogue of merging a LoRA adapter (`--as model`), portable: `out[j] =
+/// round(w[j] + c·(s·d[j]))` in `E`, with θ0's elements `w` and their rank-r sums `d`
+/// (multiply, multiply, add in f64, rounded once). Returns how many outputs are ±inf or
+/// NaN. The AVX-512 versions ([`avx512::lora_bf16`] and its siblings) give the same bits
+/// and use this for their tails.
+#[inline(always)]
+pub(crate) fn lora_epilogue<E: Elem>(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
+    let mut nonfinite = 0;
+    for ((&d, w), o) in d
+        .iter()
+        .zip(w.chunks_exact(E::SIZE))
+        .zip(out.chunks_exact_mut(E::SIZE))
+    {
+        nonfinite += E::store(E::load(w) + c * (s * d), o) as u64;
+    }
+    nonfinite
+}
+
 #[inline(always)]
 fn cast_body<B: Elem, O: Elem>(aligned: &[u8], out: &mut [u8]) -> ChunkStats {
     let n = out.len() / O::SIZE;
