@@ -412,7 +412,7 @@ fn create_sized(path: &Path, len: u64) -> Result<File, EngineError> {
             if let Some(problem) = space_problem(&err) {
                 return Err(EngineError::NoSpace {
                     path: path.to_path_buf(),
-                    reason: format!("{problem}: the file needs {}", crate::report::bytes(len)),
+                    reason: format!("{problem}: the file needs {}", crate::text::bytes(len)),
                 });
             }
             match err.raw_os_error() {
@@ -423,7 +423,7 @@ fn create_sized(path: &Path, len: u64) -> Result<File, EngineError> {
                             path: path.to_path_buf(),
                             reason: format!(
                                 "{problem}: the file needs {}",
-                                crate::report::bytes(len)
+                                crate::text::bytes(len)
                             ),
                         },
                         None => io("resize", e),

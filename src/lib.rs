@@ -1,12 +1,15 @@
-//! expo: model extrapolation (ExPO) for safetensors checkpoints.
+//! expo: model extrapolation (ExPO) for safetensors checkpoints and LoRA adapters.
+//!
+//! The library below the `expo` command line. It takes typed settings ([`build::Settings`],
+//! [`search::Config`], …), returns results, and never prints: what happens while it runs
+//! reaches the caller through one [`reporter::Reporter`]. See ARCHITECTURE.md for the layers.
 pub mod adapter;
 pub mod alpha;
+pub mod build;
 pub mod checkpoint;
-pub mod cli;
-pub mod cmd;
 pub mod dtype;
 pub mod engine;
-pub mod extrapolation;
+pub mod error;
 pub mod failpoint;
 pub mod header;
 pub mod hub;
@@ -15,7 +18,8 @@ pub mod kernel;
 pub mod output;
 pub mod pairing;
 pub mod plan;
-pub mod report;
+pub mod pool;
+pub mod reporter;
 pub mod search;
 pub mod sidefiles;
 pub mod size;

@@ -326,6 +326,19 @@ pub enum DtypeChoice {
     Fixed(FloatDtype),
 }
 
+impl DtypeChoice {
+    /// The choice as `--dtype` spells it (and provenance records it).
+    pub fn name(self) -> &'static str {
+        match self {
+            DtypeChoice::Auto => "auto",
+            DtypeChoice::Fixed(FloatDtype::BF16) => "bf16",
+            DtypeChoice::Fixed(FloatDtype::F16) => "f16",
+            DtypeChoice::Fixed(FloatDtype::F32) => "f32",
+            DtypeChoice::Fixed(FloatDtype::F64) => "f64",
+        }
+    }
+}
+
 /// How one output tensor is produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Treatment {

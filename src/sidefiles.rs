@@ -364,7 +364,7 @@ impl SideFiles {
             self.notes.push(format!(
                 "{} is larger than {}, so the dtype it names was not updated to {}",
                 opened.full.display(),
-                crate::report::bytes(MAX_CONFIG_EDIT),
+                crate::text::bytes(MAX_CONFIG_EDIT),
                 config_dtype::torch_name(dtype)
             ));
             return Ok(());

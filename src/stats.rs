@@ -55,6 +55,13 @@ pub fn premise_doubtful(relative_change: f64, threshold: f64) -> bool {
     relative_change.is_nan() || relative_change > threshold
 }
 
+/// The warning given when [`premise_doubtful`] holds.
+pub fn premise_warning(relative_change: f64, threshold: f64) -> String {
+    format!(
+        "‖θ1 − θ0‖/‖θ0‖ = {relative_change:.3e} is above {threshold:e}: alignment moved the model far from --sft, so the premise of extrapolation (a small step) is doubtful; evaluate the outputs with care, or check `expo diff` (threshold: --warn-relative-change)"
+    )
+}
+
 /// Elements per chunk of work (the same granularity as the extrapolation engine).
 pub const CHUNK_ELEMENTS: u64 = 1 << 20;
 /// Bytes per chunk of work on non-float tensors.

@@ -1,4 +1,20 @@
-//! Numbers in messages, printed for people.
+//! Numbers and sizes in messages, printed for people.
+
+/// A byte count for people, in binary units (`1.50 GiB`).
+pub fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
+/// Seconds for people: `12.3s`, `4.5m`, `1.2h`.
+pub fn seconds(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{:.1}m", s / 60.0)
+    } else {
+        format!("{:.1}h", s / 3600.0)
+    }
+}
 
 /// A number for a message: the shortest decimal that reads back as `x` (`0.3`, `-2.5`,
 /// `100`), unless scientific notation is much shorter (`1e10`, `1e-300`,

@@ -1,19 +1,14 @@
 //! `expo inspect` and `expo diff` on a LoRA adapter.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::io::Write as _;
-use std::process::ExitCode;
+use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
 
 use crate::checkpoint::Checkpoint;
-use crate::cli::{DiffArgs, InspectArgs};
 use crate::dtype::DtypeClass;
 use crate::engine::MappedCheckpoint;
 use crate::hub::{self, CacheEnv};
-use crate::report;
 
 use super::config::AdapterConfig;
 use super::lora::{self, decode, BaseFacts};
@@ -115,16 +110,30 @@ pub fn vllm_problems(
     why
 }
 
-/// The early branch of `expo inspect`: lists an adapter directory's modules.
-pub fn maybe_inspect(args: &InspectArgs) -> Result<Option<ExitCode>> {
+/// What `expo inspect` reports on an adapter directory.
+pub struct AdapterInfo {
+    pub adapter: Checkpoint,
+    pub config: AdapterConfig,
+    pub modules: Vec<ModuleInfo>,
+    /// Tensors the adapter stores whole (`modules_to_save`, saved embeddings).
+    pub full: Vec<String>,
+    /// Why vLLM cannot serve the adapter as is (empty: it can).
+    pub problems: Vec<String>,
+    /// The smallest `--max-lora-rank` vLLM accepts for it.
+    pub vllm_rank: Option<u64>,
+}
+
+/// The adapter at `path` described for `expo inspect`; `None` when `path` is no adapter
+/// directory (it is then inspected as a checkpoint).
+pub fn inspect(path: &Path) -> Result<Option<AdapterInfo>> {
     let env = CacheEnv::from_process();
-    let Some(resolved) = hub::resolve_path(&args.path, &env).ok() else {
+    let Some(resolved) = hub::resolve_path(path, &env).ok() else {
         return Ok(None);
     };
     if !super::is_adapter_dir(&resolved.path) {
         return Ok(None);
     }
-    let (adapter, _, config) = super::open_adapter("adapter", &args.path, &env)?;
+    let (adapter, _, config) = super::open_adapter("adapter", path, &env)?;
     let (modules, full) = describe(&adapter, &config)?;
     let problems = vllm_problems(&config, &modules, &full);
     let max_rank = modules
@@ -133,112 +142,14 @@ pub fn maybe_inspect(args: &InspectArgs) -> Result<Option<ExitCode>> {
         .max()
         .unwrap_or(config.r);
     let vllm_rank = VLLM_RANKS.iter().copied().find(|&r| r >= max_rank);
-    let text = if args.json {
-        let doc = json!({
-            "path": adapter.given,
-            "kind": "lora_adapter",
-            "r": config.r,
-            "lora_alpha": config.lora_alpha,
-            "use_rslora": config.use_rslora,
-            "use_dora": config.use_dora,
-            "lora_bias": config.lora_bias,
-            "init_lora_weights": config.init_lora_weights,
-            "target_modules": config.target_modules,
-            "base_model_name_or_path": config.base_model_name_or_path,
-            "rank_pattern": config.rank_pattern.iter().map(|p| (p.key.clone(), p.value)).collect::<BTreeMap<_, _>>(),
-            "alpha_pattern": config.alpha_pattern.iter().map(|p| (p.key.clone(), p.value)).collect::<BTreeMap<_, _>>(),
-            "modules": modules.iter().map(|m| json!({
-                "module": m.path,
-                "kind": if m.embedding { "embedding" } else { "linear" },
-                "r": m.rank,
-                "lora_alpha": m.lora_alpha,
-                "scaling": m.scaling,
-                "dora": m.dora,
-                "bias": m.bias,
-                "dtype": m.dtype,
-            })).collect::<Vec<_>>(),
-            "full_tensors": full,
-            "tensors": adapter.len(),
-            "bytes": adapter.data_bytes(),
-            "vllm": {
-                "servable": problems.is_empty(),
-                "problems": problems,
-                "max_lora_rank": vllm_rank,
-            },
-        });
-        let mut s = serde_json::to_string_pretty(&doc)?;
-        s.push('\n');
-        s
-    } else {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "{}: LoRA adapter, {} modules, {} tensors, {}",
-            adapter.given.display(),
-            modules.len(),
-            adapter.len(),
-            report::bytes(adapter.data_bytes())
-        );
-        let _ = writeln!(
-            s,
-            "  r = {}, lora_alpha = {}, scaling {}{}{}{}",
-            config.r,
-            config.lora_alpha,
-            if config.use_rslora {
-                "lora_alpha/√r (rsLoRA)"
-            } else {
-                "lora_alpha/r"
-            },
-            if config.use_dora { ", DoRA" } else { "" },
-            if config.lora_bias { ", lora_bias" } else { "" },
-            match &config.base_model_name_or_path {
-                Some(b) => format!(", base {b}"),
-                None => String::new(),
-            }
-        );
-        for p in &config.rank_pattern {
-            let _ = writeln!(s, "  rank_pattern  {} → {}", p.key, p.value);
-        }
-        for p in &config.alpha_pattern {
-            let _ = writeln!(s, "  alpha_pattern {} → {}", p.key, p.value);
-        }
-        for m in &modules {
-            let _ = writeln!(
-                s,
-                "    {:<9} r={:<4} s={:<10} {:<4} {}{}{}",
-                if m.embedding { "embedding" } else { "linear" },
-                m.rank.map_or("?".into(), |r| r.to_string()),
-                m.scaling.map_or("?".into(), |x| format!("{x}")),
-                m.dtype,
-                m.path,
-                if m.dora { " (DoRA)" } else { "" },
-                if m.bias { " (+bias)" } else { "" }
-            );
-        }
-        for f in &full {
-            let _ = writeln!(s, "    full      {f}");
-        }
-        if problems.is_empty() {
-            let _ = writeln!(
-                s,
-                "vLLM: can serve it{}",
-                match vllm_rank {
-                    Some(r) if r > 16 => format!(" with --max-lora-rank {r}"),
-                    _ => String::new(),
-                }
-            );
-        } else {
-            let _ = writeln!(s, "vLLM: cannot serve it as is:");
-            for p in &problems {
-                let _ = writeln!(s, "  - {p}");
-            }
-        }
-        s
-    };
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
-    Ok(Some(ExitCode::SUCCESS))
+    Ok(Some(AdapterInfo {
+        adapter,
+        config,
+        modules,
+        full,
+        problems,
+        vllm_rank,
+    }))
 }
 
 /// ‖B·A‖²_F from the two r×r Gram matrices: Σ (BᵀB) ∘ (A·Aᵀ). `a` is [r, n] row-major,
@@ -257,13 +168,34 @@ pub fn frobenius_sq_of_product(a: &[f64], b: &[f64], r: usize) -> f64 {
     total
 }
 
-/// The early branch of `expo diff --sft BASE --aligned ADAPTER`.
-pub fn maybe_diff(args: &DiffArgs) -> Result<Option<ExitCode>> {
-    let paths = args.inputs();
+/// One adapted module's change, for `expo diff`.
+pub struct ModuleChange {
+    /// The base tensor it changes.
+    pub tensor: String,
+    pub rank: u64,
+    pub scaling: f64,
+    /// ‖ΔW‖ and ‖θ0‖ of the tensor.
+    pub delta_norm: f64,
+    pub base_norm: f64,
+    pub dora: bool,
+}
+
+/// What `expo diff` reports on an adapter over its base.
+pub struct AdapterDiff {
+    pub modules: usize,
+    pub delta_norm: f64,
+    pub base_norm: f64,
+    /// ‖ΔW‖/‖θ0‖ over the adapted tensors (DoRA modules left out).
+    pub relative_change: Option<f64>,
+    pub doubtful: bool,
+    /// Largest relative change first.
+    pub rows: Vec<ModuleChange>,
+}
+
+/// `expo diff --sft BASE --aligned ADAPTER`: ΔW of each module from the factors, never
+/// materialised; `None` when `aligned` is no adapter directory.
+pub fn diff(sft: &Path, aligned: &Path) -> Result<Option<AdapterDiff>> {
     let env = CacheEnv::from_process();
-    let [sft, aligned] = paths.as_slice() else {
-        return Ok(None);
-    };
     let is_adapter = hub::resolve_path(aligned, &env)
         .ok()
         .is_some_and(|r| super::is_adapter_dir(&r.path));
@@ -310,83 +242,30 @@ pub fn maybe_diff(args: &DiffArgs) -> Result<Option<ExitCode>> {
             delta_total += dsq;
             base_total += bsq;
         }
-        rows.push((
-            m.targets[0].clone(),
-            m.rank,
-            m.scaling,
-            dsq.sqrt(),
-            bsq.sqrt(),
-            m.magnitude.is_some(),
-        ));
+        rows.push(ModuleChange {
+            tensor: m.targets[0].clone(),
+            rank: m.rank,
+            scaling: m.scaling,
+            delta_norm: dsq.sqrt(),
+            base_norm: bsq.sqrt(),
+            dora: m.magnitude.is_some(),
+        });
     }
     base_maps.check_intact()?;
     amaps.check_intact()?;
-    rows.sort_by(|x, y| (y.3 / y.4).total_cmp(&(x.3 / x.4)));
+    rows.sort_by(|x, y| (y.delta_norm / y.base_norm).total_cmp(&(x.delta_norm / x.base_norm)));
     let rc = (base_total > 0.0).then(|| delta_total.sqrt() / base_total.sqrt());
     let doubtful = rc.is_some_and(|r| {
         crate::stats::premise_doubtful(r, crate::stats::DEFAULT_RELATIVE_CHANGE_WARNING)
     });
-    let text = if args.json {
-        let doc: Value = json!({
-            "sft": sft,
-            "aligned": aligned,
-            "kind": "lora_adapter",
-            "summary": {
-                "modules": plan.modules.len(),
-                "delta_norm": delta_total.sqrt(),
-                "base_norm": base_total.sqrt(),
-                "relative_change": rc,
-                "premise_doubtful": doubtful,
-            },
-            "modules": rows.iter().map(|(n, r, s, d, b, dora)| json!({
-                "tensor": n, "r": r, "scaling": s, "delta_norm": d, "base_norm": b,
-                "relative_change": if *b > 0.0 { Some(d / b) } else { None },
-                "dora": dora,
-            })).collect::<Vec<_>>(),
-        });
-        let mut s = serde_json::to_string_pretty(&doc)?;
-        s.push('\n');
-        s
-    } else {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "ΔW = s·B·A of {} modules, from r×r Gram matrices (ΔW is not materialised)",
-            plan.modules.len()
-        );
-        let _ = writeln!(
-            s,
-            "  ‖ΔW‖ = {:.4e}, ‖θ0‖ = {:.4e} over the adapted tensors, ‖ΔW‖/‖θ0‖ = {}",
-            delta_total.sqrt(),
-            base_total.sqrt(),
-            rc.map_or("n/a".into(), |r| format!("{r:.3e}"))
-        );
-        let _ = writeln!(
-            s,
-            "  premise (a small step): {}",
-            if doubtful {
-                "doubtful: alignment moved the adapted tensors far from --sft"
-            } else {
-                "ok"
-            }
-        );
-        let top = args.top.min(rows.len());
-        let _ = writeln!(s, "top {top} modules by ‖ΔW‖/‖θ0‖:");
-        for (n, r, sc, d, b, dora) in rows.iter().take(top) {
-            let _ = writeln!(
-                s,
-                "  {:.3e}  ‖ΔW‖={:.3e}  r={r} s={sc}  {n}{}",
-                if *b > 0.0 { d / b } else { f64::NAN },
-                d,
-                if *dora { " (DoRA: direction only)" } else { "" }
-            );
-        }
-        s
-    };
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
-    Ok(Some(ExitCode::SUCCESS))
+    Ok(Some(AdapterDiff {
+        modules: plan.modules.len(),
+        delta_norm: delta_total.sqrt(),
+        base_norm: base_total.sqrt(),
+        relative_change: rc,
+        doubtful,
+        rows,
+    }))
 }
 
 #[cfg(test)]

@@ -13,22 +13,21 @@ pub mod write;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::alpha;
+use crate::build::{AsKind, Settings};
 use crate::checkpoint::Checkpoint;
-use crate::cli::{AsKind, DtypeArg, ExtrapolateArgs};
-use crate::cmd::extrapolate::UsageError;
 use crate::engine::MappedCheckpoint;
+use crate::error::UsageError;
 use crate::hub::{self, CacheEnv, ResolvedInput};
 use crate::interrupt;
 use crate::output::{self, OutputTarget, StagingDir};
+use crate::pairing::DtypeChoice;
 use crate::plan::AlphaRule;
-use crate::report::{self, Reporter};
+use crate::reporter::{Progress, Reporter};
 use crate::sidefiles::{self, InputRecord, SideFiles};
 
 use self::config::{AdapterConfig, CONFIG_NAME, WEIGHTS_NAME};
@@ -40,24 +39,21 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
     dir.is_dir() && dir.join(CONFIG_NAME).is_file()
 }
 
-/// The early branch of `expo extrapolate`: runs the adapter path when --aligned is an
-/// adapter (or `--as adapter` asks for one) and returns its exit code; `None` otherwise.
-pub fn maybe_extrapolate(args: &ExtrapolateArgs) -> Result<Option<ExitCode>> {
+/// Whether `expo extrapolate` with these settings takes the adapter path: --aligned is an
+/// adapter. Fails when `--as adapter` asks for one and --aligned is not.
+pub fn is_adapter_run(settings: &Settings) -> Result<bool> {
     let env = CacheEnv::from_process();
     // Only a path that resolves is inspected; errors are left to the checkpoint path.
-    let resolved = hub::resolve_path(&args.aligned, &env).ok();
+    let resolved = hub::resolve_path(&settings.aligned, &env).ok();
     let is_adapter = resolved.as_ref().is_some_and(|r| is_adapter_dir(&r.path));
-    if !is_adapter {
-        if args.as_kind == Some(AsKind::Adapter) {
-            return Err(UsageError(format!(
-                "--as adapter needs a LoRA adapter as --aligned (a directory with {CONFIG_NAME} and {WEIGHTS_NAME}), but {} is not one",
-                args.aligned.display()
-            ))
-            .into());
-        }
-        return Ok(None);
+    if !is_adapter && settings.as_kind == Some(AsKind::Adapter) {
+        return Err(UsageError(format!(
+            "--as adapter needs a LoRA adapter as --aligned (a directory with {CONFIG_NAME} and {WEIGHTS_NAME}), but {} is not one",
+            settings.aligned.display()
+        ))
+        .into());
     }
-    run(args, &env).map(Some)
+    Ok(is_adapter)
 }
 
 /// For `expo search`: checks the adapter at `aligned` against `sft` as `extrapolate` does,
@@ -98,17 +94,17 @@ fn alpha_for(rules: &[AlphaRule], alpha: f64, name: &str) -> f64 {
 }
 
 /// Everything read before anything is written.
-pub(crate) struct Inputs {
-    pub(crate) base: Checkpoint,
-    pub(crate) base_in: ResolvedInput,
-    pub(crate) adapter: Checkpoint,
-    pub(crate) adapter_in: ResolvedInput,
-    pub(crate) config: AdapterConfig,
-    pub(crate) plan: AdapterPlan,
+pub struct Inputs {
+    pub base: Checkpoint,
+    pub base_in: ResolvedInput,
+    pub adapter: Checkpoint,
+    pub adapter_in: ResolvedInput,
+    pub config: AdapterConfig,
+    pub plan: AdapterPlan,
 }
 
 /// Opens --sft and the adapter at --aligned and analyses the adapter against the base.
-fn open_inputs(args: &ExtrapolateArgs, env: &CacheEnv) -> Result<Inputs> {
+fn open_inputs(args: &Settings, env: &CacheEnv) -> Result<Inputs> {
     let (base, base_in) = hub::open_for("--sft checkpoint", &args.sft, env)?;
     let (adapter, adapter_in, config) = open_adapter("--aligned adapter", &args.aligned, env)?;
     let facts = BaseFacts::read(&base);
@@ -151,26 +147,30 @@ pub fn open_adapter(
 }
 
 /// One output of the run.
-pub(crate) struct Output {
-    pub(crate) alpha: f64,
-    pub(crate) target: OutputTarget,
+pub struct Output {
+    pub alpha: f64,
+    pub target: OutputTarget,
 }
 
 /// What [`prepare`] resolved and checked, before anything is written.
-pub(crate) struct Prepared {
-    pub(crate) kind: AsKind,
+pub struct Prepared {
+    pub kind: AsKind,
     /// The --skip rules, then the --alpha-for rules (first match wins).
-    pub(crate) rules: Vec<AlphaRule>,
-    pub(crate) inputs: Inputs,
-    pub(crate) outputs: Vec<Output>,
+    pub rules: Vec<AlphaRule>,
+    pub inputs: Inputs,
+    pub outputs: Vec<Output>,
     /// The files and tensors of the full checkpoint (`--as model`); `None` for `--as adapter`.
-    pub(crate) layout: Option<ModelLayout>,
-    pub(crate) side: AdapterSide,
+    pub layout: Option<ModelLayout>,
+    pub side: AdapterSide,
+    /// `--threads`.
+    pub threads: Option<u16>,
+    /// The command line recorded in each output's provenance.
+    pub command: Vec<String>,
 }
 
 impl Prepared {
     /// The α of tensor `name` in the output with `alpha`.
-    pub(crate) fn alpha_for(&self, alpha: f64, name: &str) -> f64 {
+    pub fn alpha_for(&self, alpha: f64, name: &str) -> f64 {
         alpha_for(&self.rules, alpha, name)
     }
 }
@@ -182,25 +182,10 @@ struct Sources<'a> {
     pool: &'a rayon::ThreadPool,
 }
 
-/// The adapter path: [`prepare`], then the `--dry-run` plan, or [`produce`] and the summary
-/// (printed by [`crate::report::adapter`]).
-fn run(args: &ExtrapolateArgs, env: &CacheEnv) -> Result<ExitCode> {
-    let started = Instant::now();
-    let reporter = Reporter::new(args.quiet);
-    let prepared = prepare(args, env, &reporter)?;
-    if args.dry_run {
-        report::adapter::print_plan(args.json, &prepared, &reporter)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    produce(args, &prepared, &reporter)?;
-    let seconds = started.elapsed().as_secs_f64();
-    report::adapter::print_done(args.json, &prepared, seconds, &reporter)?;
-    Ok(ExitCode::SUCCESS)
-}
-
 /// Checks the flags, opens and analyses the inputs, locates the outputs and lists the side
 /// files, warning about what looks wrong; nothing is written.
-fn prepare(args: &ExtrapolateArgs, env: &CacheEnv, reporter: &Reporter) -> Result<Prepared> {
+pub fn prepare(args: &Settings, reporter: &dyn Reporter) -> Result<Prepared> {
+    let env = &CacheEnv::from_process();
     check_flags(args)?;
     let kind = args.as_kind.unwrap_or(AsKind::Adapter);
     let rules: Vec<AlphaRule> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
@@ -211,11 +196,16 @@ fn prepare(args: &ExtrapolateArgs, env: &CacheEnv, reporter: &Reporter) -> Resul
     let outputs = locate_outputs(args, &inputs)?;
     for r in &rules {
         if !changed_tensors(&inputs.plan).any(|n| r.pattern.is_match(n)) {
-            report::adapter::warn_unmatched_rule(reporter, r);
+            reporter.warn(format!(
+                "{} matches no tensor the adapter changes",
+                r.spelling
+            ));
         }
     }
-    for &a in args.alpha.0.iter().filter(|&&a| a <= -1.0) {
-        report::adapter::warn_alpha_past_theta0(reporter, a);
+    for &a in args.alphas.iter().filter(|&&a| a <= -1.0) {
+        reporter.warn(format!(
+            "alpha = {a} moves past θ0, away from the aligned model; did you swap --sft and --aligned?"
+        ));
     }
     let layout = (kind == AsKind::Model)
         .then(|| ModelLayout::new(&inputs.base, &inputs.adapter, &inputs.plan));
@@ -230,12 +220,14 @@ fn prepare(args: &ExtrapolateArgs, env: &CacheEnv, reporter: &Reporter) -> Resul
         outputs,
         layout,
         side,
+        threads: args.threads,
+        command: args.command.clone(),
     })
 }
 
 /// Refuses the flags that the adapter path does not support.
-fn check_flags(args: &ExtrapolateArgs) -> Result<()> {
-    let alphas = &args.alpha.0;
+fn check_flags(args: &Settings) -> Result<()> {
+    let alphas = &args.alphas;
     if alphas.len() > 1 && !alpha::has_placeholder(&args.output) {
         return Err(UsageError(format!(
             "--alpha gives {} values, so --output must contain {} to name each output, e.g. --output '{}-{}'",
@@ -246,7 +238,7 @@ fn check_flags(args: &ExtrapolateArgs) -> Result<()> {
         ))
         .into());
     }
-    if args.dtype != DtypeArg::Auto {
+    if args.dtype != DtypeChoice::Auto {
         return Err(UsageError(format!(
             "--dtype {} is not supported when --aligned is an adapter: the output keeps each tensor's own dtype",
             args.dtype.name()
@@ -275,9 +267,9 @@ fn refuse_dora(aligned: &Path, plan: &AdapterPlan) -> Result<()> {
 }
 
 /// One output per α, each checked against the inputs and replaceable.
-fn locate_outputs(args: &ExtrapolateArgs, inputs: &Inputs) -> Result<Vec<Output>> {
-    let mut outputs = Vec::with_capacity(args.alpha.0.len());
-    for &a in &args.alpha.0 {
+fn locate_outputs(args: &Settings, inputs: &Inputs) -> Result<Vec<Output>> {
+    let mut outputs = Vec::with_capacity(args.alphas.len());
+    for &a in &args.alphas {
         let path = alpha::expand_output(&args.output, a);
         if outputs.iter().any(|o: &Output| o.target.path == path) {
             return Err(UsageError(format!(
@@ -309,10 +301,10 @@ fn changed_tensors(plan: &AdapterPlan) -> impl Iterator<Item = &String> + '_ {
 }
 
 /// Maps the inputs and writes the outputs one after the other.
-fn produce(args: &ExtrapolateArgs, p: &Prepared, reporter: &Reporter) -> Result<()> {
+pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<()> {
     interrupt::install();
     interrupt::install_sigbus_handler();
-    let pool = crate::cmd::worker_pool(args.threads, reporter)?;
+    let pool = crate::pool::worker_pool(p.threads, reporter)?;
     let base_maps = MappedCheckpoint::map_guarded(&p.inputs.base).context("mapping --sft")?;
     let adapter_maps =
         MappedCheckpoint::map_guarded(&p.inputs.adapter).context("mapping --aligned")?;
@@ -329,7 +321,12 @@ fn produce(args: &ExtrapolateArgs, p: &Prepared, reporter: &Reporter) -> Result<
 
 /// Writes one output in a staging directory (weights, side files, provenance, card) and
 /// puts it in place.
-fn write_output(p: &Prepared, o: &Output, sources: &Sources, reporter: &Reporter) -> Result<()> {
+fn write_output(
+    p: &Prepared,
+    o: &Output,
+    sources: &Sources,
+    reporter: &dyn Reporter,
+) -> Result<()> {
     // The same warnings as `extrapolate`: removed stale directories, outputs a killed
     // `--force` run moved aside, directories that could not be removed.
     for w in output::clean_stale_staging(&o.target.parent).warnings() {
@@ -347,7 +344,15 @@ fn write_output(p: &Prepared, o: &Output, sources: &Sources, reporter: &Reporter
     for w in staging.commit(&o.target)?.warnings() {
         reporter.warn(w);
     }
-    report::adapter::print_written(reporter, p.kind, o);
+    reporter.note(&format!(
+        "expo: wrote {} ({}) with alpha = {}",
+        o.target.path.display(),
+        match p.kind {
+            AsKind::Adapter => "an adapter",
+            AsKind::Model => "a full checkpoint",
+        },
+        alpha::format_alpha(o.alpha)
+    ));
     Ok(())
 }
 
@@ -358,7 +363,7 @@ fn write_weights(
     o: &Output,
     sources: &Sources,
     staging: &StagingDir,
-    reporter: &Reporter,
+    reporter: &dyn Reporter,
 ) -> Result<(), write::WriteError> {
     let rule_alpha = |name: &str| p.alpha_for(o.alpha, name);
     let Some(layout) = &p.layout else {
@@ -373,7 +378,7 @@ fn write_weights(
         );
     };
     let alphas = write::model_alphas(layout, &rule_alpha);
-    let bar = reporter.progress(layout.data_bytes());
+    let progress = Progress::start(reporter, layout.data_bytes());
     let written = write::write_model(
         staging.path(),
         layout,
@@ -383,13 +388,13 @@ fn write_weights(
         sources.base,
         sources.pool,
         interrupt::flag(),
-        &|n| bar.inc(n),
+        &|n| progress.advance(n),
     );
-    bar.finish_and_clear();
+    drop(progress);
     written
 }
 
-pub(crate) fn kind_name(kind: AsKind) -> &'static str {
+pub fn kind_name(kind: AsKind) -> &'static str {
     match kind {
         AsKind::Adapter => "adapter",
         AsKind::Model => "model",
@@ -401,13 +406,13 @@ pub(crate) fn kind_name(kind: AsKind) -> &'static str {
 /// `--as adapter`; for `--as model`, θ0's files, except that the adapter directory's
 /// tokenizer and chat-template files win (they belong to the aligned model), and no
 /// `adapter_config.json` is copied (transformers would load the output as an adapter).
-pub(crate) struct AdapterSide {
+pub struct AdapterSide {
     parts: Vec<SideFiles>,
 }
 
 impl AdapterSide {
     /// The relative paths copied, sorted.
-    pub(crate) fn names(&self) -> Vec<&Path> {
+    pub fn names(&self) -> Vec<&Path> {
         let mut names: Vec<&Path> = self
             .parts
             .iter()
@@ -455,7 +460,13 @@ fn finish(p: &Prepared, o: &Output, staging: &StagingDir) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(&provenance(p, o, &base_rec, &adapter_rec))?;
     bytes.push(b'\n');
     sidefiles::write_file(staging.path(), sidefiles::PROVENANCE_NAME, &bytes)?;
-    let card = model_card(p.kind, &p.inputs, o.alpha, &base_rec, &adapter_rec);
+    let card = model_card(
+        p.kind,
+        &p.inputs,
+        o.alpha,
+        (&base_rec, &adapter_rec),
+        &p.command,
+    );
     sidefiles::write_file(staging.path(), sidefiles::MODEL_CARD_NAME, card.as_bytes())?;
     Ok(())
 }
@@ -493,7 +504,7 @@ fn provenance(
             json!({"total": l.tensors.len(), "changed": changed, "copied": copied, "added": added})
         }),
         "side_files": p.side.names(),
-        "command": std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
+        "command": p.command,
     })
 }
 
@@ -502,8 +513,8 @@ fn model_card(
     kind: AsKind,
     inputs: &Inputs,
     alpha: f64,
-    base: &InputRecord,
-    adapter: &InputRecord,
+    (base, adapter): (&InputRecord, &InputRecord),
+    command: &[String],
 ) -> String {
     let mut c = card_front_matter(kind, inputs, base);
     let _ = writeln!(c, "# Model extrapolation (ExPO) of a LoRA adapter\n");
@@ -539,11 +550,7 @@ fn model_card(
         c,
         "Made with expo {}:\n\n```sh\n{}\n```\n",
         env!("CARGO_PKG_VERSION"),
-        sidefiles::shell_join(
-            &std::env::args_os()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-        )
+        sidefiles::shell_join(command)
     );
     let _ = writeln!(
         c,
@@ -581,7 +588,7 @@ fn card_front_matter(kind: AsKind, inputs: &Inputs, base: &InputRecord) -> Strin
 }
 
 /// A summary of the adapter for JSON output.
-pub(crate) fn adapter_json(inputs: &Inputs) -> serde_json::Value {
+pub fn adapter_json(inputs: &Inputs) -> serde_json::Value {
     let c = &inputs.config;
     json!({
         "r": c.r,
@@ -601,6 +608,6 @@ type Input<'a> = (&'static str, &'a Checkpoint, &'a ResolvedInput);
 /// Refuses an output that is, contains, or lies inside an input.
 fn check_paths(target: &OutputTarget, inputs: &[Input]) -> Result<()> {
     inputs.iter().try_for_each(|&(flag, ck, resolved)| {
-        crate::cmd::extrapolate::check_overlap(target, flag, ck, resolved)
+        crate::build::check_overlap(target, flag, ck, resolved)
     })
 }

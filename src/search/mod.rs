@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
+use crate::build::{self, Settings as BuildSettings};
 use crate::checkpoint::Checkpoint;
-use crate::cli::{AlphaList, DtypeArg, ExtrapolateArgs};
-use crate::cmd::extrapolate::UsageError;
+use crate::error::UsageError;
 use crate::interrupt;
+use crate::pairing::DtypeChoice;
 use crate::plan::AlphaRule;
-use crate::report::{self, Reporter};
+use crate::reporter::{Quiet, Reporter};
 
 use evaluator::{Running, ScoreSpec, Template, Values};
 use ledger::{End, Ledger, State, Trial};
@@ -37,7 +38,7 @@ pub struct Config {
     pub aligned: PathBuf,
     pub skip: Vec<AlphaRule>,
     pub alpha_for: Vec<AlphaRule>,
-    pub dtype: DtypeArg,
+    pub dtype: DtypeChoice,
     pub max_shard_size: Option<u64>,
     pub threads: Option<u16>,
     pub settings: Settings,
@@ -58,6 +59,8 @@ pub struct Config {
     pub resume: bool,
     pub json: bool,
     pub dry_run: bool,
+    /// The command line, recorded in each candidate's provenance.
+    pub command: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -237,6 +240,71 @@ pub fn settings(
 // The search.
 
 /// A trial in flight.
+/// What a search tells its caller as it goes; the command line prints it. Warnings and
+/// the progress of candidate builds go through the [`Reporter`] it extends.
+pub trait Observer: Reporter {
+    /// `--dry-run`: what the search would do.
+    fn dry_run(&self, plan: &DryRun) -> std::io::Result<()>;
+    /// The search starts its live table of trials.
+    fn table_header(&self) {}
+    /// A trial ended (or was replayed from the ledger); `baseline` is the α = 0 score.
+    fn trial_ended(&self, _trial: &Trial, _baseline: Option<f64>) {}
+    /// The search is over with a verdict.
+    fn finished(&self, verdict: &Verdict) -> std::io::Result<()>;
+}
+
+/// What `expo search --dry-run` found.
+pub struct DryRun {
+    /// The size of one candidate.
+    pub candidate_bytes: u64,
+    /// The space the search may need.
+    pub need: u64,
+    /// The space free where the candidates go.
+    pub free: u64,
+    /// The existing directory the candidates go in.
+    pub out_parent: PathBuf,
+    pub jobs: usize,
+    /// `--keep` (`None`: all).
+    pub keep: Option<usize>,
+    pub run: PathBuf,
+    /// The existing directory the run directory goes in.
+    pub run_parent: PathBuf,
+    /// The first batch: trial number, α and the evaluator's command line.
+    pub commands: Vec<(usize, Lat, String)>,
+}
+
+/// How a search ended.
+pub struct Verdict {
+    pub status: Status,
+    /// The best α, its score, and where its candidate is, in words.
+    pub best: Option<(Lat, f64, String)>,
+    pub evaluations: usize,
+    /// RUN/summary.json's content.
+    pub summary: Value,
+}
+
+/// Warns about a verdict that needs the user's attention (flat, edge, no gain, budget).
+pub fn status_warning(reporter: &dyn Reporter, status: Status, settings: &Settings) {
+    match status {
+        Status::Flat => reporter.warn(format!(
+            "the scores around the best alpha are within --tie {} of it (flat): the evaluator cannot tell these α apart; a larger dev set or a less noisy score would",
+            settings.tie
+        )),
+        Status::Edge => reporter.warn(format!(
+            "the best alpha is at the edge of the search range {}:{}; widen it with --bounds",
+            settings.lower, settings.upper
+        )),
+        Status::NoGain => reporter.warn(
+            "no candidate scored better than the --aligned model itself (alpha = 0): extrapolation does not help this model on this evaluator".into(),
+        ),
+        Status::Budget => reporter.warn(format!(
+            "stopped after --max-evals {} evaluations before the best alpha was bracketed; resume with a larger --max-evals",
+            settings.max_evals
+        )),
+        _ => {}
+    }
+}
+
 struct Active {
     trial: Trial,
     values: Values,
@@ -260,7 +328,7 @@ struct Candidate {
 
 struct Search<'a> {
     cfg: &'a Config,
-    reporter: Reporter,
+    reporter: &'a dyn Observer,
     ledger: Ledger,
     trials: Vec<Trial>,
     /// Candidates expo built and has not deleted.
@@ -293,15 +361,14 @@ struct Resumed {
 }
 
 /// Runs a search; the exit code when it completed.
-pub fn run(cfg: &Config) -> Result<std::process::ExitCode> {
-    let reporter = Reporter::new(false);
+pub fn run(cfg: &Config, reporter: &dyn Observer) -> Result<std::process::ExitCode> {
     let inputs = open_inputs(cfg)?;
     let header = header_event(cfg, &inputs);
     check_run_dir(cfg)?;
     if cfg.dry_run {
-        return dry_run(cfg, inputs.candidate_bytes, &inputs.aligned_path);
+        return dry_run(cfg, inputs.candidate_bytes, &inputs.aligned_path, reporter);
     }
-    let resumed = resume(cfg, &header, &reporter)?;
+    let resumed = resume(cfg, &header, reporter)?;
     let mut search = Search {
         cfg,
         reporter,
@@ -336,7 +403,7 @@ fn open_inputs(cfg: &Config) -> Result<Inputs> {
                 .max()
                 .unwrap_or(Lat(0))
                 .to_f64(),
-            dtype: cfg.dtype.choice(),
+            dtype: cfg.dtype,
             max_shard_size: cfg.max_shard_size,
             rules: rules.clone(),
         };
@@ -409,7 +476,7 @@ fn check_run_dir(cfg: &Config) -> Result<()> {
 
 /// Opens the ledger in `--run` (made if missing), checks a resumed search's header against
 /// `header`, appends it, and replays what the ledger holds.
-fn resume(cfg: &Config, header: &Value, reporter: &Reporter) -> Result<Resumed> {
+fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> Result<Resumed> {
     std::fs::create_dir_all(&cfg.run)
         .with_context(|| format!("creating the run directory {}", cfg.run.display()))?;
     let mut ledger = Ledger::open(&cfg.run)?;
@@ -460,7 +527,12 @@ fn resume(cfg: &Config, header: &Value, reporter: &Reporter) -> Result<Resumed> 
     })
 }
 
-fn dry_run(cfg: &Config, candidate_bytes: u64, aligned: &Path) -> Result<std::process::ExitCode> {
+fn dry_run(
+    cfg: &Config,
+    candidate_bytes: u64,
+    aligned: &Path,
+    observer: &dyn Observer,
+) -> Result<std::process::ExitCode> {
     // The run directory: an existing directory, or one whose parent exists.
     let run_parent = existing_ancestor(&cfg.run);
     if cfg.run.exists() && !cfg.run.is_dir() {
@@ -472,27 +544,27 @@ fn dry_run(cfg: &Config, candidate_bytes: u64, aligned: &Path) -> Result<std::pr
         .saturating_mul((cfg.jobs + cfg.keep.unwrap_or(cfg.settings.max_evals)) as u64);
     let free = free_bytes(&out_parent)
         .with_context(|| format!("checking free space in {}", out_parent.display()))?;
-    let plan = report::search::DryRun {
+    let plan = DryRun {
         candidate_bytes,
         need,
         free,
-        out_parent: &out_parent,
+        out_parent: out_parent.clone(),
         jobs: cfg.jobs,
         keep: cfg.keep,
-        run: &cfg.run,
-        run_parent: &run_parent,
+        run: cfg.run.clone(),
+        run_parent,
         commands: first_commands(cfg, aligned),
     };
-    report::search::dry_run(&plan, cfg.json)?;
+    observer.dry_run(&plan)?;
     if free < need {
         anyhow::bail!(
             "{} has {} free but the search may need {} ({} jobs + {} kept candidates of {}); free space, lower --jobs/--keep, or put candidates elsewhere with --output",
             out_parent.display(),
-            report::bytes(free),
-            report::bytes(need),
+            crate::text::bytes(free),
+            crate::text::bytes(need),
             cfg.jobs,
             cfg.keep.map_or("all".into(), |k| k.to_string()),
-            report::bytes(candidate_bytes)
+            crate::text::bytes(candidate_bytes)
         );
     }
     Ok(std::process::ExitCode::SUCCESS)
@@ -744,9 +816,9 @@ impl Search<'_> {
                 }
             }
         }
-        let args = self.extrapolate_args(&planned.to_build, false);
+        let settings = self.build_settings(&planned.to_build);
         crate::failpoint::pause("search-build");
-        match crate::cmd::extrapolate::run(&args) {
+        match build::build(&settings, &Quiet(self.reporter)) {
             Ok(_) => Ok(()),
             Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some() => {
                 self.abandon(&planned.trials);
@@ -818,25 +890,24 @@ impl Search<'_> {
         })
     }
 
-    /// The `expo extrapolate` arguments that build `alphas`.
-    fn extrapolate_args(&self, alphas: &[Lat], dry_run: bool) -> ExtrapolateArgs {
-        ExtrapolateArgs {
+    /// The build settings of the candidates of `alphas`: what `expo extrapolate` would be
+    /// given for them.
+    fn build_settings(&self, alphas: &[Lat]) -> BuildSettings {
+        BuildSettings {
             sft: self.cfg.sft.clone(),
             aligned: self.cfg.aligned.clone(),
-            alpha: AlphaList(alphas.iter().map(|a| a.to_f64()).collect()),
+            alphas: alphas.iter().map(|a| a.to_f64()).collect(),
             alpha_for: self.cfg.alpha_for.clone(),
             skip: self.cfg.skip.clone(),
             output: self.cfg.output.clone(),
             max_shard_size: self.cfg.max_shard_size,
             dtype: self.cfg.dtype,
             force: false,
-            dry_run,
             threads: self.cfg.threads,
-            quiet: true,
-            json: false,
             warn_relative_change: f64::INFINITY,
             // An adapter as --aligned makes adapter candidates (the default kind).
             as_kind: None,
+            command: self.cfg.command.clone(),
         }
     }
 
@@ -881,7 +952,7 @@ impl Search<'_> {
                 note = Some(if exit.timed_out {
                     format!(
                         "timed out after {}",
-                        report::search::fmt_secs(self.cfg.timeout.map_or(0.0, |t| t.as_secs_f64()))
+                        crate::text::seconds(self.cfg.timeout.map_or(0.0, |t| t.as_secs_f64()))
                     )
                 } else if let Some(sig) = exit.signal {
                     format!("killed by signal {sig}")
@@ -1130,7 +1201,7 @@ impl Search<'_> {
                 c.push_str(&format!(" {flag} {}", q(value.as_bytes())));
             }
         }
-        if self.cfg.dtype != DtypeArg::Auto {
+        if self.cfg.dtype != DtypeChoice::Auto {
             c.push_str(&format!(" --dtype {}", self.cfg.dtype.name()));
         }
         if let Some(n) = self.cfg.max_shard_size {
@@ -1173,15 +1244,14 @@ impl Search<'_> {
         }))?;
         self.write_outputs(Some(status))?;
         self.check_scored(status)?;
-        let best = self.best();
-        report::search::status_warning(&self.reporter, status, &self.cfg.settings);
-        if let Some((a, s)) = best {
-            let where_ = self.where_is(a);
-            report::search::best_line(a, s, status, self.evaluations(), &where_);
-        }
-        if self.cfg.json {
-            report::print_json(&self.summary(Some(status)))?;
-        }
+        status_warning(self.reporter, status, &self.cfg.settings);
+        let verdict = Verdict {
+            status,
+            best: self.best().map(|(a, s)| (a, s, self.where_is(a))),
+            evaluations: self.evaluations(),
+            summary: self.summary(Some(status)),
+        };
+        self.reporter.finished(&verdict)?;
         Ok(std::process::ExitCode::SUCCESS)
     }
 
@@ -1230,11 +1300,11 @@ impl Search<'_> {
     }
 
     fn print_table_header(&self) {
-        report::search::table_header();
+        self.reporter.table_header();
     }
 
     fn print_row(&self, t: &Trial) {
-        report::search::trial_row(t, self.baseline_score());
+        self.reporter.trial_ended(t, self.baseline_score());
     }
 }
 

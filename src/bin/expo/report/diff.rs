@@ -11,9 +11,9 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::Serialize;
 
 use super::inspect::grouped;
-use crate::checkpoint::Checkpoint;
 use crate::report;
-use crate::stats::{
+use expo::checkpoint::Checkpoint;
+use expo::stats::{
     self, DeltaSums, LayerDelta, PairReport, TensorDelta, DEFAULT_RELATIVE_CHANGE_WARNING,
 };
 
@@ -598,7 +598,7 @@ pub fn human_table(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::Dtype;
+    use expo::dtype::Dtype;
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;
 

@@ -1,84 +1,196 @@
-//! `expo extrapolate`: validate both checkpoints, plan the output, write it atomically.
+//! The build step: one `expo extrapolate` run as a library call. [`prepare`] resolves and
+//! validates everything and plans every output (nothing is written); [`produce`] writes every
+//! output in one pass over the inputs, then finishes and commits each one atomically.
 //!
-//! The command is a pipeline of named steps:
-//!
-//! 1. [`prepare`]: resolve the inputs, plan every output (pairing and rules), check the
-//!    output locations, list the side files, compare the tensors that must be identical.
-//!    Nothing is written; `--dry-run` prints the result and stops here.
-//! 2. [`produce`]: write every output in one pass over the inputs, then finish each one
-//!    (side files, model card, provenance) and commit it atomically.
-//! 3. [`conclude`]: the summary and `--json` (printed by [`crate::report::extrapolate`]) and
-//!    the exit status.
-//!
-//! [`prepare`] and [`produce`] are library steps: a caller that wants a batch of
-//! candidates for several α (e.g. a search) builds one [`ExtrapolateArgs`] with every α,
-//! and gets one result per output back.
+//! A caller that wants a batch of candidates for several α (a search) builds one
+//! [`Settings`] with every α and gets one result per output back.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 
 use crate::alpha;
 use crate::checkpoint::Checkpoint;
-use crate::cli::ExtrapolateArgs;
-use crate::engine::{self, EngineError, MappedCheckpoint, OutputJob, RunReport};
-use crate::hub::{self, CacheEnv};
+use crate::engine::{self, EngineError, MappedCheckpoint, OutputJob, RunReport, WriteStats};
+use crate::error::UsageError;
+use crate::hub::{self, CacheEnv, ResolvedInput};
 use crate::interrupt;
 use crate::output::{self, OutputTarget, StagingDir};
-use crate::plan::{self, build_plan, AlphaRule, Plan, PlanError, PlanOptions};
-use crate::report::{self, Reporter};
-use crate::sidefiles::{self, InputRecord, Provenance, SideFiles, TensorCounts};
+use crate::plan::{self, build_plan, AlphaRule, DtypeChoice, Plan, PlanError, PlanOptions};
+use crate::reporter::{Progress, Reporter};
+use crate::sidefiles::{self, InputRecord, Provenance, RuleRecord, SideFiles, TensorCounts};
 use crate::stats;
 
-/// A usage error found after parsing (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
+/// What `--aligned` as a LoRA adapter becomes (`--as`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsKind {
+    /// A new adapter whose `lora_B` factors are scaled by 1 + α.
+    Adapter,
+    /// A full checkpoint: θ0 + (1 + α)·ΔW, merged.
+    Model,
+}
 
-pub use crate::extrapolation::{Input, Output, Prepared, Produced};
+/// One build, typed and validated as far as can be without touching the disk: what the
+/// command line's flags (or a search) ask for.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `--sft`: θ0, a directory, file or Hub id.
+    pub sft: PathBuf,
+    /// `--aligned`: θ1, or a LoRA adapter trained on θ0.
+    pub aligned: PathBuf,
+    /// One output per α, in this order.
+    pub alphas: Vec<f64>,
+    /// `--skip` rules (α = 0), tried before the `--alpha-for` rules.
+    pub skip: Vec<AlphaRule>,
+    /// `--alpha-for` rules: the first that matches a tensor sets its α.
+    pub alpha_for: Vec<AlphaRule>,
+    /// Where each output goes; holds `{alpha}` when there are several α.
+    pub output: PathBuf,
+    pub max_shard_size: Option<u64>,
+    pub dtype: DtypeChoice,
+    /// Replace an existing output checkpoint.
+    pub force: bool,
+    pub threads: Option<u16>,
+    /// Warn when ‖θ1 − θ0‖/‖θ0‖ is above this.
+    pub warn_relative_change: f64,
+    /// For an adapter as `--aligned`: what to write (`None`: refused, the user must say).
+    pub as_kind: Option<AsKind>,
+    /// The command line recorded in each output's provenance.
+    pub command: Vec<String>,
+}
 
-/// Runs `expo extrapolate`.
-pub fn run(args: &ExtrapolateArgs) -> Result<ExitCode> {
-    if let Some(code) = crate::adapter::maybe_extrapolate(args)? {
-        return Ok(code);
+/// One input checkpoint: its flag, the opened checkpoint and where it was resolved to.
+#[derive(Debug)]
+pub struct Input {
+    pub flag: &'static str,
+    pub checkpoint: Checkpoint,
+    pub resolved: ResolvedInput,
+}
+
+/// One output of the run: its α, its validated location and its plan.
+#[derive(Debug)]
+pub struct Output {
+    pub alpha: f64,
+    pub target: OutputTarget,
+    pub plan: Plan,
+}
+
+/// Everything validated before any work ([`prepare`]'s result).
+pub struct Prepared<'a> {
+    pub settings: &'a Settings,
+    /// `--sft` and `--aligned`.
+    pub inputs: [Input; 2],
+    /// `--skip` rules, then `--alpha-for` rules: the first that matches sets a tensor's α.
+    pub rules: Vec<AlphaRule>,
+    /// How many tensors each rule set the α of.
+    pub matches: Vec<usize>,
+    /// One per α, in the order given. All share one layout; only α differs.
+    pub outputs: Vec<Output>,
+    pub side: SideFiles,
+    /// The inputs' data, mapped; released once the outputs are written.
+    pub(crate) maps: Option<[MappedCheckpoint; 2]>,
+}
+
+impl Prepared<'_> {
+    /// `--aligned`: θ1.
+    pub fn aligned(&self) -> &Checkpoint {
+        &self.inputs[1].checkpoint
     }
-    let started = Instant::now();
-    let reporter = Reporter::new(args.quiet);
-    let mut prepared = prepare(args, &reporter)?;
-    if args.dry_run {
-        report::extrapolate::print_plan(&prepared, &reporter)?;
-        return Ok(ExitCode::SUCCESS);
+
+    /// The rules with the α each gives in an output with `alpha`, and how many tensors
+    /// each matched.
+    pub fn rule_records(&self, alpha: f64) -> Vec<RuleRecord> {
+        self.rules
+            .iter()
+            .zip(&self.matches)
+            .map(|(r, &tensors)| RuleRecord {
+                rule: r.spelling.clone(),
+                alpha: r.alpha(alpha),
+                tensors,
+            })
+            .collect()
     }
-    let produced = produce(&mut prepared, &reporter)?;
-    conclude(&prepared, produced, started, &reporter)
+}
+
+/// What [`produce`] did.
+#[derive(Debug)]
+pub struct Produced {
+    /// One result per output, in order: `Ok` once the output is committed in place.
+    pub results: Vec<Result<()>>,
+    /// ‖θ1 − θ0‖/‖θ0‖ over the extrapolated tensors; `None` when not finite (an input holds
+    /// inf or NaN) or when the read failed.
+    pub relative_change: Option<f64>,
+    /// The relative change is above `--warn-relative-change`.
+    pub doubtful: bool,
+}
+
+impl Produced {
+    /// The run as one result: `Ok` when every output was written; the one error of a
+    /// single output; or one error listing every failed output of several.
+    pub fn into_result(self, outputs: &[Output]) -> Result<()> {
+        let written = self.results.iter().filter(|r| r.is_ok()).count();
+        let mut failures: Vec<anyhow::Error> =
+            self.results.into_iter().filter_map(Result::err).collect();
+        match failures.len() {
+            0 => Ok(()),
+            1 if outputs.len() == 1 => Err(failures.remove(0)),
+            n => {
+                let mut msg = format!("{n} of {} outputs failed", outputs.len());
+                for e in &failures {
+                    msg.push_str(&format!("\n  {e:#}"));
+                }
+                if written > 0 {
+                    msg.push_str("\n  (the other outputs were written completely)");
+                }
+                Err(anyhow::anyhow!(msg))
+            }
+        }
+    }
+}
+
+/// The whole build step for a caller that prints nothing of its own (a search): every
+/// output of `settings` written and committed, from a checkpoint or an adapter as
+/// --aligned. Fails when any output failed.
+pub fn build(settings: &Settings, reporter: &dyn Reporter) -> Result<()> {
+    if crate::adapter::is_adapter_run(settings)? {
+        let prepared = crate::adapter::prepare(settings, reporter)?;
+        return crate::adapter::produce(&prepared, reporter);
+    }
+    let mut prepared = prepare(settings, reporter)?;
+    let produced = produce(&mut prepared, reporter)?;
+    interrupt::check()?;
+    produced.into_result(&prepared.outputs)
 }
 
 /// Step 1: resolves and validates everything, and plans every output. Writes nothing.
-pub fn prepare<'a>(args: &'a ExtrapolateArgs, reporter: &Reporter) -> Result<Prepared<'a>> {
-    check_output_template(args)?;
+pub fn prepare<'a>(settings: &'a Settings, reporter: &dyn Reporter) -> Result<Prepared<'a>> {
+    check_output_template(settings)?;
     // --skip rules come first: a skipped tensor stays θ1's whatever --alpha-for says.
-    let rules: Vec<AlphaRule> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
-    let inputs = open_inputs(args)?;
+    let rules: Vec<AlphaRule> = settings
+        .skip
+        .iter()
+        .chain(&settings.alpha_for)
+        .cloned()
+        .collect();
+    let inputs = open_inputs(settings)?;
     for w in inputs.iter().flat_map(|i| &i.checkpoint.warnings) {
-        reporter.warn(w);
+        reporter.warn(w.clone());
     }
-    let outputs = plan_outputs(args, &rules, &inputs)?;
-    warn_about_inputs(reporter, &args.alpha.0, &inputs);
+    let outputs = plan_outputs(settings, &rules, &inputs)?;
+    warn_about_inputs(reporter, &settings.alphas, &inputs);
     let matches = rule_matches(&outputs[0].plan, rules.len());
     for (rule, n) in rules.iter().zip(&matches) {
         if *n == 0 {
             reporter.warn(format!("{} matches no tensor", rule.spelling));
         }
     }
-    let side = list_side_files(args, &inputs[1].checkpoint, &outputs, reporter)?;
+    let side = list_side_files(settings, &inputs[1].checkpoint, &outputs, reporter)?;
     let maps = map_and_verify(&inputs, &outputs)?;
     // Every output's files of one shard are open at once: refuse a sweep that cannot fit
     // under the open-files limit now, not after hours of work (also in --dry-run).
     engine::check_open_files(outputs.len())?;
     Ok(Prepared {
-        args,
+        settings,
         inputs,
         rules,
         matches,
@@ -93,10 +205,10 @@ pub fn prepare<'a>(args: &'a ExtrapolateArgs, reporter: &Reporter) -> Result<Pre
 ///
 /// # Errors
 /// Besides interrupts and failures to start: when called twice for one preparation.
-pub fn produce(p: &mut Prepared, reporter: &Reporter) -> Result<Produced> {
+pub fn produce(p: &mut Prepared, reporter: &dyn Reporter) -> Result<Produced> {
     interrupt::install();
     interrupt::install_sigbus_handler();
-    let pool = super::worker_pool(p.args.threads, reporter)?;
+    let pool = crate::pool::worker_pool(p.settings.threads, reporter)?;
     let maps = p
         .maps
         .take()
@@ -112,13 +224,10 @@ pub fn produce(p: &mut Prepared, reporter: &Reporter) -> Result<Produced> {
         return Err(interrupt::Interrupted.into());
     }
     let relative_change = relative_change(&report);
-    let doubtful =
-        relative_change.is_some_and(|rc| stats::premise_doubtful(rc, p.args.warn_relative_change));
+    let doubtful = relative_change
+        .is_some_and(|rc| stats::premise_doubtful(rc, p.settings.warn_relative_change));
     if let (true, Some(rc)) = (doubtful, relative_change) {
-        reporter.warn(report::extrapolate::premise_warning(
-            rc,
-            p.args.warn_relative_change,
-        ));
+        reporter.warn(stats::premise_warning(rc, p.settings.warn_relative_change));
     }
     let results = p
         .outputs
@@ -129,7 +238,7 @@ pub fn produce(p: &mut Prepared, reporter: &Reporter) -> Result<Produced> {
             written
                 .map_err(anyhow::Error::new)
                 .and_then(|stats| {
-                    report::extrapolate::warn_inherited_nonfinite(reporter, o, &stats);
+                    warn_inherited_nonfinite(reporter, o, &stats);
                     finish_output(p, o, relative_change, staging, reporter)
                 })
                 .with_context(|| format!("writing {}", o.target.path.display()))
@@ -142,61 +251,18 @@ pub fn produce(p: &mut Prepared, reporter: &Reporter) -> Result<Produced> {
     })
 }
 
-/// Step 3: reports what was done and turns the results into the exit status.
-fn conclude(
-    p: &Prepared,
-    produced: Produced,
-    started: Instant,
-    reporter: &Reporter,
-) -> Result<ExitCode> {
-    let seconds = started.elapsed().as_secs_f64();
-    report::extrapolate::print_summary(p, &produced, seconds, reporter);
-    if p.args.json {
-        // Failed outputs are reported even when stdout is gone (`| head`).
-        let printed = report::extrapolate::print_json(p, &produced, seconds, reporter);
-        if produced.results.iter().all(Result::is_ok) {
-            printed.with_context(|| {
-                report::extrapolate::complete_but_unprinted(&p.outputs, "--json summary")
-            })?;
-        }
-    }
-    if interrupt::check().is_err() {
-        return Err(interrupt::Interrupted.into());
-    }
-    let written = produced.results.iter().filter(|r| r.is_ok()).count();
-    let mut failures: Vec<anyhow::Error> = produced
-        .results
-        .into_iter()
-        .filter_map(Result::err)
-        .collect();
-    match failures.len() {
-        0 => Ok(ExitCode::SUCCESS),
-        1 if p.outputs.len() == 1 => Err(failures.remove(0)),
-        n => {
-            let mut msg = format!("{n} of {} outputs failed", p.outputs.len());
-            for e in &failures {
-                msg.push_str(&format!("\n  {e:#}"));
-            }
-            if written > 0 {
-                msg.push_str("\n  (the other outputs were written completely)");
-            }
-            Err(anyhow::anyhow!(msg))
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Preparing
 // ---------------------------------------------------------------------------------------
 
 /// Several α need `{alpha}` in `--output` to name each output.
-fn check_output_template(args: &ExtrapolateArgs) -> Result<()> {
-    let n = args.alpha.0.len();
-    if n > 1 && !alpha::has_placeholder(&args.output) {
+fn check_output_template(settings: &Settings) -> Result<()> {
+    let n = settings.alphas.len();
+    if n > 1 && !alpha::has_placeholder(&settings.output) {
         return Err(UsageError(format!(
             "--alpha gives {n} values, so --output must contain {} to name each output, e.g. --output '{}-{}'",
             alpha::PLACEHOLDER,
-            args.output.display(),
+            settings.output.display(),
             alpha::PLACEHOLDER
         ))
         .into());
@@ -204,7 +270,7 @@ fn check_output_template(args: &ExtrapolateArgs) -> Result<()> {
     Ok(())
 }
 
-fn open_inputs(args: &ExtrapolateArgs) -> Result<[Input; 2]> {
+fn open_inputs(settings: &Settings) -> Result<[Input; 2]> {
     let env = CacheEnv::from_process();
     let open = |flag: &'static str, what: &str, path: &Path| -> Result<Input> {
         let (checkpoint, resolved) = hub::open_for(what, path, &env)?;
@@ -215,28 +281,28 @@ fn open_inputs(args: &ExtrapolateArgs) -> Result<[Input; 2]> {
         })
     };
     Ok([
-        open("--sft", "--sft checkpoint", &args.sft)?,
-        open("--aligned", "--aligned checkpoint", &args.aligned)?,
+        open("--sft", "--sft checkpoint", &settings.sft)?,
+        open("--aligned", "--aligned checkpoint", &settings.aligned)?,
     ])
 }
 
 /// Locates and plans the output of every α.
 fn plan_outputs(
-    args: &ExtrapolateArgs,
+    settings: &Settings,
     rules: &[AlphaRule],
     inputs: &[Input; 2],
 ) -> Result<Vec<Output>> {
-    let mut outputs: Vec<Output> = Vec::with_capacity(args.alpha.0.len());
-    for &a in &args.alpha.0 {
-        let path = alpha::expand_output(&args.output, a);
+    let mut outputs: Vec<Output> = Vec::with_capacity(settings.alphas.len());
+    for &a in &settings.alphas {
+        let path = alpha::expand_output(&settings.output, a);
         if outputs.iter().any(|o| o.target.path == path) {
             return Err(UsageError(format!(
                 "--output {} names the same directory for two alpha values",
-                args.output.display()
+                settings.output.display()
             ))
             .into());
         }
-        let target = OutputTarget::locate(&path, args.force)?;
+        let target = OutputTarget::locate(&path, settings.force)?;
         if let Some(clash) = output::location_clash(outputs.iter().map(|o| &o.target), &target) {
             return Err(UsageError(clash).into());
         }
@@ -246,8 +312,8 @@ fn plan_outputs(
         target.check_replaceable()?;
         let opts = PlanOptions {
             alpha: a,
-            dtype: args.dtype.choice(),
-            max_shard_size: args.max_shard_size,
+            dtype: settings.dtype,
+            max_shard_size: settings.max_shard_size,
             rules: rules.to_vec(),
         };
         let plan = match build_plan(&inputs[0].checkpoint, &inputs[1].checkpoint, &opts) {
@@ -257,8 +323,8 @@ fn plan_outputs(
                 return Err(e).with_context(|| {
                     format!(
                         "pairing --sft {} with --aligned {}",
-                        args.sft.display(),
-                        args.aligned.display()
+                        settings.sft.display(),
+                        settings.aligned.display()
                     )
                 })
             }
@@ -275,19 +341,20 @@ fn plan_outputs(
 /// The side files of θ1 to copy, opened and checked, with a warning for what is not copied;
 /// fails if two output files would share a name.
 fn list_side_files(
-    args: &ExtrapolateArgs,
+    settings: &Settings,
     aligned: &Checkpoint,
     outputs: &[Output],
-    reporter: &Reporter,
+    reporter: &dyn Reporter,
 ) -> Result<SideFiles> {
-    let side = sidefiles::open_side_files(aligned, args.dtype.choice())?;
+    let side = sidefiles::open_side_files(aligned, settings.dtype)?;
     for o in outputs {
         side.check_plan(&o.plan)?;
     }
     side.warnings().into_iter().for_each(|w| reporter.warn(w));
     if !aligned.is_dir {
-        reporter
-            .warn("--aligned is a single file, so no config.json or tokenizer files are copied");
+        reporter.warn(
+            "--aligned is a single file, so no config.json or tokenizer files are copied".into(),
+        );
     }
     Ok(side)
 }
@@ -332,7 +399,7 @@ fn check_paths(target: &OutputTarget, inputs: &[Input]) -> Result<()> {
 /// Refuses (usage error) an output that is, contains, or lies inside the input given with
 /// `flag`, holds the data behind a symlinked weight file, or lies in a Hub input's cache
 /// entry. Shared with the adapter path.
-pub(crate) fn check_overlap(
+pub fn check_overlap(
     target: &OutputTarget,
     flag: &str,
     ck: &Checkpoint,
@@ -367,7 +434,7 @@ pub(crate) fn check_overlap(
     Ok(())
 }
 
-fn warn_about_inputs(reporter: &Reporter, alphas: &[f64], inputs: &[Input; 2]) {
+fn warn_about_inputs(reporter: &dyn Reporter, alphas: &[f64], inputs: &[Input; 2]) {
     let same = match (
         std::fs::canonicalize(&inputs[0].resolved.path),
         std::fs::canonicalize(&inputs[1].resolved.path),
@@ -376,7 +443,7 @@ fn warn_about_inputs(reporter: &Reporter, alphas: &[f64], inputs: &[Input; 2]) {
         _ => false,
     };
     if same {
-        reporter.warn("--sft and --aligned are the same checkpoint: θ1 − θ0 is zero, so the output equals the input");
+        reporter.warn("--sft and --aligned are the same checkpoint: θ1 − θ0 is zero, so the output equals the input".into());
     }
     for &a in alphas.iter().filter(|&&a| a <= -1.0) {
         reporter.warn(format!(
@@ -389,8 +456,18 @@ fn warn_about_inputs(reporter: &Reporter, alphas: &[f64], inputs: &[Input; 2]) {
 // Producing
 // ---------------------------------------------------------------------------------------
 
+/// Warns about the tensors of an output that are non-finite because the inputs were.
+fn warn_inherited_nonfinite(reporter: &dyn Reporter, o: &Output, stats: &WriteStats) {
+    for (tensor, count) in &stats.inherited_nonfinite {
+        reporter.warn(format!(
+            "{}: tensor `{tensor}`: {count} values are infinite or NaN in --sft or --aligned; --aligned's values were kept there",
+            o.target.path.display()
+        ));
+    }
+}
+
 /// Tidies what killed runs left beside each output, saying what was found.
-fn clean_stale_staging(outputs: &[Output], reporter: &Reporter) {
+fn clean_stale_staging(outputs: &[Output], reporter: &dyn Reporter) {
     for o in outputs {
         for w in output::clean_stale_staging(&o.target.parent).warnings() {
             reporter.warn(w);
@@ -427,7 +504,7 @@ fn write_data(
     maps: [MappedCheckpoint; 2],
     stagings: &[StagingDir],
     pool: &rayon::ThreadPool,
-    reporter: &Reporter,
+    reporter: &dyn Reporter,
 ) -> RunReport {
     let jobs: Vec<OutputJob> = p
         .outputs
@@ -439,7 +516,7 @@ fn write_data(
         })
         .collect();
     let total: u64 = p.outputs.iter().map(|o| o.plan.data_bytes()).sum();
-    let bar = reporter.progress(total);
+    let progress = Progress::start(reporter, total);
     let [sft, aligned] = p.inputs.each_ref().map(|i| &i.checkpoint);
     let [sft_maps, aligned_maps] = &maps;
     let report = engine::write_outputs(
@@ -448,9 +525,9 @@ fn write_data(
         (aligned, aligned_maps),
         pool,
         interrupt::flag(),
-        &|n| bar.inc(n),
+        &|n| progress.advance(n),
     );
-    bar.finish_and_clear();
+    drop(progress);
     drop(maps);
     report
 }
@@ -476,7 +553,7 @@ fn finish_output(
     o: &Output,
     relative_change: Option<f64>,
     staging: StagingDir,
-    reporter: &Reporter,
+    reporter: &dyn Reporter,
 ) -> Result<()> {
     interrupt::check()?;
     p.side.copy_into(staging.path())?;
@@ -513,8 +590,8 @@ fn provenance(p: &Prepared, plan: &Plan) -> Provenance {
         paper: sidefiles::PAPER_URL,
         alpha: plan.alpha,
         rules: Vec::new(),
-        dtype: p.args.dtype.name().to_string(),
-        max_shard_size: p.args.max_shard_size,
+        dtype: p.settings.dtype.name().to_string(),
+        max_shard_size: p.settings.max_shard_size,
         relative_change: None,
         sft: InputRecord::resolved(&sft.checkpoint, &sft.resolved),
         aligned: InputRecord::resolved(&aligned.checkpoint, &aligned.resolved),
@@ -527,8 +604,6 @@ fn provenance(p: &Prepared, plan: &Plan) -> Provenance {
         tensor_bytes: plan.data_bytes(),
         shards: plan.shards.iter().map(|s| s.file_name.clone()).collect(),
         side_files: p.side.copy.iter().map(|p| p.display().to_string()).collect(),
-        command: std::env::args_os()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect(),
+        command: p.settings.command.clone(),
     }
 }

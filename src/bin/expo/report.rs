@@ -3,9 +3,10 @@
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub mod adapter;
 pub mod diff;
@@ -16,11 +17,13 @@ pub mod search;
 /// Set once a command started printing its JSON result on stdout.
 static JSON_PRINTED: AtomicBool = AtomicBool::new(false);
 
-/// Where human output goes, and how much of it.
-#[derive(Debug, Clone)]
+/// The terminal: warnings on stderr (even when quiet, and remembered for `--json`), notes
+/// and a byte progress bar on stderr unless quiet (the bar only on a terminal).
+#[derive(Debug)]
 pub struct Reporter {
     quiet: bool,
-    warnings: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    warnings: Mutex<Vec<String>>,
+    bar: Mutex<Option<ProgressBar>>,
 }
 
 impl Reporter {
@@ -28,18 +31,14 @@ impl Reporter {
     pub fn new(quiet: bool) -> Reporter {
         Reporter {
             quiet,
-            warnings: Default::default(),
+            warnings: Mutex::default(),
+            bar: Mutex::default(),
         }
     }
 
     /// Prints `warning: …` on stderr (even when quiet) and remembers it for `--json`.
     pub fn warn(&self, message: impl Into<String>) {
-        let message = message.into();
-        let _ = writeln!(std::io::stderr(), "warning: {message}");
-        self.warnings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(message);
+        expo::reporter::Reporter::warn(self, message.into());
     }
 
     /// The warnings printed so far.
@@ -58,7 +57,7 @@ impl Reporter {
     }
 
     /// A byte progress bar on stderr, hidden unless stderr is a terminal and not quiet.
-    pub fn progress(&self, total_bytes: u64) -> ProgressBar {
+    fn progress(&self, total_bytes: u64) -> ProgressBar {
         if self.quiet || !std::io::stderr().is_terminal() {
             return ProgressBar::hidden();
         }
@@ -73,14 +72,43 @@ impl Reporter {
         bar.enable_steady_tick(Duration::from_millis(200));
         bar
     }
+
+    fn bar(&self) -> std::sync::MutexGuard<'_, Option<ProgressBar>> {
+        self.bar.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
-/// Formats a byte count for people (binary units).
-pub fn bytes(n: u64) -> String {
-    HumanBytes(n).to_string()
+impl expo::reporter::Reporter for Reporter {
+    fn warn(&self, message: String) {
+        let _ = writeln!(std::io::stderr(), "warning: {message}");
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(message);
+    }
+
+    fn note(&self, message: &str) {
+        self.info(message);
+    }
+
+    fn start(&self, total_bytes: u64) {
+        *self.bar() = Some(self.progress(total_bytes));
+    }
+
+    fn advance(&self, bytes: u64) {
+        if let Some(bar) = &*self.bar() {
+            bar.inc(bytes);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar().take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
-pub use crate::text::number;
+pub use expo::text::bytes;
 
 /// Writes one JSON value and a newline to stdout.
 pub fn print_json(value: &serde_json::Value) -> std::io::Result<()> {

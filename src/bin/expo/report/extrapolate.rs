@@ -5,31 +5,13 @@ use std::fmt::Write as _;
 
 use serde_json::json;
 
-use crate::alpha;
-use crate::checkpoint::Checkpoint;
-use crate::engine::WriteStats;
-use crate::extrapolation::{Input, Output, Prepared, Produced};
-use crate::hub::ResolvedInput;
-use crate::plan::Plan;
 use crate::report::{self, Reporter};
-use crate::sidefiles::{self, InputRecord};
-
-/// The warning when the relative change of a run is above `threshold`.
-pub fn premise_warning(relative_change: f64, threshold: f64) -> String {
-    format!(
-        "‖θ1 − θ0‖/‖θ0‖ = {relative_change:.3e} is above {threshold:e}: alignment moved the model far from --sft, so the premise of extrapolation (a small step) is doubtful; evaluate the outputs with care, or check `expo diff` (threshold: --warn-relative-change)"
-    )
-}
-
-/// Warns about the tensors of an output that are non-finite because the inputs were.
-pub fn warn_inherited_nonfinite(reporter: &Reporter, o: &Output, stats: &WriteStats) {
-    for (tensor, count) in &stats.inherited_nonfinite {
-        reporter.warn(format!(
-            "{}: tensor `{tensor}`: {count} values are infinite or NaN in --sft or --aligned; --aligned's values were kept there",
-            o.target.path.display()
-        ));
-    }
-}
+use expo::alpha;
+use expo::build::{Input, Output, Prepared, Produced};
+use expo::checkpoint::Checkpoint;
+use expo::hub::ResolvedInput;
+use expo::plan::Plan;
+use expo::sidefiles::{self, InputRecord};
 
 /// What an error says when the outputs are complete but printing `what` failed.
 pub fn complete_but_unprinted(outputs: &[Output], what: &str) -> String {
@@ -118,7 +100,7 @@ pub fn print_json(
         .collect();
     let mut doc = json!({
         "dry_run": false,
-        "alphas": p.args.alpha.0,
+        "alphas": p.settings.alphas,
         "relative_change": produced.relative_change,
         "premise_doubtful": produced.doubtful,
         "side_files": p.side.copy,
@@ -132,8 +114,8 @@ pub fn print_json(
 }
 
 /// `--dry-run`: the plan, as text or (`--json`) as one JSON object, on stdout.
-pub fn print_plan(p: &Prepared, reporter: &Reporter) -> std::io::Result<()> {
-    if p.args.json {
+pub fn print_plan(json: bool, p: &Prepared, reporter: &Reporter) -> std::io::Result<()> {
+    if json {
         report::print_json(&plan_json(p, reporter))
     } else {
         report::print_text(&plan_text(p))

@@ -12,10 +12,10 @@ use std::path::Path;
 use serde::ser::{SerializeSeq, Serializer};
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, Layout};
-use crate::dtype::Dtype;
-use crate::hub::ResolvedInput;
 use crate::report;
+use expo::checkpoint::{Checkpoint, Layout};
+use expo::dtype::Dtype;
+use expo::hub::ResolvedInput;
 
 /// Tensor count, elements and bytes of one dtype (or of everything).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
 
-use crate::dtype::FloatDtype;
-use crate::plan::{AlphaRule, DtypeChoice};
+use expo::dtype::FloatDtype;
+use expo::plan::{AlphaRule, DtypeChoice};
 
 /// Make a better-aligned model from an SFT and an aligned checkpoint, with no training.
 ///
@@ -138,13 +138,13 @@ pub struct ExtrapolateArgs {
 
     /// Per-module α: tensors whose name matches REGEX get VALUE, a number or xF (F times
     /// the run's α). Repeatable; the first matching rule wins (after --skip).
-    #[arg(long, value_name = "REGEX=VALUE", value_parser = crate::alpha::parse_rule)]
+    #[arg(long, value_name = "REGEX=VALUE", value_parser = expo::alpha::parse_rule)]
     pub alpha_for: Vec<AlphaRule>,
 
     /// Tensors whose name matches REGEX get α = 0: --aligned's values, unchanged (converted
     /// only if --dtype asks for another dtype).
     /// Repeatable; checked before --alpha-for.
-    #[arg(long, value_name = "REGEX", value_parser = crate::alpha::parse_skip)]
+    #[arg(long, value_name = "REGEX", value_parser = expo::alpha::parse_skip)]
     pub skip: Vec<AlphaRule>,
 
     /// The directory to create. Must not exist or be empty, unless --force.
@@ -182,18 +182,18 @@ pub struct ExtrapolateArgs {
 
     /// Warn when the whole-model ‖θ1 − θ0‖/‖θ0‖ exceeds R: past it, the premise that
     /// alignment moved the model only a little is doubtful (see `expo diff`).
-    #[arg(long, value_name = "R", default_value_t = crate::stats::DEFAULT_RELATIVE_CHANGE_WARNING, value_parser = parse_ratio)]
+    #[arg(long, value_name = "R", default_value_t = expo::stats::DEFAULT_RELATIVE_CHANGE_WARNING, value_parser = parse_ratio)]
     pub warn_relative_change: f64,
 
     /// When --aligned is a LoRA adapter: write θ2 as an adapter (B factors × (1+α)), or
     /// as a full checkpoint laid out like --sft [default: the kind of --aligned].
     #[arg(long = "as", value_enum, value_name = "KIND")]
-    pub as_kind: Option<AsKind>,
+    pub as_kind: Option<AsKindArg>,
 }
 
 /// Values of `--as`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum AsKind {
+pub enum AsKindArg {
     Adapter,
     Model,
 }
@@ -212,11 +212,11 @@ pub struct ThetaArgs {
 
     /// Per-module α: tensors whose name matches REGEX get VALUE, a number or xF (F times
     /// each candidate's α). Repeatable; the first matching rule wins (after --skip).
-    #[arg(long, value_name = "REGEX=VALUE", value_parser = crate::alpha::parse_rule)]
+    #[arg(long, value_name = "REGEX=VALUE", value_parser = expo::alpha::parse_rule)]
     pub alpha_for: Vec<AlphaRule>,
 
     /// Tensors whose name matches REGEX get α = 0 (--aligned's values). Repeatable.
-    #[arg(long, value_name = "REGEX", value_parser = crate::alpha::parse_skip)]
+    #[arg(long, value_name = "REGEX", value_parser = expo::alpha::parse_skip)]
     pub skip: Vec<AlphaRule>,
 
     /// Re-shard candidates into files of at most SIZE tensor bytes (5GB, 500MB, 2GiB).
@@ -248,8 +248,8 @@ pub struct SearchArgs {
     pub alpha: AlphaList,
 
     /// The range the search may explore [default: 0 to 8 × the first batch's largest α].
-    #[arg(long, value_name = "MIN:MAX", allow_hyphen_values = true, value_parser = crate::search::parse_bounds)]
-    pub bounds: Option<crate::search::Bounds>,
+    #[arg(long, value_name = "MIN:MAX", allow_hyphen_values = true, value_parser = expo::search::parse_bounds)]
+    pub bounds: Option<expo::search::Bounds>,
 
     /// Do not evaluate --aligned itself (α = 0) as the baseline.
     #[arg(long)]
@@ -257,8 +257,8 @@ pub struct SearchArgs {
 
     /// The step at which the search stops zooming: `auto` (the 1-2-5 value nearest
     /// 0.1·(1 + |α|): 0.1 near 0.3, 0.5 near 2.5) or a fixed step such as 0.05.
-    #[arg(long, value_name = "auto|X", default_value = "auto", value_parser = crate::search::parse_resolution)]
-    pub resolution: crate::search::Resolution,
+    #[arg(long, value_name = "auto|X", default_value = "auto", value_parser = expo::search::parse_resolution)]
+    pub resolution: expo::search::Resolution,
 
     /// Most evaluations (retries included).
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000))]
@@ -266,7 +266,7 @@ pub struct SearchArgs {
 
     /// Read the score from the JSON document on stdout (or in --score-file) at this RFC 6901
     /// pointer, e.g. '/results/gsm8k/acc,none' (~1 is `/`, ~0 is `~`).
-    #[arg(long, value_name = "POINTER", value_parser = crate::search::evaluator::parse_pointer)]
+    #[arg(long, value_name = "POINTER", value_parser = expo::search::evaluator::parse_pointer)]
     pub score_json: Option<String>,
 
     /// Read the score from this file (placeholders as in --eval) instead of stdout.
@@ -287,11 +287,11 @@ pub struct SearchArgs {
     pub jobs: u16,
 
     /// Stop an evaluation after DUR (90s, 30m, 2h) and count it as failed.
-    #[arg(long, value_name = "DUR", value_parser = crate::search::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = expo::search::parse_duration)]
     pub timeout: Option<std::time::Duration>,
 
     /// After SIGTERM (timeout or Ctrl-C), SIGKILL the evaluator's process group after DUR.
-    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = crate::search::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = expo::search::parse_duration)]
     pub kill_after: std::time::Duration,
 
     /// Runs again a failed evaluation (an exit code other than 0/125/126/127, a timeout, no
@@ -309,8 +309,8 @@ pub struct SearchArgs {
 
     /// How many of the best candidates stay on disk (`all` keeps every one); the others
     /// are deleted once out of contention. Only candidates this search built are deleted.
-    #[arg(long, value_name = "K|all", default_value = "1", value_parser = crate::search::parse_keep)]
-    pub keep: crate::search::Keep,
+    #[arg(long, value_name = "K|all", default_value = "1", value_parser = expo::search::parse_keep)]
+    pub keep: expo::search::Keep,
 
     /// The run directory: ledger, per-trial logs and work directories, plot, summary.
     #[arg(long, value_name = "DIR", default_value = "expo-search", value_hint = ValueHint::DirPath)]
@@ -351,17 +351,6 @@ impl DtypeArg {
             DtypeArg::F64 => DtypeChoice::Fixed(FloatDtype::F64),
         }
     }
-
-    /// The spelling on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            DtypeArg::Auto => "auto",
-            DtypeArg::Bf16 => "bf16",
-            DtypeArg::F16 => "f16",
-            DtypeArg::F32 => "f32",
-            DtypeArg::F64 => "f64",
-        }
-    }
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
@@ -376,11 +365,11 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 pub struct AlphaList(pub Vec<f64>);
 
 fn parse_alpha_list(s: &str) -> Result<AlphaList, String> {
-    crate::alpha::parse_alphas(s).map(AlphaList)
+    expo::alpha::parse_alphas(s).map(AlphaList)
 }
 
 fn parse_shard_size(s: &str) -> Result<u64, String> {
-    crate::size::parse_size(s)
+    expo::size::parse_size(s)
 }
 
 /// Arguments of `expo diff`.

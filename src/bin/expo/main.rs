@@ -5,7 +5,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use expo::cli::{Cli, Command};
+mod cli;
+mod cmd;
+mod report;
+mod settings;
+
+use cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -41,8 +46,8 @@ fn fail(err: &anyhow::Error, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let _ = writeln!(std::io::stderr(), "expo: error: {err:#}");
-    if json && !expo::report::json_printed() {
-        let _ = expo::report::print_json(&expo::report::failure_json(err));
+    if json && !report::json_printed() {
+        let _ = report::print_json(&report::failure_json(err));
     }
     ExitCode::from(exit_code(err))
 }
@@ -56,8 +61,7 @@ fn usage_error(err: clap::Error) -> ExitCode {
     if refused && json {
         let message = err.render().to_string();
         let message = message.trim_start_matches("error: ").trim_end();
-        let _ =
-            expo::report::print_json(&expo::report::failure_json(&anyhow::anyhow!("{message}")));
+        let _ = report::print_json(&report::failure_json(&anyhow::anyhow!("{message}")));
     }
     ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2))
 }
@@ -66,10 +70,7 @@ fn usage_error(err: clap::Error) -> ExitCode {
 fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<expo::interrupt::Interrupted>().is_some() {
         expo::interrupt::EXIT_INTERRUPTED
-    } else if err
-        .downcast_ref::<expo::cmd::extrapolate::UsageError>()
-        .is_some()
-    {
+    } else if err.downcast_ref::<expo::error::UsageError>().is_some() {
         2
     } else {
         1
@@ -78,11 +79,11 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Command::Extrapolate(args) => expo::cmd::extrapolate::run(args),
-        Command::Diff(args) => expo::cmd::diff::run(args),
-        Command::Search(args) => expo::cmd::search::run(args),
-        Command::Inspect(args) => expo::cmd::inspect::run(args),
-        Command::Completions(args) => expo::cmd::completions::run(args),
-        Command::Man(args) => expo::cmd::man::run(args),
+        Command::Extrapolate(args) => cmd::extrapolate::run(args),
+        Command::Diff(args) => cmd::diff::run(args),
+        Command::Search(args) => cmd::search::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Completions(args) => cmd::completions::run(args),
+        Command::Man(args) => cmd::man::run(args),
     }
 }

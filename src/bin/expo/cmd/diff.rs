@@ -7,18 +7,22 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::checkpoint::Checkpoint;
 use crate::cli::DiffArgs;
-use crate::engine::MappedCheckpoint;
-use crate::hub::{self, CacheEnv};
 use crate::report::{self, diff as print, Reporter};
-use crate::stats::{self, Entry, Input, PairReport};
+use expo::checkpoint::Checkpoint;
+use expo::engine::MappedCheckpoint;
+use expo::hub::{self, CacheEnv};
+use expo::stats::{self, Entry, Input, PairReport};
 
 /// Runs `expo diff`: open the checkpoints → pair their tensors → read and sum every pair
 /// → print → warn → summary line.
 pub fn run(args: &DiffArgs) -> Result<ExitCode> {
-    if let Some(code) = crate::adapter::inspect::maybe_diff(args)? {
-        return Ok(code);
+    if let [sft, aligned] = args.inputs().as_slice() {
+        if let Some(d) = expo::adapter::inspect::diff(sft, aligned)? {
+            let text = report::adapter::diff(&d, sft, aligned, args.json, args.top)?;
+            report::print_text(&text)?;
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     let started = Instant::now();
     let reporter = Reporter::new(args.quiet);
@@ -35,7 +39,7 @@ pub fn run(args: &DiffArgs) -> Result<ExitCode> {
         .for_each(|w| reporter.warn(w.clone()));
     let refs: Vec<&Checkpoint> = checkpoints.iter().collect();
     let entries =
-        crate::pairing::pair_to_compare(&refs, &labels).context("comparing the checkpoints")?;
+        expo::pairing::pair_to_compare(&refs, &labels).context("comparing the checkpoints")?;
     let pairs = pairs_for(paths.len());
     let reports = measure(args, &reporter, &checkpoints, &entries, &pairs)?;
 
@@ -93,11 +97,11 @@ fn measure(
         .zip(&maps)
         .map(|(checkpoint, maps)| Input { checkpoint, maps })
         .collect();
-    let pool = super::worker_pool(args.threads, reporter)?;
+    let pool = expo::pool::worker_pool(args.threads, reporter)?;
     let total_bytes: u64 = checkpoints.iter().map(Checkpoint::data_bytes).sum();
-    let bar = reporter.progress(total_bytes);
-    let sums = stats::compare(&inputs, entries, pairs, &pool, &|n| bar.inc(n));
-    bar.finish_and_clear();
+    let progress = expo::reporter::Progress::start(reporter, total_bytes);
+    let sums = stats::compare(&inputs, entries, pairs, &pool, &|n| progress.advance(n));
+    drop(progress);
     // A truncated input reads as zeros under the guard: fail rather than report on them.
     for m in &maps {
         m.check_intact()?;

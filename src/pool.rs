@@ -1,10 +1,4 @@
-//! One module per subcommand, each with a `run`.
-pub mod completions;
-pub mod diff;
-pub mod extrapolate;
-pub mod inspect;
-pub mod man;
-pub mod search;
+//! The worker threads of a command.
 
 /// The most worker threads a run starts: more than a few per core only costs start-up
 /// time and memory (`-j 10000` took minutes on a tiny model).
@@ -17,9 +11,9 @@ pub fn max_threads(cores: usize) -> usize {
 ///
 /// A Ctrl-C or SIGTERM while the threads start (once [`crate::interrupt::install`] ran)
 /// stops the start-up and returns [`crate::interrupt::Interrupted`].
-pub(crate) fn worker_pool(
+pub fn worker_pool(
     threads: Option<u16>,
-    reporter: &crate::report::Reporter,
+    reporter: &dyn crate::reporter::Reporter,
 ) -> anyhow::Result<rayon::ThreadPool> {
     use anyhow::Context;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

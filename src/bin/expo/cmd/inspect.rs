@@ -6,14 +6,14 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use crate::cli::InspectArgs;
-use crate::hub::{self, CacheEnv};
 use crate::report::inspect as print;
-pub use crate::report::inspect::{totals, Totals};
+use expo::hub::{self, CacheEnv};
 
 /// Runs `expo inspect`: resolve the input, read its headers, print.
 pub fn run(args: &InspectArgs) -> Result<ExitCode> {
-    if let Some(code) = crate::adapter::inspect::maybe_inspect(args)? {
-        return Ok(code);
+    if let Some(info) = expo::adapter::inspect::inspect(&args.path)? {
+        crate::report::print_text(&crate::report::adapter::inspect(&info, args.json)?)?;
+        return Ok(ExitCode::SUCCESS);
     }
     let (ck, resolved) = hub::open_for("checkpoint", &args.path, &CacheEnv::from_process())?;
     let reporter = crate::report::Reporter::new(false);

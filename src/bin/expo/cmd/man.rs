@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::CommandFactory;
 
 use crate::cli::{Cli, ManArgs};
-use crate::cmd::extrapolate::UsageError;
+use expo::error::UsageError;
 
 /// The fully built command tree, without clap's `help` subcommand (it has no page).
 fn command() -> clap::Command {

@@ -2,13 +2,61 @@
 //! `--dry-run` plan, and the `--json` objects on stdout.
 
 use std::io::Write as _;
-use std::path::Path;
 
 use serde_json::json;
 
+use expo::search::ledger::Trial;
+use expo::search::rule::{Lat, Status};
+use expo::search::{DryRun, Observer, Verdict};
+
 use crate::report::{self, Reporter};
-use crate::search::ledger::Trial;
-use crate::search::rule::{Lat, Settings, Status};
+
+/// The terminal as a search's observer: warnings on stderr, the live table and the verdict
+/// on stderr, and with `--json` the result on stdout.
+pub struct Terminal {
+    reporter: Reporter,
+    json: bool,
+}
+
+impl Terminal {
+    /// The observer of a search; `json`: print the verdict (or dry run) on stdout too.
+    pub fn new(json: bool) -> Terminal {
+        Terminal {
+            reporter: Reporter::new(false),
+            json,
+        }
+    }
+}
+
+impl expo::reporter::Reporter for Terminal {
+    fn warn(&self, message: String) {
+        self.reporter.warn(message);
+    }
+}
+
+impl Observer for Terminal {
+    fn dry_run(&self, plan: &DryRun) -> std::io::Result<()> {
+        dry_run(plan, self.json)
+    }
+
+    fn table_header(&self) {
+        table_header();
+    }
+
+    fn trial_ended(&self, trial: &Trial, baseline: Option<f64>) {
+        trial_row(trial, baseline);
+    }
+
+    fn finished(&self, verdict: &Verdict) -> std::io::Result<()> {
+        if let Some((a, s, where_)) = &verdict.best {
+            best_line(*a, *s, verdict.status, verdict.evaluations, where_);
+        }
+        if self.json {
+            report::print_json(&verdict.summary)?;
+        }
+        Ok(())
+    }
+}
 
 /// The header of the live table of trials.
 pub fn table_header() {
@@ -43,28 +91,6 @@ pub fn trial_row(t: &Trial, baseline: Option<f64>) {
     );
 }
 
-/// Warns about a verdict that needs the user's attention (flat, edge, no gain, budget).
-pub fn status_warning(reporter: &Reporter, status: Status, settings: &Settings) {
-    match status {
-        Status::Flat => reporter.warn(format!(
-            "the scores around the best alpha are within --tie {} of it (flat): the evaluator cannot tell these α apart; a larger dev set or a less noisy score would",
-            settings.tie
-        )),
-        Status::Edge => reporter.warn(format!(
-            "the best alpha is at the edge of the search range {}:{}; widen it with --bounds",
-            settings.lower, settings.upper
-        )),
-        Status::NoGain => reporter.warn(
-            "no candidate scored better than the --aligned model itself (alpha = 0): extrapolation does not help this model on this evaluator",
-        ),
-        Status::Budget => reporter.warn(format!(
-            "stopped after --max-evals {} evaluations before the best alpha was bracketed; resume with a larger --max-evals",
-            settings.max_evals
-        )),
-        _ => {}
-    }
-}
-
 /// The final line: the best α, its score, and where its candidate is (`where_`).
 pub fn best_line(alpha: Lat, score: f64, status: Status, evaluations: usize, where_: &str) {
     let _ = writeln!(
@@ -73,26 +99,6 @@ pub fn best_line(alpha: Lat, score: f64, status: Status, evaluations: usize, whe
         fmt_score(score),
         status.name(),
     );
-}
-
-/// What `expo search --dry-run` found, to print.
-pub struct DryRun<'a> {
-    /// The size of one candidate.
-    pub candidate_bytes: u64,
-    /// The space the search may need.
-    pub need: u64,
-    /// The space free where the candidates go.
-    pub free: u64,
-    /// The existing directory the candidates go in.
-    pub out_parent: &'a Path,
-    pub jobs: usize,
-    /// `--keep` (`None`: all).
-    pub keep: Option<usize>,
-    pub run: &'a Path,
-    /// The existing directory the run directory goes in.
-    pub run_parent: &'a Path,
-    /// The first batch: trial number, α and the evaluator's command line.
-    pub commands: Vec<(usize, Lat, String)>,
 }
 
 /// Prints the dry run: the space and directories on stderr with one line per command, and
@@ -142,13 +148,4 @@ pub fn fmt_score(s: f64) -> String {
     format!("{}", if r == 0.0 { 0.0 } else { r })
 }
 
-/// Seconds for people: `12.3s`, `4.5m`, `1.2h`.
-pub fn fmt_secs(s: f64) -> String {
-    if s < 60.0 {
-        format!("{s:.1}s")
-    } else if s < 3600.0 {
-        format!("{:.1}m", s / 60.0)
-    } else {
-        format!("{:.1}h", s / 3600.0)
-    }
-}
+pub use expo::text::seconds as fmt_secs;
