@@ -5,7 +5,7 @@
 //! A caller that wants a batch of candidates for several α (a search) builds one
 //! [`Settings`] with every α and gets one result per output back.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -16,48 +16,11 @@ use crate::error::UsageError;
 use crate::hub::{self, CacheEnv, ResolvedInput};
 use crate::interrupt;
 use crate::output::{self, OutputTarget, StagingDir};
-use crate::plan::{self, build_plan, AlphaRule, DtypeChoice, Plan, PlanError, PlanOptions};
+use crate::plan::{self, build_plan, AlphaRule, Plan, PlanError, PlanOptions};
 use crate::reporter::{Progress, Reporter};
+pub use crate::settings::{AsKind, Settings};
 use crate::sidefiles::{self, InputRecord, Provenance, RuleRecord, SideFiles, TensorCounts};
 use crate::stats;
-
-/// What `--aligned` as a LoRA adapter becomes (`--as`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AsKind {
-    /// A new adapter whose `lora_B` factors are scaled by 1 + α.
-    Adapter,
-    /// A full checkpoint: θ0 + (1 + α)·ΔW, merged.
-    Model,
-}
-
-/// One build, typed and validated as far as can be without touching the disk: what the
-/// command line's flags (or a search) ask for.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// `--sft`: θ0, a directory, file or Hub id.
-    pub sft: PathBuf,
-    /// `--aligned`: θ1, or a LoRA adapter trained on θ0.
-    pub aligned: PathBuf,
-    /// One output per α, in this order.
-    pub alphas: Vec<f64>,
-    /// `--skip` rules (α = 0), tried before the `--alpha-for` rules.
-    pub skip: Vec<AlphaRule>,
-    /// `--alpha-for` rules: the first that matches a tensor sets its α.
-    pub alpha_for: Vec<AlphaRule>,
-    /// Where each output goes; holds `{alpha}` when there are several α.
-    pub output: PathBuf,
-    pub max_shard_size: Option<u64>,
-    pub dtype: DtypeChoice,
-    /// Replace an existing output checkpoint.
-    pub force: bool,
-    pub threads: Option<u16>,
-    /// Warn when ‖θ1 − θ0‖/‖θ0‖ is above this.
-    pub warn_relative_change: f64,
-    /// For an adapter as `--aligned`: what to write (`None`: refused, the user must say).
-    pub as_kind: Option<AsKind>,
-    /// The command line recorded in each output's provenance.
-    pub command: Vec<String>,
-}
 
 /// One input checkpoint: its flag, the opened checkpoint and where it was resolved to.
 #[derive(Debug)]
@@ -384,54 +347,12 @@ fn rule_matches(plan: &Plan, rules: usize) -> Vec<usize> {
     n
 }
 
-fn canonical(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
 /// Refuses an output that is, contains, or lies inside either input, that contains the
 /// data behind a symlinked weight file, or that lies in a Hub input's cache entry.
 fn check_paths(target: &OutputTarget, inputs: &[Input]) -> Result<()> {
     inputs
         .iter()
-        .try_for_each(|i| check_overlap(target, i.flag, &i.checkpoint, &i.resolved))
-}
-
-/// Refuses (usage error) an output that is, contains, or lies inside the input given with
-/// `flag`, holds the data behind a symlinked weight file, or lies in a Hub input's cache
-/// entry. Shared with the adapter path.
-pub fn check_overlap(
-    target: &OutputTarget,
-    flag: &str,
-    ck: &Checkpoint,
-    resolved: &crate::hub::ResolvedInput,
-) -> Result<()> {
-    let parent = std::fs::canonicalize(&target.parent)
-        .with_context(|| format!("resolving {}", target.parent.display()))?;
-    let out = parent.join(&target.name);
-    let input = canonical(&resolved.path);
-    let root = canonical(&ck.root);
-    let mut clash = out == input
-        || out.starts_with(&root) && ck.is_dir
-        || out.starts_with(&input)
-        || input.starts_with(&out);
-    // Weight files may be symlinks (the Hugging Face cache links them into blobs/).
-    clash |= ck
-        .shards
-        .iter()
-        .any(|s| canonical(&s.path).starts_with(&out));
-    if let Some(repo_dir) = &resolved.repo_dir {
-        let repo_dir = canonical(repo_dir);
-        clash |= out.starts_with(&repo_dir) || repo_dir.starts_with(&out);
-    }
-    if clash {
-        return Err(UsageError(format!(
-            "--output {} overlaps {flag} {}; write the result somewhere else",
-            target.path.display(),
-            ck.given.display()
-        ))
-        .into());
-    }
-    Ok(())
+        .try_for_each(|i| output::check_overlap(target, i.flag, &i.checkpoint, &i.resolved))
 }
 
 fn warn_about_inputs(reporter: &dyn Reporter, alphas: &[f64], inputs: &[Input; 2]) {

@@ -4,6 +4,7 @@
 //! memory map is recovered from and reported as an error.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Set when the user asked expo to stop.
 static CANCEL: AtomicBool = AtomicBool::new(false);
@@ -16,6 +17,34 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 #[error("interrupted; the output was not written")]
 pub struct Interrupted;
 
+/// What a second signal runs before expo exits at once: each module that owns something
+/// that must not outlive expo (a staging directory, an evaluator's process group) registers
+/// its clean-up here, so that this module calls nothing above it.
+static ON_FORCED_EXIT: Mutex<Vec<Cleanup>> = Mutex::new(Vec::new());
+
+/// A registered clean-up: its name (registered once) and what it runs.
+type Cleanup = (&'static str, fn());
+
+/// Registers `cleanup` (once per `name`) to run when a second signal makes expo exit at
+/// once. Clean-ups run in the order they were first registered.
+pub fn on_forced_exit(name: &'static str, cleanup: fn()) {
+    let mut list = ON_FORCED_EXIT.lock().unwrap_or_else(|p| p.into_inner());
+    if !list.iter().any(|(n, _)| *n == name) {
+        list.push((name, cleanup));
+    }
+}
+
+/// Runs every registered clean-up (the second signal).
+fn run_forced_exit_cleanups() {
+    let list = ON_FORCED_EXIT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for (_, cleanup) in list {
+        cleanup();
+    }
+}
+
 /// Installs the handler for SIGINT, SIGTERM and SIGHUP, and ignores SIGXFSZ so that a
 /// file-size limit (`ulimit -f`) makes writes fail with `EFBIG`, which expo reports and
 /// cleans up after, instead of killing the process. Safe to call more than once.
@@ -23,8 +52,7 @@ pub fn install() {
     // A second installation fails harmlessly (in tests, or if a caller already has one).
     let _ = ctrlc::set_handler(|| {
         if CANCEL.swap(true, Ordering::SeqCst) {
-            crate::output::remove_active_staging();
-            crate::search::kill_all_groups();
+            run_forced_exit_cleanups();
             std::process::exit(EXIT_INTERRUPTED as i32);
         }
     });

@@ -21,6 +21,7 @@ pub mod plan;
 pub mod pool;
 pub mod reporter;
 pub mod search;
+pub mod settings;
 pub mod sidefiles;
 pub mod size;
 pub mod stats;

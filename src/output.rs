@@ -687,6 +687,50 @@ pub fn remove_active_staging() {
     }
 }
 
+/// Refuses (usage error) an output that is, contains, or lies inside the input given with
+/// `flag`, holds the data behind a symlinked weight file, or lies in a Hub input's cache
+/// entry. Shared with the adapter path.
+pub fn check_overlap(
+    target: &OutputTarget,
+    flag: &str,
+    ck: &crate::checkpoint::Checkpoint,
+    resolved: &crate::hub::ResolvedInput,
+) -> anyhow::Result<()> {
+    let parent = std::fs::canonicalize(&target.parent).map_err(|e| {
+        anyhow::Error::new(e).context(format!("resolving {}", target.parent.display()))
+    })?;
+    let out = parent.join(&target.name);
+    let input = canonical_or_given(&resolved.path);
+    let root = canonical_or_given(&ck.root);
+    let mut clash = out == input
+        || out.starts_with(&root) && ck.is_dir
+        || out.starts_with(&input)
+        || input.starts_with(&out);
+    // Weight files may be symlinks (the Hugging Face cache links them into blobs/).
+    clash |= ck
+        .shards
+        .iter()
+        .any(|s| canonical_or_given(&s.path).starts_with(&out));
+    if let Some(repo_dir) = &resolved.repo_dir {
+        let repo_dir = canonical_or_given(repo_dir);
+        clash |= out.starts_with(&repo_dir) || repo_dir.starts_with(&out);
+    }
+    if clash {
+        return Err(crate::error::UsageError(format!(
+            "--output {} overlaps {flag} {}; write the result somewhere else",
+            target.path.display(),
+            ck.given.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The canonical form of `path`, or `path` itself when it cannot be resolved.
+fn canonical_or_given(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// What a successful [`StagingDir::commit`] could not finish. The new output is in place
 /// either way; these are for warnings, not errors.
 #[derive(Debug, Default)]
@@ -796,6 +840,7 @@ impl StagingDir {
             }
         };
         active().push((path.clone(), id));
+        crate::interrupt::on_forced_exit("staging directories", remove_active_staging);
         Ok(StagingDir {
             path,
             id,

@@ -18,7 +18,6 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::alpha;
-use crate::build::{AsKind, Settings};
 use crate::checkpoint::Checkpoint;
 use crate::engine::MappedCheckpoint;
 use crate::error::UsageError;
@@ -28,6 +27,7 @@ use crate::output::{self, OutputTarget, StagingDir};
 use crate::pairing::DtypeChoice;
 use crate::plan::AlphaRule;
 use crate::reporter::{Progress, Reporter};
+use crate::settings::{AsKind, Settings};
 use crate::sidefiles::{self, InputRecord, SideFiles};
 
 use self::config::{AdapterConfig, CONFIG_NAME, WEIGHTS_NAME};
@@ -608,6 +608,6 @@ type Input<'a> = (&'static str, &'a Checkpoint, &'a ResolvedInput);
 /// Refuses an output that is, contains, or lies inside an input.
 fn check_paths(target: &OutputTarget, inputs: &[Input]) -> Result<()> {
     inputs.iter().try_for_each(|&(flag, ck, resolved)| {
-        crate::build::check_overlap(target, flag, ck, resolved)
+        crate::output::check_overlap(target, flag, ck, resolved)
     })
 }

@@ -70,6 +70,7 @@ const GROUP_SLOTS: usize = 256;
 static GROUPS: [AtomicI32; GROUP_SLOTS] = [const { AtomicI32::new(0) }; GROUP_SLOTS];
 
 pub(crate) fn register_group(pgid: i32) {
+    interrupt::on_forced_exit("evaluator process groups", kill_all_groups);
     for g in &GROUPS {
         if g.compare_exchange(0, pgid, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
