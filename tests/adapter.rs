@@ -1,14 +1,12 @@
 //! ExPO on PEFT LoRA adapters: adapters built here with known factors, checked against
 //! θ0 + (1+α)·ΔW computed independently in f64 and rounded with the reference rounding.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 const P: &str = "base_model.model.";

@@ -3,13 +3,11 @@
 //! q/k/v/o (bf16), GPT-2 Conv1D including the square c_proj (f16) and GPT-NeoX's fused
 //! query_key_value (f32). Checked against θ0 + (1+α)·s·B·A computed here in f64.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn fixture(name: &str) -> (PathBuf, PathBuf) {

@@ -9,13 +9,11 @@
 //! `merge_and_unload()` stored next to each case (`merged.safetensors`), which checks ΔW's
 //! orientation and scaling independently of this file's reading of PEFT.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 struct Case {

@@ -1,13 +1,11 @@
 //! Failures: every mismatch or bad input exits 1 (usage errors 2), says what is wrong, and
 //! leaves nothing behind: no output directory and no `.expo-tmp-*` staging directory.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// θ0 and θ1 of a tiny bf16 model with an int buffer.
 fn model() -> (Vec<Tensor>, Vec<Tensor>) {

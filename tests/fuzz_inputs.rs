@@ -20,8 +20,6 @@
 //! 256 cases per property by default; set `PROPTEST_CASES` for a longer run. The cargo-fuzz
 //! target in `fuzz/` covers the same path with coverage guidance.
 
-mod common;
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::fs;
@@ -30,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::Scratch;
+use crate::common::{self, Scratch};
 use expo::checkpoint::Checkpoint;
 use expo::dtype::FloatDtype;
 use expo::engine::{self, EngineError, MappedCheckpoint, OutputJob};

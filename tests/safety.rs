@@ -10,8 +10,6 @@
 //! until the run's temporary directory holds its output shard, and freeze the process with
 //! SIGSTOP before acting, so that nothing depends on timing.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
@@ -21,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{extrapolate, list_dir, list_tree, Dtype, Scratch, Tensor};
+use crate::common::{self, extrapolate, list_dir, list_tree, Dtype, Scratch, Tensor};
 
 // ---------------------------------------------------------------------------------------
 // Helpers

@@ -1,14 +1,12 @@
 //! `expo search` with fake evaluators: small sh scripts that compute a score from
 //! EXPO_ALPHA (e.g. −(α − 0.3)²) and record what they were asked to do.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{expo, list_dir, weight_files, Dtype, Expo, Scratch};
+use crate::common::{self, expo, list_dir, weight_files, Dtype, Expo, Scratch};
 use serde_json::Value;
 
 /// A small pair in `s`: `sft/` and `aligned/`.

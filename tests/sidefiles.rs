@@ -3,13 +3,11 @@
 //! are refused by name; nothing is skipped silently; output names never collide; the model
 //! card names Hub ids only and keeps θ1's card metadata; `--dtype` updates config.json.
 
-mod common;
-
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// θ0 and θ1 in `s` (`sft`, `dpo`), θ1 with the usual side files.
 fn pair(s: &Scratch) -> (PathBuf, PathBuf) {

@@ -2,11 +2,9 @@
 //! namespaces, stale directories recognised by an unlocked marker, and `--force` refusing
 //! to replace what is not a model checkpoint.
 
-mod common;
-
 use std::fs;
 
-use common::{extrapolate, list_dir, Dtype, Scratch};
+use crate::common::{self, extrapolate, list_dir, Dtype, Scratch};
 
 /// A small pair in `s`: `sft/` and `aligned/`.
 fn small_pair(s: &Scratch) {
