@@ -32,30 +32,27 @@ fn fails(
     code: i32,
     needles: &[&str],
 ) -> String {
-    let before = (snapshot(sft), snapshot(dpo));
+    let before = (snapshot_path(sft), snapshot_path(dpo));
     let out = extrapolate(sft, dpo, alpha, &s.out("o"))
         .args(extra)
         .assert_fails(code, needles);
     s.assert_no_output();
-    assert!(before == (snapshot(sft), snapshot(dpo)), "an input changed");
+    assert!(
+        before == (snapshot_path(sft), snapshot_path(dpo)),
+        "an input changed"
+    );
     out.stderr
 }
 
-/// Every file under `path` (or the file itself) with its bytes.
-fn snapshot(path: &Path) -> Vec<(String, Vec<u8>)> {
+/// Every file under `path` (or the file itself) with its bytes; nothing if it is absent.
+fn snapshot_path(path: &Path) -> Vec<(String, Vec<u8>)> {
     if !path.exists() {
         return Vec::new();
     }
     if path.is_file() {
         return vec![(String::new(), fs::read(path).unwrap())];
     }
-    list_tree(path)
-        .into_iter()
-        .map(|n| {
-            let bytes = fs::read(path.join(&n)).unwrap();
-            (n, bytes)
-        })
-        .collect()
+    snapshot(path)
 }
 
 fn dirs(s: &Scratch, t0s: &[Tensor], t1s: &[Tensor]) -> (PathBuf, PathBuf) {
@@ -443,7 +440,7 @@ fn output_inside_an_input_is_refused() {
     let (t0s, t1s) = model();
     let s = Scratch::new();
     let (sft, dpo) = dirs(&s, &t0s, &t1s);
-    let before = (snapshot(&sft), snapshot(&dpo));
+    let before = (snapshot_path(&sft), snapshot_path(&dpo));
     extrapolate(&sft, &dpo, "0.3", &dpo.join("expo")).assert_fails(2, &["overlaps", "--aligned"]);
     extrapolate(&sft, &dpo, "0.3", &sft.join("inside")).assert_fails(2, &["overlaps", "--sft"]);
     // Through a symlink to an input directory.
@@ -458,7 +455,7 @@ fn output_inside_an_input_is_refused() {
         .arg("--force")
         .assert_fails(2, &["overlaps"]);
     assert!(
-        before == (snapshot(&sft), snapshot(&dpo)),
+        before == (snapshot_path(&sft), snapshot_path(&dpo)),
         "an input changed"
     );
     assert_no_staging(s.root());

@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::{self, Scratch};
+use crate::common::{self, mkfifo, Scratch};
 use expo::checkpoint::Checkpoint;
 use expo::dtype::FloatDtype;
 use expo::engine::{self, EngineError, MappedCheckpoint, OutputJob};
@@ -1202,14 +1202,6 @@ fn the_binary_refuses_each_broken_index_naming_it() {
 // ---------------------------------------------------------------------------------------
 // Special files: a FIFO or device must not make expo hang
 // ---------------------------------------------------------------------------------------
-
-fn mkfifo(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
-    assert_eq!(rc, 0, "mkfifo {}", path.display());
-}
 
 /// Runs expo with a deadline; a run that blocks is killed and reported.
 fn run_with_deadline(args: &[&std::ffi::OsStr], deadline: Duration) -> (i32, String) {

@@ -18,14 +18,6 @@ fn pair(s: &Scratch) -> (PathBuf, PathBuf) {
     (sft, dpo)
 }
 
-fn mkfifo(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
-    assert_eq!(rc, 0, "mkfifo {}", path.display());
-}
-
 // ---------------------------------------------------------------------------------------
 // Runs paused at a failpoint (common::Paused)
 // ---------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ pub use safetensors::Dtype;
 use safetensors::SafeTensors;
 use serde_json::Value;
 
+pub mod adapter;
+
 // ---------------------------------------------------------------------------------------
 // Deterministic randomness (no dependency on proptest outside the property test)
 // ---------------------------------------------------------------------------------------
@@ -814,6 +816,29 @@ impl Checkpoint {
     }
 }
 
+/// The tensors of one safetensors file, by name.
+pub fn read_tensors(path: &Path) -> BTreeMap<String, Tensor> {
+    read_shard(path)
+        .1
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect()
+}
+
+/// The tensors of every `*.safetensors` file directly in `dir`, by name.
+pub fn read_dir_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "safetensors") {
+            for t in read_shard(&p).1 {
+                out.insert(t.name.clone(), t);
+            }
+        }
+    }
+    out
+}
+
 /// Parses one safetensors file raw (length prefix, header JSON, tiling of the data section)
 /// and with `SafeTensors::deserialize`, checking that both agree.
 pub fn read_shard(path: &Path) -> (ShardFile, Vec<Tensor>) {
@@ -1336,6 +1361,35 @@ pub fn list_dir(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// Every file under `dir` (which must exist), relative and sorted, with its bytes.
+pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    list_tree(dir)
+        .into_iter()
+        .map(|rel| {
+            let bytes = fs::read(dir.join(&rel)).unwrap();
+            (rel, bytes)
+        })
+        .collect()
+}
+
+/// A bf16 pair of `tiny_llama(seed)` in single files at `sft` and `aligned` in `s`, with a
+/// `config.json` side file on the aligned side.
+pub fn small_pair(s: &Scratch, seed: u64) {
+    let (t0, t1) = tiny_llama(Dtype::BF16, Dtype::BF16, false, seed);
+    single(&s.path("sft"), &t0);
+    single(&s.path("aligned"), &t1);
+    fs::write(s.path("aligned").join("config.json"), "{}\n").unwrap();
+}
+
+/// Makes a FIFO (named pipe) at `path`.
+pub fn mkfifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
+    assert_eq!(rc, 0, "mkfifo {}", path.display());
 }
 
 /// Every file under `dir`, relative, sorted (directories are descended, not listed).
