@@ -1,93 +1,15 @@
 //! ExPO on PEFT LoRA adapters: adapters built here with known factors, checked against
 //! θ0 + (1+α)·ΔW computed independently in f64 and rounded with the reference rounding.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::adapter::{
+    llama, lora_config, merged, product, random_tensor as t, write_adapter, PEFT_PREFIX as P,
+};
+use crate::common::*;
 use serde_json::{json, Value};
-
-const P: &str = "base_model.model.";
-
-/// Deterministic values of moderate size, not exactly representable in bf16.
-fn vals(rng: &mut Rng, n: usize, scale: f64) -> Vec<f64> {
-    (0..n).map(|_| (rng.unit() * 2.0 - 1.0) * scale).collect()
-}
-
-/// A tensor whose values are `vals` already rounded to `dtype` (so that its f64 values are
-/// exactly what expo reads).
-fn t(name: &str, dtype: Dtype, shape: &[usize], rng: &mut Rng, scale: f64) -> Tensor {
-    let v = vals(rng, numel(shape), scale);
-    Tensor::float(name, dtype, shape, &v)
-}
-
-fn write_adapter(dir: &Path, config: &Value, tensors: &[Tensor]) -> PathBuf {
-    fs::create_dir_all(dir).unwrap();
-    fs::write(
-        dir.join("adapter_config.json"),
-        serde_json::to_string_pretty(config).unwrap(),
-    )
-    .unwrap();
-    write_st(
-        &dir.join("adapter_model.safetensors"),
-        tensors,
-        Some(pt_metadata()),
-    );
-    dir.to_path_buf()
-}
-
-fn lora_config(r: u64, alpha: f64, targets: &[&str]) -> Value {
-    json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": "org/base",
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "target_modules": targets,
-        "fan_in_fan_out": false,
-        "bias": "none",
-        "use_rslora": false,
-        "use_dora": false,
-        "init_lora_weights": true,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "modules_to_save": null,
-        "layer_replication": null,
-    })
-}
-
-fn by_name_map(dir: &Path) -> BTreeMap<String, Tensor> {
-    let mut out = BTreeMap::new();
-    for entry in fs::read_dir(dir).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().is_some_and(|e| e == "safetensors") {
-            for t in read_shard(&p).1 {
-                out.insert(t.name.clone(), t);
-            }
-        }
-    }
-    out
-}
-
-/// Σₖ B[i,k]·A[k,j] for k in order, as a [out, in] row-major matrix.
-fn product(b: &[f64], a: &[f64], out: usize, r: usize, inp: usize) -> Vec<f64> {
-    let mut p = vec![0.0; out * inp];
-    for i in 0..out {
-        for j in 0..inp {
-            let mut acc = 0.0;
-            for k in 0..r {
-                acc += b[i * r + k] * a[k * inp + j];
-            }
-            p[i * inp + j] = acc;
-        }
-    }
-    p
-}
 
 /// Asserts that `got` holds exactly `expected` rounded to its dtype.
 fn assert_rounded(got: &Tensor, expected: &[f64]) {
@@ -104,14 +26,6 @@ fn assert_rounded(got: &Tensor, expected: &[f64]) {
     }
 }
 
-/// θ0 + (1+α)·(s·P) for a [rows, cols] base whose ΔW in storage orientation is `p`.
-fn merged(w0: &[f64], p: &[f64], s: f64, alpha: f64) -> Vec<f64> {
-    w0.iter()
-        .zip(p)
-        .map(|(w, d)| w + (1.0 + alpha) * (s * d))
-        .collect()
-}
-
 fn transpose(x: &[f64], n: usize, m: usize) -> Vec<f64> {
     let mut t = vec![0.0; x.len()];
     for i in 0..n {
@@ -120,112 +34,6 @@ fn transpose(x: &[f64], n: usize, m: usize) -> Vec<f64> {
         }
     }
     t
-}
-
-/// A small Llama-like base (bf16) with side files, and a LoRA (f32 factors) on q_proj
-/// [6, 4], the square o_proj [4, 4] and v_proj.
-struct Llama {
-    base: PathBuf,
-    adapter: PathBuf,
-    base_tensors: BTreeMap<String, Tensor>,
-    adapter_tensors: BTreeMap<String, Tensor>,
-}
-
-fn llama(s: &Scratch, factor_dtype: Dtype, config: Value) -> Llama {
-    let mut rng = Rng::new(7);
-    let base_tensors = vec![
-        t(
-            "model.embed_tokens.weight",
-            Dtype::BF16,
-            &[10, 4],
-            &mut rng,
-            1.0,
-        ),
-        t(
-            "model.layers.0.self_attn.q_proj.weight",
-            Dtype::BF16,
-            &[6, 4],
-            &mut rng,
-            1.0,
-        ),
-        t(
-            "model.layers.0.self_attn.v_proj.weight",
-            Dtype::BF16,
-            &[6, 4],
-            &mut rng,
-            1.0,
-        ),
-        t(
-            "model.layers.0.self_attn.o_proj.weight",
-            Dtype::BF16,
-            &[4, 4],
-            &mut rng,
-            1.0,
-        ),
-        t("model.norm.weight", Dtype::BF16, &[4], &mut rng, 1.0),
-        t("lm_head.weight", Dtype::BF16, &[10, 4], &mut rng, 1.0),
-    ];
-    let base = single(&s.path("base"), &base_tensors);
-    side_files(&base, "base");
-    let r = config["r"].as_u64().unwrap() as usize;
-    let mut adapter_tensors = Vec::new();
-    for (m, out, inp) in [("q_proj", 6, 4), ("v_proj", 6, 4), ("o_proj", 4, 4)] {
-        let r = match m {
-            "v_proj" => config["rank_pattern"]["v_proj"]
-                .as_u64()
-                .map_or(r, |x| x as usize),
-            _ => r,
-        };
-        adapter_tensors.push(t(
-            &format!("{P}model.layers.0.self_attn.{m}.lora_A.weight"),
-            factor_dtype,
-            &[r, inp],
-            &mut rng,
-            0.5,
-        ));
-        adapter_tensors.push(t(
-            &format!("{P}model.layers.0.self_attn.{m}.lora_B.weight"),
-            factor_dtype,
-            &[out, r],
-            &mut rng,
-            0.05,
-        ));
-    }
-    let adapter = write_adapter(&s.path("adapter"), &config, &adapter_tensors);
-    fs::write(
-        adapter.join("tokenizer_config.json"),
-        "{\"chat_template\": \"dpo\"}\n",
-    )
-    .unwrap();
-    fs::write(adapter.join("README.md"), "# my DPO adapter\n").unwrap();
-    Llama {
-        base,
-        adapter,
-        base_tensors: base_tensors
-            .into_iter()
-            .map(|t| (t.name.clone(), t))
-            .collect(),
-        adapter_tensors: adapter_tensors
-            .into_iter()
-            .map(|t| (t.name.clone(), t))
-            .collect(),
-    }
-}
-
-impl Llama {
-    fn factors(&self, module: &str) -> (Vec<f64>, Vec<f64>, usize) {
-        let a = &self.adapter_tensors[&format!("{P}{module}.lora_A.weight")];
-        let b = &self.adapter_tensors[&format!("{P}{module}.lora_B.weight")];
-        (a.values(), b.values(), a.shape[0])
-    }
-
-    /// The expected merged weight of a Linear module.
-    fn expected_linear(&self, module: &str, s: f64, alpha: f64) -> Vec<f64> {
-        let w0 = self.base_tensors[&format!("{module}.weight")].values();
-        let shape = &self.base_tensors[&format!("{module}.weight")].shape;
-        let (a, b, r) = self.factors(module);
-        merged(&w0, &product(&b, &a, shape[0], r, shape[1]), s, alpha)
-    }
 }
 
 const Q: &str = "model.layers.0.self_attn.q_proj";
@@ -244,7 +52,7 @@ fn as_model_is_the_base_plus_the_scaled_update_rounded_once() {
     extrapolate(&l.base, &l.adapter, "0.5", &out)
         .args(&["--as", "model"])
         .assert_ok();
-    let got = by_name_map(&out);
+    let got = read_dir_tensors(&out);
     // s = 4 / 2 = 2. q_proj and v_proj are [6, 4]; o_proj is square (Linear in Llama).
     for m in [Q, V, O] {
         assert_rounded(
@@ -312,7 +120,7 @@ fn as_adapter_scales_exactly_the_b_factors() {
         fs::read(out.join("adapter_config.json")).unwrap(),
         fs::read(l.adapter.join("adapter_config.json")).unwrap()
     );
-    let got = by_name_map(&out);
+    let got = read_dir_tensors(&out);
     assert_eq!(got.len(), l.adapter_tensors.len());
     for (name, t1) in &l.adapter_tensors {
         let g = &got[name];
@@ -350,7 +158,7 @@ fn an_alpha_list_writes_one_adapter_per_value_and_skip_leaves_a_module_unscaled(
         .args(&["--skip", "v_proj"])
         .assert_ok();
     for (dir, alpha) in [("a-0.1", 0.1), ("a-0.4", 0.4)] {
-        let got = by_name_map(&s.out(dir));
+        let got = read_dir_tensors(&s.out(dir));
         for m in [Q, O] {
             let name = format!("{P}{m}.lora_B.weight");
             let expected: Vec<f64> = l.adapter_tensors[&name]
@@ -368,7 +176,7 @@ fn an_alpha_list_writes_one_adapter_per_value_and_skip_leaves_a_module_unscaled(
     extrapolate(&l.base, &l.adapter, "0.4", &out)
         .args(&["--as", "model", "--skip", "v_proj"])
         .assert_ok();
-    let got = by_name_map(&out);
+    let got = read_dir_tensors(&out);
     assert_rounded(
         &got[&format!("{V}.weight")],
         &l.expected_linear(V, 2.0, 0.0),
@@ -392,7 +200,7 @@ fn rslora_and_patterns_set_each_modules_scaling() {
     extrapolate(&l.base, &l.adapter, "0.25", &out)
         .args(&["--as", "model"])
         .assert_ok();
-    let got = by_name_map(&out);
+    let got = read_dir_tensors(&out);
     assert_rounded(
         &got[&format!("{Q}.weight")],
         &l.expected_linear(Q, 8.0 / 2.0, 0.25),
@@ -460,7 +268,7 @@ fn conv1d_modules_are_transposed_including_the_square_c_proj() {
     extrapolate(&base, &adapter, "0.5", &out)
         .args(&["--as", "model"])
         .assert_ok();
-    let got = by_name_map(&out);
+    let got = read_dir_tensors(&out);
     let a_t: BTreeMap<_, _> = adapter_tensors
         .iter()
         .map(|t| (t.name.clone(), t))
@@ -530,7 +338,7 @@ fn embedding_lora_and_tied_heads() {
         .assert_ok();
     // ΔW = s·(B·A)ᵀ, [vocab, dim].
     let p = transpose(&product(&eb.values(), &ea.values(), 4, 3, 10), 4, 10);
-    let got = by_name_map(&out);
+    let got = read_dir_tensors(&out);
     assert_rounded(
         &got["model.embed_tokens.weight"],
         &merged(&base_tensors[0].values(), &p, 2.0, 0.5),
@@ -561,7 +369,7 @@ fn embedding_lora_and_tied_heads() {
         .args(&["--as", "model"])
         .assert_ok();
     let p = product(&b.values(), &a.values(), 10, 3, 4);
-    let got = by_name_map(&out2);
+    let got = read_dir_tensors(&out2);
     assert_rounded(
         &got["model.embed_tokens.weight"],
         &merged(&base_tensors[0].values(), &p, 2.0, 0.5),
@@ -617,7 +425,7 @@ fn dora_merges_with_the_magnitude_and_extrapolates_the_merged_weight() {
     extrapolate(&l.base, &l.adapter, "0.5", &out)
         .args(&["--as", "model"])
         .assert_ok();
-    let got = by_name_map(&out);
+    let got = read_dir_tensors(&out);
     for m in [Q, V, O] {
         let w0t = &l.base_tensors[&format!("{m}.weight")];
         let (rows, cols) = (w0t.shape[0], w0t.shape[1]);
@@ -703,7 +511,7 @@ fn lora_bias_and_full_tensors() {
     extrapolate(&base, &adapter, "0.5", &out)
         .args(&["--as", "model"])
         .assert_ok();
-    let got = by_name_map(&out);
+    let got = read_dir_tensors(&out);
     let p = product(&b.values(), &a.values(), 6, 2, 4);
     assert_rounded(
         &got["model.layers.0.mlp.up_proj.weight"],
@@ -724,7 +532,7 @@ fn lora_bias_and_full_tensors() {
 
     let out = s.out("a");
     extrapolate(&base, &adapter, "0.5", &out).assert_ok();
-    let got = by_name_map(&out);
+    let got = read_dir_tensors(&out);
     let scaled: Vec<f64> = bb.values().iter().map(|x| 1.5 * x).collect();
     assert_rounded(&got[&bb.name], &scaled);
     let head2: Vec<f64> = base_tensors[2]
@@ -787,10 +595,13 @@ fn a_head_with_no_base_is_refused_unless_skipped() {
             .args(&["--as", kind, "--skip", "^score"])
             .assert_ok();
     }
-    assert_eq!(by_name_map(&s.out("adapter"))[&score.name].data, score.data);
+    assert_eq!(
+        read_dir_tensors(&s.out("adapter"))[&score.name].data,
+        score.data
+    );
     // In the checkpoint it is added under its model name.
     assert_eq!(
-        by_name_map(&s.out("model"))["score.weight"].data,
+        read_dir_tensors(&s.out("model"))["score.weight"].data,
         score.data
     );
 }
@@ -1122,7 +933,7 @@ fn non_finite_base_values_are_kept_and_non_finite_factors_are_refused() {
     extrapolate(&base, &adapter, "0.5", &out)
         .args(&["--as", "model"])
         .assert_ok();
-    let got = &by_name_map(&out)[&w0.name];
+    let got = &read_dir_tensors(&out)[&w0.name];
     let expected = merged(
         &w0.values(),
         &product(&b.values(), &a.values(), rows, r, cols),
@@ -1245,7 +1056,7 @@ fn tensors_larger_than_one_task_are_written_whole() {
     extrapolate(&base, &adapter, "0.5", &out)
         .args(&["--as", "model"])
         .assert_ok();
-    let got = by_name_map(&out);
+    let got = read_dir_tensors(&out);
     assert_eq!(got["model.embed_tokens.weight"].data, base_tensors[0].data);
     let p = product(&b.values(), &a.values(), rows, r, cols);
     assert_rounded(

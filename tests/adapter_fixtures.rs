@@ -3,40 +3,28 @@
 //! q/k/v/o (bf16), GPT-2 Conv1D including the square c_proj (f16) and GPT-NeoX's fused
 //! query_key_value (f32). Checked against θ0 + (1+α)·s·B·A computed here in f64.
 
-mod common;
-
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::adapter::{self, expected_merge, PEFT_PREFIX};
+use crate::common::*;
 use serde_json::Value;
 
 fn fixture(name: &str) -> (PathBuf, PathBuf) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/peft")
-        .join(name);
+    let dir = adapter::fixture("peft", name);
     (dir.join("base"), dir.join("adapter"))
-}
-
-fn tensors(file: &Path) -> BTreeMap<String, Tensor> {
-    read_shard(file)
-        .1
-        .into_iter()
-        .map(|t| (t.name.clone(), t))
-        .collect()
 }
 
 /// (base weight name, A, B) per adapted module; `wrapper` is the model prefix that the
 /// base files do not carry (GPT-2's `transformer.`).
 fn modules(adapter: &Path, wrapper: &str) -> Vec<(String, Tensor, Tensor)> {
-    let t = tensors(&adapter.join("adapter_model.safetensors"));
+    let t = read_tensors(&adapter.join("adapter_model.safetensors"));
     t.keys()
         .filter_map(|k| k.strip_suffix(".lora_A.weight"))
         .map(|m| {
             let a = t[&format!("{m}.lora_A.weight")].clone();
             let b = t[&format!("{m}.lora_B.weight")].clone();
-            let path = m.strip_prefix("base_model.model.").unwrap();
+            let path = m.strip_prefix(PEFT_PREFIX).unwrap();
             let path = path.strip_prefix(wrapper).unwrap_or(path);
             (format!("{path}.weight"), a, b)
         })
@@ -55,30 +43,14 @@ fn check(name: &str, wrapper: &str, conv1d: bool) {
     extrapolate(&base, &adapter, "0.5", &out)
         .args(&["--as", "model"])
         .assert_ok();
-    let t0 = tensors(&base.join("model.safetensors"));
-    let got = tensors(&out.join("model.safetensors"));
+    let t0 = read_tensors(&base.join("model.safetensors"));
+    let got = read_tensors(&out.join("model.safetensors"));
     assert_eq!(got.len(), t0.len());
     let mods = modules(&adapter, wrapper);
     assert!(!mods.is_empty());
     for (weight, a, b) in &mods {
         let w0 = &t0[weight];
-        let (rows, cols) = (w0.shape[0], w0.shape[1]);
-        let (av, bv, r) = (a.values(), b.values(), a.shape[0]);
-        let (out_f, in_f) = (b.shape[0], a.shape[1]);
-        let w = w0.values();
-        let expected: Vec<f64> = (0..rows * cols)
-            .map(|e| {
-                let (i, j) = (e / cols, e % cols);
-                // Storage [out, in], or [in, out] for Conv1D.
-                let (o, n) = if conv1d { (j, i) } else { (i, j) };
-                assert!(o < out_f && n < in_f);
-                let mut acc = 0.0;
-                for k in 0..r {
-                    acc += bv[o * r + k] * av[k * in_f + n];
-                }
-                w[e] + (1.0 + alpha) * (s * acc)
-            })
-            .collect();
+        let expected = expected_merge(w0, a, b, s, alpha, conv1d);
         let g = &got[weight];
         assert_eq!(g.dtype, w0.dtype, "{name}: {weight}");
         let bits = elem_bits(&g.data, g.dtype);
@@ -99,8 +71,8 @@ fn check(name: &str, wrapper: &str, conv1d: bool) {
         fs::read(out.join("adapter_config.json")).unwrap(),
         fs::read(adapter.join("adapter_config.json")).unwrap()
     );
-    let t1 = tensors(&adapter.join("adapter_model.safetensors"));
-    let got = tensors(&out.join("adapter_model.safetensors"));
+    let t1 = read_tensors(&adapter.join("adapter_model.safetensors"));
+    let got = read_tensors(&out.join("adapter_model.safetensors"));
     for (n, t) in &t1 {
         if n.ends_with("lora_B.weight") {
             let bits = elem_bits(&got[n].data, t.dtype);

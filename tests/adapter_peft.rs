@@ -9,13 +9,12 @@
 //! `merge_and_unload()` stored next to each case (`merged.safetensors`), which checks ΔW's
 //! orientation and scaling independently of this file's reading of PEFT.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::adapter::{expected_merge, fixture, PEFT_PREFIX};
+use crate::common::*;
 use serde_json::Value;
 
 struct Case {
@@ -27,23 +26,13 @@ struct Case {
 }
 
 fn case(name: &str, conv1d: bool) -> Case {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/peft-real")
-        .join(name);
+    let dir = fixture("peft-real", name);
     Case {
         base: dir.join("base"),
         adapter: dir.join("adapter"),
         merged: dir.join("merged.safetensors"),
         conv1d,
     }
-}
-
-fn tensors(file: &Path) -> BTreeMap<String, Tensor> {
-    read_shard(file)
-        .1
-        .into_iter()
-        .map(|t| (t.name.clone(), t))
-        .collect()
 }
 
 /// One adapted module: the base tensor it moves, its factors and its scaling.
@@ -66,14 +55,14 @@ fn pattern(config: &Value, field: &str, path: &str) -> Option<f64> {
 fn modules(c: &Case, base: &BTreeMap<String, Tensor>) -> Vec<Module> {
     let config: Value =
         serde_json::from_slice(&fs::read(c.adapter.join("adapter_config.json")).unwrap()).unwrap();
-    let t = tensors(&c.adapter.join("adapter_model.safetensors"));
+    let t = read_tensors(&c.adapter.join("adapter_model.safetensors"));
     let mods: Vec<Module> = t
         .keys()
         .filter_map(|k| k.strip_suffix(".lora_A.weight"))
         .map(|m| {
             let a = t[&format!("{m}.lora_A.weight")].clone();
             let b = t[&format!("{m}.lora_B.weight")].clone();
-            let path = m.strip_prefix("base_model.model.").unwrap();
+            let path = m.strip_prefix(PEFT_PREFIX).unwrap();
             let weight = [path, path.split_once('.').unwrap().1]
                 .iter()
                 .map(|p| format!("{p}.weight"))
@@ -98,23 +87,7 @@ fn modules(c: &Case, base: &BTreeMap<String, Tensor>) -> Vec<Module> {
 
 /// θ0 + (1+α)·s·B·A in f64, in the base tensor's storage order.
 fn expected(m: &Module, w0: &Tensor, alpha: f64, conv1d: bool) -> Vec<f64> {
-    let (rows, cols) = (w0.shape[0], w0.shape[1]);
-    let (av, bv, r) = (m.a.values(), m.b.values(), m.a.shape[0]);
-    let (out_f, in_f) = (m.b.shape[0], m.a.shape[1]);
-    let w = w0.values();
-    (0..rows * cols)
-        .map(|e| {
-            let (i, j) = (e / cols, e % cols);
-            // Storage [out, in], or [in, out] for Conv1D.
-            let (o, n) = if conv1d { (j, i) } else { (i, j) };
-            assert!(o < out_f && n < in_f);
-            let mut acc = 0.0;
-            for k in 0..r {
-                acc += bv[o * r + k] * av[k * in_f + n];
-            }
-            w[e] + (1.0 + alpha) * (m.s * acc)
-        })
-        .collect()
+    expected_merge(w0, &m.a, &m.b, m.s, alpha, conv1d)
 }
 
 /// The module with |A| and |B|: its ΔW is s·Σ_k |B_ok·A_kn|, the magnitude of the rank sum.
@@ -241,7 +214,7 @@ fn check(name: &str, conv1d: bool) {
         .assert_ok();
     let got = read_checkpoint(&out).tensors;
     let t0 = read_checkpoint(&c.base).tensors;
-    let merged = tensors(&c.merged);
+    let merged = read_tensors(&c.merged);
     let mods = modules(&c, &t0);
     assert_eq!(
         merged.keys().collect::<Vec<_>>(),
@@ -285,8 +258,8 @@ fn check(name: &str, conv1d: bool) {
         fs::read(out.join("adapter_config.json")).unwrap(),
         fs::read(c.adapter.join("adapter_config.json")).unwrap()
     );
-    let t1 = tensors(&c.adapter.join("adapter_model.safetensors"));
-    let got = tensors(&out.join("adapter_model.safetensors"));
+    let t1 = read_tensors(&c.adapter.join("adapter_model.safetensors"));
+    let got = read_tensors(&out.join("adapter_model.safetensors"));
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
         t1.keys().collect::<Vec<_>>()

@@ -1,10 +1,8 @@
 //! `expo completions` and `expo man`, run as a user would.
 
-mod common;
-
 use std::process::Command;
 
-use common::expo;
+use crate::common::expo;
 
 fn have(program: &str) -> bool {
     Command::new(program)

@@ -6,14 +6,12 @@
 //! every term in f64 and sums the terms sorted by magnitude, smallest first — a different
 //! method from expo's blocked compensated summation.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::Value;
 
-use common::{expo, is_float, sharded_n, single, Dtype, Rng, Tensor as T};
+use crate::common::{expo, is_float, sharded_n, single, Dtype, Rng, Tensor as T};
 
 /// θ0 and θ1 of a small LLaMA-shaped model: mixed float dtypes on the two sides, an
 /// identical tensor, an all-zero tensor, and two non-float tensors (one identical, one not).

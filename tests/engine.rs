@@ -1,11 +1,9 @@
 //! The engine's limits and rules seen from the command line: non-finite inputs, the
 //! open-files limit of sweeps, and the worker threads.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 // ---------------------------------------------------------------------------------------
 // Non-finite inputs

@@ -1,13 +1,11 @@
 //! Failures: every mismatch or bad input exits 1 (usage errors 2), says what is wrong, and
 //! leaves nothing behind: no output directory and no `.expo-tmp-*` staging directory.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// θ0 and θ1 of a tiny bf16 model with an int buffer.
 fn model() -> (Vec<Tensor>, Vec<Tensor>) {
@@ -34,30 +32,27 @@ fn fails(
     code: i32,
     needles: &[&str],
 ) -> String {
-    let before = (snapshot(sft), snapshot(dpo));
+    let before = (snapshot_path(sft), snapshot_path(dpo));
     let out = extrapolate(sft, dpo, alpha, &s.out("o"))
         .args(extra)
         .assert_fails(code, needles);
     s.assert_no_output();
-    assert!(before == (snapshot(sft), snapshot(dpo)), "an input changed");
+    assert!(
+        before == (snapshot_path(sft), snapshot_path(dpo)),
+        "an input changed"
+    );
     out.stderr
 }
 
-/// Every file under `path` (or the file itself) with its bytes.
-fn snapshot(path: &Path) -> Vec<(String, Vec<u8>)> {
+/// Every file under `path` (or the file itself) with its bytes; nothing if it is absent.
+fn snapshot_path(path: &Path) -> Vec<(String, Vec<u8>)> {
     if !path.exists() {
         return Vec::new();
     }
     if path.is_file() {
         return vec![(String::new(), fs::read(path).unwrap())];
     }
-    list_tree(path)
-        .into_iter()
-        .map(|n| {
-            let bytes = fs::read(path.join(&n)).unwrap();
-            (n, bytes)
-        })
-        .collect()
+    snapshot(path)
 }
 
 fn dirs(s: &Scratch, t0s: &[Tensor], t1s: &[Tensor]) -> (PathBuf, PathBuf) {
@@ -445,7 +440,7 @@ fn output_inside_an_input_is_refused() {
     let (t0s, t1s) = model();
     let s = Scratch::new();
     let (sft, dpo) = dirs(&s, &t0s, &t1s);
-    let before = (snapshot(&sft), snapshot(&dpo));
+    let before = (snapshot_path(&sft), snapshot_path(&dpo));
     extrapolate(&sft, &dpo, "0.3", &dpo.join("expo")).assert_fails(2, &["overlaps", "--aligned"]);
     extrapolate(&sft, &dpo, "0.3", &sft.join("inside")).assert_fails(2, &["overlaps", "--sft"]);
     // Through a symlink to an input directory.
@@ -460,7 +455,7 @@ fn output_inside_an_input_is_refused() {
         .arg("--force")
         .assert_fails(2, &["overlaps"]);
     assert!(
-        before == (snapshot(&sft), snapshot(&dpo)),
+        before == (snapshot_path(&sft), snapshot_path(&dpo)),
         "an input changed"
     );
     assert_no_staging(s.root());

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
+
 #[path = "../examples/make_tiny.rs"]
 mod make_tiny;
 

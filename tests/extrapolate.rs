@@ -1,8 +1,6 @@
 //! The numbers: every float element must equal the f64 reference rounded once, bit for bit.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// θ0/θ1 for one dtype pair: hand-picked edge values, pairs on which a shortcut (double
 /// rounding through f32, or f32 arithmetic) gives another answer, and a tiny model.

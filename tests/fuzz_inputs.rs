@@ -20,16 +20,15 @@
 //! 256 cases per property by default; set `PROPTEST_CASES` for a longer run. The cargo-fuzz
 //! target in `fuzz/` covers the same path with coverage guidance.
 
-mod common;
-
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::Scratch;
+use crate::common::{self, mkfifo, Scratch};
 use expo::checkpoint::Checkpoint;
 use expo::dtype::FloatDtype;
 use expo::engine::{self, EngineError, MappedCheckpoint, OutputJob};
@@ -44,16 +43,39 @@ use proptest::test_runner::{Config, TestRunner};
 
 struct Tracking;
 
+thread_local! {
+    /// Whether this thread's allocations are counted: the thread of a test in this file
+    /// while it holds [`serial`], and the library's worker threads ([`pool`]). Tests
+    /// elsewhere in the test binary run on other threads at the same time; what they
+    /// allocate is theirs, not the library path's under test here.
+    static MEASURED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn measured() -> bool {
+    MEASURED.try_with(Cell::get).unwrap_or(false)
+}
+
 /// The largest single allocation request.
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
-/// Bytes currently allocated, and the most seen since the last reset.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// Bytes currently allocated, and the most seen since the last reset. Signed: a measured
+/// thread may free what it allocated before it was measured.
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
 
 fn grew(size: usize) {
+    if !measured() {
+        return;
+    }
     LARGEST.fetch_max(size, Ordering::Relaxed);
+    let size = size as isize;
     let live = LIVE.fetch_add(size, Ordering::Relaxed) + size;
     PEAK.fetch_max(live, Ordering::Relaxed);
+}
+
+fn shrank(size: usize) {
+    if measured() {
+        LIVE.fetch_sub(size as isize, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: every call is forwarded unchanged to the system allocator.
@@ -67,21 +89,34 @@ unsafe impl GlobalAlloc for Tracking {
         System.alloc_zeroed(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        shrank(layout.size());
         System.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        shrank(layout.size());
         grew(new_size);
         System.realloc(ptr, layout, new_size)
     }
 }
 
-/// Tests in this file run one at a time, so that memory measurements are not disturbed.
+/// Tests in this file run one at a time, so that memory measurements are not disturbed,
+/// and their thread is measured while they hold this.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+struct Serial {
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        MEASURED.with(|m| m.set(false));
+    }
+}
+
+fn serial() -> Serial {
+    let lock = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    MEASURED.with(|m| m.set(true));
+    Serial { _lock: lock }
 }
 
 #[global_allocator]
@@ -566,6 +601,7 @@ fn pool() -> &'static rayon::ThreadPool {
     POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(2)
+            .start_handler(|_| MEASURED.with(|m| m.set(true)))
             .build()
             .unwrap()
     })
@@ -1167,14 +1203,6 @@ fn the_binary_refuses_each_broken_index_naming_it() {
 // Special files: a FIFO or device must not make expo hang
 // ---------------------------------------------------------------------------------------
 
-fn mkfifo(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
-    assert_eq!(rc, 0, "mkfifo {}", path.display());
-}
-
 /// Runs expo with a deadline; a run that blocks is killed and reported.
 fn run_with_deadline(args: &[&std::ffi::OsStr], deadline: Duration) -> (i32, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_expo"))
@@ -1323,7 +1351,7 @@ fn a_large_header_costs_a_small_multiple_of_its_size() {
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let ck = Checkpoint::open(&path).unwrap();
-    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+    let peak = PEAK.load(Ordering::Relaxed) - base;
     assert_eq!(ck.len(), 40_000);
     let ratio = peak as f64 / header.len() as f64;
     // The header's bytes (1×) plus the safetensors crate's parse, which buffers every entry

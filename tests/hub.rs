@@ -3,8 +3,6 @@
 //! symlinks into blobs/), and expo run on it with the cache location set on the command.
 #![cfg(unix)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -13,7 +11,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use common::{add_snapshot, expo, Expo};
+use crate::common::{add_snapshot, expo, Expo};
 
 const SFT: &str = "org/sft-model";
 const DPO: &str = "org/dpo-model";

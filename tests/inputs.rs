@@ -3,12 +3,10 @@
 //! `./` prefix, and a directory holding both `model.safetensors` and an index. Also how
 //! input errors are worded: each cause once, naming the file.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// A small float model: θ0 and θ1.
 fn model(seed: u64) -> (Vec<Tensor>, Vec<Tensor>) {

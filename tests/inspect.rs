@@ -1,12 +1,10 @@
 //! `expo inspect`: every tensor with its dtype, shape, file and bytes, and totals per dtype,
 //! checked against what the test wrote.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::{expo, shard_of, sharded, Dtype, Expo, Outcome, Tensor as T};
+use crate::common::{self, expo, shard_of, sharded, Dtype, Expo, Outcome, Tensor as T};
 
 fn tensors() -> Vec<T> {
     let t = |name, dtype, shape: &[usize]| T::filled(name, dtype, shape, 7);

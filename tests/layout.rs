@@ -1,12 +1,10 @@
 //! The output's files: sharding, index, header metadata, side files, model card, provenance,
 //! determinism, permissions, and what `--json` and `--dry-run` print.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use common::*;
+use crate::common::*;
 
 /// A bf16 model with a few f32 tensors (as norms often are) and an int buffer, so that
 /// data order within a file is neither alphabetical nor by dtype.

@@ -1,11 +1,9 @@
 //! Random small checkpoints (shapes, dtypes, values, shardings on both sides, α, --dtype,
 //! --max-shard-size, --threads): expo's output always equals the f64 reference.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

@@ -10,8 +10,6 @@
 //! until the run's temporary directory holds its output shard, and freeze the process with
 //! SIGSTOP before acting, so that nothing depends on timing.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
@@ -21,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{extrapolate, list_dir, list_tree, Dtype, Scratch, Tensor};
+use crate::common::{
+    self, extrapolate, list_dir, list_tree, small_pair, snapshot, Dtype, Scratch, Tensor,
+};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -73,14 +73,6 @@ fn large_pair(s: &Scratch) -> PathBuf {
 fn medium_pair(s: &Scratch) -> PathBuf {
     sparse_checkpoint(&s.path("sft"), 2, 8 * 1024);
     sparse_checkpoint(&s.path("aligned"), 2, 8 * 1024)
-}
-
-/// A small real pair in `s`: `sft/` and `aligned/` (a tiny LLaMA, one file each).
-fn small_pair(s: &Scratch) {
-    let (t0, t1) = common::tiny_llama(Dtype::BF16, Dtype::BF16, false, 7);
-    common::single(&s.path("sft"), &t0);
-    common::single(&s.path("aligned"), &t1);
-    fs::write(s.path("aligned").join("config.json"), "{}\n").unwrap();
 }
 
 fn extrapolate_args(sft: &Path, aligned: &Path, out: &Path) -> Vec<std::ffi::OsString> {
@@ -186,17 +178,6 @@ fn stop_mid_run(child: &mut Child, parent: &Path, out: &Path) -> PathBuf {
     }
 }
 
-/// All files under `dir` with their contents.
-fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    list_tree(dir)
-        .into_iter()
-        .map(|rel| {
-            let bytes = fs::read(dir.join(&rel)).unwrap();
-            (rel, bytes)
-        })
-        .collect()
-}
-
 /// A previous output at `out`, for `--force` runs.
 fn previous_output(out: &Path) -> Vec<(String, Vec<u8>)> {
     fs::create_dir_all(out.join("sub")).unwrap();
@@ -293,7 +274,7 @@ fn after_sigkill_the_next_run_removes_the_stale_temporary_directory_and_nothing_
 
     // The next run in the same directory (here with small inputs) cleans up and succeeds.
     let small = Scratch::new();
-    small_pair(&small);
+    small_pair(&small, 7);
     let second = s.out("second");
     let done = extrapolate(&small.path("sft"), &small.path("aligned"), "0.5", &second).assert_ok();
     assert!(
@@ -521,7 +502,7 @@ fn a_full_disk_is_an_error_and_leaves_nothing() {
 
     // Weights that fit, but a side file that does not: same outcome, under --force the
     // previous output survives.
-    small_pair(&s);
+    small_pair(&s, 7);
     fs::write(
         s.path("aligned").join("tokenizer.json"),
         vec![b'x'; 2 << 20],
@@ -543,7 +524,7 @@ fn a_full_disk_is_an_error_and_leaves_nothing() {
 #[test]
 fn an_unwritable_output_directory_is_an_error_and_leaves_nothing() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 7);
     let locked = s.path("locked");
     fs::create_dir(&locked).unwrap();
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o555)).unwrap();
@@ -855,7 +836,7 @@ fn victim(s: &Scratch) -> (PathBuf, Vec<(String, Vec<u8>)>) {
 #[test]
 fn force_never_deletes_through_a_link_swapped_in_before_the_exchange() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 7);
     let out = s.out("result");
     let before = previous_output(&out);
     let (victim, victim_files) = victim(&s);
@@ -881,7 +862,7 @@ fn force_never_deletes_through_a_link_swapped_in_before_the_exchange() {
 #[test]
 fn force_never_deletes_through_a_link_swapped_in_for_the_moved_aside_output() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 7);
     let out = s.out("result");
     previous_output(&out);
     let (victim, victim_files) = victim(&s);
@@ -919,7 +900,7 @@ fn force_never_deletes_through_a_link_swapped_in_for_the_moved_aside_output() {
 #[test]
 fn force_does_not_delete_a_directory_that_replaced_the_checkpoint_during_the_run() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 7);
     let out = s.out("result");
     let before = previous_output(&out);
     let old = s.path("result-old");
@@ -983,7 +964,7 @@ fn run_without_dac_override(args: &[std::ffi::OsString]) -> (ExitStatus, String)
 #[test]
 fn a_previous_output_that_could_not_be_deleted_is_refused_before_the_run() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 7);
     let out = s.out("result");
     let before = previous_output(&out);
     // A read-only directory inside (as a copy from a read-only cache leaves): after the

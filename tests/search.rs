@@ -1,23 +1,13 @@
 //! `expo search` with fake evaluators: small sh scripts that compute a score from
 //! EXPO_ALPHA (e.g. −(α − 0.3)²) and record what they were asked to do.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{expo, list_dir, weight_files, Dtype, Expo, Scratch};
+use crate::common::{self, expo, list_dir, small_pair, weight_files, Dtype, Expo, Scratch};
 use serde_json::Value;
-
-/// A small pair in `s`: `sft/` and `aligned/`.
-fn small_pair(s: &Scratch) {
-    let (t0, t1) = common::tiny_llama(Dtype::BF16, Dtype::BF16, false, 9);
-    common::single(&s.path("sft"), &t0);
-    common::single(&s.path("aligned"), &t1);
-    fs::write(s.path("aligned").join("config.json"), "{}\n").unwrap();
-}
 
 /// Writes an evaluator script; every call appends `alpha slot trial` to `calls`.
 fn evaluator(s: &Scratch, name: &str, body: &str) -> PathBuf {
@@ -75,7 +65,7 @@ fn candidates(s: &Scratch) -> Vec<String> {
 #[test]
 fn a_peak_at_0_3_is_found_exactly_and_only_its_candidate_is_kept() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
     let out = search(&s, &script).arg("--json").assert_ok();
     let j = out.json.unwrap();
@@ -110,7 +100,7 @@ fn a_peak_at_0_3_is_found_exactly_and_only_its_candidate_is_kept() {
 #[test]
 fn a_peak_at_2_5_expands_past_the_first_batch_and_lands_within_one_step() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(2.5));
     let j = search(&s, &script).arg("--json").assert_ok().json.unwrap();
     assert_eq!(j["status"], "resolved", "{j:#}");
@@ -125,7 +115,7 @@ fn a_peak_at_2_5_expands_past_the_first_batch_and_lands_within_one_step() {
 #[test]
 fn two_jobs_give_the_same_answer_using_both_slots() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
     let j = search(&s, &script)
         .args(&["-j", "2", "--json"])
@@ -152,7 +142,7 @@ fn two_jobs_give_the_same_answer_using_both_slots() {
 #[test]
 fn a_missing_evaluator_aborts_at_once() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let out = expo(&["search"])
         .arg("--sft")
         .arg(s.path("sft"))
@@ -173,7 +163,7 @@ fn a_missing_evaluator_aborts_at_once() {
     assert_eq!(ends[0]["exit"], 127);
     // 126: found but not executable.
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = s.path("noexec.sh");
     fs::write(&script, "#!/bin/sh\necho 1\n").unwrap();
     expo(&["search"])
@@ -191,7 +181,7 @@ fn a_missing_evaluator_aborts_at_once() {
 #[test]
 fn exit_125_is_unusable_and_not_retried_other_failures_are_retried_then_holes() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let body = format!(
         "case \"$EXPO_ALPHA\" in 0.2) exit 125;; 0.4) echo boom >&2; exit 3;; esac\n{}",
         peak(0.3)
@@ -233,7 +223,7 @@ fn exit_125_is_unusable_and_not_retried_other_failures_are_retried_then_holes() 
 #[test]
 fn too_many_failures_stop_the_search_with_exit_1() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", "exit 1");
     search(&s, &script)
         .args(&["--retries", "0", "--max-failures", "2"])
@@ -288,7 +278,7 @@ fn wait_for(path: &Path) {
 #[test]
 fn a_timeout_kills_the_evaluator_and_its_children() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let pids = s.path("pids");
     let body = format!(
         "sleep 1000 &\necho $! >> '{p}'\necho $$ >> '{p}'\nwait",
@@ -357,7 +347,7 @@ fn blocking_evaluator(s: &Scratch) -> PathBuf {
 #[test]
 fn ctrl_c_exits_130_and_resume_finishes_without_evaluating_a_finished_alpha_again() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = blocking_evaluator(&s);
     let child = spawn_search(&s, &script, &[]);
     wait_for(&s.path("blocked"));
@@ -396,7 +386,7 @@ fn ctrl_c_exits_130_and_resume_finishes_without_evaluating_a_finished_alpha_agai
 #[test]
 fn a_second_ctrl_c_kills_an_evaluator_that_ignores_sigterm_at_once() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     // The evaluator's own shell (the group leader) survives SIGTERM.
     let eval = format!(
         "trap 'touch {termed}' TERM; echo $$ > {pid}.tmp; mv {pid}.tmp {pid}; while :; do sleep 0.05; done",
@@ -440,7 +430,7 @@ fn a_second_ctrl_c_kills_an_evaluator_that_ignores_sigterm_at_once() {
 #[test]
 fn ctrl_c_while_candidates_are_built_leaves_nothing_behind() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
     let args: Vec<std::ffi::OsString> = vec![
         "search".into(),
@@ -476,7 +466,7 @@ fn ctrl_c_while_candidates_are_built_leaves_nothing_behind() {
 #[test]
 fn resume_after_expo_was_killed_reruns_only_the_unfinished_trial() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = blocking_evaluator(&s);
     let mut child = spawn_search(&s, &script, &[]);
     wait_for(&s.path("blocked"));
@@ -518,7 +508,7 @@ fn resume_after_expo_was_killed_reruns_only_the_unfinished_trial() {
 #[test]
 fn a_changed_input_is_refused_on_resume_naming_it_while_jobs_may_change() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
     search(&s, &script).arg("--json").assert_ok();
     search(&s, &script)
@@ -544,7 +534,7 @@ fn a_changed_input_is_refused_on_resume_naming_it_while_jobs_may_change() {
         .assert_fails(2, &["--sft"]);
     // Without --resume an existing run is not overwritten.
     let s2 = Scratch::new();
-    small_pair(&s2);
+    small_pair(&s2, 9);
     let script2 = evaluator(&s2, "eval.sh", &peak(0.3));
     search(&s2, &script2).arg("--json").assert_ok();
     search(&s2, &script2).assert_fails(2, &["--resume"]);
@@ -571,7 +561,7 @@ fn a_changed_input_is_refused_on_resume_naming_it_while_jobs_may_change() {
 #[test]
 fn scores_from_json_pointers_and_score_files() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     // lm-eval style keys with commas, on stdout.
     let body = "awk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"{\\\"results\\\": {\\\"t/x\\\": {\\\"acc,none\\\": %.9f}}, \\\"len\\\": 7}\\n\", -(a-0.3)*(a-0.3) }'";
     let script = evaluator(&s, "eval.sh", body);
@@ -589,7 +579,7 @@ fn scores_from_json_pointers_and_score_files() {
 
     // A score file named by a template; stdout is only logs.
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let body = format!(
         "echo 'log 12:00:01'\n{} > \"$EXPO_WORKDIR/score.txt\"",
         peak(0.3)
@@ -604,7 +594,7 @@ fn scores_from_json_pointers_and_score_files() {
 
     // --minimize: the lowest score wins.
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let body = "awk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"%.9f\\n\", (a-0.2)*(a-0.2) }'";
     let script = evaluator(&s, "eval.sh", body);
     let j = search(&s, &script)
@@ -616,7 +606,7 @@ fn scores_from_json_pointers_and_score_files() {
 
     // A last line that is not one number is a failure, not a score.
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", "echo 0.5\necho 'done at 12:00'");
     search(&s, &script)
         .args(&["--retries", "0", "--max-failures", "1"])
@@ -630,7 +620,7 @@ fn scores_from_json_pointers_and_score_files() {
 #[test]
 fn keep_all_keeps_every_candidate_and_a_directory_expo_did_not_make_is_never_deleted() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
     search(&s, &script)
         .args(&["--keep", "all", "--json"])
@@ -647,7 +637,7 @@ fn keep_all_keeps_every_candidate_and_a_directory_expo_did_not_make_is_never_del
     );
     // Candidates elsewhere, in a directory created on demand.
     let s3 = Scratch::new();
-    small_pair(&s3);
+    small_pair(&s3, 9);
     let script3 = evaluator(&s3, "eval.sh", &peak(0.3));
     let cands = s3.out("cands").join("deep");
     search(&s3, &script3)
@@ -658,7 +648,7 @@ fn keep_all_keeps_every_candidate_and_a_directory_expo_did_not_make_is_never_del
     assert_eq!(list_dir(&cands), ["c-0.3"]);
     // --keep 2: the two best stay.
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
     search(&s, &script)
         .args(&["--keep", "2", "--json"])
@@ -666,7 +656,7 @@ fn keep_all_keeps_every_candidate_and_a_directory_expo_did_not_make_is_never_del
     assert_eq!(candidates(&s), ["alpha-0.2", "alpha-0.3"]);
     // A user's directory where a candidate would go: refused, left alone.
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
     let mine = s.out("run").join("alpha-0.2");
     fs::create_dir_all(&mine).unwrap();
@@ -678,7 +668,7 @@ fn keep_all_keeps_every_candidate_and_a_directory_expo_did_not_make_is_never_del
 #[test]
 fn dry_run_prints_the_commands_and_writes_nothing() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
     let out = search(&s, &script)
         .args(&["--dry-run", "--json"])
@@ -700,7 +690,7 @@ fn dry_run_prints_the_commands_and_writes_nothing() {
 #[test]
 fn usage_errors() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
     let base = || {
         expo(&["search"])

@@ -3,13 +3,11 @@
 //! are refused by name; nothing is skipped silently; output names never collide; the model
 //! card names Hub ids only and keeps θ1's card metadata; `--dtype` updates config.json.
 
-mod common;
-
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// θ0 and θ1 in `s` (`sft`, `dpo`), θ1 with the usual side files.
 fn pair(s: &Scratch) -> (PathBuf, PathBuf) {
@@ -18,14 +16,6 @@ fn pair(s: &Scratch) -> (PathBuf, PathBuf) {
     let dpo = sharded(&s.path("dpo"), &split(&t1s, 2));
     side_files(&dpo, "dpo");
     (sft, dpo)
-}
-
-fn mkfifo(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
-    assert_eq!(rc, 0, "mkfifo {}", path.display());
 }
 
 // ---------------------------------------------------------------------------------------

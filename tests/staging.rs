@@ -2,24 +2,14 @@
 //! namespaces, stale directories recognised by an unlocked marker, and `--force` refusing
 //! to replace what is not a model checkpoint.
 
-mod common;
-
 use std::fs;
 
-use common::{extrapolate, list_dir, Dtype, Scratch};
-
-/// A small pair in `s`: `sft/` and `aligned/`.
-fn small_pair(s: &Scratch) {
-    let (t0, t1) = common::tiny_llama(Dtype::BF16, Dtype::BF16, false, 9);
-    common::single(&s.path("sft"), &t0);
-    common::single(&s.path("aligned"), &t1);
-    fs::write(s.path("aligned").join("config.json"), "{}\n").unwrap();
-}
+use crate::common::{extrapolate, list_dir, small_pair, Scratch};
 
 #[test]
 fn force_does_not_replace_a_directory_that_is_not_a_checkpoint() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let project = s.out("project");
     fs::create_dir_all(project.join("src")).unwrap();
     fs::write(project.join("Cargo.toml"), "[package]\n").unwrap();
@@ -53,7 +43,7 @@ fn force_does_not_replace_a_directory_that_is_not_a_checkpoint() {
 #[test]
 fn force_does_not_replace_the_current_directory_or_its_parents() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     // A checkpoint-looking directory that is the working directory.
     let work = s.out("work");
     fs::create_dir_all(work.join("inner")).unwrap();
@@ -71,7 +61,7 @@ fn force_does_not_replace_the_current_directory_or_its_parents() {
 #[test]
 fn a_stale_directory_is_recognised_by_its_unlocked_marker_not_its_pid() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let outputs = s.outputs();
     fs::create_dir_all(&outputs).unwrap();
     // Left by a killed run that was pid 1 in its container, whatever pid 1 is here.
@@ -110,7 +100,7 @@ fn a_stale_directory_is_recognised_by_its_unlocked_marker_not_its_pid() {
 #[test]
 fn alpha_outputs_that_name_the_same_directory_are_a_usage_error() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let d = s.out("d");
     fs::create_dir_all(d.join("0.1")).unwrap();
     fs::create_dir_all(d.join("0.2")).unwrap();
@@ -159,7 +149,7 @@ fn alpha_outputs_that_name_the_same_directory_are_a_usage_error() {
 #[test]
 fn output_forms_that_cannot_be_replaced_are_refused_before_the_run_and_in_dry_run() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     let ck = s.out("ck");
     fs::create_dir(&ck).unwrap();
     fs::write(ck.join("config.json"), "{}").unwrap();
@@ -199,7 +189,7 @@ fn output_forms_that_cannot_be_replaced_are_refused_before_the_run_and_in_dry_ru
 #[test]
 fn output_names_up_to_the_file_system_limit_work() {
     let s = Scratch::new();
-    small_pair(&s);
+    small_pair(&s, 9);
     // 255 bytes: the usual limit for one name (ext4, xfs, btrfs, tmpfs).
     let name = "m".repeat(255);
     let out = s.out(&name);

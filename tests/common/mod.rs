@@ -11,7 +11,6 @@
 //!   formula is evaluated in f64, and the result is rounded by a deliberately slow rounding
 //!   written here (bisection over the target's bit patterns, exact midpoint comparison, ties
 //!   to even). It never looks at expo's output and never uses `half`'s `from_f64`.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -22,6 +21,8 @@ use safetensors::tensor::TensorView;
 pub use safetensors::Dtype;
 use safetensors::SafeTensors;
 use serde_json::Value;
+
+pub mod adapter;
 
 // ---------------------------------------------------------------------------------------
 // Deterministic randomness (no dependency on proptest outside the property test)
@@ -742,7 +743,8 @@ pub struct ShardFile {
     pub bytes: Vec<u8>,
     /// The 8-byte little-endian header length.
     pub header_len: u64,
-    /// The header JSON.
+    /// The header JSON (no test reads it; it shows in `{:?}` when an assertion fails).
+    #[allow(dead_code)]
     pub header: Value,
     /// `__metadata__`.
     pub metadata: Option<BTreeMap<String, String>>,
@@ -812,6 +814,29 @@ impl Checkpoint {
             .find(|s| s.name == name)
             .unwrap_or_else(|| panic!("no shard {name} in {}", self.dir.display()))
     }
+}
+
+/// The tensors of one safetensors file, by name.
+pub fn read_tensors(path: &Path) -> BTreeMap<String, Tensor> {
+    read_shard(path)
+        .1
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect()
+}
+
+/// The tensors of every `*.safetensors` file directly in `dir`, by name.
+pub fn read_dir_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "safetensors") {
+            for t in read_shard(&p).1 {
+                out.insert(t.name.clone(), t);
+            }
+        }
+    }
+    out
 }
 
 /// Parses one safetensors file raw (length prefix, header JSON, tiling of the data section)
@@ -1336,6 +1361,35 @@ pub fn list_dir(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// Every file under `dir` (which must exist), relative and sorted, with its bytes.
+pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    list_tree(dir)
+        .into_iter()
+        .map(|rel| {
+            let bytes = fs::read(dir.join(&rel)).unwrap();
+            (rel, bytes)
+        })
+        .collect()
+}
+
+/// A bf16 pair of `tiny_llama(seed)` in single files at `sft` and `aligned` in `s`, with a
+/// `config.json` side file on the aligned side.
+pub fn small_pair(s: &Scratch, seed: u64) {
+    let (t0, t1) = tiny_llama(Dtype::BF16, Dtype::BF16, false, seed);
+    single(&s.path("sft"), &t0);
+    single(&s.path("aligned"), &t1);
+    fs::write(s.path("aligned").join("config.json"), "{}\n").unwrap();
+}
+
+/// Makes a FIFO (named pipe) at `path`.
+pub fn mkfifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
+    assert_eq!(rc, 0, "mkfifo {}", path.display());
 }
 
 /// Every file under `dir`, relative, sorted (directories are descended, not listed).
