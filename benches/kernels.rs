@@ -19,7 +19,7 @@ use std::time::Instant;
 use divan::counter::BytesCount;
 use divan::Bencher;
 use expo::dtype::FloatDtype;
-use expo::kernel::{self, Isa, KernelSpec};
+use expo::kernel::{self, Isa, KernelSpec, Level};
 use rayon::prelude::*;
 
 /// Elements per buffer: far beyond the last-level cache, so memory bandwidth is the limit.
@@ -103,12 +103,12 @@ fn xor_pass(d: FloatDtype, out: &mut [u8]) {
     black_box(out);
 }
 
-fn kernel_pass(d: FloatDtype, isa: Isa, out: &mut [u8]) {
+fn kernel_pass(d: FloatDtype, level: Level, out: &mut [u8]) {
     let (piece, x) = (PIECE * d.size(), inputs(d));
     out.par_chunks_mut(piece)
         .zip(x.sft.par_chunks(piece).zip(x.aligned.par_chunks(piece)))
         .for_each(|(o, (a, b))| {
-            kernel::extrapolate_with(isa, KernelSpec::same(d), 0.3, a, b, o);
+            kernel::extrapolate_with(level, KernelSpec::same(d), 0.3, a, b, o);
         });
     black_box(out);
 }
@@ -117,18 +117,18 @@ fn kernel_pass(d: FloatDtype, isa: Isa, out: &mut [u8]) {
 #[derive(Clone, Copy)]
 struct Case {
     format: FloatDtype,
-    isa: Isa,
+    level: Level,
 }
 
 impl std::fmt::Display for Case {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.format, self.isa.name())
+        write!(f, "{} {}", self.format, self.level.name())
     }
 }
 
-fn same_code_as_level_below(format: FloatDtype, isa: Isa) -> bool {
+fn same_code_as_level_below(format: FloatDtype, level: Level) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return format != FloatDtype::BF16 && isa == Isa::Avx512Bf16;
+    return format != FloatDtype::BF16 && level.isa() == Isa::Avx512Bf16;
     #[cfg(not(target_arch = "x86_64"))]
     return false;
 }
@@ -139,10 +139,10 @@ fn cases() -> Vec<Case> {
     FORMATS
         .iter()
         .flat_map(|&format| {
-            Isa::available()
+            Level::available()
                 .into_iter()
-                .filter(move |&isa| !same_code_as_level_below(format, isa))
-                .map(move |isa| Case { format, isa })
+                .filter(move |&level| !same_code_as_level_below(format, level))
+                .map(move |level| Case { format, level })
         })
         .collect()
 }
@@ -176,7 +176,7 @@ fn extrapolate(bencher: Bencher, case: Case) {
     let mut out = output(case.format);
     bencher
         .counter(BytesCount::new(pass_bytes(case.format)))
-        .bench_local(|| kernel_pass(case.format, case.isa, &mut out));
+        .bench_local(|| kernel_pass(case.format, case.level, &mut out));
 }
 
 fn seconds(f: impl FnOnce()) -> f64 {
@@ -210,15 +210,15 @@ fn ceiling_table() {
         let d = case.format;
         let mut out = output(d);
         xor_pass(d, &mut out);
-        kernel_pass(d, case.isa, &mut out);
+        kernel_pass(d, case.level, &mut out);
         let (mut ceiling, mut kernel, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             // Alternate which goes first, so neither always runs on a warmer machine.
             let (c, k) = if round % 2 == 0 {
                 let c = seconds(|| xor_pass(d, &mut out));
-                (c, seconds(|| kernel_pass(d, case.isa, &mut out)))
+                (c, seconds(|| kernel_pass(d, case.level, &mut out)))
             } else {
-                let k = seconds(|| kernel_pass(d, case.isa, &mut out));
+                let k = seconds(|| kernel_pass(d, case.level, &mut out));
                 (seconds(|| xor_pass(d, &mut out)), k)
             };
             ceiling.push(c);

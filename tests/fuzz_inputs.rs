@@ -82,20 +82,24 @@ fn shrank(size: usize) {
 unsafe impl GlobalAlloc for Tracking {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         grew(layout.size());
-        System.alloc(layout)
+        // SAFETY: our caller upholds `GlobalAlloc::alloc`'s contract, which is System's.
+        unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         grew(layout.size());
-        System.alloc_zeroed(layout)
+        // SAFETY: as in `alloc`: the caller's contract is System's.
+        unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         shrank(layout.size());
-        System.dealloc(ptr, layout)
+        // SAFETY: `ptr` came from this allocator, which got it from System with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         shrank(layout.size());
         grew(new_size);
-        System.realloc(ptr, layout, new_size)
+        // SAFETY: as in `dealloc`, and the caller upholds `realloc`'s size rules.
+        unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
 

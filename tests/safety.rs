@@ -259,11 +259,9 @@ fn after_sigkill_the_next_run_removes_the_stale_temporary_directory_and_nothing_
     fs::create_dir(&locked).unwrap();
     fs::write(locked.join(".expo-staging"), "expo-staging 1\n").unwrap();
     let lock = fs::File::open(locked.join(".expo-staging")).unwrap();
-    // SAFETY: flock on a file we own.
-    assert_eq!(
-        unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX,) },
-        0
-    );
+    // SAFETY: flock takes no pointers; the descriptor is `lock`'s, open for the call.
+    let rc = unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    assert_eq!(rc, 0);
     let file = outputs.join(".expo-tmp-file-2147483646");
     fs::write(&file, "a file").unwrap();
     let elsewhere = s.path("elsewhere-2147483646");

@@ -4,13 +4,15 @@
 //! Two steps per block of rows. The products: rows eight at a time and columns eight at a
 //! time, so each load of `right` feeds eight accumulators held in registers. The epilogue:
 //! one pass over each row that reads θ0, adds (1+α)·(s·d) and rounds into the output. The
-//! body is compiled once per instruction set (portable, AVX2, AVX-512) and chosen at run
-//! time, like the extrapolation kernels; on AVX-512 the epilogue for bf16 and f16 is
-//! hand-written (`kernel::avx512::lora_*`). Every version gives the same bits, which the
-//! tests check on each instruction set the machine has.
+//! body is portable Rust, compiled for each instruction-set level by the kernel's one
+//! dispatch (`per_level!` in `kernel/isa.rs`, run on the best [`Level`] of the machine); on
+//! AVX-512 the epilogue for bf16 and f16 is hand-written
+//! (`kernel::lora::FastEpilogue`). Every version gives the same bits, which the
+//! tests check on each level the machine has.
 
 use crate::dtype::FloatDtype;
-use crate::kernel::{lora_epilogue, Bf16, Elem, Isa, F16, F32, F64};
+use crate::kernel::lora::{epilogue, keep_nonfinite_base, FastEpilogue};
+use crate::kernel::{per_level, Bf16, Elem, Level, F16, F32, F64};
 
 use super::lora::{Factors, Orientation};
 
@@ -41,83 +43,35 @@ pub struct Scratch {
 /// Writes the rows into `out` (θ0's dtype). Returns how many finite θ0 values became
 /// non-finite.
 pub fn weight_rows(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
-    weight_rows_with(Isa::best(), job, out, scratch)
+    weight_rows_with(Level::best(), job, out, scratch)
 }
 
-/// A hand-written row epilogue: `out[j] = round(w[j] + c·(s·d[j]))` in θ0's format;
-/// returns how many outputs are ±inf or NaN. See `kernel::avx512`.
-type Epilogue = unsafe fn(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64;
-
-/// An [`Epilogue`] the CPU is known to support: built only by the unsafe [`Fast::new`],
-/// so that code holding one may call it safely.
-#[derive(Clone, Copy)]
-struct Fast(Epilogue);
-
-impl Fast {
-    /// # Safety
-    /// The CPU must support every feature `f` enables.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn new(f: Epilogue) -> Fast {
-        Fast(f)
-    }
-
-    #[inline(always)]
-    fn run(self, c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
-        // SAFETY: a `Fast` is only built by `Fast::new`, whose caller vouched that the CPU
-        // supports the function.
-        unsafe { (self.0)(c, s, w, d, out) }
-    }
+/// [`weight_rows`] compiled for `level`, with its hand-written epilogue if it has one.
+fn weight_rows_with(level: Level, job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
+    by_dtype_on(
+        level,
+        job,
+        out,
+        scratch,
+        FastEpilogue::new(level, job.dtype),
+    )
 }
 
-/// [`weight_rows`] compiled for `isa`, which must be one of [`Isa::available`].
-fn weight_rows_with(isa: Isa, job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
-    assert!(isa.supported(), "{} is not available", isa.name());
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => {
-            use crate::kernel::avx512;
-            let f: Option<Epilogue> = match (job.dtype, isa) {
-                (FloatDtype::BF16, Isa::Avx512Bf16) => Some(avx512::lora_bf16_native),
-                (FloatDtype::BF16, _) => Some(avx512::lora_bf16),
-                (FloatDtype::F16, _) => Some(avx512::lora_f16),
-                _ => None,
-            };
-            // SAFETY: the CPU supports every feature these functions and
-            // `weight_rows_avx512` enable (checked just above: `supported` tests each of
-            // them, AVX512_BF16 for Avx512Bf16).
-            unsafe { weight_rows_avx512(job, out, scratch, f.map(|f| Fast::new(f))) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            // SAFETY: as above, AVX2 and F16C are present.
-            unsafe { weight_rows_avx2(job, out, scratch) }
-        }
-        _ => by_dtype(job, out, scratch, None),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
-unsafe fn weight_rows_avx512(
-    job: &Rows,
-    out: &mut [u8],
-    scratch: &mut Scratch,
-    fast: Option<Fast>,
-) -> u64 {
-    by_dtype(job, out, scratch, fast)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn weight_rows_avx2(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
-    by_dtype(job, out, scratch, None)
+per_level! {
+    /// [`by_dtype`] compiled for `level`.
+    fn by_dtype_on(
+        job: &Rows,
+        out: &mut [u8],
+        scratch: &mut Scratch,
+        fast: Option<FastEpilogue>,
+    ) -> u64 = by_dtype;
 }
 
 /// One body per element format (and DoRA or not), so that every loop is straight-line
 /// code the compiler can vectorize. `fast`, when given, is the row epilogue for θ0's
-/// format without DoRA, and the CPU must support what it needs.
+/// format without DoRA.
 #[inline(always)]
-fn by_dtype(job: &Rows, out: &mut [u8], scratch: &mut Scratch, fast: Option<Fast>) -> u64 {
+fn by_dtype(job: &Rows, out: &mut [u8], scratch: &mut Scratch, fast: Option<FastEpilogue>) -> u64 {
     match (job.dtype, job.dora.is_some()) {
         (FloatDtype::BF16, false) => body::<Bf16, false>(job, out, scratch, fast),
         (FloatDtype::BF16, true) => body::<Bf16, true>(job, out, scratch, None),
@@ -132,27 +86,11 @@ fn by_dtype(job: &Rows, out: &mut [u8], scratch: &mut Scratch, fast: Option<Fast
 
 /// DoRA's arithmetic for one element: θ0 `w`, its rank-r sum `d` and `g`, the factor of
 /// the element's output feature. W1 = g·(W0 + ΔW) with g = m / ‖W0 + ΔW‖; θ2 = (1+α)·W1 −
-/// α·W0. (Without DoRA an element is w + (1+α)·(s·d), see [`lora_epilogue`].)
+/// α·W0. (Without DoRA an element is w + (1+α)·(s·d), see [`epilogue`].)
 #[inline(always)]
 fn dora(w: f64, d: f64, s: f64, alpha: f64, g: f64) -> f64 {
     let w1 = g * (w + s * d);
     (1.0 + alpha) * w1 - alpha * w
-}
-
-/// Where θ0's element is ±inf or NaN the output keeps θ0's bits: θ1 = θ0 + ΔW is not
-/// finite there either, and the payload a NaN gets through arithmetic is not defined (it
-/// may come from either operand). Returns how many outputs are ±inf or NaN where θ0 is
-/// finite. Runs only on rows with a non-finite output, so every version shares it.
-fn keep_nonfinite_base<E: Elem>(src: &[u8], dst: &mut [u8]) -> u64 {
-    let mut new_nonfinite = 0;
-    for (w, o) in src.chunks_exact(E::SIZE).zip(dst.chunks_exact_mut(E::SIZE)) {
-        if !E::load(w).is_finite() {
-            o.copy_from_slice(w);
-        } else if !E::load(o).is_finite() {
-            new_nonfinite += 1;
-        }
-    }
-    new_nonfinite
 }
 
 #[inline(always)]
@@ -160,7 +98,7 @@ fn body<E: Elem, const DORA: bool>(
     job: &Rows,
     out: &mut [u8],
     scratch: &mut Scratch,
-    fast: Option<Fast>,
+    fast: Option<FastEpilogue>,
 ) -> u64 {
     let f = job.factors;
     let cols = f.cols;
@@ -201,7 +139,7 @@ fn body<E: Elem, const DORA: bool>(
                         nonfinite = epilogue.run(1.0 + alpha, s, src, acc, dst);
                     }
                 }
-                _ => nonfinite = lora_epilogue::<E>(1.0 + alpha, s, src, acc, dst),
+                _ => nonfinite = epilogue::<E>(1.0 + alpha, s, src, acc, dst),
             }
             if nonfinite > 0 {
                 new_nonfinite += keep_nonfinite_base::<E>(src, dst);
@@ -274,7 +212,7 @@ pub fn add_scaled(
     out: &mut [u8],
 ) -> u64 {
     fn run<E: Elem>(alpha: f64, s: f64, w0: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
-        match lora_epilogue::<E>(1.0 + alpha, s, w0, d, out) {
+        match epilogue::<E>(1.0 + alpha, s, w0, d, out) {
             0 => 0,
             _ => keep_nonfinite_base::<E>(w0, out),
         }
@@ -327,140 +265,6 @@ mod tests {
         }
     }
 
-    /// The value added to θ0 for `w`: often exactly half a unit in θ0's last place
-    /// (a tie) or just beside it, often tiny (f32-subnormal results), sometimes huge,
-    /// infinite or NaN.
-    fn some_delta(rng: &mut Rng, w: f64, mantissa: u32, min_exponent: i32) -> f64 {
-        // Half the spacing of θ0's format at w (subnormals have the smallest spacing).
-        let exponent = if w.is_finite() && w != 0.0 {
-            w.abs().log2().floor() as i32
-        } else {
-            min_exponent
-        };
-        let half_ulp = 2f64.powi(exponent.max(min_exponent) - mantissa as i32 - 1);
-        let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
-        match rng.below(9) {
-            0 | 1 => sign * half_ulp,
-            2 => sign * half_ulp * (1.0 + 2f64.powi(-40)),
-            3 => sign * half_ulp * (1.0 - 2f64.powi(-40)),
-            4 => sign * 2f64.powi(-(rng.below(30) as i32) - 120) * (1.0 + rng.below(1000) as f64),
-            5 => sign * 2f64.powi(rng.below(300) as i32),
-            6 => [f64::INFINITY, f64::NEG_INFINITY, f64::NAN][rng.below(3) as usize],
-            _ => sign * f64::from_bits(0x3c00_0000_0000_0000 | (rng.next() >> 12)),
-        }
-    }
-
-    fn load(d: FloatDtype, b: &[u8]) -> f64 {
-        let mut x = [0.0];
-        super::super::lora::decode_into(d, b, &mut x);
-        x[0]
-    }
-
-    /// Every hand-written epilogue gives the portable loop's bits and non-finite count,
-    /// on ties, near-ties, f32-subnormal results, overflow and non-finite inputs, at every
-    /// length (the tails included).
-    #[test]
-    fn fast_epilogues_match_the_portable_loop() {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use crate::kernel::avx512;
-            let mut fast: Vec<(FloatDtype, &str, Epilogue)> = Vec::new();
-            if Isa::Avx512.supported() {
-                fast.push((FloatDtype::BF16, "lora_bf16", avx512::lora_bf16));
-                fast.push((FloatDtype::F16, "lora_f16", avx512::lora_f16));
-            }
-            if Isa::Avx512Bf16.supported() {
-                fast.push((
-                    FloatDtype::BF16,
-                    "lora_bf16_native",
-                    avx512::lora_bf16_native,
-                ));
-            }
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-            for (d, name, f) in fast {
-                // Significand bits and the smallest normal exponent of the format.
-                let (mantissa, min_exponent) = if d == FloatDtype::BF16 {
-                    (7, -126)
-                } else {
-                    (10, -14)
-                };
-                for round in 0..400 {
-                    let n = if round < 40 {
-                        round
-                    } else {
-                        16 * 64 + round % 17
-                    };
-                    let mut w = vec![0u8; n * 2];
-                    let mut delta = vec![0.0; n];
-                    for j in 0..n {
-                        let bits = some_bits(&mut rng, d) as u16;
-                        w[2 * j..2 * j + 2].copy_from_slice(&bits.to_le_bytes());
-                        delta[j] = some_delta(
-                            &mut rng,
-                            load(d, &w[2 * j..2 * j + 2]),
-                            mantissa,
-                            min_exponent,
-                        );
-                    }
-                    // c·(s·d) = d exactly for the ties; other rounds scale it.
-                    let (c, s) = if round % 2 == 0 {
-                        (1.0, 1.0)
-                    } else {
-                        (1.3, 0.37)
-                    };
-                    let (mut want, mut got) = (vec![0u8; n * 2], vec![0u8; n * 2]);
-                    let want_nf = match d {
-                        FloatDtype::BF16 => lora_epilogue::<Bf16>(c, s, &w, &delta, &mut want),
-                        _ => lora_epilogue::<F16>(c, s, &w, &delta, &mut want),
-                    };
-                    // SAFETY: only epilogues the CPU supports were listed.
-                    let got_nf = unsafe { f(c, s, &w, &delta, &mut got) };
-                    assert_eq!(got_nf, want_nf, "{name}: non-finite count, n = {n}");
-                    // Where θ0 is NaN and so is d, the NaN's payload is not defined; the
-                    // fix-up every version shares gives θ0's bits there.
-                    let (want_new, got_new) = match d {
-                        FloatDtype::BF16 => (
-                            keep_nonfinite_base::<Bf16>(&w, &mut want),
-                            keep_nonfinite_base::<Bf16>(&w, &mut got),
-                        ),
-                        _ => (
-                            keep_nonfinite_base::<F16>(&w, &mut want),
-                            keep_nonfinite_base::<F16>(&w, &mut got),
-                        ),
-                    };
-                    assert_eq!(got_new, want_new);
-                    for j in 0..n {
-                        assert_eq!(
-                            got[2 * j..2 * j + 2],
-                            want[2 * j..2 * j + 2],
-                            "{name}: element {j} of {n}: w = {:?}, d = {:e}",
-                            &w[2 * j..2 * j + 2],
-                            delta[j]
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// The portable epilogue rounds exactly: a tie goes to the even neighbour, a value
-    /// just beside it to the nearer one (checked against neighbours found by bits).
-    #[test]
-    fn portable_epilogue_rounds_ties_to_even() {
-        // 1 + 2⁻⁸ lies halfway between bf16 1 (even) and 1 + 2⁻⁷ (odd).
-        let one = 0x3f80u16.to_le_bytes();
-        for (delta, want) in [
-            (2f64.powi(-8), 0x3f80u16),
-            (2f64.powi(-8) * (1.0 + 1e-12), 0x3f81),
-            (3.0 * 2f64.powi(-8), 0x3f82), // 1 + 3·2⁻⁸: halfway between 0x3f81 and 0x3f82
-            (-(2f64.powi(-9)), 0x3f80),    // 1 − 2⁻⁹: halfway below 1, to the even 1
-        ] {
-            let mut out = [0u8; 2];
-            assert_eq!(lora_epilogue::<Bf16>(1.0, 1.0, &one, &[delta], &mut out), 0);
-            assert_eq!(u16::from_le_bytes(out), want, "1 + {delta:e}");
-        }
-    }
-
     /// Whole rows on every instruction set give the portable bits, for every format, with
     /// and without DoRA, for block and column tails.
     #[test]
@@ -506,9 +310,13 @@ mod tests {
                         dora,
                     };
                     let mut want = vec![0u8; w0.len()];
-                    let want_nf =
-                        weight_rows_with(Isa::Portable, &job, &mut want, &mut Scratch::default());
-                    for isa in Isa::available() {
+                    let want_nf = weight_rows_with(
+                        Level::portable(),
+                        &job,
+                        &mut want,
+                        &mut Scratch::default(),
+                    );
+                    for isa in Level::available() {
                         let mut got = vec![0u8; w0.len()];
                         let nf = weight_rows_with(isa, &job, &mut got, &mut Scratch::default());
                         assert!(

@@ -7,6 +7,24 @@
 //! versions run the same IEEE operations in the same order, so they produce the same bits;
 //! the tests check that on every machine they run on.
 //!
+//! All of the crate's instruction-set-specific code lives under this module, split by what
+//! it is rather than by instruction set:
+//! - `isa.rs`: the one dispatch. [`Isa`] names a level, [`Level`] proves this CPU runs it
+//!   (detected once), and its `per_level!` macro compiles a portable loop for each level
+//!   and calls the copy for a given `Level`. It holds the only CPU detection and the only
+//!   `#[target_feature]` attributes for portable code.
+//! - `avx512.rs`: hand-written AVX-512 intrinsics (the one-format extrapolation kernels and
+//!   the LoRA row epilogues), reached only through safe functions that take a [`Level`].
+//! - `lora.rs`: the LoRA row epilogue, its portable reference and its hand-written versions
+//!   (`lora::FastEpilogue`).
+//! - [`convert`]: the exact conversions every level shares.
+//!
+//! Loops whose rules belong elsewhere stay there and reach the levels through `per_level!`:
+//! the `expo diff` sums (`stats/sums.rs`) and the LoRA row products (`adapter/rows.rs`). Files
+//! are per purpose, not per instruction set, because the portable loops are one source
+//! compiled for every level; only the hand-written kernels are per instruction set, and
+//! only AVX-512 has any.
+//!
 //! Non-finite inputs: where θ0 or θ1 is ±inf or NaN, the output element is θ1's, as a copy
 //! or a conversion gives it — θ1's bits unchanged when the output has θ1's format (a NaN's
 //! payload included), else θ1 converted as `--dtype` converts it (a NaN stays a NaN of the
@@ -19,10 +37,13 @@
 //! file sit at arbitrary byte offsets.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx512;
+mod avx512;
 pub mod convert;
+mod isa;
+pub(crate) mod lora;
 
-use std::sync::OnceLock;
+pub(crate) use isa::per_level;
+pub use isa::{Isa, Level};
 
 use crate::dtype::FloatDtype;
 
@@ -181,80 +202,6 @@ fn sum_lanes(v: [f64; SUM_LANES]) -> f64 {
     ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
 }
 
-/// The instruction sets a kernel can be compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    /// AVX-512 with the BF16 conversions (only the bf16 kernel differs).
-    #[cfg(target_arch = "x86_64")]
-    Avx512Bf16,
-}
-
-impl Isa {
-    /// The instruction sets this machine can run, best last.
-    pub fn available() -> Vec<Isa> {
-        Isa::ALL.into_iter().filter(|i| i.supported()).collect()
-    }
-
-    /// Every instruction set this build knows, best last.
-    #[cfg(target_arch = "x86_64")]
-    const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
-    #[cfg(not(target_arch = "x86_64"))]
-    const ALL: [Isa; 1] = [Isa::Portable];
-
-    /// True when this CPU can run kernels compiled for `self`.
-    pub fn supported(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                Isa::Avx2.supported()
-                    && std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512bw")
-                    && std::is_x86_feature_detected!("avx512vl")
-                    && std::is_x86_feature_detected!("avx512dq")
-                    && std::is_x86_feature_detected!("fma")
-                    && std::is_x86_feature_detected!("popcnt")
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 => {
-                Isa::Avx512.supported() && std::is_x86_feature_detected!("avx512bf16")
-            }
-        }
-    }
-
-    /// The best instruction set on this machine (detected once).
-    pub fn best() -> Isa {
-        static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            *Isa::available()
-                .last()
-                .expect("portable is always available")
-        })
-    }
-
-    /// A short name for messages and benchmarks.
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Portable => "portable",
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => "avx2",
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => "avx512",
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 => "avx512-bf16",
-        }
-    }
-}
-
 #[inline(always)]
 fn extrapolate_body<A: Elem, B: Elem, O: Elem>(
     alpha: f64,
@@ -312,24 +259,6 @@ fn sums_of_squares<A: Elem, B: Elem>(sft: &[u8], aligned: &[u8]) -> (f64, f64) {
         bb[lane] += t0 * t0;
     }
     (sum_lanes(dd), sum_lanes(bb))
-}
-
-/// The row epilogue of merging a LoRA adapter (`--as model`), portable: `out[j] =
-/// round(w[j] + c·(s·d[j]))` in `E`, with θ0's elements `w` and their rank-r sums `d`
-/// (multiply, multiply, add in f64, rounded once). Returns how many outputs are ±inf or
-/// NaN. The AVX-512 versions ([`avx512::lora_bf16`] and its siblings) give the same bits
-/// and use this for their tails.
-#[inline(always)]
-pub(crate) fn lora_epilogue<E: Elem>(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u64 {
-    let mut nonfinite = 0;
-    for ((&d, w), o) in d
-        .iter()
-        .zip(w.chunks_exact(E::SIZE))
-        .zip(out.chunks_exact_mut(E::SIZE))
-    {
-        nonfinite += E::store(E::load(w) + c * (s * d), o) as u64;
-    }
-    nonfinite
 }
 
 #[inline(always)]
@@ -402,6 +331,8 @@ macro_rules! by_out_formats {
     }};
 }
 
+/// The portable loops, called by name where no level is involved: the AVX-512 kernels'
+/// tails, and the rule for non-finite inputs, which every level shares.
 mod portable {
     use super::*;
     pub fn extrapolate(
@@ -411,10 +342,7 @@ mod portable {
         aligned: &[u8],
         out: &mut [u8],
     ) -> ChunkStats {
-        by_formats!(spec, extrapolate_body, alpha, sft, aligned, out)
-    }
-    pub fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
-        by_out_formats!(spec.aligned, spec.out, cast_body, aligned, out)
+        extrapolate_generic(spec, alpha, sft, aligned, out)
     }
 
     /// After an extrapolation whose output holds a non-finite value: replaces the output
@@ -464,50 +392,38 @@ fn keep_nonfinite_body<A: Elem, B: Elem, O: Elem>(
     (kept, nonfinite)
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-    /// # Safety
-    /// The CPU must support AVX2 and F16C.
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn extrapolate(
-        spec: KernelSpec,
-        alpha: f64,
-        sft: &[u8],
-        aligned: &[u8],
-        out: &mut [u8],
-    ) -> ChunkStats {
-        by_formats!(spec, extrapolate_body, alpha, sft, aligned, out)
-    }
-    /// # Safety
-    /// The CPU must support AVX2 and F16C.
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
-        by_out_formats!(spec.aligned, spec.out, cast_body, aligned, out)
-    }
+/// The generic extrapolation loop over every (θ0, θ1, output) format combination.
+#[inline(always)]
+fn extrapolate_generic(
+    spec: KernelSpec,
+    alpha: f64,
+    sft: &[u8],
+    aligned: &[u8],
+    out: &mut [u8],
+) -> ChunkStats {
+    by_formats!(spec, extrapolate_body, alpha, sft, aligned, out)
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512_generic {
-    use super::*;
-    /// # Safety
-    /// The CPU must support AVX-512 F, BW, VL and DQ.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
-    pub unsafe fn extrapolate(
+/// The generic conversion loop over every (θ1, output) format combination.
+#[inline(always)]
+fn cast_generic(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
+    by_out_formats!(spec.aligned, spec.out, cast_body, aligned, out)
+}
+
+per_level! {
+    /// [`extrapolate_generic`] compiled for a level.
+    fn extrapolate_on(
         spec: KernelSpec,
         alpha: f64,
         sft: &[u8],
         aligned: &[u8],
         out: &mut [u8],
-    ) -> ChunkStats {
-        by_formats!(spec, extrapolate_body, alpha, sft, aligned, out)
-    }
-    /// # Safety
-    /// The CPU must support AVX-512 F, BW, VL and DQ.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
-    pub unsafe fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
-        by_out_formats!(spec.aligned, spec.out, cast_body, aligned, out)
-    }
+    ) -> ChunkStats = extrapolate_generic;
+}
+
+per_level! {
+    /// [`cast_generic`] compiled for a level.
+    fn cast_on(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats = cast_generic;
 }
 
 /// Applies the rule for non-finite inputs (see the module docs) to a computed chunk.
@@ -562,10 +478,9 @@ fn check_lengths(spec: KernelSpec, sft: Option<&[u8]>, aligned: &[u8], out: &[u8
 /// NaN α the NaN payload of the outputs would depend on the instruction set.
 ///
 /// # Panics
-/// If the three buffers do not hold the same number of elements, or `isa` is not
-/// available on this CPU (see [`Isa::available`]).
+/// If the three buffers do not hold the same number of elements.
 pub fn extrapolate_with(
-    isa: Isa,
+    level: Level,
     spec: KernelSpec,
     alpha: f64,
     sft: &[u8],
@@ -573,53 +488,26 @@ pub fn extrapolate_with(
     out: &mut [u8],
 ) -> ChunkStats {
     check_lengths(spec, Some(sft), aligned, out);
-    let stats = extrapolate_fast(isa, spec, alpha, sft, aligned, out);
+    let stats = extrapolate_fast(level, spec, alpha, sft, aligned, out);
     keep_nonfinite_inputs(spec, sft, aligned, out, stats)
 }
 
-/// The arithmetic of [`extrapolate_with`], before the rule for non-finite inputs.
+/// The arithmetic of [`extrapolate_with`], before the rule for non-finite inputs: the
+/// hand-written AVX-512 kernel for one format in and out where there is one, else the
+/// generic loop compiled for `level`.
 fn extrapolate_fast(
-    isa: Isa,
+    level: Level,
     spec: KernelSpec,
     alpha: f64,
     sft: &[u8],
     aligned: &[u8],
     out: &mut [u8],
 ) -> ChunkStats {
-    match isa {
-        Isa::Portable => portable::extrapolate(spec, alpha, sft, aligned, out),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            assert!(isa.supported(), "AVX2 is not available");
-            // SAFETY: the CPU supports AVX2 and F16C (checked just above).
-            unsafe { avx2::extrapolate(spec, alpha, sft, aligned, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => {
-            assert!(isa.supported(), "{} is not available", isa.name());
-            // SAFETY: the CPU supports the AVX-512 subsets, F16C, FMA, POPCNT and, for
-            // Avx512Bf16, AVX512_BF16 (checked just above).
-            unsafe {
-                if spec == KernelSpec::same(FloatDtype::BF16) {
-                    return if isa == Isa::Avx512Bf16 {
-                        avx512::bf16_native(alpha, sft, aligned, out)
-                    } else {
-                        avx512::bf16(alpha, sft, aligned, out)
-                    };
-                }
-                if spec == KernelSpec::same(FloatDtype::F16) {
-                    return avx512::f16(alpha, sft, aligned, out);
-                }
-                if spec == KernelSpec::same(FloatDtype::F32) {
-                    return avx512::f32(alpha, sft, aligned, out);
-                }
-                if spec == KernelSpec::same(FloatDtype::F64) {
-                    return avx512::f64(alpha, sft, aligned, out);
-                }
-                avx512_generic::extrapolate(spec, alpha, sft, aligned, out)
-            }
-        }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(stats) = avx512::extrapolate_same_format(level, spec, alpha, sft, aligned, out) {
+        return stats;
     }
+    extrapolate_on(level, spec, alpha, sft, aligned, out)
 }
 
 /// Computes `out = round(θ1)`: a change of format only (α = 0 with a different `--dtype`).
@@ -628,9 +516,9 @@ fn extrapolate_fast(
 ///
 /// # Panics
 /// As [`extrapolate_with`].
-pub fn cast_with(isa: Isa, spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
+pub fn cast_with(level: Level, spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
     check_lengths(spec, None, aligned, out);
-    let stats = cast_fast(isa, spec, aligned, out);
+    let stats = cast_fast(level, spec, aligned, out);
     // θ1's non-finite elements, converted as the extrapolation keeps them.
     let as_extrapolation = KernelSpec {
         sft: spec.aligned,
@@ -640,22 +528,8 @@ pub fn cast_with(isa: Isa, spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> 
 }
 
 /// The arithmetic of [`cast_with`], before the rule for non-finite values.
-fn cast_fast(isa: Isa, spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
-    match isa {
-        Isa::Portable => portable::cast(spec, aligned, out),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            assert!(isa.supported(), "AVX2 is not available");
-            // SAFETY: the CPU supports AVX2 and F16C (checked just above).
-            unsafe { avx2::cast(spec, aligned, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => {
-            assert!(isa.supported(), "{} is not available", isa.name());
-            // SAFETY: the CPU supports the AVX-512 subsets and F16C (checked just above).
-            unsafe { avx512_generic::cast(spec, aligned, out) }
-        }
-    }
+fn cast_fast(level: Level, spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
+    cast_on(level, spec, aligned, out)
 }
 
 /// [`extrapolate_with`] on the best instruction set of this machine.
@@ -666,12 +540,12 @@ pub fn extrapolate(
     aligned: &[u8],
     out: &mut [u8],
 ) -> ChunkStats {
-    extrapolate_with(Isa::best(), spec, alpha, sft, aligned, out)
+    extrapolate_with(Level::best(), spec, alpha, sft, aligned, out)
 }
 
 /// [`cast_with`] on the best instruction set of this machine.
 pub fn cast(spec: KernelSpec, aligned: &[u8], out: &mut [u8]) -> ChunkStats {
-    cast_with(Isa::best(), spec, aligned, out)
+    cast_with(Level::best(), spec, aligned, out)
 }
 
 /// Counts, in a chunk whose output had non-finite values, the elements where the output is
@@ -788,7 +662,7 @@ mod tests {
     ) -> (Vec<u8>, ChunkStats) {
         let n = aligned.len() / spec.aligned.size();
         let mut first: Option<(Vec<u8>, ChunkStats)> = None;
-        for isa in Isa::available() {
+        for isa in Level::available() {
             let mut out = vec![0u8; n * spec.out.size()];
             let stats = extrapolate_with(isa, spec, alpha, sft, aligned, &mut out);
             match &first {
@@ -973,7 +847,7 @@ mod tests {
                     put(b, &mut t1, i, specials[k % 5]);
                 }
                 let mut first: Option<Vec<u8>> = None;
-                for isa in Isa::available() {
+                for isa in Level::available() {
                     let mut out = vec![0u8; n * o.size()];
                     let stats = cast_with(isa, spec, &t1, &mut out);
                     assert_eq!(stats.nonfinite_in, at.len() as u64, "{spec:?}");
@@ -1150,7 +1024,7 @@ mod tests {
                 };
                 let t1 = sample_values(b, 7, 999);
                 let mut first: Option<Vec<u8>> = None;
-                for isa in Isa::available() {
+                for isa in Level::available() {
                     let mut out = vec![0u8; t1.len() * o.size()];
                     cast_with(isa, spec, &encode(b, &t1), &mut out);
                     assert_eq!(out, encode(o, &t1), "{spec:?} {}", isa.name());
@@ -1179,7 +1053,7 @@ mod tests {
             let t1 = sample_values(b, 4, 1003);
             let want_dd: f64 = t0.iter().zip(&t1).map(|(x, y)| (y - x) * (y - x)).sum();
             let want_bb: f64 = t0.iter().map(|x| x * x).sum();
-            for isa in Isa::available() {
+            for isa in Level::available() {
                 let mut out = vec![0u8; 1003 * b.size()];
                 let st =
                     extrapolate_with(isa, spec, 0.3, &encode(a, &t0), &encode(b, &t1), &mut out);

@@ -2,11 +2,12 @@
 //! straight from the checkpoints' bytes.
 //!
 //! One generic loop widens both sides to f64 and adds the terms in [`LANES`] lanes per
-//! block of [`BLOCK`] elements (see the accuracy notes of [`super`]). It is compiled for
-//! several instruction sets and picked at run time, like the extrapolation kernels
-//! ([`crate::kernel::Isa`]). The lanes map onto vector registers, and every version runs
-//! the same IEEE operations in the same order (Rust never contracts a multiply and an add
-//! into an FMA), so all produce the same bits; `every_isa_gives_the_same_bits` checks it.
+//! block of [`BLOCK`] elements (see the accuracy notes of [`super`]). The loop is portable
+//! Rust; the kernel's one dispatch (`per_level!` in `kernel/isa.rs`) compiles it for each
+//! instruction-set level and runs it on the best [`Level`] of the machine. The lanes
+//! map onto vector registers, and every version runs the same IEEE operations in the same
+//! order (Rust never contracts a multiply and an add into an FMA), so all produce the same
+//! bits; `every_isa_and_format_pair_gives_the_reference_bits` checks it.
 //!
 //! Widening: for a pair of equal formats (the usual case) the loop widens each element in
 //! registers with [`crate::kernel::convert`]'s branch-free conversions. Pairs of different
@@ -28,7 +29,7 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use super::DeltaSums;
 use crate::dtype::FloatDtype;
 use crate::kernel::convert::{bf16_to_f64, f16_to_f64};
-use crate::kernel::Isa;
+use crate::kernel::{per_level, Level};
 
 /// Elements added plainly (in [`LANES`] lanes) before one compensated addition.
 pub const BLOCK: usize = 256;
@@ -224,44 +225,21 @@ fn values_body(s: &mut DeltaSums, a: &[f64], b: &[f64]) {
     pairs::<Value, Value>(s, a, b);
 }
 
-/// Expands to the versions of a body for each instruction set, and the dispatch.
-macro_rules! per_isa {
-    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
-        /// Runs the body compiled for `isa`, which must be supported by this CPU.
-        pub(super) fn $name(isa: Isa, $($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            mod versions {
-                use super::*;
-                #[target_feature(enable = "avx2,f16c")]
-                pub unsafe fn avx2($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
-                pub unsafe fn avx512($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-            }
-            assert!(isa.supported(), "{} is not supported by this CPU", isa.name());
-            match isa {
-                Isa::Portable => $body($($arg),*),
-                // SAFETY: the CPU supports the instruction set (asserted above); the
-                // features enabled are a subset of those `Isa::supported` checks.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { versions::avx2($($arg),*) },
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 | Isa::Avx512Bf16 => unsafe { versions::avx512($($arg),*) },
-            }
-        }
-    };
+per_level! {
+    /// [`accumulate_bytes`] compiled for `level`.
+    fn bytes_with(
+        s: &mut DeltaSums,
+        da: FloatDtype,
+        a: &[u8],
+        db: FloatDtype,
+        b: &[u8],
+    ) -> () = body;
 }
 
-per_isa!(
-    bytes_with,
-    body,
-    (s: &mut DeltaSums, da: FloatDtype, a: &[u8], db: FloatDtype, b: &[u8])
-);
-per_isa!(values_with, values_body, (s: &mut DeltaSums, a: &[f64], b: &[f64]));
+per_level! {
+    /// [`accumulate_values`] compiled for `level`.
+    fn values_with(s: &mut DeltaSums, a: &[f64], b: &[f64]) -> () = values_body;
+}
 
 /// Adds the element pairs of two little-endian runs, θ0 = `a` (format `da`) and
 /// θ1 = `b` (format `db`), with the best instruction set of this CPU.
@@ -272,12 +250,12 @@ pub(super) fn accumulate_bytes(
     db: FloatDtype,
     b: &[u8],
 ) {
-    bytes_with(Isa::best(), s, da, a, db, b);
+    bytes_with(Level::best(), s, da, a, db, b);
 }
 
 /// Adds the pairs of two runs of f64 values.
 pub(super) fn accumulate_values(s: &mut DeltaSums, a: &[f64], b: &[f64]) {
-    values_with(Isa::best(), s, a, b);
+    values_with(Level::best(), s, a, b);
 }
 
 #[cfg(test)]
@@ -348,7 +326,7 @@ mod tests {
                 .collect()
         };
         let mut s = DeltaSums::default();
-        values_with(Isa::Portable, &mut s, &value(da, a), &value(db, b));
+        values_with(Level::portable(), &mut s, &value(da, a), &value(db, b));
         s
     }
 
@@ -368,7 +346,7 @@ mod tests {
                     let b = run(&mut rng, db, n, Some(&base));
                     let want = reference(da, &a, db, &b);
                     assert!(n < 64 || (want.changed < want.elements && want.nonfinite > 0));
-                    for isa in Isa::available() {
+                    for isa in Level::available() {
                         let mut got = DeltaSums::default();
                         bytes_with(isa, &mut got, da, &a, db, &b);
                         assert_eq!(got, want, "{da:?} vs {db:?}, n = {n}, {}", isa.name());
