@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::text::shell_quote;
+
 /// The placeholders a template may use.
 pub const NAMES: [&str; 5] = ["alpha", "output", "workdir", "slot", "trial"];
 
@@ -164,27 +166,6 @@ impl Template {
         }
         OsString::from_vec(out)
     }
-}
-
-/// `s` as one shell word: unchanged when it holds only safe characters, else in single
-/// quotes (a `'` becomes `'\''`).
-pub fn shell_quote(s: &[u8]) -> Vec<u8> {
-    let safe = !s.is_empty()
-        && s.iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"_-./,:=+@%".contains(c));
-    if safe {
-        return s.to_vec();
-    }
-    let mut out = vec![b'\''];
-    for &c in s {
-        if c == b'\'' {
-            out.extend_from_slice(b"'\\''");
-        } else {
-            out.push(c);
-        }
-    }
-    out.push(b'\'');
-    out
 }
 
 /// How the score is read.
@@ -523,14 +504,6 @@ mod tests {
             Template::parse("--eval", "  "),
             Err(TemplateError::Empty { .. })
         ));
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(shell_quote(b"a/b-0.3"), b"a/b-0.3");
-        assert_eq!(shell_quote(b""), b"''");
-        assert_eq!(shell_quote(b"a b"), b"'a b'");
-        assert_eq!(shell_quote(b"$(rm)"), b"'$(rm)'");
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-use super::evaluator;
 use super::ledger::State;
 use super::plot;
 use super::rule::{self, Lat, Settings, Status};
@@ -129,7 +128,7 @@ impl Search<'_> {
 
     fn rebuild_with(&self, alpha: &str, output: &Path) -> String {
         use std::os::unix::ffi::OsStrExt;
-        let q = |b: &[u8]| String::from_utf8_lossy(&evaluator::shell_quote(b)).into_owned();
+        let q = |b: &[u8]| String::from_utf8_lossy(&crate::text::shell_quote(b)).into_owned();
         let mut c = format!(
             "expo extrapolate --sft {} --aligned {} --alpha {} --output {}",
             q(self.cfg.sft.as_os_str().as_bytes()),
