@@ -189,10 +189,20 @@ pub fn parse_hub_id(spec: &str) -> Option<HubSpec> {
         Some((id, rev)) => (id, Some(rev.to_string())),
         None => (spec, None),
     };
-    if repo_id.len() > MAX_REPO_ID_LEN || repo_id.contains("--") || repo_id.contains("..") {
-        return None;
+    // Here an id has its organisation: a bare `name` is a local path.
+    (repo_id.contains('/') && is_hub_id(repo_id)).then(|| HubSpec {
+        repo_id: repo_id.to_string(),
+        revision,
+    })
+}
+
+/// True for a Hugging Face model id: `name` or `org/name`, each part of ASCII letters,
+/// digits, `-`, `_`, `.`, not starting or ending with `-` or `.`, no `--` or `..`, at most 96
+/// characters. Paths (`/abs`, `./rel`, `a/b/c`, `~/x`) are not ids.
+pub fn is_hub_id(s: &str) -> bool {
+    if s.is_empty() || s.len() > MAX_REPO_ID_LEN || s.contains("--") || s.contains("..") {
+        return false;
     }
-    let (org, name) = repo_id.split_once('/')?;
     let part_ok = |p: &str| {
         !p.is_empty()
             && !p.starts_with(['.', '-'])
@@ -200,10 +210,10 @@ pub fn parse_hub_id(spec: &str) -> Option<HubSpec> {
             && p.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
     };
-    (part_ok(org) && part_ok(name)).then(|| HubSpec {
-        repo_id: repo_id.to_string(),
-        revision,
-    })
+    match s.split_once('/') {
+        Some((org, name)) => part_ok(org) && part_ok(name),
+        None => part_ok(s),
+    }
 }
 
 /// A revision must be a relative path of plain components (refs may hold slashes, as in
@@ -522,6 +532,32 @@ mod tests {
             assert_eq!(parse_hub_id(not), None, "{not}");
         }
         assert!(parse_hub_id(&format!("org/{}", "x".repeat(100))).is_none());
+    }
+
+    #[test]
+    fn hub_ids() {
+        for ok in [
+            "gpt2",
+            "org/name",
+            "HuggingFaceH4/zephyr-7b-beta",
+            "a.b/c_d-1",
+        ] {
+            assert!(is_hub_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/abs/path",
+            "./x",
+            "a/b/c",
+            "~/m",
+            "org/-x",
+            "a--b/c",
+            "a/../b",
+            "org/name@main",
+            "C:\\m",
+        ] {
+            assert!(!is_hub_id(bad), "{bad}");
+        }
     }
 
     #[test]
