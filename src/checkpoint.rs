@@ -14,6 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 
 use crate::header::{read_header, Header, HeaderError, TensorInfo};
+use crate::sys::FileVersion;
 
 /// Largest `*.safetensors.index.json` accepted, in bytes.
 pub const MAX_INDEX_LEN: u64 = 256 * 1024 * 1024;
@@ -50,13 +51,12 @@ pub struct Shard {
     pub header: Header,
     /// Device, inode and modification time of the file whose header was validated, so
     /// that a file replaced before it is mapped is noticed.
-    pub identity: Option<(u64, u64, i64, i64)>,
+    pub identity: Option<FileVersion>,
 }
 
 /// Device, inode and modification time of a file.
-pub fn file_identity(meta: &fs::Metadata) -> (u64, u64, i64, i64) {
-    use std::os::unix::fs::MetadataExt;
-    (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec())
+pub fn file_identity(meta: &fs::Metadata) -> FileVersion {
+    FileVersion::of(meta)
 }
 
 /// Where a tensor lives: shard number and position in that shard's header.

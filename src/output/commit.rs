@@ -5,12 +5,13 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::dirfd::{open_dir, unlink_at, FileId};
+use super::dirfd::{open_dir, unlink_at};
 use super::marker::{create_marker, rewrite_marker, MARKER_C};
 use super::remove::remove_marked_dir;
 use super::staging::{active, Active, StagingDir};
 use super::target::{looks_like_checkpoint, Existing, OutputTarget};
 use super::{io_err, OutputError, ASIDE_SUFFIX, MARK_ASIDE, MARK_OLD, STAGING_MARKER};
+use crate::sys::FileId;
 
 /// What a successful [`StagingDir::commit`] could not finish. The new output is in place
 /// either way; these are for warnings, not errors.

@@ -6,8 +6,9 @@ use std::fs::{self, File};
 use std::io;
 use std::path::Path;
 
-use super::dirfd::{dir_names, is_dir_mode, open_dir, open_dir_at, stat_at, unlink_at, FileId};
+use super::dirfd::{dir_names, is_dir_mode, open_dir, open_dir_at, stat_at, unlink_at};
 use super::marker::MARKER_C;
+use crate::sys::FileId;
 
 /// Deepest directory level expo walks inside an output (checkpoints are shallow).
 pub(super) const MAX_DEPTH: usize = 64;

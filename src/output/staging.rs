@@ -6,11 +6,12 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::dirfd::{open_dir, FileId};
+use super::dirfd::open_dir;
 use super::marker::create_marker;
 use super::remove::{remove_marked_dir, remove_marked_tree};
 use super::target::OutputTarget;
 use super::{io_err, OutputError, MARK_STAGING, STAGING_PREFIX};
+use crate::sys::FileId;
 
 /// Longest part of the output's name that goes into a staging directory's name, so that
 /// the staging name (`.expo-tmp-` + this + `-<pid>-<random>-old`) fits every file system's

@@ -7,11 +7,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::dirfd::{
-    cpath, dir_names, is_dir_mode, is_file_mode, open_dir, open_dir_at, stat_at, FileId,
-};
+use super::dirfd::{cpath, dir_names, is_dir_mode, is_file_mode, open_dir, open_dir_at, stat_at};
 use super::remove::{too_deep, MAX_DEPTH};
 use super::{io_err, OutputError, STAGING_PREFIX};
+use crate::sys::FileId;
 
 /// Output names expo never creates or replaces by itself, even with `--force`: the files
 /// that make a directory recognisable as a model checkpoint.

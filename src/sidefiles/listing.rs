@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::copy::read_validated;
@@ -14,6 +13,7 @@ use super::{CONFIG_NAME, MODEL_CARD_NAME, PROVENANCE_NAME};
 use crate::checkpoint::{Checkpoint, FOREIGN_WEIGHT_EXTENSIONS};
 use crate::dtype::FloatDtype;
 use crate::plan::DtypeChoice;
+use crate::sys::FileVersion;
 
 /// Deepest directory nesting followed when copying.
 const MAX_DEPTH: usize = 16;
@@ -24,34 +24,28 @@ const MAX_HELD: usize = 64;
 /// A `config.json` larger than this is copied without its dtype updated.
 const MAX_CONFIG_EDIT: u64 = 16 << 20;
 
-/// Size, modification time and identity of a file, as checked at validation.
+/// Identity, size and modification time of a file, as checked at validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Stamp {
-    pub(super) dev: u64,
-    pub(super) ino: u64,
+    pub(super) version: FileVersion,
     pub(super) len: u64,
-    pub(super) mtime: i64,
-    pub(super) mtime_nsec: i64,
 }
 
 impl Stamp {
     pub(super) fn of(meta: &fs::Metadata) -> Stamp {
         Stamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
+            version: FileVersion::of(meta),
             len: meta.len(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
         }
     }
 
     /// How `now` differs from `self`, for [`SideFileError::Changed`].
     pub(super) fn change(&self, now: &Stamp) -> Option<&'static str> {
-        if (now.dev, now.ino) != (self.dev, self.ino) {
+        if now.version.id != self.version.id {
             Some("was replaced by another file")
         } else if now.len != self.len {
             Some("changed size")
-        } else if (now.mtime, now.mtime_nsec) != (self.mtime, self.mtime_nsec) {
+        } else if now.version != self.version {
             Some("was modified")
         } else {
             None
@@ -145,11 +139,7 @@ fn kind_of(ft: fs::FileType) -> &'static str {
 /// Opens `path` for reading without blocking (a FIFO opens at once; no controlling
 /// terminal is acquired), and checks after opening that it is a regular file.
 pub(super) fn open_regular(path: &Path) -> Result<(File, fs::Metadata), SideFileError> {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(io_err(path, "open"))?;
+    let file = crate::sys::open_nonblocking(path).map_err(io_err(path, "open"))?;
     let meta = file.metadata().map_err(io_err(path, "stat"))?;
     if !meta.is_file() {
         return Err(SideFileError::NotRegular {
