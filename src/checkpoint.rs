@@ -84,15 +84,17 @@ pub struct Checkpoint {
     by_name: HashMap<String, TensorLoc>,
 }
 
-/// What can be wrong with a checkpoint as a whole. Messages are complete on their own (no
-/// variant also returns its cause from `source()`), so each cause is printed once.
+/// What can be wrong with a checkpoint as a whole. Each cause is printed once by `{:#}`:
+/// the I/O error of [`CheckpointError::Io`] is its `source()`, not repeated in its message;
+/// every other message is complete on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path} does not exist")]
     NotFound { path: PathBuf },
-    #[error("{path}: reading it failed: {error}")]
+    #[error("{path}: reading it failed")]
     Io {
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
     #[error("{path} is not a safetensors index (an index is named like model.safetensors.index.json or model.safetensors.index.<variant>.json); give the checkpoint directory, its index or a .safetensors file")]

@@ -103,6 +103,12 @@ pub enum HubError {
     InvalidRevision { spec: String, revision: String },
     #[error("{}: {reason}", path.display())]
     BadRef { path: PathBuf, reason: String },
+    #[error("{}: reading it failed", path.display())]
+    RefUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("`{spec}` is not a local path, and the Hugging Face cache cannot be located: none of HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME or HOME is set")]
     NoCacheDir { spec: String },
 }
@@ -371,13 +377,17 @@ fn read_ref(path: &Path) -> Result<String, HubError> {
         path: path.to_path_buf(),
         reason,
     };
+    let unreadable = |source| HubError::RefUnreadable {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = crate::header::open_regular(path)
-        .map_err(|e| bad(format!("reading it failed: {e}")))?
+        .map_err(unreadable)?
         .ok_or_else(|| bad("not a regular file, so not a ref".into()))?;
     let mut bytes = Vec::new();
     file.take(MAX_REF_LEN + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| bad(format!("reading it failed: {e}")))?;
+        .map_err(unreadable)?;
     if bytes.len() as u64 > MAX_REF_LEN {
         return Err(bad(format!(
             "it is larger than {MAX_REF_LEN} bytes, so it is not a ref (a ref holds one 40-digit commit hash); download the revision again"

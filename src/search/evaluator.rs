@@ -194,8 +194,12 @@ pub enum ScoreError {
         pointer: String,
         value: String,
     },
-    #[error("reading {path}: {reason}")]
-    Read { path: PathBuf, reason: String },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is larger than {limit} bytes")]
     TooLarge { path: PathBuf, limit: u64 },
 }
@@ -258,9 +262,9 @@ pub fn parse_pointer(s: &str) -> Result<String, String> {
 }
 
 fn read_capped(path: &Path, limit: u64) -> Result<String, ScoreError> {
-    let read_err = |e: std::io::Error| ScoreError::Read {
+    let read_err = |source| ScoreError::Read {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     };
     let f = File::open(path).map_err(read_err)?;
     let mut buf = Vec::new();
@@ -275,9 +279,9 @@ fn read_capped(path: &Path, limit: u64) -> Result<String, ScoreError> {
 }
 
 fn read_tail(path: &Path, n: u64) -> Result<String, ScoreError> {
-    let read_err = |e: std::io::Error| ScoreError::Read {
+    let read_err = |source| ScoreError::Read {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     };
     let mut f = File::open(path).map_err(read_err)?;
     let len = f.metadata().map_err(read_err)?.len();

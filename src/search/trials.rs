@@ -235,7 +235,8 @@ impl Search<'_> {
             Some(0) if !exit.timed_out => match self.cfg.score.read(&stdout, values) {
                 Ok(s) => (State::Ok, Some(s.value), s.json),
                 Err(e) => {
-                    note = Some(e.to_string());
+                    // The whole chain: a read error carries its I/O cause as its source.
+                    note = Some(format!("{:#}", anyhow::Error::new(e)));
                     (State::Failed, None, None)
                 }
             },

@@ -281,7 +281,8 @@ impl SideFiles {
         match text {
             Ok(text) => self.card = CardMetadata::parse(&text),
             Err(e) => self.notes.push(format!(
-                "not reading θ1's model card: {e}; its license and other metadata are not carried over"
+                "not reading θ1's model card: {:#}; its license and other metadata are not carried over",
+                anyhow::Error::new(e)
             )),
         }
     }

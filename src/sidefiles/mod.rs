@@ -30,14 +30,16 @@ pub const MODEL_CARD_NAME: &str = "README.md";
 /// Name of the configuration whose dtype `--dtype` updates.
 pub const CONFIG_NAME: &str = "config.json";
 
-/// Errors about side files. Each names the file; the cause is printed once.
+/// Errors about side files. Each names the file; an I/O error is the `source()` of
+/// [`SideFileError::Io`], not repeated in its message, so `{:#}` prints the cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum SideFileError {
-    #[error("{}: cannot {op}: {cause}", path.display())]
+    #[error("{}: cannot {op}", path.display())]
     Io {
         path: PathBuf,
         op: &'static str,
-        cause: io::Error,
+        #[source]
+        source: io::Error,
     },
     #[error(
         "{} is {kind}, not a regular file; expo copies only regular files from --aligned: remove it from the checkpoint directory, or replace it with the file it stands for",
@@ -62,9 +64,9 @@ pub enum SideFileError {
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> SideFileError + 'a {
-    move |cause| SideFileError::Io {
+    move |source| SideFileError::Io {
         path: path.to_path_buf(),
         op,
-        cause,
+        source,
     }
 }
