@@ -5,7 +5,7 @@
 //! # Temporary directories and stale cleanup
 //!
 //! A run's temporary ("staging") directory is `.expo-tmp-<name>-<pid>-<random>` beside the
-//! output, `<name>` being the output's name cut to its first [`STAGING_NAME_PART`] bytes (so
+//! output, `<name>` being the output's name cut to its first `STAGING_NAME_PART` bytes (so
 //! the staging name fits the file system's name limit whatever the output's name). The
 //! random part (64 bits from `/dev/urandom`) makes the name unique even when
 //! pids repeat, as they do across containers (every container's first process is pid 1)

@@ -61,90 +61,14 @@ impl OutputTarget {
     /// non-empty directory. Does not look at what a non-empty directory holds: call
     /// [`OutputTarget::check_replaceable`] before writing anything (a caller may check
     /// other things in between, so that their errors take precedence).
-    pub fn locate(path: &Path, force: bool) -> Result<OutputTarget, OutputError> {
-        let given = path;
-        // `out/` is `out`; but `out/.` and `out/..` are refused: `.` and `..` cannot be
-        // renamed, and what they name is not what the user sees.
-        let mut bytes = path.as_os_str().as_bytes();
-        while bytes.len() > 1 && bytes.ends_with(b"/") {
-            bytes = &bytes[..bytes.len() - 1];
-        }
-        let last = bytes.rsplit(|&b| b == b'/').next().unwrap_or(bytes);
-        if last == b"." || last == b".." {
-            return Err(OutputError::DotName {
-                path: given.to_path_buf(),
-                tail: if last == b"." { "." } else { ".." },
-            });
-        }
-        let path = Path::new(std::ffi::OsStr::from_bytes(bytes));
-        let name = match path.file_name() {
-            Some(n) => n.to_string_lossy().into_owned(),
-            None => {
-                return Err(OutputError::BadName {
-                    path: given.to_path_buf(),
-                })
-            }
-        };
-        if name.starts_with(STAGING_PREFIX) {
-            return Err(OutputError::ReservedName {
-                path: path.to_path_buf(),
-            });
-        }
+    pub fn locate(given: &Path, force: bool) -> Result<OutputTarget, OutputError> {
+        let (path, name) = usable_name(given)?;
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let parent_id = match fs::metadata(&parent) {
-            Ok(m) if m.is_dir() => FileId::of(&m),
-            Ok(_) => {
-                return Err(OutputError::ParentNotADirectory {
-                    path: path.to_path_buf(),
-                    parent,
-                })
-            }
-            // A dangling link, say.
-            Err(_) if parent.symlink_metadata().is_ok() => {
-                return Err(OutputError::ParentNotADirectory {
-                    path: path.to_path_buf(),
-                    parent,
-                })
-            }
-            Err(_) => {
-                return Err(OutputError::NoParent {
-                    path: path.to_path_buf(),
-                    parent,
-                })
-            }
-        };
-        let mut existing_id = None;
-        let existing = match fs::symlink_metadata(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Existing::Nothing,
-            Err(e) => return Err(io_err(path, "stat")(e)),
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(OutputError::Symlink {
-                    path: given.to_path_buf(),
-                    link_target: fs::read_link(path).ok(),
-                })
-            }
-            Ok(m) if m.is_dir() => {
-                existing_id = Some(FileId::of(&m));
-                let mut entries = fs::read_dir(path).map_err(io_err(path, "read"))?;
-                if entries.next().is_none() {
-                    Existing::EmptyDir
-                } else if force {
-                    Existing::Dir
-                } else {
-                    return Err(OutputError::Exists {
-                        path: path.to_path_buf(),
-                    });
-                }
-            }
-            Ok(_) => {
-                return Err(OutputError::NotADirectory {
-                    path: path.to_path_buf(),
-                })
-            }
-        };
+        let parent_id = parent_identity(path, &parent)?;
+        let (existing, existing_id) = what_is_at(given, path, force)?;
         Ok(OutputTarget {
             path: path.to_path_buf(),
             parent,
@@ -215,6 +139,94 @@ impl OutputTarget {
     /// or parents reached through different symlinks, are the same location.
     pub fn same_location(&self, other: &OutputTarget) -> bool {
         self.parent_id == other.parent_id && self.name == other.name
+    }
+}
+
+/// The output path as given without its trailing slashes, and its last component. Refused:
+/// a path ending in `.` or `..`, one without a name, a name reserved for staging
+/// directories.
+fn usable_name(given: &Path) -> Result<(&Path, String), OutputError> {
+    // `out/` is `out`; but `out/.` and `out/..` are refused: `.` and `..` cannot be
+    // renamed, and what they name is not what the user sees.
+    let mut bytes = given.as_os_str().as_bytes();
+    while bytes.len() > 1 && bytes.ends_with(b"/") {
+        bytes = &bytes[..bytes.len() - 1];
+    }
+    let last = bytes.rsplit(|&b| b == b'/').next().unwrap_or(bytes);
+    if last == b"." || last == b".." {
+        return Err(OutputError::DotName {
+            path: given.to_path_buf(),
+            tail: if last == b"." { "." } else { ".." },
+        });
+    }
+    let path = Path::new(std::ffi::OsStr::from_bytes(bytes));
+    let name = match path.file_name() {
+        Some(n) => n.to_string_lossy().into_owned(),
+        None => {
+            return Err(OutputError::BadName {
+                path: given.to_path_buf(),
+            })
+        }
+    };
+    if name.starts_with(STAGING_PREFIX) {
+        return Err(OutputError::ReservedName {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok((path, name))
+}
+
+/// The identity of `parent`, the output `path`'s parent directory, which must exist.
+fn parent_identity(path: &Path, parent: &Path) -> Result<FileId, OutputError> {
+    match fs::metadata(parent) {
+        Ok(m) if m.is_dir() => Ok(FileId::of(&m)),
+        Ok(_) => Err(OutputError::ParentNotADirectory {
+            path: path.to_path_buf(),
+            parent: parent.to_path_buf(),
+        }),
+        // A dangling link, say.
+        Err(_) if parent.symlink_metadata().is_ok() => Err(OutputError::ParentNotADirectory {
+            path: path.to_path_buf(),
+            parent: parent.to_path_buf(),
+        }),
+        Err(_) => Err(OutputError::NoParent {
+            path: path.to_path_buf(),
+            parent: parent.to_path_buf(),
+        }),
+    }
+}
+
+/// What is at the output `path` (`given` as typed): nothing, an empty directory, or (with
+/// `force`) a non-empty one, with its identity. A link, a file or (without `force`) a
+/// non-empty directory is refused.
+fn what_is_at(
+    given: &Path,
+    path: &Path,
+    force: bool,
+) -> Result<(Existing, Option<FileId>), OutputError> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((Existing::Nothing, None)),
+        Err(e) => Err(io_err(path, "stat")(e)),
+        Ok(m) if m.file_type().is_symlink() => Err(OutputError::Symlink {
+            path: given.to_path_buf(),
+            link_target: fs::read_link(path).ok(),
+        }),
+        Ok(m) if m.is_dir() => {
+            let mut entries = fs::read_dir(path).map_err(io_err(path, "read"))?;
+            let existing = if entries.next().is_none() {
+                Existing::EmptyDir
+            } else if force {
+                Existing::Dir
+            } else {
+                return Err(OutputError::Exists {
+                    path: path.to_path_buf(),
+                });
+            };
+            Ok((existing, Some(FileId::of(&m))))
+        }
+        Ok(_) => Err(OutputError::NotADirectory {
+            path: path.to_path_buf(),
+        }),
     }
 }
 

@@ -3,6 +3,7 @@
 //! `--dtype`; the output's file names checked for collisions.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -157,18 +158,7 @@ fn walk(
     used: &[String],
     out: &mut SideFiles,
 ) -> Result<(), SideFileError> {
-    let dir = root.join(rel);
-    let mut entries = Vec::new();
-    for entry in fs::read_dir(&dir).map_err(io_err(&dir, "read directory"))? {
-        let entry = entry.map_err(io_err(&dir, "read directory"))?;
-        let is_link = entry
-            .file_type()
-            .map_err(io_err(&entry.path(), "stat"))?
-            .is_symlink();
-        entries.push((entry.file_name(), is_link));
-    }
-    entries.sort();
-    for (file_name, is_link) in entries {
+    for (file_name, is_link) in sorted_entries(&root.join(rel))? {
         // The lossy form is only compared with ASCII names; paths keep the real bytes.
         let name = file_name.to_string_lossy().into_owned();
         if name.starts_with('.') {
@@ -204,26 +194,67 @@ fn walk(
             }
             continue;
         }
-        let top = depth == 0;
-        let rel_str = rel_path.to_string_lossy();
-        if used.iter().any(|u| *u == rel_str) {
-            continue;
+        if is_side_file(&name, &rel_path, depth == 0, used, out) {
+            out.open_file(full, rel_path, &meta)?;
         }
-        let lower = name.to_ascii_lowercase();
-        if top && (lower == "readme.md" || name == PROVENANCE_NAME) {
-            continue;
-        }
-        let ext = Path::new(&lower)
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("");
-        if lower.ends_with(".safetensors") || crate::checkpoint::is_index_name(&lower) {
-            out.skipped_weights.push(rel_path);
-            continue;
-        }
-        if FOREIGN_WEIGHT_EXTENSIONS.contains(&ext) || lower.ends_with(".bin.index.json") {
-            continue;
-        }
+    }
+    Ok(())
+}
+
+/// The entries of `dir` (name, and whether it is a symbolic link), sorted by name.
+fn sorted_entries(dir: &Path) -> Result<Vec<(OsString, bool)>, SideFileError> {
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir, "read directory"))? {
+        let entry = entry.map_err(io_err(dir, "read directory"))?;
+        let is_link = entry
+            .file_type()
+            .map_err(io_err(&entry.path(), "stat"))?
+            .is_symlink();
+        entries.push((entry.file_name(), is_link));
+    }
+    entries.sort();
+    Ok(entries)
+}
+
+/// True when the file `name` at `rel_path` (`top`: in θ1's directory itself) is a side
+/// file to copy: not a weight file expo read, not θ1's README.md or `expo.json`, not
+/// weights of another format. Safetensors weights that are not part of the checkpoint
+/// are listed in `out.skipped_weights`.
+fn is_side_file(
+    name: &str,
+    rel_path: &Path,
+    top: bool,
+    used: &[String],
+    out: &mut SideFiles,
+) -> bool {
+    let rel_str = rel_path.to_string_lossy();
+    if used.iter().any(|u| *u == rel_str) {
+        return false;
+    }
+    let lower = name.to_ascii_lowercase();
+    if top && (lower == "readme.md" || name == PROVENANCE_NAME) {
+        return false;
+    }
+    let ext = Path::new(&lower)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("");
+    if lower.ends_with(".safetensors") || crate::checkpoint::is_index_name(&lower) {
+        out.skipped_weights.push(rel_path.to_path_buf());
+        return false;
+    }
+    !(FOREIGN_WEIGHT_EXTENSIONS.contains(&ext) || lower.ends_with(".bin.index.json"))
+}
+
+impl SideFiles {
+    /// Opens the side file at `full` (`rel_path` in θ1's directory; `meta` from `stat`)
+    /// and records it to copy: its handle (up to [`MAX_HELD`] of them) and its stamp.
+    fn open_file(
+        &mut self,
+        full: PathBuf,
+        rel_path: PathBuf,
+        meta: &fs::Metadata,
+    ) -> Result<(), SideFileError> {
         // Refused before opening when already known to be special (opening some devices
         // has effects), and checked again after opening (it may have been swapped).
         if !meta.is_file() {
@@ -233,16 +264,16 @@ fn walk(
             });
         }
         let (file, meta) = open_regular(&full)?;
-        let held = out.opened.len() < MAX_HELD;
-        out.opened.push(Opened {
+        let held = self.opened.len() < MAX_HELD;
+        self.opened.push(Opened {
             full,
             file: held.then_some(file),
             stamp: Stamp::of(&meta),
             edited: None,
         });
-        out.copy.push(rel_path);
+        self.copy.push(rel_path);
+        Ok(())
     }
-    Ok(())
 }
 
 impl SideFiles {
