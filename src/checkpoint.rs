@@ -14,6 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 
 use crate::header::{read_header, Header, HeaderError, TensorInfo};
+use crate::sys::FileVersion;
 
 /// Largest `*.safetensors.index.json` accepted, in bytes.
 pub const MAX_INDEX_LEN: u64 = 256 * 1024 * 1024;
@@ -50,13 +51,12 @@ pub struct Shard {
     pub header: Header,
     /// Device, inode and modification time of the file whose header was validated, so
     /// that a file replaced before it is mapped is noticed.
-    pub identity: Option<(u64, u64, i64, i64)>,
+    pub identity: Option<FileVersion>,
 }
 
 /// Device, inode and modification time of a file.
-pub fn file_identity(meta: &fs::Metadata) -> (u64, u64, i64, i64) {
-    use std::os::unix::fs::MetadataExt;
-    (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec())
+pub fn file_identity(meta: &fs::Metadata) -> FileVersion {
+    FileVersion::of(meta)
 }
 
 /// Where a tensor lives: shard number and position in that shard's header.
@@ -84,15 +84,17 @@ pub struct Checkpoint {
     by_name: HashMap<String, TensorLoc>,
 }
 
-/// What can be wrong with a checkpoint as a whole. Messages are complete on their own (no
-/// variant also returns its cause from `source()`), so each cause is printed once.
+/// What can be wrong with a checkpoint as a whole. Each cause is printed once by `{:#}`:
+/// the I/O error of [`CheckpointError::Io`] is its `source()`, not repeated in its message;
+/// every other message is complete on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path} does not exist")]
     NotFound { path: PathBuf },
-    #[error("{path}: reading it failed: {error}")]
+    #[error("{path}: reading it failed")]
     Io {
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
     #[error("{path} is not a safetensors index (an index is named like model.safetensors.index.json or model.safetensors.index.<variant>.json); give the checkpoint directory, its index or a .safetensors file")]
@@ -432,6 +434,8 @@ fn read_capped(reader: impl Read, cap: u64) -> io::Result<Option<String>> {
     Ok((text.len() as u64 <= cap).then_some(text))
 }
 
+/// Opens the checkpoint whose index is `root/index_name`: the index read, then every shard
+/// it names, each checked against it.
 fn open_indexed(
     given: &Path,
     root: &Path,
@@ -439,41 +443,69 @@ fn open_indexed(
     is_dir: bool,
 ) -> Result<Checkpoint, CheckpointError> {
     let index_path = root.join(index_name);
+    let raw = read_index(&index_path)?;
+    let (wanted, shard_of) = assign_shards(&index_path, raw.weight_map.0)?;
+    let (shards, by_name) = read_indexed_shards(root, &index_path, &wanted, &shard_of)?;
+    Ok(Checkpoint {
+        given: given.to_path_buf(),
+        root: root.to_path_buf(),
+        is_dir,
+        layout: Layout::Indexed {
+            index_name: index_name.to_string(),
+            metadata: raw.metadata.unwrap_or_default(),
+        },
+        shards,
+        warnings: Vec::new(),
+        by_name,
+    })
+}
+
+/// Reads and parses the index file (a regular file of at most [`MAX_INDEX_LEN`] bytes).
+fn read_index(index_path: &Path) -> Result<RawIndex, CheckpointError> {
     let io_err = |error| CheckpointError::Io {
-        path: index_path.clone(),
+        path: index_path.to_path_buf(),
         error,
     };
-    let file = crate::header::open_regular(&index_path)
+    let file = crate::header::open_regular(index_path)
         .map_err(io_err)?
         .ok_or_else(|| CheckpointError::InvalidIndex {
-            path: index_path.clone(),
+            path: index_path.to_path_buf(),
             reason: "not a regular file".into(),
         })?;
     let Some(text) = read_capped(file, MAX_INDEX_LEN).map_err(io_err)? else {
         return Err(CheckpointError::InvalidIndex {
-            path: index_path,
+            path: index_path.to_path_buf(),
             reason: format!("larger than {MAX_INDEX_LEN} bytes"),
         });
     };
-    let raw: RawIndex = serde_json::from_str(&text).map_err(|e| CheckpointError::InvalidIndex {
-        path: index_path.clone(),
+    serde_json::from_str(&text).map_err(|e| CheckpointError::InvalidIndex {
+        path: index_path.to_path_buf(),
         reason: e.to_string(),
-    })?;
+    })
+}
 
-    // Tensor → shard, refusing duplicates and names that escape the directory.
+/// Shard → its tensors (in the index's order), and tensor → its shard.
+type ShardAssignment = (BTreeMap<String, Vec<String>>, HashMap<String, String>);
+
+/// The index's weight map as shard → its tensors (in the index's order) and tensor → its
+/// shard, refusing duplicates and shard names that escape the directory.
+fn assign_shards(
+    index_path: &Path,
+    weight_map: Vec<(String, String)>,
+) -> Result<ShardAssignment, CheckpointError> {
     let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut shard_of: HashMap<String, String> = HashMap::new();
-    for (tensor, shard) in raw.weight_map.0 {
+    for (tensor, shard) in weight_map {
         let Some(shard) = normalize_shard_name(&shard) else {
             return Err(CheckpointError::UnsafeShardPath {
-                index: index_path,
+                index: index_path.to_path_buf(),
                 tensor,
                 shard,
             });
         };
         if let Some(first) = shard_of.get(&tensor) {
             return Err(CheckpointError::TensorInTwoShards {
-                index: index_path,
+                index: index_path.to_path_buf(),
                 tensor,
                 first: first.clone(),
                 second: shard,
@@ -482,14 +514,25 @@ fn open_indexed(
         shard_of.insert(tensor.clone(), shard.clone());
         wanted.entry(shard).or_default().push(tensor);
     }
+    Ok((wanted, shard_of))
+}
 
+/// Reads the header of every shard the index names, in name order, and checks that each
+/// holds exactly the tensors the index gives it. Returns the shards and where each tensor
+/// is.
+fn read_indexed_shards(
+    root: &Path,
+    index_path: &Path,
+    wanted: &BTreeMap<String, Vec<String>>,
+    shard_of: &HashMap<String, String>,
+) -> Result<(Vec<Shard>, HashMap<String, TensorLoc>), CheckpointError> {
     let mut shards = Vec::with_capacity(wanted.len());
     let mut by_name = HashMap::with_capacity(shard_of.len());
     for (s, (shard_name, tensors)) in wanted.iter().enumerate() {
         let path = root.join(shard_name);
         if !path.exists() {
             return Err(CheckpointError::MissingShard {
-                index: index_path,
+                index: index_path.to_path_buf(),
                 shard: shard_name.clone(),
                 path,
                 tensors: tensors.len(),
@@ -504,7 +547,7 @@ fn open_indexed(
                 }
                 Some(owner) => {
                     return Err(CheckpointError::TensorInTwoShards {
-                        index: index_path,
+                        index: index_path.to_path_buf(),
                         tensor: t.name.clone(),
                         first: owner.clone(),
                         second: shard_name.clone(),
@@ -512,7 +555,7 @@ fn open_indexed(
                 }
                 None => {
                     return Err(CheckpointError::TensorNotInIndex {
-                        index: index_path,
+                        index: index_path.to_path_buf(),
                         tensor: t.name.clone(),
                         shard: shard.path,
                     })
@@ -522,7 +565,7 @@ fn open_indexed(
         for tensor in tensors {
             if !by_name.contains_key(tensor) {
                 return Err(CheckpointError::TensorNotInShard {
-                    index: index_path,
+                    index: index_path.to_path_buf(),
                     tensor: tensor.clone(),
                     shard: shard.path,
                 });
@@ -530,18 +573,7 @@ fn open_indexed(
         }
         shards.push(shard);
     }
-    Ok(Checkpoint {
-        given: given.to_path_buf(),
-        root: root.to_path_buf(),
-        is_dir,
-        layout: Layout::Indexed {
-            index_name: index_name.to_string(),
-            metadata: raw.metadata.unwrap_or_default(),
-        },
-        shards,
-        warnings: Vec::new(),
-        by_name,
-    })
+    Ok((shards, by_name))
 }
 
 #[cfg(test)]

@@ -212,11 +212,7 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
 /// is something else. A FIFO or device named by a hostile checkpoint must not make expo
 /// block or read forever, so the file is opened non-blocking and checked before any read.
 pub fn open_regular(path: &Path) -> std::io::Result<Option<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
+    let file = crate::sys::open_nonblocking(path)?;
     if !file.metadata()?.is_file() {
         return Ok(None);
     }

@@ -103,6 +103,12 @@ pub enum HubError {
     InvalidRevision { spec: String, revision: String },
     #[error("{}: {reason}", path.display())]
     BadRef { path: PathBuf, reason: String },
+    #[error("{}: reading it failed", path.display())]
+    RefUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("`{spec}` is not a local path, and the Hugging Face cache cannot be located: none of HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME or HOME is set")]
     NoCacheDir { spec: String },
 }
@@ -189,10 +195,20 @@ pub fn parse_hub_id(spec: &str) -> Option<HubSpec> {
         Some((id, rev)) => (id, Some(rev.to_string())),
         None => (spec, None),
     };
-    if repo_id.len() > MAX_REPO_ID_LEN || repo_id.contains("--") || repo_id.contains("..") {
-        return None;
+    // Here an id has its organisation: a bare `name` is a local path.
+    (repo_id.contains('/') && is_hub_id(repo_id)).then(|| HubSpec {
+        repo_id: repo_id.to_string(),
+        revision,
+    })
+}
+
+/// True for a Hugging Face model id: `name` or `org/name`, each part of ASCII letters,
+/// digits, `-`, `_`, `.`, not starting or ending with `-` or `.`, no `--` or `..`, at most 96
+/// characters. Paths (`/abs`, `./rel`, `a/b/c`, `~/x`) are not ids.
+pub fn is_hub_id(s: &str) -> bool {
+    if s.is_empty() || s.len() > MAX_REPO_ID_LEN || s.contains("--") || s.contains("..") {
+        return false;
     }
-    let (org, name) = repo_id.split_once('/')?;
     let part_ok = |p: &str| {
         !p.is_empty()
             && !p.starts_with(['.', '-'])
@@ -200,10 +216,10 @@ pub fn parse_hub_id(spec: &str) -> Option<HubSpec> {
             && p.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
     };
-    (part_ok(org) && part_ok(name)).then(|| HubSpec {
-        repo_id: repo_id.to_string(),
-        revision,
-    })
+    match s.split_once('/') {
+        Some((org, name)) => part_ok(org) && part_ok(name),
+        None => part_ok(s),
+    }
 }
 
 /// A revision must be a relative path of plain components (refs may hold slashes, as in
@@ -361,13 +377,17 @@ fn read_ref(path: &Path) -> Result<String, HubError> {
         path: path.to_path_buf(),
         reason,
     };
+    let unreadable = |source| HubError::RefUnreadable {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = crate::header::open_regular(path)
-        .map_err(|e| bad(format!("reading it failed: {e}")))?
+        .map_err(unreadable)?
         .ok_or_else(|| bad("not a regular file, so not a ref".into()))?;
     let mut bytes = Vec::new();
     file.take(MAX_REF_LEN + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| bad(format!("reading it failed: {e}")))?;
+        .map_err(unreadable)?;
     if bytes.len() as u64 > MAX_REF_LEN {
         return Err(bad(format!(
             "it is larger than {MAX_REF_LEN} bytes, so it is not a ref (a ref holds one 40-digit commit hash); download the revision again"
@@ -522,6 +542,32 @@ mod tests {
             assert_eq!(parse_hub_id(not), None, "{not}");
         }
         assert!(parse_hub_id(&format!("org/{}", "x".repeat(100))).is_none());
+    }
+
+    #[test]
+    fn hub_ids() {
+        for ok in [
+            "gpt2",
+            "org/name",
+            "HuggingFaceH4/zephyr-7b-beta",
+            "a.b/c_d-1",
+        ] {
+            assert!(is_hub_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/abs/path",
+            "./x",
+            "a/b/c",
+            "~/m",
+            "org/-x",
+            "a--b/c",
+            "a/../b",
+            "org/name@main",
+            "C:\\m",
+        ] {
+            assert!(!is_hub_id(bad), "{bad}");
+        }
     }
 
     #[test]

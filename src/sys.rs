@@ -12,6 +12,56 @@ pub fn page_size() -> usize {
     }
 }
 
+/// What a file is, whatever its name: its device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// Which file, and which version of it: its identity and modification time, recorded when
+/// it is checked and compared when it is used, so that a file replaced or rewritten in
+/// between is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileVersion {
+    pub id: FileId,
+    pub mtime: i64,
+    pub mtime_nsec: i64,
+}
+
+impl FileVersion {
+    pub fn of(meta: &std::fs::Metadata) -> FileVersion {
+        use std::os::unix::fs::MetadataExt;
+        FileVersion {
+            id: FileId::of(meta),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        }
+    }
+}
+
+/// Opens `path` for reading without blocking (a FIFO opens at once) and without acquiring
+/// a controlling terminal. What was opened may be anything: the caller checks it (`fstat`)
+/// before reading, so that a FIFO or a device named by a hostile input never makes expo
+/// block or read forever.
+pub fn open_nonblocking(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+}
+
 /// Writes `bytes` at `offset` of an output file and starts their write-back (see
 /// [`start_writeback`]): how every chunk of an output is written.
 pub fn write_out(file: &std::fs::File, bytes: &[u8], offset: u64) -> std::io::Result<()> {

@@ -1,4 +1,4 @@
-//! Numbers and sizes in messages, printed for people.
+//! Numbers, sizes and command lines in messages, printed for people.
 
 /// A byte count for people, in binary units (`1.50 GiB`).
 pub fn bytes(n: u64) -> String {
@@ -29,6 +29,54 @@ pub fn number(x: f64) -> String {
     }
 }
 
+/// `s` as one shell word: unchanged when it holds only characters no shell expands
+/// (letters, digits and `-_./:@%+=,`), else in single quotes (a `'` becomes `'\''`).
+pub fn shell_quote(s: &[u8]) -> Vec<u8> {
+    let safe = !s.is_empty()
+        && s.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_-./,:=+@%".contains(c));
+    if safe {
+        return s.to_vec();
+    }
+    single_quoted(s)
+}
+
+/// `s` in single quotes, where a shell expands nothing; a `'` is written `'\''`.
+fn single_quoted(s: &[u8]) -> Vec<u8> {
+    let mut out = vec![b'\''];
+    for &c in s {
+        if c == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(c);
+        }
+    }
+    out.push(b'\'');
+    out
+}
+
+/// Quotes arguments for bash (and any POSIX shell), leaving plain ones bare, so that the
+/// line re-runs with the same arguments. Bare words hold only characters no shell
+/// expands: letters, digits and `-_./:@%+=,` (no `{}`: `{a,b}` is brace expansion; no `~`,
+/// `*`, `?`, `[`, `!`, `$`, `#`, quotes or spaces). Everything else is single-quoted, where
+/// bash expands nothing (`!` included, also with history expansion on); a `'` is written
+/// `'\''`. An `=` in the first word would make it an assignment, so that word is quoted.
+pub fn shell_join(args: &[String]) -> String {
+    let words: Vec<Vec<u8>> = args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            if i == 0 && a.contains('=') {
+                single_quoted(a.as_bytes())
+            } else {
+                shell_quote(a.as_bytes())
+            }
+        })
+        .collect();
+    // Quoting adds only ASCII bytes, so UTF-8 words stay UTF-8.
+    String::from_utf8_lossy(&words.join(&b' ')).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +93,90 @@ mod tests {
         assert_eq!(number(f64::MAX), "1.7976931348623157e308");
         assert_eq!(number(0.30000000000000004), "0.30000000000000004");
         assert_eq!(number(f64::INFINITY), "inf");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote(b"a/b-0.3"), b"a/b-0.3");
+        assert_eq!(shell_quote(b""), b"''");
+        assert_eq!(shell_quote(b"a b"), b"'a b'");
+        assert_eq!(shell_quote(b"$(rm)"), b"'$(rm)'");
+    }
+
+    #[test]
+    fn shell_quoting() {
+        let args = ["expo", "--alpha", "0.3", "--output", "my dir", "it's"].map(String::from);
+        assert_eq!(
+            shell_join(&args),
+            r"expo --alpha 0.3 --output 'my dir' 'it'\''s'"
+        );
+    }
+
+    /// What bash makes of a line: its words, through `printf '%s\0'`.
+    fn bash_words(line: &str, flags: &[&str]) -> Vec<String> {
+        let script = format!("printf '%s\\0' {line}");
+        let out = std::process::Command::new("bash")
+            .args(flags)
+            .arg("-c")
+            .arg(&script)
+            .env("HOME", "/home/expo-test")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("running bash");
+        assert!(out.status.success(), "bash failed on {script}");
+        let text = String::from_utf8(out.stdout).expect("UTF-8");
+        text.split_terminator('\0').map(String::from).collect()
+    }
+
+    #[test]
+    fn shell_join_re_runs_in_bash() {
+        let args: Vec<String> = [
+            "--output",
+            "runs/{a,b}",
+            "{0.1,0.2}",
+            "a,b",
+            "*",
+            "src/*.rs",
+            "~",
+            "~/x",
+            "a=~/x",
+            "!",
+            "!!",
+            "a!b",
+            "$HOME",
+            "`id`",
+            "$(id)",
+            "it's",
+            "'",
+            "",
+            "#not-a-comment",
+            "a b",
+            "tab\there",
+            "new\nline",
+            "\"q\"",
+            "back\\slash",
+            ";",
+            "&",
+            "|",
+            "<x>",
+            "(x)",
+            "?",
+            "[ab]",
+            "--alpha-for",
+            "self_attn=x0.5",
+            "^(embed|lm_head)$",
+            "é ü",
+            "-0.5",
+            "%1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let line = shell_join(&args);
+        assert_eq!(bash_words(&line, &[]), args, "{line}");
+        // Also with history expansion on, as in an interactive shell.
+        assert_eq!(bash_words(&line, &["-H"]), args, "{line}");
+        // An `=` in the first word is quoted: it would otherwise be an assignment.
+        assert!(shell_join(&["A=b".to_string()]).starts_with('\''));
     }
 }

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::text::shell_quote;
+
 /// The placeholders a template may use.
 pub const NAMES: [&str; 5] = ["alpha", "output", "workdir", "slot", "trial"];
 
@@ -166,27 +168,6 @@ impl Template {
     }
 }
 
-/// `s` as one shell word: unchanged when it holds only safe characters, else in single
-/// quotes (a `'` becomes `'\''`).
-pub fn shell_quote(s: &[u8]) -> Vec<u8> {
-    let safe = !s.is_empty()
-        && s.iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"_-./,:=+@%".contains(c));
-    if safe {
-        return s.to_vec();
-    }
-    let mut out = vec![b'\''];
-    for &c in s {
-        if c == b'\'' {
-            out.extend_from_slice(b"'\\''");
-        } else {
-            out.push(c);
-        }
-    }
-    out.push(b'\'');
-    out
-}
-
 /// How the score is read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreSpec {
@@ -213,8 +194,12 @@ pub enum ScoreError {
         pointer: String,
         value: String,
     },
-    #[error("reading {path}: {reason}")]
-    Read { path: PathBuf, reason: String },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is larger than {limit} bytes")]
     TooLarge { path: PathBuf, limit: u64 },
 }
@@ -277,9 +262,9 @@ pub fn parse_pointer(s: &str) -> Result<String, String> {
 }
 
 fn read_capped(path: &Path, limit: u64) -> Result<String, ScoreError> {
-    let read_err = |e: std::io::Error| ScoreError::Read {
+    let read_err = |source| ScoreError::Read {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     };
     let f = File::open(path).map_err(read_err)?;
     let mut buf = Vec::new();
@@ -294,9 +279,9 @@ fn read_capped(path: &Path, limit: u64) -> Result<String, ScoreError> {
 }
 
 fn read_tail(path: &Path, n: u64) -> Result<String, ScoreError> {
-    let read_err = |e: std::io::Error| ScoreError::Read {
+    let read_err = |source| ScoreError::Read {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     };
     let mut f = File::open(path).map_err(read_err)?;
     let len = f.metadata().map_err(read_err)?.len();
@@ -523,14 +508,6 @@ mod tests {
             Template::parse("--eval", "  "),
             Err(TemplateError::Empty { .. })
         ));
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(shell_quote(b"a/b-0.3"), b"a/b-0.3");
-        assert_eq!(shell_quote(b""), b"''");
-        assert_eq!(shell_quote(b"a b"), b"'a b'");
-        assert_eq!(shell_quote(b"$(rm)"), b"'$(rm)'");
     }
 
     #[test]

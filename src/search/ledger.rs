@@ -35,8 +35,12 @@ pub const FIXED: [(&str, &str); 13] = [
 /// What can go wrong with the ledger.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error("{path}: {reason}")]
-    Io { path: PathBuf, reason: String },
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is in use by another expo search (it is locked); wait for it or choose another --run")]
     Locked { path: PathBuf },
     #[error(
@@ -127,9 +131,9 @@ pub struct Ledger {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> LedgerError + '_ {
-    move |e| LedgerError::Io {
+    move |source| LedgerError::Io {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     }
 }
 

@@ -22,107 +22,154 @@ pub fn svg(points: &[Point], baseline: Option<f64>, best: Option<(f64, f64)>) ->
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let xs: Vec<f64> = points.iter().map(|p| p.alpha).collect();
-    let ys: Vec<f64> = points
-        .iter()
-        .filter_map(|p| p.score)
-        .chain(baseline)
-        .collect();
-    let (x0, x1) = span(&xs);
-    let (y0, y1) = span(&ys);
-    let px = |x: f64| M + (x - x0) / (x1 - x0) * (W - 2.0 * M);
-    let py = |y: f64| H - M - (y - y0) / (y1 - y0) * (H - 2.0 * M);
-    // Axes and their ranges.
-    let _ = writeln!(
-        s,
-        r#"<path d="M{M} {t} V{b} H{r}" stroke="black" fill="none"/>"#,
-        t = M,
-        b = H - M,
-        r = W - M
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">α</text><text x="{M}" y="{}" text-anchor="middle">{}</text><text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-        W / 2.0,
-        H - 16.0,
-        H - M + 16.0,
-        short(x0),
-        W - M,
-        H - M + 16.0,
-        short(x1)
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="end">{}</text><text x="{}" y="{}" text-anchor="end">{}</text><text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">score</text>"#,
-        M - 4.0,
-        H - M,
-        short(y0),
-        M - 4.0,
-        M + 4.0,
-        short(y1),
-        H / 2.0,
-        H / 2.0
-    );
+    let frame = Frame::new(points, baseline);
+    frame.axes(&mut s);
     if let Some(b) = baseline {
+        frame.baseline(&mut s, b);
+    }
+    frame.scores(&mut s, points);
+    frame.failures(&mut s, points);
+    if let Some((x, y)) = best {
+        frame.best(&mut s, x, y);
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The ranges of α and of the scores that the plot area shows.
+struct Frame {
+    x0: f64,
+    x1: f64,
+    y0: f64,
+    y1: f64,
+}
+
+impl Frame {
+    fn new(points: &[Point], baseline: Option<f64>) -> Frame {
+        let xs: Vec<f64> = points.iter().map(|p| p.alpha).collect();
+        let ys: Vec<f64> = points
+            .iter()
+            .filter_map(|p| p.score)
+            .chain(baseline)
+            .collect();
+        let (x0, x1) = span(&xs);
+        let (y0, y1) = span(&ys);
+        Frame { x0, x1, y0, y1 }
+    }
+
+    /// The horizontal position of α `x`.
+    fn px(&self, x: f64) -> f64 {
+        M + (x - self.x0) / (self.x1 - self.x0) * (W - 2.0 * M)
+    }
+
+    /// The vertical position of score `y`.
+    fn py(&self, y: f64) -> f64 {
+        H - M - (y - self.y0) / (self.y1 - self.y0) * (H - 2.0 * M)
+    }
+
+    /// Axes and their ranges.
+    fn axes(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            r#"<path d="M{M} {t} V{b} H{r}" stroke="black" fill="none"/>"#,
+            t = M,
+            b = H - M,
+            r = W - M
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">α</text><text x="{M}" y="{}" text-anchor="middle">{}</text><text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            W / 2.0,
+            H - 16.0,
+            H - M + 16.0,
+            short(self.x0),
+            W - M,
+            H - M + 16.0,
+            short(self.x1)
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text><text x="{}" y="{}" text-anchor="end">{}</text><text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">score</text>"#,
+            M - 4.0,
+            H - M,
+            short(self.y0),
+            M - 4.0,
+            M + 4.0,
+            short(self.y1),
+            H / 2.0,
+            H / 2.0
+        );
+    }
+
+    /// θ1's level (the α = 0 score), dashed.
+    fn baseline(&self, s: &mut String, b: f64) {
         let _ = writeln!(
             s,
             r##"<line x1="{M}" x2="{}" y1="{y}" y2="{y}" stroke="#888" stroke-dasharray="4 4"/><text x="{}" y="{}" fill="#888" text-anchor="end">θ1 (α = 0)</text>"##,
             W - M,
             W - M,
-            py(b) - 4.0,
-            y = py(b)
+            self.py(b) - 4.0,
+            y = self.py(b)
         );
     }
-    let mut ok: Vec<(f64, f64)> = points
-        .iter()
-        .filter_map(|p| Some((p.alpha, p.score?)))
-        .collect();
-    ok.sort_by(|a, b| a.0.total_cmp(&b.0));
-    ok.dedup_by(|a, b| a.0 == b.0);
-    if ok.len() > 1 {
-        let d: Vec<String> = ok
+
+    /// The scored trials, one point per α, joined in order of α.
+    fn scores(&self, s: &mut String, points: &[Point]) {
+        let mut ok: Vec<(f64, f64)> = points
             .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .filter_map(|p| Some((p.alpha, p.score?)))
             .collect();
-        let _ = writeln!(
-            s,
-            r##"<polyline points="{}" fill="none" stroke="#36c"/>"##,
-            d.join(" ")
-        );
+        ok.sort_by(|a, b| a.0.total_cmp(&b.0));
+        ok.dedup_by(|a, b| a.0 == b.0);
+        if ok.len() > 1 {
+            let d: Vec<String> = ok
+                .iter()
+                .map(|&(x, y)| format!("{:.1},{:.1}", self.px(x), self.py(y)))
+                .collect();
+            let _ = writeln!(
+                s,
+                r##"<polyline points="{}" fill="none" stroke="#36c"/>"##,
+                d.join(" ")
+            );
+        }
+        for &(x, y) in &ok {
+            let _ = writeln!(
+                s,
+                r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#36c"><title>α {} score {}</title></circle>"##,
+                self.px(x),
+                self.py(y),
+                short(x),
+                short(y)
+            );
+        }
     }
-    for &(x, y) in &ok {
-        let _ = writeln!(
-            s,
-            r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#36c"><title>α {} score {}</title></circle>"##,
-            px(x),
-            py(y),
-            short(x),
-            short(y)
-        );
+
+    /// A cross on the α axis for each trial that failed or was unusable.
+    fn failures(&self, s: &mut String, points: &[Point]) {
+        for p in points.iter().filter(|p| p.score.is_none()) {
+            let (x, y) = (self.px(p.alpha), H - M - 8.0);
+            let _ = writeln!(
+                s,
+                r##"<path d="M{} {} l8 8 m0 -8 l-8 8" stroke="#c33"><title>α {} failed</title></path>"##,
+                x - 4.0,
+                y - 4.0,
+                short(p.alpha)
+            );
+        }
     }
-    for p in points.iter().filter(|p| p.score.is_none()) {
-        let (x, y) = (px(p.alpha), H - M - 8.0);
-        let _ = writeln!(
-            s,
-            r##"<path d="M{} {} l8 8 m0 -8 l-8 8" stroke="#c33"><title>α {} failed</title></path>"##,
-            x - 4.0,
-            y - 4.0,
-            short(p.alpha)
-        );
-    }
-    if let Some((x, y)) = best {
+
+    /// The best α, circled.
+    fn best(&self, s: &mut String, x: f64, y: f64) {
         let _ = writeln!(
             s,
             r##"<circle cx="{:.1}" cy="{:.1}" r="7" fill="none" stroke="#c33" stroke-width="2"/><text x="{:.1}" y="{:.1}" fill="#c33" text-anchor="middle">best α = {}</text>"##,
-            px(x),
-            py(y),
-            px(x),
-            py(y) - 12.0,
+            self.px(x),
+            self.py(y),
+            self.px(x),
+            self.py(y) - 12.0,
             short(x)
         );
     }
-    s.push_str("</svg>\n");
-    s
 }
 
 fn span(v: &[f64]) -> (f64, f64) {

@@ -295,14 +295,7 @@ fn step(settings: &Settings, view: &View, pending: &[Lat]) -> Step {
     if view.holes >= settings.max_failures.max(1) {
         return Step::Wait;
     }
-    let tried = |a: Lat| view.tried(a) || pending.contains(&a);
-    // Retries first, then the first batch.
-    for (&a, k) in &view.known {
-        if *k == Known::Retry && !pending.contains(&a) {
-            return Step::Go(a);
-        }
-    }
-    if let Some(&a) = settings.first.iter().find(|&&a| !tried(a)) {
+    if let Some(a) = next_planned(settings, view, pending) {
         return Step::Go(a);
     }
     let Some((b, fb)) = view.best() else {
@@ -312,27 +305,84 @@ fn step(settings: &Settings, view: &View, pending: &[Lat]) -> Step {
             Step::Wait
         };
     };
-    let no_gain = |s: Status| {
-        let base = view.known.get(&Lat(0));
+    let around = Around::new(settings, view, pending, b, fb);
+    match (around.left, around.right) {
+        (_, None) => around.expand_up(),
+        (None, Some(_)) => around.expand_down(),
+        (Some(left), Some(right)) => around.bracketed(left, right),
+    }
+}
+
+/// Retries first, then the first batch: the next α the search owes, if any.
+fn next_planned(settings: &Settings, view: &View, pending: &[Lat]) -> Option<Lat> {
+    for (&a, k) in &view.known {
+        if *k == Known::Retry && !pending.contains(&a) {
+            return Some(a);
+        }
+    }
+    settings
+        .first
+        .iter()
+        .find(|&&a| !(view.tried(a) || pending.contains(&a)))
+        .copied()
+}
+
+/// The search around the best α `b` (score `fb`): its scored neighbours, the step δ, and
+/// every α tried or running.
+struct Around<'a> {
+    settings: &'a Settings,
+    view: &'a View,
+    pending: &'a [Lat],
+    b: Lat,
+    fb: f64,
+    delta: i64,
+    left: Option<(Lat, f64)>,
+    right: Option<(Lat, f64)>,
+    all_tried: Vec<Lat>,
+}
+
+impl<'a> Around<'a> {
+    fn new(settings: &'a Settings, view: &'a View, pending: &'a [Lat], b: Lat, fb: f64) -> Self {
+        let delta = settings.resolution.unwrap_or_else(|| default_step(b));
+        let points: Vec<(Lat, f64)> = view.scored().collect();
+        let left = points.iter().rev().find(|(a, _)| *a < b).copied();
+        let right = points.iter().find(|(a, _)| *a > b).copied();
+        let all_tried: Vec<Lat> = view
+            .known
+            .keys()
+            .copied()
+            .chain(pending.iter().copied())
+            .collect();
+        Around {
+            settings,
+            view,
+            pending,
+            b,
+            fb,
+            delta,
+            left,
+            right,
+            all_tried,
+        }
+    }
+
+    fn tried(&self, a: Lat) -> bool {
+        self.view.tried(a) || self.pending.contains(&a)
+    }
+
+    /// `s`, unless the best is no better than θ1's own score (α = 0): then no gain.
+    fn no_gain(&self, s: Status) -> Status {
+        let base = self.view.known.get(&Lat(0));
         match base {
-            Some(Known::Score(f0)) if fb <= *f0 + settings.tie => Status::NoGain,
+            Some(Known::Score(f0)) if self.fb <= *f0 + self.settings.tie => Status::NoGain,
             _ => s,
         }
-    };
-    let delta = settings.resolution.unwrap_or_else(|| default_step(b));
-    let points: Vec<(Lat, f64)> = view.scored().collect();
-    let left = points.iter().rev().find(|(a, _)| *a < b).copied();
-    let right = points.iter().find(|(a, _)| *a > b).copied();
-    let all_tried: Vec<Lat> = view
-        .known
-        .keys()
-        .copied()
-        .chain(pending.iter().copied())
-        .collect();
+    }
 
-    let Some(right) = right else {
-        // b is the largest scored α: expand upwards from the largest α tried.
-        let top = all_tried.iter().copied().max().unwrap_or(b);
+    /// b is the largest scored α: expand upwards from the largest α tried.
+    fn expand_up(&self) -> Step {
+        let (b, settings) = (self.b, self.settings);
+        let top = self.all_tried.iter().copied().max().unwrap_or(b);
         if top < settings.upper {
             let next = if top.0 > 0 {
                 Lat(top.0.saturating_mul(2))
@@ -341,67 +391,88 @@ fn step(settings: &Settings, view: &View, pending: &[Lat]) -> Step {
             };
             return Step::Go(next.min(settings.upper));
         }
-        if pending.iter().any(|p| *p > b) {
+        if self.pending.iter().any(|p| *p > b) {
             return Step::Wait;
         }
         // Nothing above b can be evaluated: zoom in below it, then it is an edge.
-        return zoom_to_edge(left.map(|l| l.0), b, delta, pending, &all_tried, &no_gain);
-    };
-    let Some(left) = left else {
-        // b is the smallest scored α.
-        if b > settings.lower && !tried(settings.lower) {
+        let below = self.left.map(|l| l.0);
+        zoom_to_edge(below, b, self.delta, self.pending, &self.all_tried, &|s| {
+            self.no_gain(s)
+        })
+    }
+
+    /// b is the smallest scored α (with a scored α above it).
+    fn expand_down(&self) -> Step {
+        let (b, settings) = (self.b, self.settings);
+        if b > settings.lower && !self.tried(settings.lower) {
             return Step::Go(settings.lower);
         }
-        if pending.iter().any(|p| *p < b) {
+        if self.pending.iter().any(|p| *p < b) {
             return Step::Wait;
         }
         let below = (b > settings.lower).then_some(settings.lower);
-        return zoom_to_edge(below, b, delta, pending, &all_tried, &no_gain);
-    };
-    let (l, fl) = left;
-    let (r, fr) = right;
-    if (fb - fl).abs() <= settings.tie && (fb - fr).abs() <= settings.tie {
-        return stop_or_wait(pending, l, r, no_gain(Status::Flat));
+        zoom_to_edge(below, b, self.delta, self.pending, &self.all_tried, &|s| {
+            self.no_gain(s)
+        })
     }
-    if r.0 - l.0 <= 2 * delta {
-        return stop_or_wait(pending, l, r, no_gain(Status::Resolved));
-    }
-    // Split the widest gap between L and R (pending points count).
-    let mut marks: Vec<Lat> = pending
-        .iter()
-        .copied()
-        .filter(|p| *p > l && *p < r)
-        .chain([l, b, r])
-        .collect();
-    marks.sort();
-    marks.dedup();
-    let mut best_gap: Option<(i64, i32, Lat, Lat)> = None;
-    for w in marks.windows(2) {
-        let (x, y) = (w[0], w[1]);
-        let width = y.0 - x.0;
-        if width <= delta {
-            continue;
+
+    /// b has scored neighbours on both sides, L and R: stop when the scores are flat or the
+    /// bracket is narrow enough, else split its widest gap.
+    fn bracketed(&self, (l, fl): (Lat, f64), (r, fr): (Lat, f64)) -> Step {
+        let tie = self.settings.tie;
+        if (self.fb - fl).abs() <= tie && (self.fb - fr).abs() <= tie {
+            return stop_or_wait(self.pending, l, r, self.no_gain(Status::Flat));
         }
-        // Equal widths: the side of the better outer neighbour, then the right.
-        let side = if y <= b {
-            if fl >= fr {
-                1
+        if r.0 - l.0 <= 2 * self.delta {
+            return stop_or_wait(self.pending, l, r, self.no_gain(Status::Resolved));
+        }
+        match self
+            .widest_gap((l, fl), (r, fr))
+            .and_then(|(x, y)| split(x, y, &self.all_tried))
+        {
+            Some(m) => Step::Go(m),
+            None => Step::Wait,
+        }
+    }
+
+    /// The widest gap between L and R (pending points count) that is wider than δ; of equal
+    /// widths, the one on the side of the better outer neighbour, then the right.
+    fn widest_gap(&self, (l, fl): (Lat, f64), (r, fr): (Lat, f64)) -> Option<(Lat, Lat)> {
+        let b = self.b;
+        let mut marks: Vec<Lat> = self
+            .pending
+            .iter()
+            .copied()
+            .filter(|p| *p > l && *p < r)
+            .chain([l, b, r])
+            .collect();
+        marks.sort();
+        marks.dedup();
+        let mut best_gap: Option<(i64, i32, Lat, Lat)> = None;
+        for w in marks.windows(2) {
+            let (x, y) = (w[0], w[1]);
+            let width = y.0 - x.0;
+            if width <= self.delta {
+                continue;
+            }
+            // Equal widths: the side of the better outer neighbour, then the right.
+            let side = if y <= b {
+                if fl >= fr {
+                    1
+                } else {
+                    0
+                }
+            } else if fr >= fl {
+                2
             } else {
                 0
+            };
+            let key = (width, side, x, y);
+            if best_gap.is_none_or(|g| (key.0, key.1) > (g.0, g.1)) {
+                best_gap = Some(key);
             }
-        } else if fr >= fl {
-            2
-        } else {
-            0
-        };
-        let key = (width, side, x, y);
-        if best_gap.is_none_or(|g| (key.0, key.1) > (g.0, g.1)) {
-            best_gap = Some(key);
         }
-    }
-    match best_gap.and_then(|(_, _, x, y)| split(x, y, &all_tried)) {
-        Some(m) => Step::Go(m),
-        None => Step::Wait,
+        best_gap.map(|(_, _, x, y)| (x, y))
     }
 }
 

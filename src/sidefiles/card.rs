@@ -87,25 +87,7 @@ impl CardMetadata {
     }
 }
 
-/// True for a Hugging Face model id: `name` or `org/name`, each part of ASCII letters,
-/// digits, `-`, `_`, `.`, not starting or ending with `-` or `.`, no `--` or `..`, at most 96
-/// characters. Paths (`/abs`, `./rel`, `a/b/c`, `~/x`) are not ids.
-pub fn is_hub_id(s: &str) -> bool {
-    if s.is_empty() || s.len() > 96 || s.contains("--") || s.contains("..") {
-        return false;
-    }
-    let part_ok = |p: &str| {
-        !p.is_empty()
-            && !p.starts_with(['.', '-'])
-            && !p.ends_with(['.', '-'])
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    };
-    match s.split_once('/') {
-        Some((org, name)) => part_ok(org) && part_ok(name),
-        None => part_ok(s),
-    }
-}
+pub use crate::hub::is_hub_id;
 
 /// A scalar written back as YAML: plain when that reads back as the same string, else
 /// double-quoted (a JSON string is a valid YAML double-quoted scalar).
@@ -398,32 +380,6 @@ mod tests {
         // A key given twice is ambiguous: dropped.
         let card = CardMetadata::parse("---\nlicense: mit\nlicense: apache-2.0\n---\n");
         assert_eq!(card.kept, vec![]);
-    }
-
-    #[test]
-    fn hub_ids() {
-        for ok in [
-            "gpt2",
-            "org/name",
-            "HuggingFaceH4/zephyr-7b-beta",
-            "a.b/c_d-1",
-        ] {
-            assert!(is_hub_id(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "/abs/path",
-            "./x",
-            "a/b/c",
-            "~/m",
-            "org/-x",
-            "a--b/c",
-            "a/../b",
-            "org/name@main",
-            "C:\\m",
-        ] {
-            assert!(!is_hub_id(bad), "{bad}");
-        }
     }
 
     #[test]

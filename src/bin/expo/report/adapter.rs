@@ -202,6 +202,17 @@ fn plan_tensors_text(s: &mut String, p: &Prepared) {
 
 /// What `expo inspect` prints on an adapter: text, or with `json` one object.
 pub fn inspect(info: &AdapterInfo, json: bool) -> Result<String> {
+    if json {
+        let mut s = serde_json::to_string_pretty(&inspect_json(info))?;
+        s.push('\n');
+        Ok(s)
+    } else {
+        Ok(inspect_text(info))
+    }
+}
+
+/// `expo inspect --json` on an adapter: one object.
+fn inspect_json(info: &AdapterInfo) -> serde_json::Value {
     let AdapterInfo {
         adapter,
         config,
@@ -210,108 +221,118 @@ pub fn inspect(info: &AdapterInfo, json: bool) -> Result<String> {
         problems,
         vllm_rank,
     } = info;
-    let vllm_rank = *vllm_rank;
-    if json {
-        let doc = json!({
-            "path": adapter.given,
-            "kind": "lora_adapter",
-            "r": config.r,
-            "lora_alpha": config.lora_alpha,
-            "use_rslora": config.use_rslora,
-            "use_dora": config.use_dora,
-            "lora_bias": config.lora_bias,
-            "init_lora_weights": config.init_lora_weights,
-            "target_modules": config.target_modules,
-            "base_model_name_or_path": config.base_model_name_or_path,
-            "rank_pattern": config.rank_pattern.iter().map(|p| (p.key.clone(), p.value)).collect::<BTreeMap<_, _>>(),
-            "alpha_pattern": config.alpha_pattern.iter().map(|p| (p.key.clone(), p.value)).collect::<BTreeMap<_, _>>(),
-            "modules": modules.iter().map(|m| json!({
-                "module": m.path,
-                "kind": if m.embedding { "embedding" } else { "linear" },
-                "r": m.rank,
-                "lora_alpha": m.lora_alpha,
-                "scaling": m.scaling,
-                "dora": m.dora,
-                "bias": m.bias,
-                "dtype": m.dtype,
-            })).collect::<Vec<_>>(),
-            "full_tensors": full,
-            "tensors": adapter.len(),
-            "bytes": adapter.data_bytes(),
-            "vllm": {
-                "servable": problems.is_empty(),
-                "problems": problems,
-                "max_lora_rank": vllm_rank,
-            },
-        });
-        let mut s = serde_json::to_string_pretty(&doc)?;
-        s.push('\n');
-        Ok(s)
-    } else {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "{}: LoRA adapter, {} modules, {} tensors, {}",
-            adapter.given.display(),
-            modules.len(),
-            adapter.len(),
-            expo::text::bytes(adapter.data_bytes())
-        );
-        let _ = writeln!(
-            s,
-            "  r = {}, lora_alpha = {}, scaling {}{}{}{}",
-            config.r,
-            config.lora_alpha,
-            if config.use_rslora {
-                "lora_alpha/√r (rsLoRA)"
-            } else {
-                "lora_alpha/r"
-            },
-            if config.use_dora { ", DoRA" } else { "" },
-            if config.lora_bias { ", lora_bias" } else { "" },
-            match &config.base_model_name_or_path {
-                Some(b) => format!(", base {b}"),
-                None => String::new(),
-            }
-        );
-        for p in &config.rank_pattern {
-            let _ = writeln!(s, "  rank_pattern  {} → {}", p.key, p.value);
-        }
-        for p in &config.alpha_pattern {
-            let _ = writeln!(s, "  alpha_pattern {} → {}", p.key, p.value);
-        }
-        for m in modules {
-            let _ = writeln!(
-                s,
-                "    {:<9} r={:<4} s={:<10} {:<4} {}{}{}",
-                if m.embedding { "embedding" } else { "linear" },
-                m.rank.map_or("?".into(), |r| r.to_string()),
-                m.scaling.map_or("?".into(), |x| format!("{x}")),
-                m.dtype,
-                m.path,
-                if m.dora { " (DoRA)" } else { "" },
-                if m.bias { " (+bias)" } else { "" }
-            );
-        }
-        for f in full {
-            let _ = writeln!(s, "    full      {f}");
-        }
-        if problems.is_empty() {
-            let _ = writeln!(
-                s,
-                "vLLM: can serve it{}",
-                match vllm_rank {
-                    Some(r) if r > 16 => format!(" with --max-lora-rank {r}"),
-                    _ => String::new(),
-                }
-            );
+    json!({
+        "path": adapter.given,
+        "kind": "lora_adapter",
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
+        "init_lora_weights": config.init_lora_weights,
+        "target_modules": config.target_modules,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "rank_pattern": config.rank_pattern.iter().map(|p| (p.key.clone(), p.value)).collect::<BTreeMap<_, _>>(),
+        "alpha_pattern": config.alpha_pattern.iter().map(|p| (p.key.clone(), p.value)).collect::<BTreeMap<_, _>>(),
+        "modules": modules.iter().map(|m| json!({
+            "module": m.path,
+            "kind": if m.embedding { "embedding" } else { "linear" },
+            "r": m.rank,
+            "lora_alpha": m.lora_alpha,
+            "scaling": m.scaling,
+            "dora": m.dora,
+            "bias": m.bias,
+            "dtype": m.dtype,
+        })).collect::<Vec<_>>(),
+        "full_tensors": full,
+        "tensors": adapter.len(),
+        "bytes": adapter.data_bytes(),
+        "vllm": {
+            "servable": problems.is_empty(),
+            "problems": problems,
+            "max_lora_rank": *vllm_rank,
+        },
+    })
+}
+
+/// `expo inspect` on an adapter, for people: its configuration, its modules, and whether
+/// vLLM can serve it.
+fn inspect_text(info: &AdapterInfo) -> String {
+    let AdapterInfo {
+        adapter,
+        config,
+        modules,
+        full,
+        ..
+    } = info;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{}: LoRA adapter, {} modules, {} tensors, {}",
+        adapter.given.display(),
+        modules.len(),
+        adapter.len(),
+        expo::text::bytes(adapter.data_bytes())
+    );
+    let _ = writeln!(
+        s,
+        "  r = {}, lora_alpha = {}, scaling {}{}{}{}",
+        config.r,
+        config.lora_alpha,
+        if config.use_rslora {
+            "lora_alpha/√r (rsLoRA)"
         } else {
-            let _ = writeln!(s, "vLLM: cannot serve it as is:");
-            for p in problems {
-                let _ = writeln!(s, "  - {p}");
-            }
+            "lora_alpha/r"
+        },
+        if config.use_dora { ", DoRA" } else { "" },
+        if config.lora_bias { ", lora_bias" } else { "" },
+        match &config.base_model_name_or_path {
+            Some(b) => format!(", base {b}"),
+            None => String::new(),
         }
-        Ok(s)
+    );
+    for p in &config.rank_pattern {
+        let _ = writeln!(s, "  rank_pattern  {} → {}", p.key, p.value);
+    }
+    for p in &config.alpha_pattern {
+        let _ = writeln!(s, "  alpha_pattern {} → {}", p.key, p.value);
+    }
+    for m in modules {
+        let _ = writeln!(
+            s,
+            "    {:<9} r={:<4} s={:<10} {:<4} {}{}{}",
+            if m.embedding { "embedding" } else { "linear" },
+            m.rank.map_or("?".into(), |r| r.to_string()),
+            m.scaling.map_or("?".into(), |x| format!("{x}")),
+            m.dtype,
+            m.path,
+            if m.dora { " (DoRA)" } else { "" },
+            if m.bias { " (+bias)" } else { "" }
+        );
+    }
+    for f in full {
+        let _ = writeln!(s, "    full      {f}");
+    }
+    vllm_text(&mut s, info);
+    s
+}
+
+/// Whether vLLM can serve the adapter, and if not why.
+fn vllm_text(s: &mut String, info: &AdapterInfo) {
+    if info.problems.is_empty() {
+        let _ = writeln!(
+            s,
+            "vLLM: can serve it{}",
+            match info.vllm_rank {
+                Some(r) if r > 16 => format!(" with --max-lora-rank {r}"),
+                _ => String::new(),
+            }
+        );
+    } else {
+        let _ = writeln!(s, "vLLM: cannot serve it as is:");
+        for p in &info.problems {
+            let _ = writeln!(s, "  - {p}");
+        }
     }
 }
 

@@ -1,0 +1,93 @@
+//! The checkpoints a search starts from, and the ledger header they make.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use super::ledger;
+use super::rule::Lat;
+use super::Config;
+use crate::checkpoint::Checkpoint;
+use crate::plan::AlphaRule;
+
+/// The checkpoints a search starts from, opened and paired.
+pub(super) struct Inputs {
+    pub(super) sft: Checkpoint,
+    pub(super) aligned: Checkpoint,
+    /// Where `--aligned` resolved to (the candidate of α = 0).
+    pub(super) aligned_path: PathBuf,
+    /// The `--skip` and `--alpha-for` rules, in that order.
+    pub(super) rules: Vec<AlphaRule>,
+    /// The size of one candidate.
+    pub(super) candidate_bytes: u64,
+}
+
+/// Opens `--sft` and `--aligned` and checks that they pair (as extrapolate checks them).
+pub(super) fn open_inputs(cfg: &Config) -> Result<Inputs> {
+    let cache_env = crate::hub::CacheEnv::from_process();
+    let (sft, _) = crate::hub::open_for("--sft checkpoint", &cfg.sft, &cache_env)?;
+    let (aligned, aligned_in) =
+        crate::hub::open_for("--aligned checkpoint", &cfg.aligned, &cache_env)?;
+    let rules: Vec<AlphaRule> = cfg.skip.iter().chain(&cfg.alpha_for).cloned().collect();
+    // An adapter as --aligned makes adapter candidates (checked as extrapolate checks them).
+    let candidate_bytes = if crate::adapter::is_adapter_dir(&aligned_in.path) {
+        crate::adapter::check_for_search(&cfg.sft, &cfg.aligned, &cfg.skip)?
+    } else {
+        let options = crate::plan::PlanOptions {
+            alpha: cfg
+                .settings
+                .first
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(Lat(0))
+                .to_f64(),
+            dtype: cfg.dtype,
+            max_shard_size: cfg.max_shard_size,
+            rules: rules.clone(),
+        };
+        crate::plan::build_plan(&sft, &aligned, &options)
+            .with_context(|| {
+                format!(
+                    "pairing --sft {} with --aligned {}",
+                    cfg.sft.display(),
+                    cfg.aligned.display()
+                )
+            })?
+            .output_bytes()
+    };
+    Ok(Inputs {
+        sft,
+        aligned,
+        aligned_path: aligned_in.path,
+        rules,
+        candidate_bytes,
+    })
+}
+
+/// The ledger's header event: what a resumed search must not change.
+pub(super) fn header_event(cfg: &Config, inputs: &Inputs) -> Value {
+    json!({
+        "event": "header",
+        "version": 1,
+        "expo": env!("CARGO_PKG_VERSION"),
+        "sft": {"path": cfg.sft, "fingerprint": ledger::fingerprint(&inputs.sft)},
+        "aligned": {"path": cfg.aligned, "fingerprint": ledger::fingerprint(&inputs.aligned)},
+        "rules": inputs.rules.iter().map(|r| r.spelling.clone()).collect::<Vec<_>>(),
+        "dtype": cfg.dtype.name(),
+        "max_shard_size": cfg.max_shard_size,
+        "eval": cfg.eval.spelling,
+        "score_json": cfg.score.pointer,
+        "score_file": cfg.score.file.as_ref().map(|t| t.spelling.clone()),
+        "minimize": cfg.minimize,
+        "tie": cfg.settings.tie,
+        "alpha": cfg.settings.first.iter().map(|a| a.to_f64()).collect::<Vec<_>>(),
+        "resolution": cfg.settings.resolution.map(|r| Lat(r).to_f64()),
+        "output": cfg.output,
+        "jobs": cfg.jobs,
+        "timeout": cfg.timeout.map(|t| t.as_secs_f64()),
+        "max_evals": cfg.settings.max_evals,
+        "bounds": [cfg.settings.lower.to_f64(), cfg.settings.upper.to_f64()],
+    })
+}

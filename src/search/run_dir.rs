@@ -1,0 +1,97 @@
+//! The run directory: a new search or a resumed one, its ledger opened and replayed.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use super::ledger::{self, Ledger, State, Trial};
+use super::Config;
+use crate::error::UsageError;
+use crate::reporter::Reporter;
+
+/// `--run` holds a search exactly when `--resume` is given.
+pub(super) fn check_run_dir(cfg: &Config) -> Result<()> {
+    let ledger_path = cfg.run.join(ledger::NAME);
+    let exists = ledger_path.exists();
+    if exists && !cfg.resume {
+        return Err(UsageError(format!(
+            "{} already holds a search; add --resume to continue it, or choose another --run",
+            cfg.run.display()
+        ))
+        .into());
+    }
+    if !exists && cfg.resume {
+        return Err(UsageError(format!(
+            "--resume: {} holds no search ({} is missing)",
+            cfg.run.display(),
+            ledger_path.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// What a search continues from: the ledger, opened and replayed.
+pub(super) struct Resumed {
+    pub(super) ledger: Ledger,
+    /// The finished trials (interrupted ones run again).
+    pub(super) trials: Vec<Trial>,
+    /// Candidates expo built and has not deleted.
+    pub(super) created: BTreeSet<PathBuf>,
+    pub(super) next_trial: u64,
+}
+
+/// Opens the ledger in `--run` (made if missing), checks a resumed search's header against
+/// `header`, appends it, and replays what the ledger holds.
+pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> Result<Resumed> {
+    std::fs::create_dir_all(&cfg.run)
+        .with_context(|| format!("creating the run directory {}", cfg.run.display()))?;
+    let mut ledger = Ledger::open(&cfg.run)?;
+    let replay = ledger.replay()?;
+    if replay.torn_tail {
+        reporter.warn(format!(
+            "{}: ignored its last line, cut short when expo was killed",
+            ledger.path.display()
+        ));
+        // Start the next event on a line of its own.
+        ledger.append_raw_newline()?;
+    }
+    if let Some(was) = &replay.header {
+        ledger::check_header(&ledger.path, was, header).map_err(|e| UsageError(e.to_string()))?;
+    }
+    ledger.append(header)?;
+    let mut created = BTreeSet::new();
+    for t in &replay.trials {
+        if t.created {
+            created.insert(t.output.clone());
+        }
+    }
+    for d in &replay.deleted {
+        created.remove(d);
+    }
+    // Finished trials stay; started-but-unfinished and interrupted ones run again.
+    let trials: Vec<Trial> = replay
+        .trials
+        .into_iter()
+        .filter(|t| {
+            t.end
+                .as_ref()
+                .is_some_and(|e| e.state != State::Interrupted)
+        })
+        .collect();
+    let next_trial = trials.iter().map(|t| t.trial).max().unwrap_or(0) + 1;
+    let next_trial = next_trial.max(
+        ledger
+            .replay()
+            .map(|r| r.trials.iter().map(|t| t.trial).max().unwrap_or(0) + 1)
+            .unwrap_or(1),
+    );
+    Ok(Resumed {
+        ledger,
+        trials,
+        created,
+        next_trial,
+    })
+}
