@@ -16,7 +16,7 @@ use crate::error::UsageError;
 use crate::hub::{self, CacheEnv, ResolvedInput};
 use crate::interrupt;
 use crate::output::{self, OutputTarget, StagingDir};
-use crate::plan::{self, build_plan, AlphaRule, Plan, PlanError, PlanOptions};
+use crate::plan::{self, build_plan, AlphaRule, Plan, PlanError, PlanOptions, ShardPlan};
 use crate::reporter::{Progress, Reporter};
 pub use crate::settings::{AsKind, Settings};
 use crate::sidefiles::{self, InputRecord, Provenance, RuleRecord, SideFiles, TensorCounts};
@@ -176,8 +176,10 @@ pub fn produce(p: &mut Prepared, reporter: &dyn Reporter) -> Result<Produced> {
         .maps
         .take()
         .context("the outputs of one preparation can be produced only once")?;
-    clean_stale_staging(&p.outputs, reporter);
-    let stagings = create_stagings(&p.outputs)?;
+    let targets: Vec<&OutputTarget> = p.outputs.iter().map(|o| &o.target).collect();
+    clean_stale_staging(&targets, reporter);
+    let shards = p.outputs.first().map_or(&[][..], |o| &o.plan.shards[..]);
+    let stagings = create_stagings(&targets, shards)?;
     let report = write_data(p, maps, &stagings, &pool, reporter);
     if report
         .outputs
@@ -388,24 +390,28 @@ fn warn_inherited_nonfinite(reporter: &dyn Reporter, o: &Output, stats: &WriteSt
 }
 
 /// Tidies what killed runs left beside each output, saying what was found.
-fn clean_stale_staging(outputs: &[Output], reporter: &dyn Reporter) {
-    for o in outputs {
-        for w in output::clean_stale_staging(&o.target.parent).warnings() {
+pub(crate) fn clean_stale_staging(targets: &[&OutputTarget], reporter: &dyn Reporter) {
+    for t in targets {
+        for w in output::clean_stale_staging(&t.parent).warnings() {
             reporter.warn(w);
         }
     }
 }
 
-/// One staging directory per output, with the subdirectories its shards need.
-fn create_stagings(outputs: &[Output]) -> Result<Vec<StagingDir>> {
-    let stagings = outputs
+/// One staging directory per output, with the subdirectories its shards (the same layout
+/// for every output) need.
+pub(crate) fn create_stagings(
+    targets: &[&OutputTarget],
+    shards: &[ShardPlan],
+) -> Result<Vec<StagingDir>> {
+    let stagings = targets
         .iter()
-        .map(|o| StagingDir::create(&o.target))
+        .map(|t| StagingDir::create(t))
         .collect::<Result<Vec<_>, _>>()?;
     // An index may place shards in a subdirectory (`weights/model-00001-of-00002.safetensors`,
     // accepted on input); the mirrored output needs the same subdirectory.
-    for (o, s) in outputs.iter().zip(&stagings) {
-        for shard in &o.plan.shards {
+    for s in &stagings {
+        for shard in shards {
             if let Some(sub) = Path::new(&shard.file_name)
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())

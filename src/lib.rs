@@ -27,3 +27,4 @@ pub mod size;
 pub mod stats;
 pub mod sys;
 pub mod text;
+pub mod writer;
