@@ -211,8 +211,11 @@ impl AdapterLayout {
     }
 
     /// The work in file order: weights by whole register blocks of rows, float tensors by
-    /// elements, copies by bytes.
-    pub fn tasks(&self, plan: &AdapterPlan) -> Vec<Task> {
+    /// elements, copies by bytes. A task of `outputs` outputs keeps one buffer for each, so
+    /// computed tasks are `outputs` times smaller: a worker's buffers stay the size of one
+    /// output's chunk. (Each row's arithmetic is the same whatever rows share its task.)
+    pub fn tasks(&self, plan: &AdapterPlan, outputs: usize) -> Vec<Task> {
+        let chunk = (CHUNK_ELEMENTS / outputs.max(1) as u64).max(1);
         cut_tasks(&self.shards, |i| {
             let t = &self.tensors[i];
             let elem = t.dtype.bits() / 8;
@@ -221,12 +224,12 @@ impl AdapterLayout {
                     let cols = plan.modules[module].cols.max(1);
                     let rows = plan.modules[module].rows;
                     // Whole register blocks of rows per task (see rows.rs).
-                    let step = (CHUNK_ELEMENTS / cols).max(1);
+                    let step = (chunk / cols).max(1);
                     let step = if step >= 8 { step / 8 * 8 } else { step };
                     (rows, step, cols * elem)
                 }
                 Recipe::LoraBias { .. } | Recipe::AdapterFull { .. } | Recipe::ScaledB { .. } => {
-                    (t.shape.iter().product(), CHUNK_ELEMENTS, elem)
+                    (t.shape.iter().product(), chunk, elem)
                 }
                 Recipe::Copy { .. } => (t.len, COPY_CHUNK_BYTES, 1),
             }

@@ -352,7 +352,7 @@ fn write_data(
         .iter()
         .map(|o| layout.alphas(&|name| p.alpha_for(o.alpha, name)))
         .collect();
-    let tasks = layout.tasks(&p.inputs.plan);
+    let tasks = layout.tasks(&p.inputs.plan, p.outputs.len());
     let source = LoraSource::new(layout, &p.inputs.plan, alphas, inputs, &tasks, pool);
     let targets: Vec<Target> = stagings
         .iter()

@@ -236,7 +236,7 @@ impl<'a> LoraSource<'a> {
         let mut count = 0;
         for task in self
             .layout
-            .tasks(self.plan)
+            .tasks(self.plan, 1)
             .iter()
             .filter(|k| k.tensor == tensor)
         {
