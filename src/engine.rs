@@ -425,6 +425,8 @@ struct PairSource<'a> {
     inherited: Vec<Vec<AtomicU64>>,
     /// Per task: Σ(θ1 − θ0)² and Σθ0², as f64 bits.
     partials: Vec<(AtomicU64, AtomicU64)>,
+    /// Both inputs' maps, to check for damage.
+    maps: [&'a MappedCheckpoint; 2],
 }
 
 impl<'a> PairSource<'a> {
@@ -454,6 +456,7 @@ impl<'a> PairSource<'a> {
             partials: (0..tasks)
                 .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
                 .collect(),
+            maps: [sft.1, aligned.1],
         }
     }
 
@@ -608,8 +611,8 @@ impl ChunkSource for PairSource<'_> {
         }
     }
 
-    fn inputs(&self) -> Vec<&MappedCheckpoint> {
-        vec![self.sft.1, self.aligned.1]
+    fn inputs(&self) -> &[&MappedCheckpoint] {
+        &self.maps
     }
 }
 

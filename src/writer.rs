@@ -92,7 +92,7 @@ pub trait ChunkSource: Sync {
     fn release(&self, task: &Task);
 
     /// The mapped inputs, checked for damage during and after the run.
-    fn inputs(&self) -> Vec<&MappedCheckpoint>;
+    fn inputs(&self) -> &[&MappedCheckpoint];
 }
 
 /// How the run is driven: its workers, its cancel flag and its progress.
@@ -713,8 +713,8 @@ mod tests {
 
         fn release(&self, _task: &Task) {}
 
-        fn inputs(&self) -> Vec<&MappedCheckpoint> {
-            Vec::new()
+        fn inputs(&self) -> &[&MappedCheckpoint] {
+            &[]
         }
     }
 

@@ -39,6 +39,8 @@ pub struct LoraSource<'a> {
     adapter: Mapped<'a>,
     data: F64Data,
     factors: FactorCache,
+    /// Both inputs' maps, to check for damage.
+    maps: [&'a MappedCheckpoint; 2],
 }
 
 /// What one worker reuses.
@@ -72,6 +74,7 @@ impl<'a> LoraSource<'a> {
             adapter,
             data: F64Data::new(plan, adapter, base, pool),
             factors: FactorCache::new(plan, tasks, layout),
+            maps: [adapter.1, base.1],
         }
     }
 
@@ -344,8 +347,8 @@ impl ChunkSource for LoraSource<'_> {
         }
     }
 
-    fn inputs(&self) -> Vec<&MappedCheckpoint> {
-        vec![self.adapter.1, self.base.1]
+    fn inputs(&self) -> &[&MappedCheckpoint] {
+        &self.maps
     }
 }
 
