@@ -483,23 +483,61 @@ fn finish_output(
     reporter: &dyn Reporter,
 ) -> Result<()> {
     interrupt::check()?;
-    p.side.copy_into(staging.path())?;
-    if let Some((name, bytes)) = &o.plan.index {
-        sidefiles::write_file(staging.path(), name, bytes)?;
-    }
     let mut provenance = provenance(p, &o.plan);
     provenance.rules = p.rule_records(o.alpha);
     provenance.relative_change = relative_change;
-    let card = provenance.model_card(&p.side.card);
-    sidefiles::write_file(staging.path(), sidefiles::MODEL_CARD_NAME, card.as_bytes())?;
+    let files = Finish {
+        index: o.plan.index.as_ref(),
+        card: provenance.model_card(&p.side.card),
+        provenance: provenance.to_json(),
+    };
+    write_finish(&staging, |dest| p.side.copy_into(dest), &files)?;
+    commit(staging, &o.target, reporter)
+}
+
+/// What every output gets besides its tensor data.
+pub(crate) struct Finish<'a> {
+    /// The index file's name and bytes, when one is written.
+    pub index: Option<&'a (String, Vec<u8>)>,
+    /// The model card (README.md).
+    pub card: String,
+    /// `expo.json`.
+    pub provenance: Vec<u8>,
+}
+
+/// Writes an output's side files (`side` copies them into the directory it is given), its
+/// index, model card and provenance into `staging`.
+pub(crate) fn write_finish(
+    staging: &StagingDir,
+    side: impl FnOnce(&Path) -> Result<(), sidefiles::SideFileError>,
+    files: &Finish,
+) -> Result<()> {
+    side(staging.path())?;
+    if let Some((name, bytes)) = files.index {
+        sidefiles::write_file(staging.path(), name, bytes)?;
+    }
+    sidefiles::write_file(
+        staging.path(),
+        sidefiles::MODEL_CARD_NAME,
+        files.card.as_bytes(),
+    )?;
     sidefiles::write_file(
         staging.path(),
         sidefiles::PROVENANCE_NAME,
-        &provenance.to_json(),
+        &files.provenance,
     )?;
+    Ok(())
+}
+
+/// Puts a finished output in place (unless interrupted first). Once committed, the new
+/// output is in place: what is left to tidy is only a warning.
+pub(crate) fn commit(
+    staging: StagingDir,
+    target: &OutputTarget,
+    reporter: &dyn Reporter,
+) -> Result<()> {
     interrupt::check()?;
-    // Once committed, the new output is in place: what is left to tidy is only a warning.
-    for w in staging.commit(&o.target)?.warnings() {
+    for w in staging.commit(target)?.warnings() {
         reporter.warn(w);
     }
     Ok(())

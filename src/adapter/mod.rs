@@ -374,9 +374,7 @@ fn write_data(
 
 /// Puts one finished output in place and says so.
 fn commit(p: &Prepared, o: &Output, staging: StagingDir, reporter: &dyn Reporter) -> Result<()> {
-    for w in staging.commit(&o.target)?.warnings() {
-        reporter.warn(w);
-    }
+    crate::build::commit(staging, &o.target, reporter)?;
     reporter.note(&format!(
         "expo: wrote {} ({}) with alpha = {}",
         o.target.path.display(),
@@ -465,18 +463,13 @@ pub fn is_tokenizer_file(name: &str) -> bool {
         )
 }
 
-/// Writes the index, the side files, `expo.json` and the model card of one output into
+/// Writes the side files, the index, the model card and `expo.json` of one output into
 /// `staging`.
 fn finish(p: &Prepared, o: &Output, layout: &AdapterLayout, staging: &StagingDir) -> Result<()> {
-    if let Some((name, bytes)) = &layout.index {
-        sidefiles::write_file(staging.path(), name, bytes)?;
-    }
-    p.side.copy_into(staging.path())?;
     let base_rec = InputRecord::resolved(&p.inputs.base, &p.inputs.base_in);
     let adapter_rec = InputRecord::resolved(&p.inputs.adapter, &p.inputs.adapter_in);
-    let mut bytes = serde_json::to_vec_pretty(&provenance(p, o, &base_rec, &adapter_rec))?;
-    bytes.push(b'\n');
-    sidefiles::write_file(staging.path(), sidefiles::PROVENANCE_NAME, &bytes)?;
+    let mut provenance = serde_json::to_vec_pretty(&provenance(p, o, &base_rec, &adapter_rec))?;
+    provenance.push(b'\n');
     let card = model_card(
         p.kind,
         &p.inputs,
@@ -484,8 +477,12 @@ fn finish(p: &Prepared, o: &Output, layout: &AdapterLayout, staging: &StagingDir
         (&base_rec, &adapter_rec),
         &p.command,
     );
-    sidefiles::write_file(staging.path(), sidefiles::MODEL_CARD_NAME, card.as_bytes())?;
-    Ok(())
+    let files = crate::build::Finish {
+        index: layout.index.as_ref(),
+        card,
+        provenance,
+    };
+    crate::build::write_finish(staging, |dest| p.side.copy_into(dest), &files)
 }
 
 /// The `expo.json` of one output.
