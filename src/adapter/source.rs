@@ -327,15 +327,21 @@ impl ChunkSource for LoraSource<'_> {
     }
 
     fn release(&self, task: &Task) {
+        // Every input page a task read is dropped from this process once it is written:
+        // resident memory does not grow with the inputs.
         let t = &self.layout.tensors[task.tensor];
+        let (st, e) = (task.start as usize, task.end as usize);
         match t.recipe {
             // From the map, as `extrapolate` copies: measured cheaper here than
             // copy_file_range, which goes through a pipe on file systems without reflinks
             // (two copies of every byte).
-            Recipe::Copy {
-                from: Input::Base,
-                loc,
-            } => self.base.1.release(self.stored(Input::Base, loc, task)),
+            Recipe::Copy { from, loc } => {
+                let maps = match from {
+                    Input::Base => self.base.1,
+                    Input::Adapter => self.adapter.1,
+                };
+                maps.release(self.stored(from, loc, task));
+            }
             Recipe::LoraRows { module, base } => {
                 if let Some(d0) = float(t.dtype) {
                     let cols = self.plan.modules[module].cols as usize;
@@ -343,7 +349,27 @@ impl ChunkSource for LoraSource<'_> {
                 }
                 self.factors.done(module);
             }
-            _ => {}
+            Recipe::LoraBias { base, .. } => {
+                if let Some(d0) = float(t.dtype) {
+                    self.base.1.release(self.base_part(base, d0, task, 1));
+                }
+            }
+            Recipe::AdapterFull { full, base, .. } => {
+                let loc = self.plan.full[full].loc;
+                let (ack, amaps) = self.adapter;
+                let d1 = ack.shards[loc.shard].header.tensors[loc.index].dtype;
+                let d0 = self.base.0.shards[base.shard].header.tensors[base.index].dtype;
+                if let (Some(d0), Some(d1)) = (float(d0), float(d1)) {
+                    self.base.1.release(self.base_part(base, d0, task, 1));
+                    amaps.release(&amaps.tensor(ack, loc)[st * d1.size()..e * d1.size()]);
+                }
+            }
+            Recipe::ScaledB { loc } => {
+                if let Some(d) = float(t.dtype) {
+                    let (ack, amaps) = self.adapter;
+                    amaps.release(&amaps.tensor(ack, loc)[st * d.size()..e * d.size()]);
+                }
+            }
         }
     }
 
