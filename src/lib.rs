@@ -15,6 +15,7 @@ pub mod header;
 pub mod hub;
 pub mod interrupt;
 pub mod kernel;
+pub mod maps;
 pub mod output;
 pub mod pairing;
 pub mod plan;
