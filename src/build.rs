@@ -221,7 +221,7 @@ pub fn produce(p: &mut Prepared, reporter: &dyn Reporter) -> Result<Produced> {
 // ---------------------------------------------------------------------------------------
 
 /// Several α need `{alpha}` in `--output` to name each output.
-fn check_output_template(settings: &Settings) -> Result<()> {
+pub(crate) fn check_output_template(settings: &Settings) -> Result<()> {
     let n = settings.alphas.len();
     if n > 1 && !alpha::has_placeholder(&settings.output) {
         return Err(UsageError(format!(

@@ -119,10 +119,16 @@ impl PlanOptions {
 
     /// The α of tensor `name` and the index of the rule that set it, if any.
     pub fn alpha_for(&self, name: &str) -> (f64, Option<usize>) {
-        match self.rules.iter().position(|r| r.pattern.is_match(name)) {
-            Some(i) => (self.rules[i].alpha(self.alpha), Some(i)),
-            None => (self.alpha, None),
-        }
+        alpha_of(&self.rules, self.alpha, name)
+    }
+}
+
+/// THE "α of this tensor" rule, for every kind of --aligned: the first of `rules` whose
+/// pattern matches `name` sets it (its index is returned), else it is the run's `alpha`.
+pub fn alpha_of(rules: &[AlphaRule], alpha: f64, name: &str) -> (f64, Option<usize>) {
+    match rules.iter().position(|r| r.pattern.is_match(name)) {
+        Some(i) => (rules[i].alpha(alpha), Some(i)),
+        None => (alpha, None),
     }
 }
 

@@ -88,14 +88,6 @@ pub fn check_for_search(sft: &Path, aligned: &Path, skip: &[AlphaRule]) -> Resul
         .sum())
 }
 
-/// The α of a tensor named `name` under the rules (first match wins) in a run with `alpha`.
-fn alpha_for(rules: &[AlphaRule], alpha: f64, name: &str) -> f64 {
-    rules
-        .iter()
-        .find(|r| r.pattern.is_match(name))
-        .map_or(alpha, |r| r.alpha(alpha))
-}
-
 /// Everything read before anything is written.
 pub struct Inputs {
     pub base: Checkpoint,
@@ -174,7 +166,7 @@ pub struct Prepared {
 impl Prepared {
     /// The α of tensor `name` in the output with `alpha`.
     pub fn alpha_for(&self, alpha: f64, name: &str) -> f64 {
-        alpha_for(&self.rules, alpha, name)
+        crate::plan::alpha_of(&self.rules, alpha, name).0
     }
 }
 
@@ -223,17 +215,7 @@ pub fn prepare(args: &Settings, reporter: &dyn Reporter) -> Result<Prepared> {
 
 /// Refuses the flags that the adapter path does not support.
 fn check_flags(args: &Settings) -> Result<()> {
-    let alphas = &args.alphas;
-    if alphas.len() > 1 && !alpha::has_placeholder(&args.output) {
-        return Err(UsageError(format!(
-            "--alpha gives {} values, so --output must contain {} to name each output, e.g. --output '{}-{}'",
-            alphas.len(),
-            alpha::PLACEHOLDER,
-            args.output.display(),
-            alpha::PLACEHOLDER
-        ))
-        .into());
-    }
+    crate::build::check_output_template(args)?;
     if args.dtype != DtypeChoice::Auto {
         return Err(UsageError(format!(
             "--dtype {} is not supported when --aligned is an adapter: the output keeps each tensor's own dtype",
