@@ -1170,3 +1170,64 @@ fn alpha_sweeps_equal_single_runs_byte_for_byte() {
         }
     }
 }
+
+/// An α at which a merged value overflows its dtype fails that output with one message
+/// (the count over the whole tensor, the advice to use a smaller α, no --dtype, which an
+/// adapter run does not take); in a sweep, the outputs before it are written and the
+/// failing one and those after it are not.
+#[test]
+fn an_alpha_that_overflows_fails_its_output_with_the_count_over_the_tensor() {
+    let s = Scratch::new();
+    let l = llama(
+        &s,
+        Dtype::F32,
+        lora_config(2, 4.0, &["q_proj", "v_proj", "o_proj"]),
+    );
+    let out = s.out("huge");
+    let outcome = extrapolate(&l.base, &l.adapter, "1e300", &out)
+        .args(&["--as", "model"])
+        .assert_fails(
+            1,
+            &[
+                "values become infinite or NaN in BF16",
+                "alpha = 1e300",
+                "use a smaller --alpha",
+            ],
+        );
+    // Whichever adapted tensor a worker reaches first: every one of its values overflows.
+    assert!(
+        ["16 of 16 values", "24 of 24 values"]
+            .iter()
+            .any(|n| outcome.stderr.contains(n)),
+        "{}",
+        outcome.stderr
+    );
+    assert!(!outcome.stderr.contains("--dtype"), "{}", outcome.stderr);
+    assert!(!out.exists());
+    let template = format!("{}-{{alpha}}", s.out("sweep").display());
+    extrapolate(
+        &l.base,
+        &l.adapter,
+        "0.5,1e60,2",
+        std::path::Path::new(&template),
+    )
+    .args(&["--as", "model"])
+    .assert_fails(1, &["values become infinite or NaN"]);
+    let written = |a: &str| std::path::PathBuf::from(template.replace("{alpha}", a));
+    assert!(written("0.5").join("model.safetensors").is_file());
+    assert!(!written(&format!("{}", 1e60)).exists());
+    assert!(!written("2").exists());
+    // --as adapter: a B factor times 1 + 1e300 overflows f32.
+    let out = s.out("huge-adapter");
+    extrapolate(&l.base, &l.adapter, "1e300", &out)
+        .args(&["--as", "adapter"])
+        .assert_fails(
+            1,
+            &[
+                "lora_B.weight",
+                "values become infinite or NaN in F32",
+                "use a smaller --alpha",
+            ],
+        );
+    assert!(!out.exists());
+}
