@@ -16,7 +16,7 @@ use crate::error::UsageError;
 use crate::hub::{self, CacheEnv, ResolvedInput};
 use crate::interrupt;
 use crate::output::{self, OutputTarget, StagingDir};
-use crate::plan::{self, build_plan, AlphaRule, Plan, PlanError, PlanOptions};
+use crate::plan::{self, build_plan, AlphaRule, Plan, PlanError, PlanOptions, ShardPlan};
 use crate::reporter::{Progress, Reporter};
 pub use crate::settings::{AsKind, Settings};
 use crate::sidefiles::{self, InputRecord, Provenance, RuleRecord, SideFiles, TensorCounts};
@@ -176,8 +176,10 @@ pub fn produce(p: &mut Prepared, reporter: &dyn Reporter) -> Result<Produced> {
         .maps
         .take()
         .context("the outputs of one preparation can be produced only once")?;
-    clean_stale_staging(&p.outputs, reporter);
-    let stagings = create_stagings(&p.outputs)?;
+    let targets: Vec<&OutputTarget> = p.outputs.iter().map(|o| &o.target).collect();
+    clean_stale_staging(&targets, reporter);
+    let shards = p.outputs.first().map_or(&[][..], |o| &o.plan.shards[..]);
+    let stagings = create_stagings(&targets, shards)?;
     let report = write_data(p, maps, &stagings, &pool, reporter);
     if report
         .outputs
@@ -219,7 +221,7 @@ pub fn produce(p: &mut Prepared, reporter: &dyn Reporter) -> Result<Produced> {
 // ---------------------------------------------------------------------------------------
 
 /// Several α need `{alpha}` in `--output` to name each output.
-fn check_output_template(settings: &Settings) -> Result<()> {
+pub(crate) fn check_output_template(settings: &Settings) -> Result<()> {
     let n = settings.alphas.len();
     if n > 1 && !alpha::has_placeholder(&settings.output) {
         return Err(UsageError(format!(
@@ -388,24 +390,28 @@ fn warn_inherited_nonfinite(reporter: &dyn Reporter, o: &Output, stats: &WriteSt
 }
 
 /// Tidies what killed runs left beside each output, saying what was found.
-fn clean_stale_staging(outputs: &[Output], reporter: &dyn Reporter) {
-    for o in outputs {
-        for w in output::clean_stale_staging(&o.target.parent).warnings() {
+pub(crate) fn clean_stale_staging(targets: &[&OutputTarget], reporter: &dyn Reporter) {
+    for t in targets {
+        for w in output::clean_stale_staging(&t.parent).warnings() {
             reporter.warn(w);
         }
     }
 }
 
-/// One staging directory per output, with the subdirectories its shards need.
-fn create_stagings(outputs: &[Output]) -> Result<Vec<StagingDir>> {
-    let stagings = outputs
+/// One staging directory per output, with the subdirectories its shards (the same layout
+/// for every output) need.
+pub(crate) fn create_stagings(
+    targets: &[&OutputTarget],
+    shards: &[ShardPlan],
+) -> Result<Vec<StagingDir>> {
+    let stagings = targets
         .iter()
-        .map(|o| StagingDir::create(&o.target))
+        .map(|t| StagingDir::create(t))
         .collect::<Result<Vec<_>, _>>()?;
     // An index may place shards in a subdirectory (`weights/model-00001-of-00002.safetensors`,
     // accepted on input); the mirrored output needs the same subdirectory.
-    for (o, s) in outputs.iter().zip(&stagings) {
-        for shard in &o.plan.shards {
+    for s in &stagings {
+        for shard in shards {
             if let Some(sub) = Path::new(&shard.file_name)
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
@@ -477,23 +483,61 @@ fn finish_output(
     reporter: &dyn Reporter,
 ) -> Result<()> {
     interrupt::check()?;
-    p.side.copy_into(staging.path())?;
-    if let Some((name, bytes)) = &o.plan.index {
-        sidefiles::write_file(staging.path(), name, bytes)?;
-    }
     let mut provenance = provenance(p, &o.plan);
     provenance.rules = p.rule_records(o.alpha);
     provenance.relative_change = relative_change;
-    let card = provenance.model_card(&p.side.card);
-    sidefiles::write_file(staging.path(), sidefiles::MODEL_CARD_NAME, card.as_bytes())?;
+    let files = Finish {
+        index: o.plan.index.as_ref(),
+        card: provenance.model_card(&p.side.card),
+        provenance: provenance.to_json(),
+    };
+    write_finish(&staging, |dest| p.side.copy_into(dest), &files)?;
+    commit(staging, &o.target, reporter)
+}
+
+/// What every output gets besides its tensor data.
+pub(crate) struct Finish<'a> {
+    /// The index file's name and bytes, when one is written.
+    pub index: Option<&'a (String, Vec<u8>)>,
+    /// The model card (README.md).
+    pub card: String,
+    /// `expo.json`.
+    pub provenance: Vec<u8>,
+}
+
+/// Writes an output's side files (`side` copies them into the directory it is given), its
+/// index, model card and provenance into `staging`.
+pub(crate) fn write_finish(
+    staging: &StagingDir,
+    side: impl FnOnce(&Path) -> Result<(), sidefiles::SideFileError>,
+    files: &Finish,
+) -> Result<()> {
+    side(staging.path())?;
+    if let Some((name, bytes)) = files.index {
+        sidefiles::write_file(staging.path(), name, bytes)?;
+    }
+    sidefiles::write_file(
+        staging.path(),
+        sidefiles::MODEL_CARD_NAME,
+        files.card.as_bytes(),
+    )?;
     sidefiles::write_file(
         staging.path(),
         sidefiles::PROVENANCE_NAME,
-        &provenance.to_json(),
+        &files.provenance,
     )?;
+    Ok(())
+}
+
+/// Puts a finished output in place (unless interrupted first). Once committed, the new
+/// output is in place: what is left to tidy is only a warning.
+pub(crate) fn commit(
+    staging: StagingDir,
+    target: &OutputTarget,
+    reporter: &dyn Reporter,
+) -> Result<()> {
     interrupt::check()?;
-    // Once committed, the new output is in place: what is left to tidy is only a warning.
-    for w in staging.commit(&o.target)?.warnings() {
+    for w in staging.commit(target)?.warnings() {
         reporter.warn(w);
     }
     Ok(())

@@ -119,10 +119,16 @@ impl PlanOptions {
 
     /// The α of tensor `name` and the index of the rule that set it, if any.
     pub fn alpha_for(&self, name: &str) -> (f64, Option<usize>) {
-        match self.rules.iter().position(|r| r.pattern.is_match(name)) {
-            Some(i) => (self.rules[i].alpha(self.alpha), Some(i)),
-            None => (self.alpha, None),
-        }
+        alpha_of(&self.rules, self.alpha, name)
+    }
+}
+
+/// THE "α of this tensor" rule, for every kind of --aligned: the first of `rules` whose
+/// pattern matches `name` sets it (its index is returned), else it is the run's `alpha`.
+pub fn alpha_of(rules: &[AlphaRule], alpha: f64, name: &str) -> (f64, Option<usize>) {
+    match rules.iter().position(|r| r.pattern.is_match(name)) {
+        Some(i) => (rules[i].alpha(alpha), Some(i)),
+        None => (alpha, None),
     }
 }
 
@@ -380,22 +386,30 @@ fn shard_plan(
     metadata: Metadata,
     tensors: Vec<usize>,
 ) -> ShardPlan {
+    lay_out_shard(file_name, metadata.as_ref(), tensors, |i| {
+        let p = &pairs[i];
+        (p.name.as_str(), p.out_dtype, p.shape.as_slice(), p.out_len)
+    })
+}
+
+/// One output file of any front-end: the tensors `tensors` (described by `entry`: name,
+/// dtype, shape, bytes) laid out in order after the encoded header.
+pub fn lay_out_shard<'a>(
+    file_name: String,
+    metadata: Option<&BTreeMap<String, String>>,
+    tensors: Vec<usize>,
+    entry: impl Fn(usize) -> (&'a str, Dtype, &'a [u64], u64),
+) -> ShardPlan {
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut cursor = 0u64;
     let mut entries = Vec::with_capacity(tensors.len());
     for &i in &tensors {
-        let p = &pairs[i];
+        let (name, dtype, shape, len) = entry(i);
         offsets.push(cursor);
-        entries.push((
-            p.name.as_str(),
-            p.out_dtype,
-            p.shape.as_slice(),
-            cursor,
-            cursor + p.out_len,
-        ));
-        cursor += p.out_len;
+        entries.push((name, dtype, shape, cursor, cursor + len));
+        cursor += len;
     }
-    let header = encode_header(metadata.as_ref(), &entries);
+    let header = encode_header(metadata, &entries);
     ShardPlan {
         file_name,
         tensors,
@@ -421,7 +435,7 @@ fn index_file(
     if !write_index {
         return None;
     }
-    let (name, mut metadata) = match (&aligned.layout, max_shard_size) {
+    let (name, metadata) = match (&aligned.layout, max_shard_size) {
         (
             Layout::Indexed {
                 index_name,
@@ -432,12 +446,22 @@ fn index_file(
         (Layout::Indexed { metadata, .. }, Some(_)) => (INDEX_NAME.to_string(), metadata.clone()),
         (Layout::Single, _) => (INDEX_NAME.to_string(), serde_json::Map::new()),
     };
+    Some((name, index_bytes(metadata, shards, |i| &pairs[i].name)))
+}
+
+/// An index file's bytes: `metadata` with `total_size` set, and the file of every tensor
+/// (`name(i)` names tensor `i` of the shards).
+pub fn index_bytes<'a>(
+    mut metadata: serde_json::Map<String, serde_json::Value>,
+    shards: &[ShardPlan],
+    name: impl Fn(usize) -> &'a str,
+) -> Vec<u8> {
     let total: u64 = shards.iter().map(|s| s.data_len).sum();
     metadata.insert("total_size".into(), total.into());
     let mut weight_map = serde_json::Map::new();
     for s in shards {
         for &i in &s.tensors {
-            weight_map.insert(pairs[i].name.clone(), s.file_name.clone().into());
+            weight_map.insert(name(i).to_string(), s.file_name.clone().into());
         }
     }
     let mut doc = serde_json::Map::new();
@@ -445,7 +469,7 @@ fn index_file(
     doc.insert("weight_map".into(), weight_map.into());
     let mut bytes = serde_json::to_vec_pretty(&doc).expect("JSON values always serialize");
     bytes.push(b'\n');
-    Some((name, bytes))
+    bytes
 }
 
 #[cfg(test)]

@@ -1071,3 +1071,163 @@ fn tensors_larger_than_one_task_are_written_whole() {
         .collect();
     assert_rounded(&got["lm_head.weight"], &head2);
 }
+
+/// A sweep writes every α in one pass over the inputs (the rank-r products computed once
+/// per row block); each of its outputs equals the single run at that α byte for byte, for
+/// `--as model` and `--as adapter`, with a rule, a LoRA bias, a full tensor and a weight
+/// larger than one task.
+#[test]
+fn alpha_sweeps_equal_single_runs_byte_for_byte() {
+    let s = Scratch::new();
+    let mut rng = Rng::new(11);
+    let (rows, cols, r) = (20_000, 64, 2);
+    let up = "model.layers.0.mlp.up_proj";
+    let q = "model.layers.0.self_attn.q_proj";
+    let base_tensors = vec![
+        t(
+            &format!("{up}.weight"),
+            Dtype::BF16,
+            &[rows, cols],
+            &mut rng,
+            1.0,
+        ),
+        t(&format!("{up}.bias"), Dtype::BF16, &[rows], &mut rng, 1.0),
+        t(
+            &format!("{q}.weight"),
+            Dtype::F16,
+            &[6, cols],
+            &mut rng,
+            1.0,
+        ),
+        t("lm_head.weight", Dtype::BF16, &[10, cols], &mut rng, 1.0),
+    ];
+    let base = single(&s.path("base"), &base_tensors);
+    let mut tensors = Vec::new();
+    for (m, out) in [(up, rows), (q, 6)] {
+        tensors.push(t(
+            &format!("{P}{m}.lora_A.weight"),
+            Dtype::F32,
+            &[r, cols],
+            &mut rng,
+            0.5,
+        ));
+        tensors.push(t(
+            &format!("{P}{m}.lora_B.weight"),
+            Dtype::F32,
+            &[out, r],
+            &mut rng,
+            0.05,
+        ));
+    }
+    tensors.push(t(
+        &format!("{P}{up}.lora_B.bias"),
+        Dtype::F32,
+        &[rows],
+        &mut rng,
+        0.05,
+    ));
+    let head1: Vec<f64> = base_tensors[3].values().iter().map(|x| x + 0.01).collect();
+    tensors.push(Tensor::float(
+        &format!("{P}lm_head.weight"),
+        Dtype::F32,
+        &[10, cols],
+        &head1,
+    ));
+    let mut config = lora_config(r as u64, 4.0, &["up_proj", "q_proj"]);
+    config["lora_bias"] = json!(true);
+    config["modules_to_save"] = json!(["lm_head"]);
+    let adapter = write_adapter(&s.path("adapter"), &config, &tensors);
+    let alphas = ["0.3", "0.5", "1.5"];
+    for kind in ["model", "adapter"] {
+        let sweep = s.out(&format!("{kind}-sweep"));
+        let template = format!("{}-{{alpha}}", sweep.display());
+        extrapolate(
+            &base,
+            &adapter,
+            &alphas.join(","),
+            std::path::Path::new(&template),
+        )
+        .args(&["--as", kind, "--alpha-for", "q_proj=x0.5"])
+        .assert_ok();
+        for a in alphas {
+            let one = s.out(&format!("{kind}-one-{a}"));
+            extrapolate(&base, &adapter, a, &one)
+                .args(&["--as", kind, "--alpha-for", "q_proj=x0.5"])
+                .assert_ok();
+            let many = std::path::PathBuf::from(format!("{}-{a}", sweep.display()));
+            let files = list_dir(&one);
+            assert_eq!(files, list_dir(&many), "{kind} {a}");
+            // expo.json and the card record the command line, which differs.
+            for f in files
+                .iter()
+                .filter(|f| !["expo.json", "README.md"].contains(&f.as_str()))
+            {
+                assert!(
+                    fs::read(one.join(f)).unwrap() == fs::read(many.join(f)).unwrap(),
+                    "{kind} alpha {a}: {f} differs"
+                );
+            }
+        }
+    }
+}
+
+/// An α at which a merged value overflows its dtype fails that output with one message
+/// (the count over the whole tensor, the advice to use a smaller α, no --dtype, which an
+/// adapter run does not take); in a sweep, the outputs before it are written and the
+/// failing one and those after it are not.
+#[test]
+fn an_alpha_that_overflows_fails_its_output_with_the_count_over_the_tensor() {
+    let s = Scratch::new();
+    let l = llama(
+        &s,
+        Dtype::F32,
+        lora_config(2, 4.0, &["q_proj", "v_proj", "o_proj"]),
+    );
+    let out = s.out("huge");
+    let outcome = extrapolate(&l.base, &l.adapter, "1e300", &out)
+        .args(&["--as", "model"])
+        .assert_fails(
+            1,
+            &[
+                "values become infinite or NaN in BF16",
+                "alpha = 1e300",
+                "use a smaller --alpha",
+            ],
+        );
+    // Whichever adapted tensor a worker reaches first: every one of its values overflows.
+    assert!(
+        ["16 of 16 values", "24 of 24 values"]
+            .iter()
+            .any(|n| outcome.stderr.contains(n)),
+        "{}",
+        outcome.stderr
+    );
+    assert!(!outcome.stderr.contains("--dtype"), "{}", outcome.stderr);
+    assert!(!out.exists());
+    let template = format!("{}-{{alpha}}", s.out("sweep").display());
+    extrapolate(
+        &l.base,
+        &l.adapter,
+        "0.5,1e60,2",
+        std::path::Path::new(&template),
+    )
+    .args(&["--as", "model"])
+    .assert_fails(1, &["values become infinite or NaN"]);
+    let written = |a: &str| std::path::PathBuf::from(template.replace("{alpha}", a));
+    assert!(written("0.5").join("model.safetensors").is_file());
+    assert!(!written(&format!("{}", 1e60)).exists());
+    assert!(!written("2").exists());
+    // --as adapter: a B factor times 1 + 1e300 overflows f32.
+    let out = s.out("huge-adapter");
+    extrapolate(&l.base, &l.adapter, "1e300", &out)
+        .args(&["--as", "adapter"])
+        .assert_fails(
+            1,
+            &[
+                "lora_B.weight",
+                "values become infinite or NaN in F32",
+                "use a smaller --alpha",
+            ],
+        );
+    assert!(!out.exists());
+}

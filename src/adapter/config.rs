@@ -129,39 +129,9 @@ impl AdapterConfig {
 
     /// Parses the text of a config.
     pub fn parse(text: &str) -> Result<AdapterConfig, ConfigError> {
-        let json_err = |e: serde_json::Error| ConfigError::Json {
-            path: CONFIG_NAME.into(),
-            reason: e.to_string(),
-        };
-        // Raw values first: nested objects must keep their document order.
-        let raw: Entries<Box<serde_json::value::RawValue>> =
-            serde_json::from_str(text).map_err(json_err)?;
-        let mut values = Vec::with_capacity(raw.0.len());
-        for (k, v) in &raw.0 {
-            values.push((
-                k.clone(),
-                serde_json::from_str::<Value>(v.get()).map_err(json_err)?,
-            ));
-        }
-        let get = |name: &str| values.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-        let present = |name: &str| get(name).filter(|v| !v.is_null());
-        let raw_of = |name: &str| {
-            raw.0
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.get())
-                .filter(|_| present(name).is_some())
-        };
-
-        if let Some(t) = present("peft_type") {
-            if t.as_str() != Some("LORA") {
-                return Err(ConfigError::Unsupported {
-                    what: format!("peft_type is {t}"),
-                    why: "expo reads LoRA adapters only (peft_type \"LORA\")".into(),
-                });
-            }
-        }
-        let r = match present("r") {
+        let doc = Doc::read(text)?;
+        check_peft_type(&doc)?;
+        let r = match doc.present("r") {
             Some(v) => v
                 .as_u64()
                 .filter(|&r| (1..=MAX_RANK).contains(&r))
@@ -173,77 +143,21 @@ impl AdapterConfig {
                 })?,
             None => 8, // PEFT's default
         };
-        let lora_alpha = match present("lora_alpha") {
+        let lora_alpha = match doc.present("lora_alpha") {
             Some(v) => v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| {
                 field("lora_alpha", format!("must be a finite number, found {v}"))
             })?,
             None => 8.0, // PEFT's default
         };
-        let flag = |name: &str| -> Result<bool, ConfigError> {
-            match present(name) {
-                None => Ok(false),
-                Some(Value::Bool(b)) => Ok(*b),
-                Some(v) => Err(field(name, format!("must be true or false, found {v}"))),
-            }
-        };
-        let use_rslora = flag("use_rslora")?;
-        let use_dora = flag("use_dora")?;
-        let lora_bias = flag("lora_bias")?;
-        let fan_in_fan_out = flag("fan_in_fan_out")?;
-
-        let init_lora_weights = match present("init_lora_weights") {
-            None => "true".to_string(),
-            Some(Value::Bool(b)) => b.to_string(),
-            Some(Value::String(s)) => s.clone(),
-            Some(v) => {
-                return Err(field(
-                    "init_lora_weights",
-                    format!("must be true, false or a method name, found {v}"),
-                ))
-            }
-        };
-        let lower = init_lora_weights.to_ascii_lowercase();
-        if let Some(method) = BASE_MODIFYING_INITS.iter().find(|m| lower.starts_with(*m)) {
-            return Err(ConfigError::Unsupported {
-                what: format!("init_lora_weights is \"{init_lora_weights}\""),
-                why: format!(
-                    "{method} initialisation changes the base weights, so this adapter is relative to a modified base, not to --sft; convert it to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion when saving)"
-                ),
-            });
-        }
-        if let Some(v) = present("layer_replication") {
-            return Err(ConfigError::Unsupported {
-                what: format!("layer_replication is {v}"),
-                why:
-                    "replicated layers share base weights, so the adapter has no one θ0 per module"
-                        .into(),
-            });
-        }
-        if let Some(v) = present("alora_invocation_tokens") {
-            return Err(ConfigError::Unsupported {
-                what: format!("alora_invocation_tokens is {v} (an aLoRA adapter)"),
-                why: "an activated LoRA applies only after its invocation tokens, so it is not a weight delta to extrapolate".into(),
-            });
-        }
-        if let Some(v) = present("target_parameters") {
-            if v.as_array().is_none_or(|a| !a.is_empty()) {
-                return Err(ConfigError::Unsupported {
-                    what: format!("target_parameters is {v}"),
-                    why: "LoRA on raw parameters (e.g. MoE experts) is not supported".into(),
-                });
-            }
-        }
-        if let Some(v) = present("use_qalora") {
-            if v.as_bool() == Some(true) {
-                return Err(ConfigError::Unsupported {
-                    what: "use_qalora is true".into(),
-                    why: "QA-LoRA pools the input, so B·A is not the weight delta".into(),
-                });
-            }
-        }
-        let rank_pattern = patterns(raw_of("rank_pattern"), "rank_pattern", true)?;
-        let alpha_pattern = patterns(raw_of("alpha_pattern"), "alpha_pattern", false)?;
-        let target_modules = present("target_modules").map(|v| match v {
+        let use_rslora = doc.flag("use_rslora")?;
+        let use_dora = doc.flag("use_dora")?;
+        let lora_bias = doc.flag("lora_bias")?;
+        let fan_in_fan_out = doc.flag("fan_in_fan_out")?;
+        let init_lora_weights = init_lora_weights(&doc)?;
+        refuse_unsupported(&doc)?;
+        let rank_pattern = patterns(doc.raw_of("rank_pattern"), "rank_pattern", true)?;
+        let alpha_pattern = patterns(doc.raw_of("alpha_pattern"), "alpha_pattern", false)?;
+        let target_modules = doc.present("target_modules").map(|v| match v {
             Value::String(s) => s.clone(),
             Value::Array(a) => a
                 .iter()
@@ -252,14 +166,15 @@ impl AdapterConfig {
                 .join(", "),
             other => other.to_string(),
         });
-        let modules_to_save = match present("modules_to_save") {
+        let modules_to_save = match doc.present("modules_to_save") {
             Some(Value::Array(a)) => a
                 .iter()
                 .filter_map(|x| x.as_str().map(str::to_string))
                 .collect(),
             _ => Vec::new(),
         };
-        let base_model_name_or_path = present("base_model_name_or_path")
+        let base_model_name_or_path = doc
+            .present("base_model_name_or_path")
             .and_then(Value::as_str)
             .map(str::to_string);
         Ok(AdapterConfig {
@@ -308,6 +223,131 @@ impl AdapterConfig {
     pub fn has_patterns(&self) -> bool {
         !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty()
     }
+}
+
+/// adapter_config.json's top-level entries, raw (nested objects keep their document order)
+/// and parsed.
+struct Doc {
+    raw: Entries<Box<serde_json::value::RawValue>>,
+    values: Vec<(String, Value)>,
+}
+
+impl Doc {
+    fn read(text: &str) -> Result<Doc, ConfigError> {
+        let json_err = |e: serde_json::Error| ConfigError::Json {
+            path: CONFIG_NAME.into(),
+            reason: e.to_string(),
+        };
+        // Raw values first: nested objects must keep their document order.
+        let raw: Entries<Box<serde_json::value::RawValue>> =
+            serde_json::from_str(text).map_err(json_err)?;
+        let mut values = Vec::with_capacity(raw.0.len());
+        for (k, v) in &raw.0 {
+            values.push((
+                k.clone(),
+                serde_json::from_str::<Value>(v.get()).map_err(json_err)?,
+            ));
+        }
+        Ok(Doc { raw, values })
+    }
+
+    /// The value of `name`, unless absent or null.
+    fn present(&self, name: &str) -> Option<&Value> {
+        self.values
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .filter(|v| !v.is_null())
+    }
+
+    /// The text of `name`'s value as written, unless absent or null.
+    fn raw_of(&self, name: &str) -> Option<&str> {
+        self.raw
+            .0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.get())
+            .filter(|_| self.present(name).is_some())
+    }
+
+    /// A true/false field; absent is false.
+    fn flag(&self, name: &str) -> Result<bool, ConfigError> {
+        match self.present(name) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(field(name, format!("must be true or false, found {v}"))),
+        }
+    }
+}
+
+/// Only LoRA adapters are read.
+fn check_peft_type(doc: &Doc) -> Result<(), ConfigError> {
+    match doc.present("peft_type") {
+        Some(t) if t.as_str() != Some("LORA") => Err(ConfigError::Unsupported {
+            what: format!("peft_type is {t}"),
+            why: "expo reads LoRA adapters only (peft_type \"LORA\")".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `init_lora_weights` as a string; refused when the initialisation changed the base.
+fn init_lora_weights(doc: &Doc) -> Result<String, ConfigError> {
+    let init_lora_weights = match doc.present("init_lora_weights") {
+        None => "true".to_string(),
+        Some(Value::Bool(b)) => b.to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => {
+            return Err(field(
+                "init_lora_weights",
+                format!("must be true, false or a method name, found {v}"),
+            ))
+        }
+    };
+    let lower = init_lora_weights.to_ascii_lowercase();
+    if let Some(method) = BASE_MODIFYING_INITS.iter().find(|m| lower.starts_with(*m)) {
+        return Err(ConfigError::Unsupported {
+            what: format!("init_lora_weights is \"{init_lora_weights}\""),
+            why: format!(
+                "{method} initialisation changes the base weights, so this adapter is relative to a modified base, not to --sft; convert it to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion when saving)"
+            ),
+        });
+    }
+    Ok(init_lora_weights)
+}
+
+/// Refuses the LoRA variants whose update is not a weight delta over one θ0 per module.
+fn refuse_unsupported(doc: &Doc) -> Result<(), ConfigError> {
+    if let Some(v) = doc.present("layer_replication") {
+        return Err(ConfigError::Unsupported {
+            what: format!("layer_replication is {v}"),
+            why: "replicated layers share base weights, so the adapter has no one θ0 per module"
+                .into(),
+        });
+    }
+    if let Some(v) = doc.present("alora_invocation_tokens") {
+        return Err(ConfigError::Unsupported {
+            what: format!("alora_invocation_tokens is {v} (an aLoRA adapter)"),
+            why: "an activated LoRA applies only after its invocation tokens, so it is not a weight delta to extrapolate".into(),
+        });
+    }
+    if let Some(v) = doc.present("target_parameters") {
+        if v.as_array().is_none_or(|a| !a.is_empty()) {
+            return Err(ConfigError::Unsupported {
+                what: format!("target_parameters is {v}"),
+                why: "LoRA on raw parameters (e.g. MoE experts) is not supported".into(),
+            });
+        }
+    }
+    if let Some(v) = doc.present("use_qalora") {
+        if v.as_bool() == Some(true) {
+            return Err(ConfigError::Unsupported {
+                what: "use_qalora is true".into(),
+                why: "QA-LoRA pools the input, so B·A is not the weight delta".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn patterns(raw: Option<&str>, name: &str, integer: bool) -> Result<Vec<Pattern>, ConfigError> {

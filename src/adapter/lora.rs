@@ -266,20 +266,7 @@ pub fn analyze(
     facts: &BaseFacts,
     skipped: &dyn Fn(&str) -> bool,
 ) -> Result<AdapterPlan, PlanError> {
-    type Parts = BTreeMap<Part, (TensorLoc, TensorInfo)>;
-    let mut by_module: BTreeMap<String, Parts> = BTreeMap::new();
-    let mut fulls = Vec::new();
-    for (loc, t) in adapter.tensors() {
-        match names::classify(&t.name)? {
-            Key::Lora { module, part } => {
-                by_module
-                    .entry(module)
-                    .or_default()
-                    .insert(part, (loc, t.clone()));
-            }
-            Key::Full { name } => fulls.push((loc, t.clone(), name)),
-        }
-    }
+    let (by_module, fulls) = group_keys(adapter)?;
     let tied = facts.tie_word_embeddings == Some(true);
     let tied_group: Vec<String> = if tied {
         base.tensors()
@@ -289,231 +276,19 @@ pub fn analyze(
     } else {
         Vec::new()
     };
-
+    let mut cx = Analysis {
+        adapter,
+        config,
+        base,
+        facts,
+        tied,
+        tied_group,
+        owner: BTreeMap::new(),
+    };
     let mut modules = Vec::new();
     let mut roles = BTreeMap::new();
-    let mut owner: BTreeMap<String, String> = BTreeMap::new();
     for (path, parts) in &by_module {
-        let listed = parts
-            .values()
-            .map(|(_, t)| format!("`{}`", t.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let get = |p: Part| parts.get(&p);
-        let embedding = get(Part::EmbA).is_some() || get(Part::EmbB).is_some();
-        let (pa, pb) = if embedding {
-            (Part::EmbA, Part::EmbB)
-        } else {
-            (Part::A, Part::B)
-        };
-        let (Some(a), Some(b)) = (get(pa), get(pb)) else {
-            return Err(PlanError::MissingFactor {
-                module: path.clone(),
-                found: listed,
-                missing: match (get(pa).is_some(), embedding) {
-                    (false, false) => "lora_A.weight",
-                    (true, false) => "lora_B.weight",
-                    (false, true) => "lora_embedding_A",
-                    (true, true) => "lora_embedding_B",
-                },
-            });
-        };
-        if embedding && (get(Part::A).is_some() || get(Part::B).is_some()) {
-            return Err(PlanError::MissingFactor {
-                module: path.clone(),
-                found: listed,
-                missing: "a consistent kind (it mixes lora_A/B with lora_embedding_A/B)",
-            });
-        }
-        let fa = factor(adapter, a.0, &a.1, 2)?;
-        let fb = factor(adapter, b.0, &b.1, 2)?;
-        let rank = fa.shape[0];
-        if fb.shape[1] != rank {
-            return Err(PlanError::Shape {
-                tensor: fb.key.clone(),
-                shape: fb.shape.clone(),
-                expected: format!("[_, {rank}] to match `{}` of rank {rank}", fa.key),
-            });
-        }
-        let (config_r, lora_alpha) = config.rank_and_alpha(path);
-        if config_r != rank {
-            let via = config
-                .rank_pattern
-                .iter()
-                .find(|p| p.matches(path))
-                .map_or(String::new(), |p| {
-                    format!(" (rank_pattern key `{}`)", p.key)
-                });
-            return Err(PlanError::Rank {
-                tensor: fa.key.clone(),
-                module: path.clone(),
-                found: rank,
-                config: config_r,
-                via,
-            });
-        }
-        let scaling = config.scaling(rank, lora_alpha);
-
-        // The base weight: `<module>.weight`, with or without the wrapper's next prefix,
-        // or the other half of tied embeddings when the checkpoint stores only one.
-        let weight_name = format!("{path}.weight");
-        let base_t = match find_base(base, &weight_name) {
-            Ok(t) => t.clone(),
-            Err(tried) => {
-                let tied_other = (names::is_head_name(&weight_name)
-                    || names::is_embedding_name(&weight_name))
-                .then(|| tied_group.first())
-                .flatten();
-                match tied_other.and_then(|n| base.get(n)) {
-                    Some((_, t)) => t.clone(),
-                    None => {
-                        return Err(PlanError::NoBase {
-                            tensor: fa.key.clone(),
-                            tried: quote_list(&tried),
-                        })
-                    }
-                }
-            }
-        };
-        let mismatch = |problem: String| PlanError::BaseMismatch {
-            tensor: fa.key.clone(),
-            base: base_t.name.clone(),
-            dtype: base_t.dtype.name().to_string(),
-            shape: base_t.shape.clone(),
-            problem,
-        };
-        if !matches!(base_t.dtype.class(), DtypeClass::Float(_)) {
-            return Err(mismatch("is not a float tensor".into()));
-        }
-        if base_t.shape.len() != 2 {
-            return Err(mismatch(
-                "is not a matrix (LoRA on convolutions is not supported)".into(),
-            ));
-        }
-        let (rows, cols) = (base_t.shape[0], base_t.shape[1]);
-        let orientation = if embedding {
-            // A [r, vocab], B [dim, r]; the embedding is [vocab, dim].
-            if (rows, cols) != (fa.shape[1], fb.shape[0]) {
-                return Err(mismatch(format!(
-                    "does not fit lora_embedding_A {:?} and lora_embedding_B {:?} (expected [{}, {}])",
-                    fa.shape, fb.shape, fa.shape[1], fb.shape[0]
-                )));
-            }
-            Orientation::Embedding
-        } else {
-            let (out, inp) = (fb.shape[0], fa.shape[1]);
-            let leaf = path.rsplit('.').next().unwrap_or(path);
-            let conv1d_arch = match &facts.model_type {
-                Some(t) => CONV1D_MODEL_TYPES.contains(&t.as_str()),
-                None => CONV1D_LEAVES.contains(&leaf),
-            };
-            if (rows, cols) == (out, inp) && (out != inp || !conv1d_arch) {
-                Orientation::Linear
-            } else if (rows, cols) == (inp, out) {
-                Orientation::Conv1D
-            } else {
-                return Err(mismatch(format!(
-                    "does not fit lora_A {:?} and lora_B {:?} (expected [{out}, {inp}], or [{inp}, {out}] for a Conv1D layer)",
-                    fa.shape, fb.shape
-                )));
-            }
-        };
-
-        let out_units = match orientation {
-            Orientation::Linear | Orientation::Embedding => fb.shape[0],
-            Orientation::Conv1D => fb.shape[0],
-        };
-        let magnitude = match get(Part::Magnitude) {
-            Some((loc, t)) => {
-                if embedding {
-                    return Err(PlanError::DoraEmbedding {
-                        tensor: t.name.clone(),
-                    });
-                }
-                let m = factor(adapter, *loc, t, 1)?;
-                if m.shape[0] != out_units {
-                    return Err(PlanError::Shape {
-                        tensor: m.key.clone(),
-                        shape: m.shape.clone(),
-                        expected: format!("[{out_units}] (one magnitude per output feature)"),
-                    });
-                }
-                Some(m)
-            }
-            None if config.use_dora => {
-                return Err(PlanError::MissingFactor {
-                    module: path.clone(),
-                    found: listed,
-                    missing: "lora_magnitude_vector (the config says use_dora)",
-                })
-            }
-            None => None,
-        };
-        let (bias, base_bias) = match get(Part::BBias) {
-            Some((loc, t)) => {
-                let f = factor(adapter, *loc, t, 1)?;
-                if f.shape[0] != fb.shape[0] {
-                    return Err(PlanError::Shape {
-                        tensor: f.key.clone(),
-                        shape: f.shape.clone(),
-                        expected: format!("[{}]", fb.shape[0]),
-                    });
-                }
-                let bias_name = match base_t.name.strip_suffix(".weight") {
-                    Some(stem) => format!("{stem}.bias"),
-                    None => format!("{}.bias", base_t.name),
-                };
-                match base.get(&bias_name) {
-                    Some((_, bt))
-                        if bt.shape == f.shape
-                            && matches!(bt.dtype.class(), DtypeClass::Float(_)) => {}
-                    _ => {
-                        return Err(PlanError::NoBaseBias {
-                            tensor: f.key.clone(),
-                            base: bias_name,
-                        })
-                    }
-                }
-                (Some(f), Some(bias_name))
-            }
-            None => (None, None),
-        };
-
-        let mut targets = vec![base_t.name.clone()];
-        if tied && tied_group.contains(&base_t.name) {
-            targets = tied_group.clone();
-            // Every stored copy of the tied matrix must be one the update fits.
-            for other in &targets {
-                if let Some((_, t)) = base.get(other) {
-                    if t.shape != base_t.shape || !matches!(t.dtype.class(), DtypeClass::Float(_)) {
-                        return Err(PlanError::BaseMismatch {
-                            tensor: fa.key.clone(),
-                            base: t.name.clone(),
-                            dtype: t.dtype.name().to_string(),
-                            shape: t.shape.clone(),
-                            problem: format!(
-                                "is tied to `{}` {:?} (tie_word_embeddings) but is not a float tensor of that shape",
-                                base_t.name, base_t.shape
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        for t in targets.iter().chain(base_bias.iter()) {
-            if let Some(first) = owner.insert(t.clone(), path.clone()) {
-                return Err(PlanError::Twice {
-                    base: t.clone(),
-                    first,
-                    second: path.clone(),
-                    why: if tied {
-                        " (tie_word_embeddings shares one matrix between the embedding and the head)"
-                    } else {
-                        ""
-                    },
-                });
-            }
-        }
+        let module = cx.module(path, parts)?;
         let index = modules.len();
         for (part, (_, t)) in parts {
             roles.insert(
@@ -524,60 +299,11 @@ pub fn analyze(
                 },
             );
         }
-        modules.push(Module {
-            path: path.clone(),
-            orientation,
-            rank,
-            lora_alpha,
-            scaling,
-            a: fa,
-            b: fb,
-            bias,
-            magnitude,
-            targets,
-            base_bias,
-            rows,
-            cols,
-        });
+        modules.push(module);
     }
-
     let mut full = Vec::new();
     for (loc, t, name) in fulls {
-        let base_name = match find_base(base, &name) {
-            Ok(bt) => {
-                if bt.shape != t.shape {
-                    return Err(PlanError::BaseMismatch {
-                        tensor: t.name.clone(),
-                        base: bt.name.clone(),
-                        dtype: bt.dtype.name().to_string(),
-                        shape: bt.shape.clone(),
-                        problem: format!("does not have the adapter tensor's shape {:?}", t.shape),
-                    });
-                }
-                if let Some(first) = owner.insert(bt.name.clone(), t.name.clone()) {
-                    return Err(PlanError::Twice {
-                        base: bt.name.clone(),
-                        first,
-                        second: t.name.clone(),
-                        why: "",
-                    });
-                }
-                if matches!(bt.dtype.class(), DtypeClass::Float(_)) {
-                    float_of(&t)?;
-                }
-                Some(bt.name.clone())
-            }
-            Err(tried) => {
-                if !skipped(&name) {
-                    return Err(PlanError::FullWithoutBase {
-                        tensor: t.name.clone(),
-                        tried: quote_list(&tried),
-                        suggest: format!("^{}$", regex::escape(&name)),
-                    });
-                }
-                None
-            }
-        };
+        let base_name = cx.full_base(&t, &name, skipped)?;
         roles.insert(t.name.clone(), Role::Full(full.len()));
         full.push(FullTensor {
             key: t.name.clone(),
@@ -592,6 +318,382 @@ pub fn analyze(
         roles,
         tied,
     })
+}
+
+/// The parts of one adapted module found in the adapter file.
+type Parts = BTreeMap<Part, (TensorLoc, TensorInfo)>;
+
+/// A full tensor of the adapter: where, what, and its name in the wrapped model.
+type FullKey = (TensorLoc, TensorInfo, String);
+
+/// Sorts the adapter's keys into LoRA modules (by module path) and full tensors.
+fn group_keys(adapter: &Checkpoint) -> Result<(BTreeMap<String, Parts>, Vec<FullKey>), PlanError> {
+    let mut by_module: BTreeMap<String, Parts> = BTreeMap::new();
+    let mut fulls = Vec::new();
+    for (loc, t) in adapter.tensors() {
+        match names::classify(&t.name)? {
+            Key::Lora { module, part } => {
+                by_module
+                    .entry(module)
+                    .or_default()
+                    .insert(part, (loc, t.clone()));
+            }
+            Key::Full { name } => fulls.push((loc, t.clone(), name)),
+        }
+    }
+    Ok((by_module, fulls))
+}
+
+/// What the analysis of one adapter knows while it goes through the modules.
+struct Analysis<'a> {
+    adapter: &'a Checkpoint,
+    config: &'a AdapterConfig,
+    base: &'a Checkpoint,
+    facts: &'a BaseFacts,
+    tied: bool,
+    /// With tied embeddings: every stored copy of the tied matrix.
+    tied_group: Vec<String>,
+    /// Which module (or full tensor) changes each base tensor.
+    owner: BTreeMap<String, String>,
+}
+
+/// `tensor`'s base tensor `base_t` does not fit it.
+fn mismatch(tensor: &Factor, base_t: &TensorInfo, problem: String) -> PlanError {
+    PlanError::BaseMismatch {
+        tensor: tensor.key.clone(),
+        base: base_t.name.clone(),
+        dtype: base_t.dtype.name().to_string(),
+        shape: base_t.shape.clone(),
+        problem,
+    }
+}
+
+impl Analysis<'_> {
+    /// One adapted module: its factors, rank, scaling, base weight, orientation, DoRA
+    /// magnitude, LoRA bias and the base tensors it changes.
+    fn module(&mut self, path: &str, parts: &Parts) -> Result<Module, PlanError> {
+        let listed = parts
+            .values()
+            .map(|(_, t)| format!("`{}`", t.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (embedding, fa, fb) = self.factor_pair(path, parts, &listed)?;
+        let rank = fa.shape[0];
+        let lora_alpha = self.check_rank(path, &fa, &fb)?;
+        let scaling = self.config.scaling(rank, lora_alpha);
+        let base_t = self.base_weight(path, &fa)?;
+        if !matches!(base_t.dtype.class(), DtypeClass::Float(_)) {
+            return Err(mismatch(&fa, &base_t, "is not a float tensor".into()));
+        }
+        if base_t.shape.len() != 2 {
+            let problem = "is not a matrix (LoRA on convolutions is not supported)";
+            return Err(mismatch(&fa, &base_t, problem.into()));
+        }
+        let (rows, cols) = (base_t.shape[0], base_t.shape[1]);
+        let orientation = self.orientation(path, embedding, (&fa, &fb), &base_t)?;
+        let magnitude = self.magnitude(parts, (path, &listed), embedding, fb.shape[0])?;
+        let (bias, base_bias) = self.lora_bias(parts, &fb, &base_t)?;
+        let targets = self.targets(&fa, &base_t)?;
+        self.claim(path, targets.iter().chain(base_bias.iter()))?;
+        Ok(Module {
+            path: path.to_string(),
+            orientation,
+            rank,
+            lora_alpha,
+            scaling,
+            a: fa,
+            b: fb,
+            bias,
+            magnitude,
+            targets,
+            base_bias,
+            rows,
+            cols,
+        })
+    }
+
+    /// The A and B factors (or the embedding's), all of one kind; and whether they are the
+    /// embedding's.
+    fn factor_pair(
+        &self,
+        path: &str,
+        parts: &Parts,
+        listed: &str,
+    ) -> Result<(bool, Factor, Factor), PlanError> {
+        let get = |p: Part| parts.get(&p);
+        let embedding = get(Part::EmbA).is_some() || get(Part::EmbB).is_some();
+        let (pa, pb) = if embedding {
+            (Part::EmbA, Part::EmbB)
+        } else {
+            (Part::A, Part::B)
+        };
+        let (Some(a), Some(b)) = (get(pa), get(pb)) else {
+            return Err(PlanError::MissingFactor {
+                module: path.to_string(),
+                found: listed.to_string(),
+                missing: match (get(pa).is_some(), embedding) {
+                    (false, false) => "lora_A.weight",
+                    (true, false) => "lora_B.weight",
+                    (false, true) => "lora_embedding_A",
+                    (true, true) => "lora_embedding_B",
+                },
+            });
+        };
+        if embedding && (get(Part::A).is_some() || get(Part::B).is_some()) {
+            return Err(PlanError::MissingFactor {
+                module: path.to_string(),
+                found: listed.to_string(),
+                missing: "a consistent kind (it mixes lora_A/B with lora_embedding_A/B)",
+            });
+        }
+        let fa = factor(self.adapter, a.0, &a.1, 2)?;
+        let fb = factor(self.adapter, b.0, &b.1, 2)?;
+        Ok((embedding, fa, fb))
+    }
+
+    /// Checks that B's rank is A's and the config's; returns the module's lora_alpha.
+    fn check_rank(&self, path: &str, fa: &Factor, fb: &Factor) -> Result<f64, PlanError> {
+        let rank = fa.shape[0];
+        if fb.shape[1] != rank {
+            return Err(PlanError::Shape {
+                tensor: fb.key.clone(),
+                shape: fb.shape.clone(),
+                expected: format!("[_, {rank}] to match `{}` of rank {rank}", fa.key),
+            });
+        }
+        let (config_r, lora_alpha) = self.config.rank_and_alpha(path);
+        if config_r != rank {
+            let via = self
+                .config
+                .rank_pattern
+                .iter()
+                .find(|p| p.matches(path))
+                .map_or(String::new(), |p| {
+                    format!(" (rank_pattern key `{}`)", p.key)
+                });
+            return Err(PlanError::Rank {
+                tensor: fa.key.clone(),
+                module: path.to_string(),
+                found: rank,
+                config: config_r,
+                via,
+            });
+        }
+        Ok(lora_alpha)
+    }
+
+    /// The base weight: `<module>.weight`, with or without the wrapper's next prefix, or
+    /// the other half of tied embeddings when the checkpoint stores only one.
+    fn base_weight(&self, path: &str, fa: &Factor) -> Result<TensorInfo, PlanError> {
+        let weight_name = format!("{path}.weight");
+        match find_base(self.base, &weight_name) {
+            Ok(t) => Ok(t.clone()),
+            Err(tried) => {
+                let tied_other = (names::is_head_name(&weight_name)
+                    || names::is_embedding_name(&weight_name))
+                .then(|| self.tied_group.first())
+                .flatten();
+                match tied_other.and_then(|n| self.base.get(n)) {
+                    Some((_, t)) => Ok(t.clone()),
+                    None => Err(PlanError::NoBase {
+                        tensor: fa.key.clone(),
+                        tried: quote_list(&tried),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// How the base weight lies relative to the factors: Linear, Conv1D or Embedding.
+    fn orientation(
+        &self,
+        path: &str,
+        embedding: bool,
+        (fa, fb): (&Factor, &Factor),
+        base_t: &TensorInfo,
+    ) -> Result<Orientation, PlanError> {
+        let (rows, cols) = (base_t.shape[0], base_t.shape[1]);
+        if embedding {
+            // A [r, vocab], B [dim, r]; the embedding is [vocab, dim].
+            if (rows, cols) != (fa.shape[1], fb.shape[0]) {
+                return Err(mismatch(fa, base_t, format!(
+                    "does not fit lora_embedding_A {:?} and lora_embedding_B {:?} (expected [{}, {}])",
+                    fa.shape, fb.shape, fa.shape[1], fb.shape[0]
+                )));
+            }
+            return Ok(Orientation::Embedding);
+        }
+        let (out, inp) = (fb.shape[0], fa.shape[1]);
+        let leaf = path.rsplit('.').next().unwrap_or(path);
+        let conv1d_arch = match &self.facts.model_type {
+            Some(t) => CONV1D_MODEL_TYPES.contains(&t.as_str()),
+            None => CONV1D_LEAVES.contains(&leaf),
+        };
+        if (rows, cols) == (out, inp) && (out != inp || !conv1d_arch) {
+            Ok(Orientation::Linear)
+        } else if (rows, cols) == (inp, out) {
+            Ok(Orientation::Conv1D)
+        } else {
+            Err(mismatch(fa, base_t, format!(
+                "does not fit lora_A {:?} and lora_B {:?} (expected [{out}, {inp}], or [{inp}, {out}] for a Conv1D layer)",
+                fa.shape, fb.shape
+            )))
+        }
+    }
+
+    /// DoRA's magnitude vector, one per output feature (`out_units`), when there is one.
+    fn magnitude(
+        &self,
+        parts: &Parts,
+        (path, listed): (&str, &str),
+        embedding: bool,
+        out_units: u64,
+    ) -> Result<Option<Factor>, PlanError> {
+        match parts.get(&Part::Magnitude) {
+            Some((loc, t)) => {
+                if embedding {
+                    return Err(PlanError::DoraEmbedding {
+                        tensor: t.name.clone(),
+                    });
+                }
+                let m = factor(self.adapter, *loc, t, 1)?;
+                if m.shape[0] != out_units {
+                    return Err(PlanError::Shape {
+                        tensor: m.key.clone(),
+                        shape: m.shape.clone(),
+                        expected: format!("[{out_units}] (one magnitude per output feature)"),
+                    });
+                }
+                Ok(Some(m))
+            }
+            None if self.config.use_dora => Err(PlanError::MissingFactor {
+                module: path.to_string(),
+                found: listed.to_string(),
+                missing: "lora_magnitude_vector (the config says use_dora)",
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// lora_B.bias and the base bias it moves, when there is one.
+    fn lora_bias(
+        &self,
+        parts: &Parts,
+        fb: &Factor,
+        base_t: &TensorInfo,
+    ) -> Result<(Option<Factor>, Option<String>), PlanError> {
+        let Some((loc, t)) = parts.get(&Part::BBias) else {
+            return Ok((None, None));
+        };
+        let f = factor(self.adapter, *loc, t, 1)?;
+        if f.shape[0] != fb.shape[0] {
+            return Err(PlanError::Shape {
+                tensor: f.key.clone(),
+                shape: f.shape.clone(),
+                expected: format!("[{}]", fb.shape[0]),
+            });
+        }
+        let bias_name = match base_t.name.strip_suffix(".weight") {
+            Some(stem) => format!("{stem}.bias"),
+            None => format!("{}.bias", base_t.name),
+        };
+        match self.base.get(&bias_name) {
+            Some((_, bt))
+                if bt.shape == f.shape && matches!(bt.dtype.class(), DtypeClass::Float(_)) => {}
+            _ => {
+                return Err(PlanError::NoBaseBias {
+                    tensor: f.key.clone(),
+                    base: bias_name,
+                })
+            }
+        }
+        Ok((Some(f), Some(bias_name)))
+    }
+
+    /// The base tensors that receive ΔW: the base weight, or every stored copy of a tied
+    /// matrix (each one a float tensor of the same shape).
+    fn targets(&self, fa: &Factor, base_t: &TensorInfo) -> Result<Vec<String>, PlanError> {
+        if !(self.tied && self.tied_group.contains(&base_t.name)) {
+            return Ok(vec![base_t.name.clone()]);
+        }
+        let targets = self.tied_group.clone();
+        for other in &targets {
+            if let Some((_, t)) = self.base.get(other) {
+                if t.shape != base_t.shape || !matches!(t.dtype.class(), DtypeClass::Float(_)) {
+                    return Err(mismatch(fa, t, format!(
+                        "is tied to `{}` {:?} (tie_word_embeddings) but is not a float tensor of that shape",
+                        base_t.name, base_t.shape
+                    )));
+                }
+            }
+        }
+        Ok(targets)
+    }
+
+    /// Records that module `path` changes `tensors`; fails if another one already does.
+    fn claim<'t>(
+        &mut self,
+        path: &str,
+        tensors: impl Iterator<Item = &'t String>,
+    ) -> Result<(), PlanError> {
+        for t in tensors {
+            if let Some(first) = self.owner.insert(t.clone(), path.to_string()) {
+                return Err(PlanError::Twice {
+                    base: t.clone(),
+                    first,
+                    second: path.to_string(),
+                    why: if self.tied {
+                        " (tie_word_embeddings shares one matrix between the embedding and the head)"
+                    } else {
+                        ""
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The base tensor of full tensor `t` (named `name` in the wrapped model): checked and
+    /// claimed; `None` when it has none and `--skip` matches it.
+    fn full_base(
+        &mut self,
+        t: &TensorInfo,
+        name: &str,
+        skipped: &dyn Fn(&str) -> bool,
+    ) -> Result<Option<String>, PlanError> {
+        let bt = match find_base(self.base, name) {
+            Ok(bt) => bt,
+            Err(_) if skipped(name) => return Ok(None),
+            Err(tried) => {
+                return Err(PlanError::FullWithoutBase {
+                    tensor: t.name.clone(),
+                    tried: quote_list(&tried),
+                    suggest: format!("^{}$", regex::escape(name)),
+                })
+            }
+        };
+        if bt.shape != t.shape {
+            return Err(PlanError::BaseMismatch {
+                tensor: t.name.clone(),
+                base: bt.name.clone(),
+                dtype: bt.dtype.name().to_string(),
+                shape: bt.shape.clone(),
+                problem: format!("does not have the adapter tensor's shape {:?}", t.shape),
+            });
+        }
+        if let Some(first) = self.owner.insert(bt.name.clone(), t.name.clone()) {
+            return Err(PlanError::Twice {
+                base: bt.name.clone(),
+                first,
+                second: t.name.clone(),
+                why: "",
+            });
+        }
+        if matches!(bt.dtype.class(), DtypeClass::Float(_)) {
+            float_of(t)?;
+        }
+        Ok(Some(bt.name.clone()))
+    }
 }
 
 /// Decodes float elements to f64, exactly.

@@ -6,10 +6,11 @@
 
 pub mod config;
 pub mod inspect;
+pub mod layout;
 pub mod lora;
 pub mod names;
 pub mod rows;
-pub mod write;
+pub mod source;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,20 +20,22 @@ use serde_json::json;
 
 use crate::alpha;
 use crate::checkpoint::Checkpoint;
-use crate::engine::MappedCheckpoint;
+use crate::engine::{EngineError, MappedCheckpoint};
 use crate::error::UsageError;
 use crate::hub::{self, CacheEnv, ResolvedInput};
 use crate::interrupt;
-use crate::output::{self, OutputTarget, StagingDir};
+use crate::output::{OutputTarget, StagingDir};
 use crate::pairing::DtypeChoice;
 use crate::plan::AlphaRule;
 use crate::reporter::{Progress, Reporter};
 use crate::settings::{AsKind, Settings};
 use crate::sidefiles::{self, InputRecord, SideFiles};
+use crate::writer::{Run, Target};
 
 use self::config::{AdapterConfig, CONFIG_NAME, WEIGHTS_NAME};
+use self::layout::AdapterLayout;
 use self::lora::{AdapterPlan, BaseFacts};
-use self::write::ModelLayout;
+use self::source::LoraSource;
 
 /// True when `dir` is a PEFT adapter directory (it holds `adapter_config.json`).
 pub fn is_adapter_dir(dir: &Path) -> bool {
@@ -83,14 +86,6 @@ pub fn check_for_search(sft: &Path, aligned: &Path, skip: &[AlphaRule]) -> Resul
         .iter()
         .map(|s| s.header.data_start + s.header.data_len)
         .sum())
-}
-
-/// The α of a tensor named `name` under the rules (first match wins) in a run with `alpha`.
-fn alpha_for(rules: &[AlphaRule], alpha: f64, name: &str) -> f64 {
-    rules
-        .iter()
-        .find(|r| r.pattern.is_match(name))
-        .map_or(alpha, |r| r.alpha(alpha))
 }
 
 /// Everything read before anything is written.
@@ -160,7 +155,7 @@ pub struct Prepared {
     pub inputs: Inputs,
     pub outputs: Vec<Output>,
     /// The files and tensors of the full checkpoint (`--as model`); `None` for `--as adapter`.
-    pub layout: Option<ModelLayout>,
+    pub layout: Option<AdapterLayout>,
     pub side: AdapterSide,
     /// `--threads`.
     pub threads: Option<u16>,
@@ -171,15 +166,8 @@ pub struct Prepared {
 impl Prepared {
     /// The α of tensor `name` in the output with `alpha`.
     pub fn alpha_for(&self, alpha: f64, name: &str) -> f64 {
-        alpha_for(&self.rules, alpha, name)
+        crate::plan::alpha_of(&self.rules, alpha, name).0
     }
-}
-
-/// The mapped inputs and the worker pool that every output is written from.
-struct Sources<'a> {
-    base: write::Mapped<'a>,
-    adapter: write::Mapped<'a>,
-    pool: &'a rayon::ThreadPool,
 }
 
 /// Checks the flags, opens and analyses the inputs, locates the outputs and lists the side
@@ -208,7 +196,7 @@ pub fn prepare(args: &Settings, reporter: &dyn Reporter) -> Result<Prepared> {
         ));
     }
     let layout = (kind == AsKind::Model)
-        .then(|| ModelLayout::new(&inputs.base, &inputs.adapter, &inputs.plan));
+        .then(|| AdapterLayout::model(&inputs.base, &inputs.adapter, &inputs.plan));
     let side = side_files(kind, &inputs)?;
     for warning in side.warnings() {
         reporter.warn(warning);
@@ -227,17 +215,7 @@ pub fn prepare(args: &Settings, reporter: &dyn Reporter) -> Result<Prepared> {
 
 /// Refuses the flags that the adapter path does not support.
 fn check_flags(args: &Settings) -> Result<()> {
-    let alphas = &args.alphas;
-    if alphas.len() > 1 && !alpha::has_placeholder(&args.output) {
-        return Err(UsageError(format!(
-            "--alpha gives {} values, so --output must contain {} to name each output, e.g. --output '{}-{}'",
-            alphas.len(),
-            alpha::PLACEHOLDER,
-            args.output.display(),
-            alpha::PLACEHOLDER
-        ))
-        .into());
-    }
+    crate::build::check_output_template(args)?;
     if args.dtype != DtypeChoice::Auto {
         return Err(UsageError(format!(
             "--dtype {} is not supported when --aligned is an adapter: the output keeps each tensor's own dtype",
@@ -300,7 +278,8 @@ fn changed_tensors(plan: &AdapterPlan) -> impl Iterator<Item = &String> + '_ {
         .chain(plan.full.iter().map(|f| f.base.as_ref().unwrap_or(&f.name)))
 }
 
-/// Maps the inputs and writes the outputs one after the other.
+/// Maps the inputs, writes every output in one pass over them (see [`crate::writer`]),
+/// then finishes and commits each output in order; the first that failed stops the run.
 pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<()> {
     interrupt::install();
     interrupt::install_sigbus_handler();
@@ -308,42 +287,76 @@ pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<()> {
     let base_maps = MappedCheckpoint::map_guarded(&p.inputs.base).context("mapping --sft")?;
     let adapter_maps =
         MappedCheckpoint::map_guarded(&p.inputs.adapter).context("mapping --aligned")?;
-    let sources = Sources {
-        base: (&p.inputs.base, &base_maps),
-        adapter: (&p.inputs.adapter, &adapter_maps),
-        pool: &pool,
+    let owned;
+    let layout = match &p.layout {
+        Some(l) => l,
+        None => {
+            owned = AdapterLayout::adapter(&p.inputs.adapter, &p.inputs.plan, &p.inputs.base);
+            &owned
+        }
     };
-    for o in &p.outputs {
-        write_output(p, o, &sources, reporter)?;
+    let targets: Vec<&OutputTarget> = p.outputs.iter().map(|o| &o.target).collect();
+    crate::build::clean_stale_staging(&targets, reporter);
+    let stagings = crate::build::create_stagings(&targets, &layout.shards)?;
+    let inputs = (
+        (&p.inputs.base, &base_maps),
+        (&p.inputs.adapter, &adapter_maps),
+    );
+    let results = write_data(p, layout, inputs, &stagings, &pool, reporter);
+    drop((base_maps, adapter_maps));
+    for ((o, staging), written) in p.outputs.iter().zip(stagings).zip(results) {
+        if let Err(e) = written {
+            if matches!(e, EngineError::Interrupted) || interrupt::check().is_err() {
+                return Err(interrupt::Interrupted.into());
+            }
+            let path = o.target.path.display();
+            return Err(anyhow::Error::new(e).context(format!("writing {path}")));
+        }
+        interrupt::check()?;
+        finish(p, o, layout, &staging)
+            .with_context(|| format!("writing {}", o.target.path.display()))?;
+        commit(p, o, staging, reporter)?;
     }
     Ok(())
 }
 
-/// Writes one output in a staging directory (weights, side files, provenance, card) and
-/// puts it in place.
-fn write_output(
+/// Writes the tensor data of every output in one pass.
+fn write_data(
     p: &Prepared,
-    o: &Output,
-    sources: &Sources,
+    layout: &AdapterLayout,
+    inputs: (source::Mapped, source::Mapped),
+    stagings: &[StagingDir],
+    pool: &rayon::ThreadPool,
     reporter: &dyn Reporter,
-) -> Result<()> {
-    // The same warnings as `extrapolate`: removed stale directories, outputs a killed
-    // `--force` run moved aside, directories that could not be removed.
-    for w in output::clean_stale_staging(&o.target.parent).warnings() {
-        reporter.warn(w);
-    }
-    let staging = StagingDir::create(&o.target)?;
-    if let Err(e) = write_weights(p, o, sources, &staging, reporter) {
-        if matches!(e, write::WriteError::Interrupted) || interrupt::check().is_err() {
-            return Err(interrupt::Interrupted.into());
-        }
-        return Err(anyhow::Error::new(e).context(format!("writing {}", o.target.path.display())));
-    }
-    interrupt::check()?;
-    finish(p, o, &staging).with_context(|| format!("writing {}", o.target.path.display()))?;
-    for w in staging.commit(&o.target)?.warnings() {
-        reporter.warn(w);
-    }
+) -> Vec<Result<(), EngineError>> {
+    let alphas = p
+        .outputs
+        .iter()
+        .map(|o| layout.alphas(&|name| p.alpha_for(o.alpha, name)))
+        .collect();
+    let tasks = layout.tasks(&p.inputs.plan, p.outputs.len());
+    let source = LoraSource::new(layout, &p.inputs.plan, alphas, inputs, &tasks, pool);
+    let targets: Vec<Target> = stagings
+        .iter()
+        .map(|s| Target {
+            shards: &layout.shards,
+            dir: s.path(),
+        })
+        .collect();
+    let progress = Progress::start(reporter, layout.data_bytes() * p.outputs.len() as u64);
+    let run = Run {
+        pool,
+        cancel: interrupt::flag(),
+        on_progress: &|n| progress.advance(n),
+    };
+    let results = crate::writer::write_all(&targets, &tasks, &source, &run);
+    drop(progress);
+    results
+}
+
+/// Puts one finished output in place and says so.
+fn commit(p: &Prepared, o: &Output, staging: StagingDir, reporter: &dyn Reporter) -> Result<()> {
+    crate::build::commit(staging, &o.target, reporter)?;
     reporter.note(&format!(
         "expo: wrote {} ({}) with alpha = {}",
         o.target.path.display(),
@@ -354,44 +367,6 @@ fn write_output(
         alpha::format_alpha(o.alpha)
     ));
     Ok(())
-}
-
-/// Writes the weights of one output into `staging`: the adapter file, or the full
-/// checkpoint's files (with a progress bar).
-fn write_weights(
-    p: &Prepared,
-    o: &Output,
-    sources: &Sources,
-    staging: &StagingDir,
-    reporter: &dyn Reporter,
-) -> Result<(), write::WriteError> {
-    let rule_alpha = |name: &str| p.alpha_for(o.alpha, name);
-    let Some(layout) = &p.layout else {
-        let alphas = write::adapter_alphas(&p.inputs.adapter, &p.inputs.plan, &rule_alpha);
-        return write::write_adapter(
-            staging.path(),
-            &p.inputs.plan,
-            &alphas,
-            sources.adapter,
-            sources.base,
-            interrupt::flag(),
-        );
-    };
-    let alphas = write::model_alphas(layout, &rule_alpha);
-    let progress = Progress::start(reporter, layout.data_bytes());
-    let written = write::write_model(
-        staging.path(),
-        layout,
-        &p.inputs.plan,
-        &alphas,
-        sources.adapter,
-        sources.base,
-        sources.pool,
-        interrupt::flag(),
-        &|n| progress.advance(n),
-    );
-    drop(progress);
-    written
 }
 
 pub fn kind_name(kind: AsKind) -> &'static str {
@@ -440,7 +415,7 @@ fn side_files(kind: AsKind, inputs: &Inputs) -> Result<AdapterSide> {
         AsKind::Model => {
             let mut base_side = sidefiles::list_side_files(&inputs.base)?;
             let wins = |p: &Path| {
-                p.parent() == Some(Path::new("")) && write::is_tokenizer_file(&p.to_string_lossy())
+                p.parent() == Some(Path::new("")) && is_tokenizer_file(&p.to_string_lossy())
             };
             adapter_side.retain(wins);
             base_side.retain(|p| !wins(p) || !adapter_side.copy.iter().any(|a| a == p));
@@ -452,14 +427,31 @@ fn side_files(kind: AsKind, inputs: &Inputs) -> Result<AdapterSide> {
     }
 }
 
-/// Writes the side files, `expo.json` and the model card of one output into `staging`.
-fn finish(p: &Prepared, o: &Output, staging: &StagingDir) -> Result<()> {
-    p.side.copy_into(staging.path())?;
+/// The adapter files whose names mark them as tokenizer or chat-template files.
+pub fn is_tokenizer_file(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("tokenizer")
+        || lower.starts_with("chat_template")
+        || lower.ends_with(".jinja")
+        || matches!(
+            lower.as_str(),
+            "special_tokens_map.json"
+                | "added_tokens.json"
+                | "vocab.json"
+                | "vocab.txt"
+                | "merges.txt"
+                | "spiece.model"
+                | "sentencepiece.bpe.model"
+        )
+}
+
+/// Writes the side files, the index, the model card and `expo.json` of one output into
+/// `staging`.
+fn finish(p: &Prepared, o: &Output, layout: &AdapterLayout, staging: &StagingDir) -> Result<()> {
     let base_rec = InputRecord::resolved(&p.inputs.base, &p.inputs.base_in);
     let adapter_rec = InputRecord::resolved(&p.inputs.adapter, &p.inputs.adapter_in);
-    let mut bytes = serde_json::to_vec_pretty(&provenance(p, o, &base_rec, &adapter_rec))?;
-    bytes.push(b'\n');
-    sidefiles::write_file(staging.path(), sidefiles::PROVENANCE_NAME, &bytes)?;
+    let mut provenance = serde_json::to_vec_pretty(&provenance(p, o, &base_rec, &adapter_rec))?;
+    provenance.push(b'\n');
     let card = model_card(
         p.kind,
         &p.inputs,
@@ -467,8 +459,12 @@ fn finish(p: &Prepared, o: &Output, staging: &StagingDir) -> Result<()> {
         (&base_rec, &adapter_rec),
         &p.command,
     );
-    sidefiles::write_file(staging.path(), sidefiles::MODEL_CARD_NAME, card.as_bytes())?;
-    Ok(())
+    let files = crate::build::Finish {
+        index: layout.index.as_ref(),
+        card,
+        provenance,
+    };
+    crate::build::write_finish(staging, |dest| p.side.copy_into(dest), &files)
 }
 
 /// The `expo.json` of one output.

@@ -46,8 +46,51 @@ pub fn weight_rows(job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
     weight_rows_with(Level::best(), job, out, scratch)
 }
 
+/// The rows for several α at once: each block's products are computed once, then the
+/// epilogue runs once per α (`job.alpha` is not used). Writes `outs[k]` for `alphas[k]`
+/// and sets `counts[k]` to how many finite θ0 values became non-finite there; each output
+/// has the bits [`weight_rows`] gives for its α.
+pub fn weight_rows_multi(
+    job: &Rows,
+    alphas: &[f64],
+    outs: &mut [&mut [u8]],
+    counts: &mut [u64],
+    scratch: &mut Scratch,
+) {
+    multi_with(
+        Level::best(),
+        job,
+        &mut Alphas {
+            alphas,
+            outs,
+            counts,
+        },
+        scratch,
+    );
+}
+
+/// The α of one call and where each one's rows and count go.
+struct Alphas<'a, 'o> {
+    alphas: &'a [f64],
+    outs: &'a mut [&'o mut [u8]],
+    counts: &'a mut [u64],
+}
+
 /// [`weight_rows`] compiled for `level`, with its hand-written epilogue if it has one.
 fn weight_rows_with(level: Level, job: &Rows, out: &mut [u8], scratch: &mut Scratch) -> u64 {
+    let mut counts = [0];
+    let outs: &mut [&mut [u8]] = &mut [out];
+    let mut a = Alphas {
+        alphas: &[job.alpha],
+        outs,
+        counts: &mut counts,
+    };
+    multi_with(level, job, &mut a, scratch);
+    counts[0]
+}
+
+/// [`weight_rows_multi`] compiled for `level`, with its hand-written epilogue if it has one.
+fn multi_with(level: Level, job: &Rows, out: &mut Alphas, scratch: &mut Scratch) {
     by_dtype_on(
         level,
         job,
@@ -61,26 +104,26 @@ per_level! {
     /// [`by_dtype`] compiled for `level`.
     fn by_dtype_on(
         job: &Rows,
-        out: &mut [u8],
+        out: &mut Alphas,
         scratch: &mut Scratch,
         fast: Option<FastEpilogue>,
-    ) -> u64 = by_dtype;
+    ) -> () = by_dtype;
 }
 
 /// One body per element format (and DoRA or not), so that every loop is straight-line
 /// code the compiler can vectorize. `fast`, when given, is the row epilogue for θ0's
 /// format without DoRA.
 #[inline(always)]
-fn by_dtype(job: &Rows, out: &mut [u8], scratch: &mut Scratch, fast: Option<FastEpilogue>) -> u64 {
+fn by_dtype(job: &Rows, out: &mut Alphas, scratch: &mut Scratch, fast: Option<FastEpilogue>) {
     match (job.dtype, job.dora.is_some()) {
-        (FloatDtype::BF16, false) => body::<Bf16, false>(job, out, scratch, fast),
-        (FloatDtype::BF16, true) => body::<Bf16, true>(job, out, scratch, None),
-        (FloatDtype::F16, false) => body::<F16, false>(job, out, scratch, fast),
-        (FloatDtype::F16, true) => body::<F16, true>(job, out, scratch, None),
-        (FloatDtype::F32, false) => body::<F32, false>(job, out, scratch, fast),
-        (FloatDtype::F32, true) => body::<F32, true>(job, out, scratch, None),
-        (FloatDtype::F64, false) => body::<F64, false>(job, out, scratch, fast),
-        (FloatDtype::F64, true) => body::<F64, true>(job, out, scratch, None),
+        (FloatDtype::BF16, false) => body_multi::<Bf16, false>(job, out, scratch, fast),
+        (FloatDtype::BF16, true) => body_multi::<Bf16, true>(job, out, scratch, None),
+        (FloatDtype::F16, false) => body_multi::<F16, false>(job, out, scratch, fast),
+        (FloatDtype::F16, true) => body_multi::<F16, true>(job, out, scratch, None),
+        (FloatDtype::F32, false) => body_multi::<F32, false>(job, out, scratch, fast),
+        (FloatDtype::F32, true) => body_multi::<F32, true>(job, out, scratch, None),
+        (FloatDtype::F64, false) => body_multi::<F64, false>(job, out, scratch, fast),
+        (FloatDtype::F64, true) => body_multi::<F64, true>(job, out, scratch, None),
     }
 }
 
@@ -93,59 +136,111 @@ fn dora(w: f64, d: f64, s: f64, alpha: f64, g: f64) -> f64 {
     (1.0 + alpha) * w1 - alpha * w
 }
 
-#[inline(always)]
+/// [`body_multi`] for the one α of `job`.
+#[cfg(test)]
 fn body<E: Elem, const DORA: bool>(
     job: &Rows,
     out: &mut [u8],
     scratch: &mut Scratch,
     fast: Option<FastEpilogue>,
 ) -> u64 {
+    let mut counts = [0];
+    let outs: &mut [&mut [u8]] = &mut [out];
+    let mut a = Alphas {
+        alphas: &[job.alpha],
+        outs,
+        counts: &mut counts,
+    };
+    body_multi::<E, DORA>(job, &mut a, scratch, fast);
+    counts[0]
+}
+
+/// Per block of rows: the products once, then the epilogue for each α.
+#[inline(always)]
+fn body_multi<E: Elem, const DORA: bool>(
+    job: &Rows,
+    out: &mut Alphas,
+    scratch: &mut Scratch,
+    fast: Option<FastEpilogue>,
+) {
     let f = job.factors;
     let cols = f.cols;
     let row_bytes = cols * E::SIZE;
     let n = job.w0.len() / row_bytes.max(1);
-    let (s, alpha) = (f.scaling, job.alpha);
     scratch.acc.resize(RB * cols, 0.0);
-    let mut new_nonfinite = 0;
+    out.counts.iter_mut().for_each(|c| *c = 0);
     let mut i0 = 0;
     while i0 < n {
         let nb = RB.min(n - i0);
         products(f, job.first + i0, nb, &mut scratch.acc, &mut scratch.lk);
-        for (i, acc) in scratch.acc.chunks_exact(cols).enumerate().take(nb) {
-            let row = job.first + i0 + i;
-            let at = (i0 + i) * row_bytes;
-            let src = &job.w0[at..at + row_bytes];
-            let dst = &mut out[at..at + row_bytes];
-            // One pass over the row: read θ0, combine, round, count non-finite outputs.
-            let mut nonfinite = 0u64;
-            match job.dora {
-                Some((g, orientation)) if DORA => {
-                    for (j, ((&d, w), o)) in acc
-                        .iter()
-                        .zip(src.chunks_exact(E::SIZE))
-                        .zip(dst.chunks_exact_mut(E::SIZE))
-                        .enumerate()
-                    {
-                        let gj = match orientation {
-                            Orientation::Conv1D => g[j],
-                            _ => g[row],
-                        };
-                        let v = dora(E::load(w), d, s, alpha, gj);
-                        nonfinite += E::store(v, o) as u64;
-                    }
-                }
-                _ if fast.is_some() => {
-                    if let Some(epilogue) = fast {
-                        nonfinite = epilogue.run(1.0 + alpha, s, src, acc, dst);
-                    }
-                }
-                _ => nonfinite = epilogue::<E>(1.0 + alpha, s, src, acc, dst),
-            }
-            if nonfinite > 0 {
-                new_nonfinite += keep_nonfinite_base::<E>(src, dst);
-            }
+        for (k, &alpha) in out.alphas.iter().enumerate() {
+            let block = Block {
+                first: i0,
+                nb,
+                acc: &scratch.acc,
+            };
+            out.counts[k] += block_epilogue::<E, DORA>(job, alpha, &block, out.outs[k], fast);
         }
         i0 += nb;
+    }
+}
+
+/// One block of rows and their products.
+struct Block<'a> {
+    /// The block's first row, counted from `job.first`.
+    first: usize,
+    nb: usize,
+    acc: &'a [f64],
+}
+
+/// The epilogue of one block of rows for one α; returns how many finite θ0 values became
+/// non-finite.
+#[inline(always)]
+fn block_epilogue<E: Elem, const DORA: bool>(
+    job: &Rows,
+    alpha: f64,
+    block: &Block,
+    out: &mut [u8],
+    fast: Option<FastEpilogue>,
+) -> u64 {
+    let cols = job.factors.cols;
+    let s = job.factors.scaling;
+    let row_bytes = cols * E::SIZE;
+    let i0 = block.first;
+    let mut new_nonfinite = 0;
+    for (i, acc) in block.acc.chunks_exact(cols).enumerate().take(block.nb) {
+        let row = job.first + i0 + i;
+        let at = (i0 + i) * row_bytes;
+        let src = &job.w0[at..at + row_bytes];
+        let dst = &mut out[at..at + row_bytes];
+        // One pass over the row: read θ0, combine, round, count non-finite outputs.
+        let mut nonfinite = 0u64;
+        match job.dora {
+            Some((g, orientation)) if DORA => {
+                for (j, ((&d, w), o)) in acc
+                    .iter()
+                    .zip(src.chunks_exact(E::SIZE))
+                    .zip(dst.chunks_exact_mut(E::SIZE))
+                    .enumerate()
+                {
+                    let gj = match orientation {
+                        Orientation::Conv1D => g[j],
+                        _ => g[row],
+                    };
+                    let v = dora(E::load(w), d, s, alpha, gj);
+                    nonfinite += E::store(v, o) as u64;
+                }
+            }
+            _ if fast.is_some() => {
+                if let Some(epilogue) = fast {
+                    nonfinite = epilogue.run(1.0 + alpha, s, src, acc, dst);
+                }
+            }
+            _ => nonfinite = epilogue::<E>(1.0 + alpha, s, src, acc, dst),
+        }
+        if nonfinite > 0 {
+            new_nonfinite += keep_nonfinite_base::<E>(src, dst);
+        }
     }
     new_nonfinite
 }
