@@ -324,41 +324,7 @@ pub fn add_scaled(
 mod tests {
     use super::*;
 
-    /// xorshift, for test data.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
-    /// θ0 values of one format as raw bits: any pattern (NaN, ±inf and subnormals
-    /// included), with ordinary numbers most often.
-    fn some_bits(rng: &mut Rng, d: FloatDtype) -> u64 {
-        let width = 8 * d.size() as u32;
-        let any = rng.next() >> (64 - width);
-        match (rng.below(4), d) {
-            (0, _) => any,
-            // Subnormal or zero.
-            (1, FloatDtype::BF16) => any & 0x807f,
-            (1, FloatDtype::F16) => any & 0x83ff,
-            (1, FloatDtype::F32) => any & 0x807f_ffff,
-            (1, _) => any & 0x800f_ffff_ffff_ffff,
-            // Around 1.
-            (_, FloatDtype::BF16) => 0x3f00 | (any & 0x80ff),
-            (_, FloatDtype::F16) => 0x3800 | (any & 0x87ff),
-            (_, FloatDtype::F32) => 0x3f00_0000 | (any & 0x80ff_ffff),
-            (_, _) => 0x3fe0_0000_0000_0000 | (any & 0x801f_ffff_ffff_ffff),
-        }
-    }
+    use crate::kernel::testing::{some_bits, Rng};
 
     /// Whole rows on every instruction set give the portable bits, for every format, with
     /// and without DoRA, for block and column tails.

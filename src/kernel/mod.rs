@@ -41,6 +41,8 @@ mod avx512;
 pub mod convert;
 mod isa;
 pub(crate) mod lora;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub(crate) use isa::per_level;
 pub use isa::{Isa, Level};

@@ -262,16 +262,7 @@ pub(super) fn accumulate_values(s: &mut DeltaSums, a: &[f64], b: &[f64]) {
 mod tests {
     use super::*;
 
-    /// xorshift, for test data.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
+    use crate::kernel::testing::Rng;
 
     const FORMATS: [FloatDtype; 4] = [
         FloatDtype::BF16,
