@@ -658,10 +658,13 @@ fn keep_all_keeps_every_candidate_and_a_directory_expo_did_not_make_is_never_del
     let s = Scratch::new();
     small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
-    let mine = s.out("run").join("alpha-0.2");
+    let mine = s.out("cands").join("alpha-0.2");
     fs::create_dir_all(&mine).unwrap();
     fs::write(mine.join("notes.txt"), "mine").unwrap();
-    search(&s, &script).assert_fails(1, &["alpha-0.2", "not made by this search"]);
+    search(&s, &script)
+        .arg("--output")
+        .arg(s.out("cands").join("alpha-{alpha}"))
+        .assert_fails(1, &["alpha-0.2", "not made by this search"]);
     assert_eq!(fs::read_to_string(mine.join("notes.txt")).unwrap(), "mine");
 }
 
@@ -718,4 +721,31 @@ fn usage_errors() {
         .arg("--resume")
         .assert_fails(2, &["holds no search"]);
     assert!(!s.out("run").exists());
+}
+
+/// Issue 22 item 1: a `--run` that holds the user's files and no ledger is refused, in the
+/// run and in `--dry-run`, and nothing in it is touched.
+#[test]
+fn a_run_directory_holding_user_files_and_no_ledger_is_refused() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let run = s.out("run");
+    fs::create_dir_all(run.join("trials")).unwrap();
+    for name in ["summary.json", "search.svg", "summary.tmp", "trials/notes"] {
+        fs::write(run.join(name), format!("mine: {name}")).unwrap();
+    }
+    let before = common::snapshot(&run);
+    search(&s, &script)
+        .arg("--dry-run")
+        .assert_fails(2, &["not empty", "holds no search"]);
+    search(&s, &script).assert_fails(2, &["not empty", "holds no search"]);
+    assert_eq!(common::snapshot(&run), before);
+    assert!(!s.path("calls").exists());
+    // An empty directory is fine.
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    fs::create_dir_all(s.out("run")).unwrap();
+    search(&s, &script).arg("--json").assert_ok();
 }

@@ -22,11 +22,43 @@ pub(super) fn check_run_dir(cfg: &Config) -> Result<()> {
         ))
         .into());
     }
+    if !exists && !cfg.resume {
+        refuse_foreign_dir(&cfg.run)?;
+    }
     if !exists && cfg.resume {
         return Err(UsageError(format!(
             "--resume: {} holds no search ({} is missing)",
             cfg.run.display(),
             ledger_path.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// A new search writes only into a new or empty directory: a non-empty one without a
+/// ledger holds the user's files, which expo's names (`summary.json`, `search.svg`,
+/// `trials/`, the candidates …) could replace or remove.
+fn refuse_foreign_dir(run: &std::path::Path) -> Result<()> {
+    let meta = match std::fs::metadata(run) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("--run {}", run.display()))),
+    };
+    if !meta.is_dir() {
+        return Err(UsageError(format!(
+            "--run {} exists and is not a directory; choose a new or empty directory",
+            run.display()
+        ))
+        .into());
+    }
+    let mut entries = std::fs::read_dir(run)
+        .with_context(|| format!("reading the run directory {}", run.display()))?;
+    if entries.next().is_some() {
+        return Err(UsageError(format!(
+            "--run {} is not empty and holds no search (no {}); expo writes its ledger, summary.json, search.svg, trials/ and candidates there, so it needs a new or empty directory: choose another --run",
+            run.display(),
+            ledger::NAME
         ))
         .into());
     }
