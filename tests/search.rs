@@ -749,3 +749,134 @@ fn a_run_directory_holding_user_files_and_no_ledger_is_refused() {
     fs::create_dir_all(s.out("run")).unwrap();
     search(&s, &script).arg("--json").assert_ok();
 }
+
+/// `expo search` started with `args`, in `cwd`, the evaluator `script`, not waited for.
+fn spawn_search_in(s: &Scratch, cwd: &Path, script: &Path, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_expo"))
+        .current_dir(cwd)
+        .arg("search")
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' {{output}}", script.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Issue 22 item 2: `--run`/`--output` are resolved before they are compared on resume
+/// (`./run` is `run`), and a resume from another working directory with a relative
+/// `--output` never deletes the user's directory of the same relative name there.
+#[test]
+fn resume_resolves_run_and_output_and_never_deletes_a_same_named_user_directory() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = blocking_evaluator(&s);
+    let (a, b) = (s.out("a"), s.out("b"));
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(b.join("cand/alpha-0.1")).unwrap();
+    fs::write(b.join("cand/alpha-0.1/notes.txt"), "mine").unwrap();
+    let run = s.out("run");
+    let run_arg = run.to_str().unwrap();
+    let args = ["--run", run_arg, "--output", "cand/alpha-{alpha}"];
+    let child = spawn_search_in(&s, &a, &script, &args);
+    wait_for(&s.path("blocked"));
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(a.join("cand/alpha-0.1").exists());
+    fs::write(s.path("go"), "").unwrap();
+    // From b, the same spelling names other directories: refused, nothing touched.
+    let out = spawn_search_in(&s, &b, &script, &[&args[..], &["--resume"]].concat())
+        .wait_with_output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--output"), "{stderr}");
+    assert_eq!(
+        fs::read_to_string(b.join("cand/alpha-0.1/notes.txt")).unwrap(),
+        "mine"
+    );
+    // From a it resumes and tidies its own candidates.
+    let out = spawn_search_in(&s, &a, &script, &[&args[..], &["--resume"]].concat())
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(list_dir(&a.join("cand")), ["alpha-0.3"]);
+    assert_eq!(list_dir(&b.join("cand")), ["alpha-0.1"]);
+
+    // `./run` and `run` are one run directory.
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let outputs = s.outputs();
+    let base = |run: &str| {
+        expo(&["search"])
+            .current_dir(&outputs)
+            .arg("--sft")
+            .arg(s.path("sft"))
+            .arg("--aligned")
+            .arg(s.path("aligned"))
+            .arg("--eval")
+            .arg(format!("sh '{}' {{output}}", script.display()))
+            .args(&["--run", run])
+    };
+    base("run").arg("--json").assert_ok();
+    let j = base("./run")
+        .args(&["--resume", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+}
+
+/// Issue 22 item 2: the candidates' parent swapped for a link mid-search: expo deletes only
+/// the directories it built, never what the link leads to.
+#[test]
+fn a_candidates_parent_swapped_for_a_link_never_gets_the_link_target_deleted() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = blocking_evaluator(&s);
+    let cands = s.out("cands");
+    let template = cands.join("c-{alpha}");
+    let child = spawn_search_in(
+        &s,
+        &s.outputs(),
+        &script,
+        &[
+            "--run",
+            s.out("run").to_str().unwrap(),
+            "--output",
+            template.to_str().unwrap(),
+        ],
+    );
+    wait_for(&s.path("blocked"));
+    assert!(cands.join("c-0.1").exists());
+    // The user moves the candidates away and links their own directory in their place.
+    let decoy = s.out("decoy");
+    fs::create_dir_all(decoy.join("c-0.1")).unwrap();
+    fs::write(decoy.join("c-0.1/notes.txt"), "mine").unwrap();
+    fs::rename(&cands, s.out("cands.real")).unwrap();
+    std::os::unix::fs::symlink(&decoy, &cands).unwrap();
+    fs::write(s.path("go"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        fs::read_to_string(decoy.join("c-0.1/notes.txt")).unwrap(),
+        "mine",
+        "{stderr}"
+    );
+    assert!(stderr.contains("no longer the directory"), "{stderr}");
+}

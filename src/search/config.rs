@@ -42,6 +42,36 @@ pub struct Config {
     pub command: Vec<String>,
 }
 
+/// `path` made absolute and resolved: its longest existing ancestor with links resolved
+/// (`canonicalize`), the rest appended with `.` dropped and `..` applied. `--run` and
+/// `--output` are resolved once, so that a search records, compares on resume and deletes
+/// the same directories whatever the working directory and spelling (`./run` is `run`).
+pub fn resolve_path(path: &std::path::Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let abs = std::path::absolute(path)?;
+    let comps: Vec<Component> = abs.components().collect();
+    let mut base = PathBuf::from("/");
+    let mut rest = 0;
+    for i in (1..=comps.len()).rev() {
+        let prefix: PathBuf = comps[..i].iter().collect();
+        if let Ok(c) = prefix.canonicalize() {
+            base = c;
+            rest = i;
+            break;
+        }
+    }
+    for c in &comps[rest..] {
+        match c {
+            Component::ParentDir => {
+                base.pop();
+            }
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            Component::Normal(n) => base.push(n),
+        }
+    }
+    Ok(base)
+}
+
 /// Parses a duration: `90`, `90s`, `5m`, `1.5h`, `500ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::rule::Lat;
+use crate::sys::FileId;
 
 /// The ledger's file name in the run directory.
 pub const NAME: &str = "ledger.jsonl";
@@ -119,6 +120,10 @@ pub struct Replay {
     pub trials: Vec<Trial>,
     /// Candidates deleted so far.
     pub deleted: Vec<PathBuf>,
+    /// Candidates built, with the identity of the directory expo made (`built` events).
+    pub built: Vec<(PathBuf, FileId)>,
+    /// Candidates whose deletion started (`deleting` events; a `delete` event ends it).
+    pub deleting: Vec<PathBuf>,
     /// A last line cut short by a crash, ignored.
     pub torn_tail: bool,
 }
@@ -260,8 +265,31 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
             }
             "delete" => {
                 if let Some(p) = v["output"].as_str() {
-                    r.deleted.push(PathBuf::from(p));
+                    let p = PathBuf::from(p);
+                    r.deleting.retain(|d| *d != p);
+                    r.built.retain(|(b, _)| *b != p);
+                    r.deleted.push(p);
                 }
+            }
+            "deleting" => {
+                if let Some(p) = v["output"].as_str() {
+                    r.deleting.push(PathBuf::from(p));
+                }
+            }
+            "built" => {
+                let (Some(p), Some(dev), Some(ino)) =
+                    (v["output"].as_str(), v["dev"].as_u64(), v["ino"].as_u64())
+                else {
+                    return Err(corrupt(
+                        path,
+                        lineno,
+                        "a built event without output, dev, ino",
+                    ));
+                };
+                let p = PathBuf::from(p);
+                r.built.retain(|(b, _)| *b != p);
+                r.deleting.retain(|d| *d != p);
+                r.built.push((p, FileId { dev, ino }));
             }
             "done" => {}
             other => return Err(corrupt(path, lineno, format!("unknown event `{other}`"))),
@@ -309,6 +337,11 @@ pub fn start_event(t: &Trial) -> Value {
         "output": t.output,
         "created": t.created,
     })
+}
+
+/// A `built` event: the candidate at `output` is the directory `id`.
+pub fn built_event(output: &Path, id: FileId) -> Value {
+    json!({"event": "built", "output": output, "dev": id.dev, "ino": id.ino})
 }
 
 /// An `end` event.

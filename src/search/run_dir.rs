@@ -1,6 +1,6 @@
 //! The run directory: a new search or a resumed one, its ledger opened and replayed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -10,6 +10,7 @@ use super::ledger::{self, Ledger, State, Trial};
 use super::Config;
 use crate::error::UsageError;
 use crate::reporter::Reporter;
+use crate::sys::FileId;
 
 /// `--run` holds a search exactly when `--resume` is given.
 pub(super) fn check_run_dir(cfg: &Config) -> Result<()> {
@@ -72,6 +73,10 @@ pub(super) struct Resumed {
     pub(super) trials: Vec<Trial>,
     /// Candidates expo built and has not deleted.
     pub(super) created: BTreeSet<PathBuf>,
+    /// The identity of each candidate built and not deleted.
+    pub(super) built: BTreeMap<PathBuf, FileId>,
+    /// Candidates whose deletion started and did not finish.
+    pub(super) incomplete: BTreeSet<PathBuf>,
     pub(super) next_trial: u64,
 }
 
@@ -94,15 +99,11 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
         ledger::check_header(&ledger.path, was, header).map_err(|e| UsageError(e.to_string()))?;
     }
     ledger.append(header)?;
-    let mut created = BTreeSet::new();
-    for t in &replay.trials {
-        if t.created {
-            created.insert(t.output.clone());
-        }
-    }
-    for d in &replay.deleted {
-        created.remove(d);
-    }
+    // Expo's candidates: the ones it recorded as built (with their identity) and not
+    // deleted, and the ones whose deletion it started.
+    let built: BTreeMap<PathBuf, FileId> = replay.built.iter().cloned().collect();
+    let incomplete: BTreeSet<PathBuf> = replay.deleting.iter().cloned().collect();
+    let created: BTreeSet<PathBuf> = built.keys().chain(&incomplete).cloned().collect();
     // Finished trials stay; started-but-unfinished and interrupted ones run again.
     let trials: Vec<Trial> = replay
         .trials
@@ -124,6 +125,8 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
         ledger,
         trials,
         created,
+        built,
+        incomplete,
         next_trial,
     })
 }
