@@ -880,3 +880,56 @@ fn a_candidates_parent_swapped_for_a_link_never_gets_the_link_target_deleted() {
     );
     assert!(stderr.contains("no longer the directory"), "{stderr}");
 }
+
+/// Issue 22 item 3: expo killed while it deletes a candidate: on resume the half-deleted
+/// candidate is never evaluated as if complete; it is removed and built again.
+#[test]
+fn a_candidate_whose_deletion_was_cut_short_is_rebuilt_not_reused() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    // 0.2 blocks until `go`; 0.3 is "not found" (exit 127, which stops the search and
+    // deletes the running trial's candidate) until `fixed`; every evaluation notes a
+    // candidate without weights.
+    let body = format!(
+        "[ -e \"$1/model.safetensors\" ] || echo \"$EXPO_ALPHA\" >> '{missing}'\nif [ \"$EXPO_ALPHA\" = 0.3 ] && [ ! -e '{fixed}' ]; then exit 127; fi\nif [ \"$EXPO_ALPHA\" = 0.2 ] && [ ! -e '{go}' ]; then while [ ! -e '{go}' ]; do sleep 0.05; done; fi\n{}",
+        peak(0.3),
+        missing = s.path("missing").display(),
+        fixed = s.path("fixed").display(),
+        go = s.path("go").display(),
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let args: Vec<std::ffi::OsString> = vec![
+        "search".into(),
+        "--sft".into(),
+        s.path("sft").into(),
+        "--aligned".into(),
+        s.path("aligned").into(),
+        "--eval".into(),
+        format!("sh '{}' {{output}}", script.display()).into(),
+        "--run".into(),
+        s.out("run").into(),
+        "-j".into(),
+        "2".into(),
+    ];
+    let paused = common::Paused::start(&args, "search-delete", &s.path("fp"));
+    let half = s.out("run").join("alpha-0.2");
+    // The deletion got as far as the weights; then expo is killed.
+    let _ = fs::remove_file(half.join("model.safetensors"));
+    assert!(half.exists());
+    paused.signal(libc::SIGKILL);
+    let _ = paused.wait();
+    fs::write(s.path("fixed"), "").unwrap();
+    fs::write(s.path("go"), "").unwrap();
+    let j = search(&s, &script)
+        .args(&["-j", "2", "--resume", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert!(
+        !s.path("missing").exists(),
+        "an evaluator was given a candidate without weights: {}",
+        fs::read_to_string(s.path("missing")).unwrap_or_default()
+    );
+    assert_eq!(candidates(&s), ["alpha-0.3"]);
+}

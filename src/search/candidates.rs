@@ -218,7 +218,16 @@ impl Search<'_> {
             self.created.remove(p);
             return Ok(());
         };
-        let outcome = crate::output::remove_identified(p, id, None, || {});
+        // Marked as not built before anything is removed: the ledger says the deletion
+        // started, and the provenance goes first (synced), so that a deletion cut short
+        // (a second Ctrl-C, kill -9) leaves a candidate that is never taken as complete.
+        self.ledger
+            .append(&json!({"event": "deleting", "output": p}))?;
+        self.incomplete.insert(p.to_path_buf());
+        let provenance = std::ffi::CString::new(crate::sidefiles::PROVENANCE_NAME)?;
+        let outcome = crate::output::remove_identified(p, id, Some(&provenance), || {
+            crate::failpoint::pause("search-delete")
+        });
         match outcome {
             Ok(()) | Err(NotRemoved::Gone) => {}
             Err(NotRemoved::Replaced) => {
