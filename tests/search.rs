@@ -933,3 +933,33 @@ fn a_candidate_whose_deletion_was_cut_short_is_rebuilt_not_reused() {
     );
     assert_eq!(candidates(&s), ["alpha-0.3"]);
 }
+
+/// Issue 22 item 4: a line torn by a failed append and followed by later events (what a
+/// full disk and expo's clean-up left) is a warning with its line number on resume, not the
+/// end of the search.
+#[test]
+fn a_torn_line_followed_by_events_is_a_warning_on_resume() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = blocking_evaluator(&s);
+    let child = spawn_search(&s, &script, &[]);
+    wait_for(&s.path("blocked"));
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
+    let path = s.out("run").join("ledger.jsonl");
+    let mut lines: Vec<String> = fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let n = lines.len();
+    lines[n - 1] = format!("{{\"event\":\"end\",\"trial\":3,\"sta{}", lines[n - 1]);
+    fs::write(&path, lines.join("\n") + "\n").unwrap();
+    fs::write(s.path("go"), "").unwrap();
+    let out = search(&s, &script)
+        .args(&["--resume", "--json"])
+        .assert_ok();
+    assert!(out.stderr.contains(&format!("line {n}")), "{}", out.stderr);
+    assert_eq!(out.json.unwrap()["best"]["alpha"].as_f64(), Some(0.3));
+}

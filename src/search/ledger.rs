@@ -126,6 +126,8 @@ pub struct Replay {
     pub deleting: Vec<PathBuf>,
     /// A last line cut short by a crash, ignored.
     pub torn_tail: bool,
+    /// Damaged lines (not JSON) followed by valid events, ignored: their line numbers.
+    pub damaged: Vec<usize>,
 }
 
 /// The open ledger, locked for this process.
@@ -133,6 +135,10 @@ pub struct Replay {
 pub struct Ledger {
     file: File,
     pub path: PathBuf,
+    /// The length of the file up to its last complete line: where the next event goes.
+    good_len: u64,
+    /// A failed append left a partial line that could not be cut: nothing more is written.
+    broken: bool,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> LedgerError + '_ {
@@ -156,23 +162,62 @@ impl Ledger {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(LedgerError::Locked { path });
         }
-        Ok(Ledger { file, path })
+        let text = std::fs::read(&path).map_err(io(&path))?;
+        let good_len = text.iter().rposition(|b| *b == b'\n').map_or(0, |k| k + 1) as u64;
+        Ok(Ledger {
+            file,
+            path,
+            good_len,
+            broken: false,
+        })
     }
 
     /// Appends one event and syncs it to disk.
     pub fn append(&mut self, event: &Value) -> Result<(), LedgerError> {
         let mut line = event.to_string();
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data())
-            .map_err(io(&self.path))
+        self.append_with(line.as_bytes(), |f, b| f.write_all(b))
     }
 
-    /// Ends a line cut short by a crash, so that the next event starts a line of its own.
-    pub fn append_raw_newline(&mut self) -> Result<(), LedgerError> {
+    /// Appends `bytes` (whole lines) with `write`. When it fails (a full disk), the file is
+    /// cut back to its last complete line, so that no later event ever follows a torn one;
+    /// if even that fails, nothing more is appended.
+    fn append_with(
+        &mut self,
+        bytes: &[u8],
+        write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), LedgerError> {
+        if self.broken {
+            return Err(LedgerError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other(
+                    "an earlier write failed and its partial line could not be removed, so nothing more is written",
+                ),
+            });
+        }
+        match write(&mut self.file, bytes).and_then(|()| self.file.sync_data()) {
+            Ok(()) => {
+                self.good_len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let cut = self
+                    .file
+                    .set_len(self.good_len)
+                    .and_then(|()| self.file.sync_data());
+                if cut.is_err() {
+                    self.broken = true;
+                }
+                Err(io(&self.path)(e))
+            }
+        }
+    }
+
+    /// Removes a last line cut short by a crash, so that the next event starts a line of
+    /// its own right after the last complete one.
+    pub fn drop_torn_tail(&mut self) -> Result<(), LedgerError> {
         self.file
-            .write_all(b"\n")
+            .set_len(self.good_len)
             .and_then(|()| self.file.sync_data())
             .map_err(io(&self.path))
     }
@@ -203,14 +248,20 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
         if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        // The last line of a ledger whose writer was killed mid-line (expo writes each
+        // event with its newline).
+        if k + 1 == n && !complete {
+            r.torn_tail = true;
+            continue;
+        }
         let v: Value = match serde_json::from_slice(raw) {
             Ok(v) => v,
-            // The last line of a ledger whose writer was killed mid-line.
-            Err(_) if k + 1 == n && !complete => {
-                r.torn_tail = true;
+            // A line torn by a failed write, followed by later events (older versions
+            // appended after it): ignored, and reported.
+            Err(_) => {
+                r.damaged.push(lineno);
                 continue;
             }
-            Err(e) => return Err(corrupt(path, lineno, e.to_string())),
         };
         let event = v["event"].as_str().unwrap_or("");
         match event {
@@ -403,12 +454,9 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_middle_line_is_an_error() {
+    fn a_damaged_middle_line_is_reported_and_an_unknown_end_is_an_error() {
         let text = b"{\"event\":\"header\"}\nxx\n{\"event\":\"done\"}\n";
-        assert!(matches!(
-            parse(Path::new("l"), text),
-            Err(LedgerError::Corrupt { line: 2, .. })
-        ));
+        assert_eq!(parse(Path::new("l"), text).unwrap().damaged, [2]);
         let text = b"{\"event\":\"end\",\"trial\":3,\"state\":\"ok\"}\n";
         assert!(parse(Path::new("l"), text).is_err());
     }
@@ -425,6 +473,34 @@ mod tests {
         );
         let now = json!({"eval": "a {alpha}", "jobs": 2});
         check_header(Path::new("l"), &was, &now).unwrap();
+    }
+
+    #[test]
+    fn a_failed_append_is_cut_back_so_that_no_event_follows_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        l.append(&json!({"event": "header"})).unwrap();
+        let full = l.append_with(b"{\"event\":\"done\"}\n", |f, b| {
+            f.write_all(&b[..5])?;
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        });
+        assert!(full.is_err());
+        l.append(&json!({"event": "delete", "output": "x"}))
+            .unwrap();
+        let text = std::fs::read_to_string(&l.path).unwrap();
+        assert_eq!(
+            text,
+            "{\"event\":\"header\"}\n{\"event\":\"delete\",\"output\":\"x\"}\n"
+        );
+        // A torn tail found when opening is cut the same way.
+        drop(l);
+        std::fs::write(dir.path().join(NAME), "{\"event\":\"header\"}\n{\"ev").unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        assert!(l.replay().unwrap().torn_tail);
+        l.drop_torn_tail().unwrap();
+        l.append(&json!({"event": "done"})).unwrap();
+        let r = l.replay().unwrap();
+        assert!(!r.torn_tail && r.damaged.is_empty());
     }
 
     #[test]

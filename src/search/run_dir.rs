@@ -92,8 +92,14 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
             "{}: ignored its last line, cut short when expo was killed",
             ledger.path.display()
         ));
-        // Start the next event on a line of its own.
-        ledger.append_raw_newline()?;
+        // The next event goes right after the last complete line.
+        ledger.drop_torn_tail()?;
+    }
+    for line in &replay.damaged {
+        reporter.warn(format!(
+            "{}: ignored line {line}, which is not a complete event (cut short by a failed write); the events after it are used",
+            ledger.path.display()
+        ));
     }
     if let Some(was) = &replay.header {
         ledger::check_header(&ledger.path, was, header).map_err(|e| UsageError(e.to_string()))?;
