@@ -963,3 +963,65 @@ fn a_torn_line_followed_by_events_is_a_warning_on_resume() {
     assert!(out.stderr.contains(&format!("line {n}")), "{}", out.stderr);
     assert_eq!(out.json.unwrap()["best"]["alpha"].as_f64(), Some(0.3));
 }
+
+/// Issue 22 item 5: `{workdir}` is new for each trial (an old one is moved aside), and a
+/// `--score-file` last modified before the trial started is not its score.
+#[test]
+fn a_leftover_score_file_is_never_read_as_a_new_trials_score() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let body = format!("{} > \"$EXPO_WORKDIR/score.txt\"", peak(0.3));
+    let script = evaluator(&s, "eval.sh", &body);
+    let score_file = ["--score-file", "{workdir}/score.txt"];
+    search(&s, &script)
+        .args(&score_file)
+        .args(&["--keep", "0", "--json"])
+        .assert_ok();
+    // The ledger loses its trials (only its header is left): trial numbers start again.
+    let path = s.out("run").join("ledger.jsonl");
+    let header = fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    fs::write(&path, header + "\n").unwrap();
+    // This evaluator writes no score at α = 0.1.
+    let body = format!(
+        "[ \"$EXPO_ALPHA\" = 0.1 ] && exit 0\n{} > \"$EXPO_WORKDIR/score.txt\"",
+        peak(0.3)
+    );
+    fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+    search(&s, &script)
+        .args(&score_file)
+        .args(&[
+            "--resume",
+            "--keep",
+            "0",
+            "--retries",
+            "0",
+            "--max-failures",
+            "1",
+        ])
+        .assert_fails(1, &["failed"]);
+    assert!(s.out("run").join("trials/2.old-1/score.txt").exists());
+
+    // A score file outside the work directory, older than the trial.
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", "true");
+    let stale = s.path("score.txt");
+    fs::write(&stale, "100\n").unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    search(&s, &script)
+        .arg("--score-file")
+        .arg(&stale)
+        .args(&["--retries", "0", "--max-failures", "1"])
+        .assert_fails(1, &["before the trial started"]);
+}

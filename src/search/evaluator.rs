@@ -8,7 +8,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::text::shell_quote;
 
@@ -17,6 +17,10 @@ pub const NAMES: [&str; 5] = ["alpha", "output", "workdir", "slot", "trial"];
 
 /// Largest stdout or score file read as a JSON document.
 const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// How much older than its trial a score file may look (the clocks of a network file
+/// system's server and of this machine may differ a little).
+pub const STALE_MARGIN: Duration = Duration::from_secs(2);
 
 /// How much of the end of stdout is searched for the last line.
 const TAIL_BYTES: u64 = 64 << 10;
@@ -202,6 +206,8 @@ pub enum ScoreError {
     },
     #[error("{path} is larger than {limit} bytes")]
     TooLarge { path: PathBuf, limit: u64 },
+    #[error("the score file {path} was last modified before the trial started (a leftover, not this trial's score)")]
+    Stale { path: PathBuf },
 }
 
 /// A score and, when the evaluator printed one, its whole JSON document.
@@ -300,12 +306,28 @@ pub fn tail_lines(path: &Path, lines: usize) -> String {
 }
 
 impl ScoreSpec {
-    /// Reads the score of a finished trial.
-    pub fn read(&self, stdout: &Path, v: &Values) -> Result<Score, ScoreError> {
+    /// Reads the score of a finished trial that started at `started`. A score file last
+    /// modified more than [`STALE_MARGIN`] before that is a leftover, not a score.
+    pub fn read(
+        &self,
+        stdout: &Path,
+        v: &Values,
+        started: SystemTime,
+    ) -> Result<Score, ScoreError> {
         let (path, what) = match &self.file {
             Some(t) => {
                 let p = t.path(v);
                 let what = format!("the score file {}", p.display());
+                let modified =
+                    std::fs::metadata(&p)
+                        .and_then(|m| m.modified())
+                        .map_err(|source| ScoreError::Read {
+                            path: p.clone(),
+                            source,
+                        })?;
+                if modified + STALE_MARGIN < started {
+                    return Err(ScoreError::Stale { path: p });
+                }
                 (p, what)
             }
             None => (stdout.to_path_buf(), "the evaluator's stdout".to_string()),

@@ -136,3 +136,28 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
         next_trial,
     })
 }
+
+/// Makes the trial's work directory `workdir` new and empty: anything already there (left
+/// by an earlier search whose ledger lost its trials) is moved aside to `N.old-K`, so that
+/// no file in it is read as this trial's.
+pub(super) fn fresh_workdir(workdir: &std::path::Path) -> Result<()> {
+    if let Some(parent) = workdir.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if std::fs::symlink_metadata(workdir).is_ok() {
+        let name = workdir.file_name().unwrap_or_default().to_string_lossy();
+        let aside = (1..)
+            .map(|k| workdir.with_file_name(format!("{name}.old-{k}")))
+            .find(|p| std::fs::symlink_metadata(p).is_err())
+            .unwrap_or_default();
+        std::fs::rename(workdir, &aside).with_context(|| {
+            format!(
+                "moving the old work directory {} aside to {}",
+                workdir.display(),
+                aside.display()
+            )
+        })?;
+    }
+    std::fs::create_dir(workdir).with_context(|| format!("creating {}", workdir.display()))
+}
