@@ -1025,3 +1025,68 @@ fn a_leftover_score_file_is_never_read_as_a_new_trials_score() {
         .args(&["--retries", "0", "--max-failures", "1"])
         .assert_fails(1, &["before the trial started"]);
 }
+
+/// Runs `expo search` (built by `cmd`) to its end, or kills it after a minute and fails
+/// the test (a run blocked on a FIFO never ends by itself).
+fn run_bounded(mut cmd: Command) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut t = String::new();
+        let _ = pipe.read_to_string(&mut t);
+        t
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("expo search did not end within a minute (blocked?)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status.code(), reader.join().unwrap())
+}
+
+/// Issue 22 item 9: a `--score-file` that is a FIFO or a device is refused at once (opened
+/// without blocking, read only when regular).
+#[test]
+fn a_score_file_that_is_a_fifo_or_a_device_is_refused_without_blocking() {
+    for kind in ["fifo", "device"] {
+        let s = Scratch::new();
+        small_pair(&s, 9);
+        let script = evaluator(&s, "eval.sh", &peak(0.3));
+        let score = if kind == "fifo" {
+            let p = s.path("score.fifo");
+            common::mkfifo(&p);
+            p
+        } else {
+            PathBuf::from("/dev/null")
+        };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_expo"));
+        cmd.arg("search")
+            .arg("--sft")
+            .arg(s.path("sft"))
+            .arg("--aligned")
+            .arg(s.path("aligned"))
+            .arg("--eval")
+            .arg(format!("sh '{}' {{output}}", script.display()))
+            .arg("--run")
+            .arg(s.out("run"))
+            .arg("--score-file")
+            .arg(&score)
+            .args(["--retries", "0", "--max-failures", "1"]);
+        let (code, stderr) = run_bounded(cmd);
+        assert_eq!(code, Some(1), "{kind}: {stderr}");
+        assert!(stderr.contains("not a regular file"), "{kind}: {stderr}");
+    }
+}

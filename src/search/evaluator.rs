@@ -206,6 +206,8 @@ pub enum ScoreError {
     },
     #[error("{path} is larger than {limit} bytes")]
     TooLarge { path: PathBuf, limit: u64 },
+    #[error("{path} is not a regular file ({kind}); a score is read from a regular file only")]
+    NotRegular { path: PathBuf, kind: &'static str },
     #[error("the score file {path} was last modified before the trial started (a leftover, not this trial's score)")]
     Stale { path: PathBuf },
 }
@@ -267,12 +269,49 @@ pub fn parse_pointer(s: &str) -> Result<String, String> {
     }
 }
 
+/// Opens `path` for reading a score: without blocking (a FIFO would block the open and
+/// every read) and only if it is a regular file (a device such as /dev/zero never ends).
+fn open_regular(path: &Path) -> Result<(File, u64), ScoreError> {
+    let read_err = |source| ScoreError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = crate::sys::open_nonblocking(path).map_err(read_err)?;
+    let meta = f.metadata().map_err(read_err)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_dir() {
+            "a directory"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(ScoreError::NotRegular {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    Ok((f, meta.len()))
+}
+
 fn read_capped(path: &Path, limit: u64) -> Result<String, ScoreError> {
     let read_err = |source| ScoreError::Read {
         path: path.to_path_buf(),
         source,
     };
-    let f = File::open(path).map_err(read_err)?;
+    let (f, len) = open_regular(path)?;
+    if len > limit {
+        return Err(ScoreError::TooLarge {
+            path: path.to_path_buf(),
+            limit,
+        });
+    }
     let mut buf = Vec::new();
     f.take(limit + 1).read_to_end(&mut buf).map_err(read_err)?;
     if buf.len() as u64 > limit {
@@ -284,17 +323,17 @@ fn read_capped(path: &Path, limit: u64) -> Result<String, ScoreError> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
+/// The last `n` bytes (at most) of the regular file `path`.
 fn read_tail(path: &Path, n: u64) -> Result<String, ScoreError> {
     let read_err = |source| ScoreError::Read {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = File::open(path).map_err(read_err)?;
-    let len = f.metadata().map_err(read_err)?.len();
+    let (mut f, len) = open_regular(path)?;
     f.seek(SeekFrom::Start(len.saturating_sub(n)))
         .map_err(read_err)?;
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf).map_err(read_err)?;
+    f.take(n).read_to_end(&mut buf).map_err(read_err)?;
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
@@ -318,8 +357,9 @@ impl ScoreSpec {
             Some(t) => {
                 let p = t.path(v);
                 let what = format!("the score file {}", p.display());
+                let (f, _) = open_regular(&p)?;
                 let modified =
-                    std::fs::metadata(&p)
+                    f.metadata()
                         .and_then(|m| m.modified())
                         .map_err(|source| ScoreError::Read {
                             path: p.clone(),
