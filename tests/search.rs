@@ -1090,3 +1090,45 @@ fn a_score_file_that_is_a_fifo_or_a_device_is_refused_without_blocking() {
         assert!(stderr.contains("not a regular file"), "{kind}: {stderr}");
     }
 }
+
+/// Issue 22 item 6: an edited `adapter_config.json` (or `config.json`) is refused on resume,
+/// naming the file: one search never mixes candidates of both versions.
+#[test]
+fn an_edited_adapter_or_model_config_is_refused_on_resume_naming_the_file() {
+    use crate::common::adapter::{llama, lora_config};
+    let s = Scratch::new();
+    let l = llama(&s, Dtype::F32, lora_config(2, 8.0, &["q_proj", "v_proj"]));
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let run = || {
+        expo(&["search"])
+            .arg("--sft")
+            .arg(&l.base)
+            .arg("--aligned")
+            .arg(&l.adapter)
+            .arg("--eval")
+            .arg(format!("sh '{}' {{output}}", script.display()))
+            .arg("--run")
+            .arg(s.out("run"))
+    };
+    run().arg("--json").assert_ok();
+    let config = l.adapter.join("adapter_config.json");
+    let mut c: Value = serde_json::from_str(&fs::read_to_string(&config).unwrap()).unwrap();
+    c["lora_alpha"] = 64.into();
+    fs::write(&config, c.to_string()).unwrap();
+    run()
+        .arg("--resume")
+        .assert_fails(2, &["adapter_config.json", "--aligned", "changed"]);
+
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    search(&s, &script).arg("--json").assert_ok();
+    fs::write(
+        s.path("aligned").join("config.json"),
+        "{\"torch_dtype\": \"float32\"}\n",
+    )
+    .unwrap();
+    search(&s, &script)
+        .arg("--resume")
+        .assert_fails(2, &["config.json", "--aligned"]);
+}

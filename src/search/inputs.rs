@@ -17,6 +17,8 @@ pub(super) struct Inputs {
     pub(super) aligned: Checkpoint,
     /// Where `--aligned` resolved to (the candidate of α = 0).
     pub(super) aligned_path: PathBuf,
+    /// Where `--sft` resolved to.
+    pub(super) sft_path: PathBuf,
     /// The `--skip` and `--alpha-for` rules, in that order.
     pub(super) rules: Vec<AlphaRule>,
     /// The size of one candidate.
@@ -26,7 +28,7 @@ pub(super) struct Inputs {
 /// Opens `--sft` and `--aligned` and checks that they pair (as extrapolate checks them).
 pub(super) fn open_inputs(cfg: &Config) -> Result<Inputs> {
     let cache_env = crate::hub::CacheEnv::from_process();
-    let (sft, _) = crate::hub::open_for("--sft checkpoint", &cfg.sft, &cache_env)?;
+    let (sft, sft_in) = crate::hub::open_for("--sft checkpoint", &cfg.sft, &cache_env)?;
     let (aligned, aligned_in) =
         crate::hub::open_for("--aligned checkpoint", &cfg.aligned, &cache_env)?;
     let rules: Vec<AlphaRule> = cfg.skip.iter().chain(&cfg.alpha_for).cloned().collect();
@@ -61,6 +63,7 @@ pub(super) fn open_inputs(cfg: &Config) -> Result<Inputs> {
         sft,
         aligned,
         aligned_path: aligned_in.path,
+        sft_path: sft_in.path,
         rules,
         candidate_bytes,
     })
@@ -72,8 +75,16 @@ pub(super) fn header_event(cfg: &Config, inputs: &Inputs) -> Value {
         "event": "header",
         "version": 1,
         "expo": env!("CARGO_PKG_VERSION"),
-        "sft": {"path": cfg.sft, "fingerprint": ledger::fingerprint(&inputs.sft)},
-        "aligned": {"path": cfg.aligned, "fingerprint": ledger::fingerprint(&inputs.aligned)},
+        "sft": {
+            "path": cfg.sft,
+            "fingerprint": ledger::fingerprint(&inputs.sft),
+            "files": ledger::defining_files(&inputs.sft_path),
+        },
+        "aligned": {
+            "path": cfg.aligned,
+            "fingerprint": ledger::fingerprint(&inputs.aligned),
+            "files": ledger::defining_files(&inputs.aligned_path),
+        },
         "rules": inputs.rules.iter().map(|r| r.spelling.clone()).collect::<Vec<_>>(),
         "dtype": cfg.dtype.name(),
         "max_shard_size": cfg.max_shard_size,

@@ -52,6 +52,12 @@ pub enum LedgerError {
         line: usize,
         reason: String,
     },
+    #[error("--resume: {file} of {flag} changed since the search recorded in {path} started; a search must not mix candidates of both versions: restore it, or start a new search with another --run")]
+    FileChanged {
+        path: PathBuf,
+        flag: &'static str,
+        file: String,
+    },
     #[error("--resume: {flag} differs from the search recorded in {path} (was {was}, now {now}); resume with the same value, or start a new search with another --run")]
     Changed {
         path: PathBuf,
@@ -351,8 +357,28 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
 
 /// Refuses a resumed search whose fixed settings differ from the recorded header.
 pub fn check_header(path: &Path, was: &Value, now: &Value) -> Result<(), LedgerError> {
+    for (key, flag) in [("sft", "--sft"), ("aligned", "--aligned")] {
+        let (a, b) = (&was[key]["files"], &now[key]["files"]);
+        // A ledger of an older expo has no `files`.
+        if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+            for (file, hash) in a {
+                if b.get(file) != Some(hash) {
+                    return Err(LedgerError::FileChanged {
+                        path: path.to_path_buf(),
+                        flag,
+                        file: file.clone(),
+                    });
+                }
+            }
+        }
+    }
     for (key, flag) in FIXED {
-        let (a, b) = (&was[key], &now[key]);
+        let (mut a, mut b) = (was[key].clone(), now[key].clone());
+        if let (Some(a), Some(b)) = (a.as_object_mut(), b.as_object_mut()) {
+            a.remove("files");
+            b.remove("files");
+        }
+        let (a, b) = (&a, &b);
         if a != b {
             return Err(LedgerError::Changed {
                 path: path.to_path_buf(),
@@ -409,6 +435,40 @@ pub fn end_event(t: &Trial, e: &End) -> Value {
         "seconds": e.seconds,
         "json": e.json,
     })
+}
+
+/// The small files that define a model besides its weights: a change in any of them makes
+/// other candidates (an adapter's `lora_alpha`, a model's `config.json`).
+pub const DEFINING_FILES: [&str; 2] = ["config.json", "adapter_config.json"];
+
+/// Largest defining file hashed (larger ones are recorded by size only).
+const MAX_DEFINING_BYTES: u64 = 16 << 20;
+
+/// A hash of each of [`DEFINING_FILES`] in `dir` (`null` when absent), by name.
+pub fn defining_files(dir: &Path) -> Value {
+    let mut files = serde_json::Map::new();
+    for name in DEFINING_FILES {
+        let p = dir.join(name);
+        let v = match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() && m.len() <= MAX_DEFINING_BYTES => match std::fs::read(&p) {
+                Ok(bytes) => Value::String(format!("fnv1a64:{:016x}", fnv1a(&bytes))),
+                Err(_) => Value::String("unreadable".into()),
+            },
+            Ok(m) => Value::String(format!("size:{}", m.len())),
+            Err(_) => Value::Null,
+        };
+        files.insert(name.to_string(), v);
+    }
+    Value::Object(files)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
 }
 
 /// A fingerprint of a checkpoint's weight files: names, sizes and modification times.
