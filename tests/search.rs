@@ -1132,3 +1132,53 @@ fn an_edited_adapter_or_model_config_is_refused_on_resume_naming_the_file() {
         .arg("--resume")
         .assert_fails(2, &["config.json", "--aligned"]);
 }
+
+/// Issue 22 item 12: what a search cannot do is refused before anything is evaluated, in
+/// `--dry-run` too: `--dtype`/`--max-shard-size` with an adapter, `--run` inside `--aligned`.
+#[test]
+fn impossible_settings_are_refused_before_the_baseline_is_evaluated() {
+    use crate::common::adapter::{llama, lora_config};
+    let s = Scratch::new();
+    let l = llama(&s, Dtype::F32, lora_config(2, 8.0, &["q_proj", "v_proj"]));
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let run = || {
+        expo(&["search"])
+            .arg("--sft")
+            .arg(&l.base)
+            .arg("--aligned")
+            .arg(&l.adapter)
+            .arg("--eval")
+            .arg(format!("sh '{}' {{output}}", script.display()))
+            .arg("--run")
+            .arg(s.out("run"))
+    };
+    for flags in [&["--dtype", "bf16"][..], &["--max-shard-size", "1MB"][..]] {
+        for dry in [true, false] {
+            let cmd = run().args(flags);
+            let cmd = if dry { cmd.arg("--dry-run") } else { cmd };
+            cmd.assert_fails(2, &[flags[0], "adapter"]);
+        }
+    }
+    assert!(!s.path("calls").exists());
+
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    for dry in [true, false] {
+        let cmd = expo(&["search"])
+            .arg("--sft")
+            .arg(s.path("sft"))
+            .arg("--aligned")
+            .arg(s.path("aligned"))
+            .arg("--eval")
+            .arg(format!("sh '{}' {{output}}", script.display()))
+            .arg("--run")
+            .arg(s.path("aligned").join("run"))
+            .arg("--output")
+            .arg(s.out("cands").join("c-{alpha}"));
+        let cmd = if dry { cmd.arg("--dry-run") } else { cmd };
+        cmd.assert_fails(2, &["--run", "inside --aligned"]);
+    }
+    assert!(!s.path("calls").exists());
+    assert!(!s.path("aligned").join("run").exists());
+}

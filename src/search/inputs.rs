@@ -9,6 +9,7 @@ use super::ledger;
 use super::rule::Lat;
 use super::Config;
 use crate::checkpoint::Checkpoint;
+use crate::error::UsageError;
 use crate::plan::AlphaRule;
 
 /// The checkpoints a search starts from, opened and paired.
@@ -33,7 +34,12 @@ pub(super) fn open_inputs(cfg: &Config) -> Result<Inputs> {
         crate::hub::open_for("--aligned checkpoint", &cfg.aligned, &cache_env)?;
     let rules: Vec<AlphaRule> = cfg.skip.iter().chain(&cfg.alpha_for).cloned().collect();
     // An adapter as --aligned makes adapter candidates (checked as extrapolate checks them).
+    refuse_run_inside(
+        cfg,
+        &[("--sft", &sft_in.path), ("--aligned", &aligned_in.path)],
+    )?;
     let candidate_bytes = if crate::adapter::is_adapter_dir(&aligned_in.path) {
+        refuse_adapter_flags(cfg)?;
         crate::adapter::check_for_search(&cfg.sft, &cfg.aligned, &cfg.skip)?
     } else {
         let options = crate::plan::PlanOptions {
@@ -67,6 +73,45 @@ pub(super) fn open_inputs(cfg: &Config) -> Result<Inputs> {
         rules,
         candidate_bytes,
     })
+}
+
+/// Refuses `--run` inside a model directory: a run directory inside `--aligned` would be
+/// copied into every candidate as a side directory, and the search fail after the
+/// baseline was evaluated.
+fn refuse_run_inside(cfg: &Config, models: &[(&str, &std::path::Path)]) -> Result<()> {
+    for (flag, dir) in models {
+        let Ok(dir) = super::resolve_path(dir) else {
+            continue;
+        };
+        if cfg.run.starts_with(&dir) {
+            return Err(UsageError(format!(
+                "--run {} is inside {flag} {}; put the run directory outside the models",
+                cfg.run.display(),
+                dir.display()
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Refuses, before anything is evaluated, the flags that adapter candidates do not support
+/// (as `expo extrapolate` refuses them for an adapter).
+fn refuse_adapter_flags(cfg: &Config) -> Result<()> {
+    if cfg.dtype != crate::pairing::DtypeChoice::Auto {
+        return Err(UsageError(format!(
+            "--dtype {} is not supported when --aligned is an adapter: the candidates keep each tensor's own dtype",
+            cfg.dtype.name()
+        ))
+        .into());
+    }
+    if cfg.max_shard_size.is_some() {
+        return Err(UsageError(
+            "--max-shard-size is not supported when --aligned is an adapter: each candidate is one adapter file".into(),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The ledger's header event: what a resumed search must not change.
