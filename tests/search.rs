@@ -1182,3 +1182,69 @@ fn impossible_settings_are_refused_before_the_baseline_is_evaluated() {
     assert!(!s.path("calls").exists());
     assert!(!s.path("aligned").join("run").exists());
 }
+
+/// Issue 22 item 13: paths that are not UTF-8 never panic: `search`, `extrapolate --json`
+/// and `inspect --json` print them in JSON with each invalid byte as `\xNN`.
+#[test]
+fn non_utf8_paths_are_printed_with_escaped_bytes_not_panics() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let run = s.outputs().join(OsStr::from_bytes(b"run-\xff"));
+    let j = expo(&["search"])
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' {{output}}", script.display()))
+        .arg("--run")
+        .arg(&run)
+        .arg("--json")
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert!(j["run"].as_str().unwrap().ends_with("run-\\xff"), "{j:#}");
+    assert_eq!(
+        list_dir(&run)
+            .iter()
+            .filter(|n| n.starts_with("alpha-"))
+            .count(),
+        1
+    );
+    // Resume reads the escaped paths back: the kept candidate is recognised as its own.
+    expo(&["search"])
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' {{output}}", script.display()))
+        .arg("--run")
+        .arg(&run)
+        .args(&["--resume", "--json"])
+        .assert_ok();
+
+    let out = s.outputs().join(OsStr::from_bytes(b"out-\xfe"));
+    let j = common::extrapolate(&s.path("sft"), &s.path("aligned"), "0.3", &out)
+        .arg("--json")
+        .assert_ok()
+        .json
+        .unwrap();
+    assert!(j.to_string().contains("out-\\\\xfe"), "{j:#}");
+
+    let odd = s.outputs().join(OsStr::from_bytes(b"model-\xfd"));
+    fs::rename(&out, &odd).unwrap();
+    let j = expo(&["inspect", "--json"])
+        .arg(&odd)
+        .assert_ok()
+        .json
+        .unwrap();
+    assert!(
+        j["path"].as_str().unwrap().ends_with("model-\\xfd"),
+        "{j:#}"
+    );
+}

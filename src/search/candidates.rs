@@ -222,7 +222,7 @@ impl Search<'_> {
         // started, and the provenance goes first (synced), so that a deletion cut short
         // (a second Ctrl-C, kill -9) leaves a candidate that is never taken as complete.
         self.ledger
-            .append(&json!({"event": "deleting", "output": p}))?;
+            .append(&json!({"event": "deleting", "output": crate::text::path_json(p)}))?;
         self.incomplete.insert(p.to_path_buf());
         let provenance = std::ffi::CString::new(crate::sidefiles::PROVENANCE_NAME)?;
         let outcome = crate::output::remove_identified(p, id, Some(&provenance), || {
@@ -248,7 +248,7 @@ impl Search<'_> {
         self.built.remove(p);
         self.incomplete.remove(p);
         self.ledger
-            .append(&json!({"event": "delete", "output": p}))?;
+            .append(&json!({"event": "delete", "output": crate::text::path_json(p)}))?;
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use super::Config;
 use crate::checkpoint::Checkpoint;
 use crate::error::UsageError;
 use crate::plan::AlphaRule;
+use crate::text::path_json;
 
 /// The checkpoints a search starts from, opened and paired.
 pub(super) struct Inputs {
@@ -121,12 +122,12 @@ pub(super) fn header_event(cfg: &Config, inputs: &Inputs) -> Value {
         "version": 1,
         "expo": env!("CARGO_PKG_VERSION"),
         "sft": {
-            "path": cfg.sft,
+            "path": path_json(&cfg.sft),
             "fingerprint": ledger::fingerprint(&inputs.sft),
             "files": ledger::defining_files(&inputs.sft_path),
         },
         "aligned": {
-            "path": cfg.aligned,
+            "path": path_json(&cfg.aligned),
             "fingerprint": ledger::fingerprint(&inputs.aligned),
             "files": ledger::defining_files(&inputs.aligned_path),
         },
@@ -140,7 +141,7 @@ pub(super) fn header_event(cfg: &Config, inputs: &Inputs) -> Value {
         "tie": cfg.settings.tie,
         "alpha": cfg.settings.first.iter().map(|a| a.to_f64()).collect::<Vec<_>>(),
         "resolution": cfg.settings.resolution.map(|r| Lat(r).to_f64()),
-        "output": cfg.output,
+        "output": path_json(&cfg.output),
         "jobs": cfg.jobs,
         "timeout": cfg.timeout.map(|t| t.as_secs_f64()),
         "max_evals": cfg.settings.max_evals,

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::rule::Lat;
 use crate::sys::FileId;
+use crate::text::{path_from_json, path_json};
 
 /// The ledger's file name in the run directory.
 pub const NAME: &str = "ledger.jsonl";
@@ -285,7 +286,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
                     .and_then(Lat::from_f64)
                     .ok_or_else(|| corrupt(path, lineno, "no alpha"))?;
                 let slot = v["slot"].as_u64().unwrap_or(0) as usize;
-                let output = PathBuf::from(v["output"].as_str().unwrap_or(""));
+                let output = path_from_json(v["output"].as_str().unwrap_or(""));
                 let created = v["created"].as_bool().unwrap_or(false);
                 r.trials.retain(|t| t.trial != trial);
                 r.trials.push(Trial {
@@ -322,7 +323,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
             }
             "delete" => {
                 if let Some(p) = v["output"].as_str() {
-                    let p = PathBuf::from(p);
+                    let p = path_from_json(p);
                     r.deleting.retain(|d| *d != p);
                     r.built.retain(|(b, _)| *b != p);
                     r.deleted.push(p);
@@ -330,7 +331,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
             }
             "deleting" => {
                 if let Some(p) = v["output"].as_str() {
-                    r.deleting.push(PathBuf::from(p));
+                    r.deleting.push(path_from_json(p));
                 }
             }
             "built" => {
@@ -343,7 +344,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
                         "a built event without output, dev, ino",
                     ));
                 };
-                let p = PathBuf::from(p);
+                let p = path_from_json(p);
                 r.built.retain(|(b, _)| *b != p);
                 r.deleting.retain(|d| *d != p);
                 r.built.push((p, FileId { dev, ino }));
@@ -411,14 +412,14 @@ pub fn start_event(t: &Trial) -> Value {
         "trial": t.trial,
         "alpha": t.alpha.to_f64(),
         "slot": t.slot,
-        "output": t.output,
+        "output": path_json(&t.output),
         "created": t.created,
     })
 }
 
 /// A `built` event: the candidate at `output` is the directory `id`.
 pub fn built_event(output: &Path, id: FileId) -> Value {
-    json!({"event": "built", "output": output, "dev": id.dev, "ino": id.ino})
+    json!({"event": "built", "output": path_json(output), "dev": id.dev, "ino": id.ino})
 }
 
 /// An `end` event.
@@ -428,7 +429,7 @@ pub fn end_event(t: &Trial, e: &End) -> Value {
         "trial": t.trial,
         "alpha": t.alpha.to_f64(),
         "slot": t.slot,
-        "output": t.output,
+        "output": path_json(&t.output),
         "state": e.state.name(),
         "score": e.score,
         "exit": e.exit,
