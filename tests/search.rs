@@ -1248,3 +1248,29 @@ fn non_utf8_paths_are_printed_with_escaped_bytes_not_panics() {
         "{j:#}"
     );
 }
+
+/// Issue 22 item 10: the ledger keeps a large `--score-json` document only as the pointer's
+/// value and a note, not whole (a small one stays whole).
+#[test]
+fn a_large_score_json_document_is_not_kept_whole_in_the_ledger() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    // A 300 kB document: the score and a long list of generations.
+    let body = "awk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"{\\\"r\\\": {\\\"score\\\": %.9f}, \\\"gen\\\": [\", -(a-0.3)*(a-0.3); for (i = 0; i < 30000; i++) printf \"%s\\\"xxxxxxx\\\"\", (i ? \",\" : \"\"); print \"]}\" }'";
+    let script = evaluator(&s, "eval.sh", body);
+    let j = search(&s, &script)
+        .args(&["--score-json", "/r/score", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    let text = fs::read_to_string(s.out("run").join("ledger.jsonl")).unwrap();
+    let longest = text.lines().map(str::len).max().unwrap();
+    assert!(longest < 70_000, "a ledger line of {longest} bytes");
+    let end = ledger(&s)
+        .into_iter()
+        .find(|e| e["event"] == "end" && e["alpha"] == 0.3)
+        .unwrap();
+    assert_eq!(end["json"]["value"].as_f64(), Some(0.0), "{end}");
+    assert!(end["json"]["expo_note"].as_str().unwrap().contains("bytes"));
+}

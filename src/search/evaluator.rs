@@ -233,29 +233,87 @@ pub fn score_from_line(text: &str, what: &str) -> Result<f64, ScoreError> {
     }
 }
 
-/// The number at RFC 6901 `pointer` in the JSON document `text`.
+/// The largest evaluator JSON document kept whole in the ledger; of a larger one only the
+/// pointer's value is kept, with a note.
+pub const MAX_KEPT_JSON_BYTES: usize = 64 << 10;
+
+/// The number at RFC 6901 `pointer` in the JSON document `text`, and what the ledger keeps
+/// of the document (see [`kept_json`]).
+///
+/// Memory stays close to the document's size: the document is checked as one JSON value
+/// without being built (`RawValue`), and only the objects and arrays on the pointer's path
+/// are split, one level at a time, into their keys and raw members.
 pub fn score_from_json(
     text: &str,
     pointer: &str,
     what: &str,
 ) -> Result<(f64, serde_json::Value), ScoreError> {
-    let doc: serde_json::Value =
-        serde_json::from_str(text.trim()).map_err(|e| ScoreError::NotJson {
-            what: what.into(),
-            reason: e.to_string(),
-        })?;
-    let value = doc.pointer(pointer).ok_or_else(|| ScoreError::Missing {
+    use serde_json::value::RawValue;
+    let not_json = |e: serde_json::Error| ScoreError::NotJson {
+        what: what.into(),
+        reason: e.to_string(),
+    };
+    let doc: &RawValue = serde_json::from_str(text.trim()).map_err(not_json)?;
+    let missing = || ScoreError::Missing {
         what: what.into(),
         pointer: pointer.into(),
-    })?;
-    match value.as_f64() {
-        Some(v) if v.is_finite() => Ok((v, doc)),
+    };
+    let mut cur = doc;
+    for token in pointer.split('/').skip(1) {
+        let token = token.replace("~1", "/").replace("~0", "~");
+        let raw = cur.get().trim_start();
+        if raw.starts_with('{') {
+            let map: std::collections::HashMap<String, &RawValue> =
+                serde_json::from_str(cur.get()).map_err(not_json)?;
+            cur = map.get(&token).copied().ok_or_else(missing)?;
+        } else if raw.starts_with('[') {
+            let items: Vec<&RawValue> = serde_json::from_str(cur.get()).map_err(not_json)?;
+            let canonical = token == "0" || (!token.starts_with('0') && !token.is_empty());
+            let k = token
+                .parse::<usize>()
+                .ok()
+                .filter(|_| canonical && token.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(missing)?;
+            cur = items.get(k).copied().ok_or_else(missing)?;
+        } else {
+            return Err(missing());
+        }
+    }
+    let raw = cur.get().trim();
+    let value = if raw.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        serde_json::from_str::<f64>(raw).ok()
+    } else {
+        None
+    };
+    match value {
+        Some(v) if v.is_finite() => Ok((v, kept_json(text, pointer, v))),
         _ => Err(ScoreError::NotNumeric {
             what: what.into(),
             pointer: pointer.into(),
-            value: value.to_string().chars().take(200).collect(),
+            value: raw.chars().take(200).collect(),
         }),
     }
+}
+
+/// What the ledger keeps of an evaluator's JSON document: the whole document when it has at
+/// most [`MAX_KEPT_JSON_BYTES`], else the pointer's value and a note.
+fn kept_json(text: &str, pointer: &str, value: f64) -> serde_json::Value {
+    let text = text.trim();
+    if text.len() <= MAX_KEPT_JSON_BYTES {
+        if let Ok(doc) = serde_json::from_str(text) {
+            return doc;
+        }
+    }
+    serde_json::json!({
+        "expo_note": format!(
+            "the evaluator's JSON document has {} bytes, more than the {} kept; only the score is kept",
+            text.len(),
+            MAX_KEPT_JSON_BYTES
+        ),
+        "bytes": text.len(),
+        "pointer": pointer,
+        "value": value,
+    })
 }
 
 /// Checks `--score-json POINTER` (empty, or starting with `/`).
@@ -385,7 +443,7 @@ impl ScoreSpec {
                 let tail = read_tail(&path, TAIL_BYTES)?;
                 let value = score_from_line(&tail, &what)?;
                 // Keep the evaluator's JSON when its whole stdout is one document.
-                let json = read_capped(&path, 1 << 20)
+                let json = read_capped(&path, MAX_KEPT_JSON_BYTES as u64)
                     .ok()
                     .and_then(|t| serde_json::from_str::<serde_json::Value>(t.trim()).ok())
                     .filter(|j| j.is_object());
