@@ -263,3 +263,81 @@ mod path_tests {
         assert_eq!(path_from_json("/a/\\x41"), Path::new("/a/\\x41"));
     }
 }
+
+/// A score for people: six significant digits, scientific notation outside 1e-4 … 1e7
+/// (`0.734512`, `1.5e-7`, `2.13457e8`, `1e308`), never `-0`; at most 13 characters.
+pub fn significant(x: f64) -> String {
+    if x == 0.0 {
+        return "0".into();
+    }
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    let a = x.abs();
+    if (1e-4..1e7).contains(&a) {
+        let digits = (5 - a.log10().floor() as i32).max(0) as usize;
+        let s = format!("{x:.digits$}");
+        let s = if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        };
+        if s == "-0" {
+            "0".into()
+        } else {
+            s
+        }
+    } else {
+        let s = format!("{x:.5e}");
+        let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
+        let m = if m.contains('.') {
+            m.trim_end_matches('0').trim_end_matches('.')
+        } else {
+            m
+        };
+        format!("{m}e{e}")
+    }
+}
+
+/// The difference `a − b` for people, signed, as [`significant`] prints it; computed
+/// without overflowing for scores near the largest floats.
+pub fn difference(a: f64, b: f64) -> String {
+    let d = a - b;
+    let d = if d.is_finite() {
+        d
+    } else {
+        (a / 2.0 - b / 2.0) * 2.0
+    };
+    let s = significant(d);
+    if d > 0.0 {
+        format!("+{s}")
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod significant_tests {
+    use super::*;
+
+    #[test]
+    fn six_significant_digits_in_at_most_13_characters() {
+        assert_eq!(significant(0.7345123), "0.734512");
+        assert_eq!(significant(1.5e-7), "1.5e-7");
+        assert_eq!(significant(-1.234567e-7), "-1.23457e-7");
+        assert_eq!(significant(212345678.9), "2.12346e8");
+        assert_eq!(significant(1e308), "1e308");
+        assert_eq!(significant(-0.0), "0");
+        assert_eq!(significant(42.0), "42");
+        assert_eq!(difference(1e308, -1e308), "+inf");
+        for x in [
+            -1.234567e-308,
+            -0.000123456789,
+            -123456.7,
+            9999999.0,
+            -1.7e308,
+        ] {
+            assert!(significant(x).len() <= 13, "{x}: {}", significant(x));
+        }
+    }
+}

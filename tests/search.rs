@@ -1274,3 +1274,94 @@ fn a_large_score_json_document_is_not_kept_whole_in_the_ledger() {
     assert_eq!(end["json"]["value"].as_f64(), Some(0.0), "{end}");
     assert!(end["json"]["expo_note"].as_str().unwrap().contains("bytes"));
 }
+
+/// Issue 22 item 14: `--bounds` out of range or too fine is named as such (not "MIN <
+/// MAX"), and `--timeout 0` is refused.
+#[test]
+fn bounds_and_timeout_errors_say_what_is_wrong() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    search(&s, &script)
+        .args(&["--bounds", "0:5000"])
+        .assert_fails(2, &["5000", "out of range"]);
+    search(&s, &script)
+        .args(&["--bounds", "0:0.0000000000001"])
+        .assert_fails(2, &["12 decimals"]);
+    search(&s, &script)
+        .args(&["--bounds", "2:1"])
+        .assert_fails(2, &["MIN must be below MAX"]);
+    search(&s, &script)
+        .args(&["--timeout", "0"])
+        .assert_fails(2, &["--timeout", "longer than 0"]);
+    assert!(!s.path("calls").exists());
+}
+
+/// Issue 22 item 14: a placeholder inside double quotes gets the value quoted for them
+/// (no literal quotes inserted into the path).
+#[test]
+fn a_placeholder_inside_double_quotes_is_quoted_for_them() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let body = format!(
+        "[ -d \"$1\" ] || {{ echo \"not a directory: $1\" >&2; exit 3; }}\n{}",
+        peak(0.3)
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let j = expo(&["search"])
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' \"{{output}}\"", script.display()))
+        .arg("--run")
+        .arg(s.out("run with 'quotes'"))
+        .args(&["--retries", "0", "--max-failures", "1", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+}
+
+/// Issue 22 item 14: scores are shown with significant digits: 1e308 is not `inf` (nor a
+/// 300-digit Δ, nor NaN in the plot), scores near 1e-7 are not all `0`, and large scores
+/// do not overflow the table's columns.
+#[test]
+fn extreme_scores_are_shown_with_significant_digits() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    // Scores near 1e-7.
+    let body =
+        "awk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"%.6e\\n\", 1e-7 * (1 - (a-0.3)*(a-0.3)) }'";
+    let script = evaluator(&s, "eval.sh", body);
+    let out = search(&s, &script).arg("--json").assert_ok();
+    let rows: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.trim_end().ends_with(" ok"))
+        .collect();
+    assert!(rows.len() >= 6, "{}", out.stderr);
+    for row in &rows {
+        let score = row.split_whitespace().nth(2).unwrap();
+        assert_ne!(score, "0", "{}", out.stderr);
+    }
+    // 1e308 at the peak, perplexity-sized scores elsewhere.
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let body = "case \"$EXPO_ALPHA\" in 0.3) echo 1e308;; *) awk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"%.3f\\n\", 212345678.123 + a }';; esac";
+    let script = evaluator(&s, "eval.sh", body);
+    let out = search(&s, &script).arg("--json").assert_ok();
+    assert!(!out.stderr.contains("inf"), "{}", out.stderr);
+    let header = out.stderr.lines().find(|l| l.starts_with("trial")).unwrap();
+    for row in out.stderr.lines().filter(|l| l.trim_end().ends_with(" ok")) {
+        assert!(
+            row.len() <= header.len(),
+            "a row wider than the header:\n{}",
+            out.stderr
+        );
+    }
+    assert!(out.stderr.contains("score 1e308"), "{}", out.stderr);
+    let svg = fs::read_to_string(s.out("run").join("search.svg")).unwrap();
+    assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+}

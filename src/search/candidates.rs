@@ -240,13 +240,19 @@ impl Search<'_> {
                 return Ok(());
             }
             Err(NotRemoved::Io(e)) => {
+                self.reporter.warn(format!(
+                    "could not delete the candidate {} ({e}); it is left on disk, not kept",
+                    p.display()
+                ));
+                self.leftovers.insert(p.to_path_buf());
                 return Err(anyhow::Error::new(e)
-                    .context(format!("deleting the candidate {}", p.display())))
+                    .context(format!("deleting the candidate {}", p.display())));
             }
         }
         self.created.remove(p);
         self.built.remove(p);
         self.incomplete.remove(p);
+        self.leftovers.remove(p);
         self.ledger
             .append(&json!({"event": "delete", "output": crate::text::path_json(p)}))?;
         Ok(())

@@ -129,14 +129,38 @@ pub fn parse_resolution(s: &str) -> Result<Resolution, String> {
 pub struct Bounds(pub f64, pub f64);
 
 pub fn parse_bounds(s: &str) -> Result<Bounds, String> {
-    let bad = || format!("`{s}` is not MIN:MAX with MIN < MAX (e.g. 0:4)");
+    let bad = || format!("`{s}` is not MIN:MAX, two numbers (e.g. 0:4)");
     let (a, b) = s.split_once(':').ok_or_else(bad)?;
     let a: f64 = a.trim().parse().map_err(|_| bad())?;
     let b: f64 = b.trim().parse().map_err(|_| bad())?;
-    if Lat::from_f64(a).is_none() || Lat::from_f64(b).is_none() || a >= b {
-        return Err(bad());
+    for v in [a, b] {
+        if Lat::from_f64(v).is_some() {
+            continue;
+        }
+        return Err(if !v.is_finite() || v.abs() > rule::MAX_ABS_ALPHA as f64 {
+            format!(
+                "`{s}`: {v} is out of range; a search handles |α| ≤ {}",
+                rule::MAX_ABS_ALPHA
+            )
+        } else {
+            format!("`{s}`: {v} is finer than a search's step; give at most 12 decimals")
+        });
+    }
+    if a >= b {
+        return Err(format!("`{s}`: MIN must be below MAX (e.g. 0:4)"));
     }
     Ok(Bounds(a, b))
+}
+
+/// `--timeout DUR`: a duration longer than zero (no `--timeout` means none).
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "`{s}`: a timeout must be longer than 0 (leave --timeout out for none)"
+        ));
+    }
+    Ok(d)
 }
 
 /// Builds the rule's settings from the command line's values.

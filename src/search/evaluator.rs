@@ -47,7 +47,58 @@ pub enum TemplateError {
 #[derive(Debug, Clone, PartialEq)]
 enum Part {
     Text(Vec<u8>),
-    Var(usize),
+    /// A placeholder, and the shell quoting it stands in.
+    Var(usize, Quote),
+}
+
+/// The shell quoting a placeholder stands in, so that its value is quoted for it: bare
+/// (`{output}`), inside double quotes (`"{output}"`) or inside single quotes (`'{output}'`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Quote {
+    Bare,
+    Double,
+    Single,
+}
+
+impl Quote {
+    /// The quoting after the literal byte `c` (with `escaped`: `c` follows a backslash).
+    fn after(self, c: u8, escaped: bool) -> Quote {
+        match (self, c) {
+            (_, _) if escaped => self,
+            (Quote::Bare, b'\'') => Quote::Single,
+            (Quote::Bare, b'"') => Quote::Double,
+            (Quote::Double, b'"') | (Quote::Single, b'\'') => Quote::Bare,
+            _ => self,
+        }
+    }
+
+    /// `value` quoted for this context: one shell word with exactly these bytes.
+    fn quote(self, value: &[u8]) -> Vec<u8> {
+        match self {
+            Quote::Bare => shell_quote(value),
+            Quote::Double => {
+                let mut out = Vec::with_capacity(value.len() + 2);
+                for &b in value {
+                    if matches!(b, b'"' | b'\\' | b'$' | b'`') {
+                        out.push(b'\\');
+                    }
+                    out.push(b);
+                }
+                out
+            }
+            Quote::Single => {
+                let mut out = Vec::with_capacity(value.len() + 2);
+                for &b in value {
+                    if b == b'\'' {
+                        out.extend_from_slice(b"'\\''");
+                    } else {
+                        out.push(b);
+                    }
+                }
+                out
+            }
+        }
+    }
 }
 
 /// A parsed `{name}` template (`--eval`, `--score-file`).
@@ -89,14 +140,19 @@ impl Template {
         let mut lit = Vec::new();
         let b = text.as_bytes();
         let mut i = 0;
+        // The shell quoting at this point of the command (for --eval; a path ignores it).
+        let mut quote = Quote::Bare;
+        let mut escaped = false;
         while i < b.len() {
             match b[i] {
                 b'{' if b.get(i + 1) == Some(&b'{') => {
                     lit.push(b'{');
+                    escaped = false;
                     i += 2;
                 }
                 b'}' if b.get(i + 1) == Some(&b'}') => {
                     lit.push(b'}');
+                    escaped = false;
                     i += 2;
                 }
                 b'{' => {
@@ -118,7 +174,8 @@ impl Template {
                     if !lit.is_empty() {
                         parts.push(Part::Text(std::mem::take(&mut lit)));
                     }
-                    parts.push(Part::Var(var));
+                    parts.push(Part::Var(var, quote));
+                    escaped = false;
                     i += end + 2;
                 }
                 b'}' => {
@@ -130,6 +187,8 @@ impl Template {
                 }
                 c => {
                     lit.push(c);
+                    quote = quote.after(c, escaped);
+                    escaped = c == b'\\' && !escaped && quote != Quote::Single;
                     i += 1;
                 }
             }
@@ -158,10 +217,10 @@ impl Template {
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.extend_from_slice(t),
-                Part::Var(k) => {
+                Part::Var(k, context) => {
                     let value = v.get(*k);
                     if quote {
-                        out.extend_from_slice(&shell_quote(value.as_bytes()));
+                        out.extend_from_slice(&context.quote(value.as_bytes()));
                     } else {
                         out.extend_from_slice(value.as_bytes());
                     }
@@ -605,6 +664,14 @@ mod tests {
         assert_eq!(
             t.command(&values()),
             OsString::from("run 0.3 'runs/it'\\''s here/alpha-0.3' /tmp/w 1 7 {x}")
+        );
+        // Inside double or single quotes, the value is quoted for them.
+        let t = Template::parse("--eval", "run \"{output}/x\" '{output}' \\'{alpha}").unwrap();
+        assert_eq!(
+            t.command(&values()),
+            OsString::from(
+                "run \"runs/it's here/alpha-0.3/x\" 'runs/it'\\''s here/alpha-0.3' \\'0.3"
+            )
         );
         let t = Template::parse("--score-file", "{workdir}/s {trial}.json").unwrap();
         assert_eq!(t.path(&values()), PathBuf::from("/tmp/w/s 7.json"));

@@ -21,8 +21,8 @@ mod verdict;
 
 pub use candidates::alpha_path;
 pub use config::{
-    parse_bounds, parse_duration, parse_keep, parse_resolution, resolve_path, settings, Bounds,
-    Config, Keep, Resolution,
+    parse_bounds, parse_duration, parse_keep, parse_resolution, parse_timeout, resolve_path,
+    settings, Bounds, Config, Keep, Resolution,
 };
 pub use dry_run::DryRun;
 pub use groups::kill_all_groups;
@@ -66,6 +66,8 @@ struct Search<'a> {
     built: BTreeMap<PathBuf, FileId>,
     /// Candidates whose deletion started and did not finish: never reused.
     incomplete: BTreeSet<PathBuf>,
+    /// Candidates whose deletion failed: left on disk, not kept.
+    leftovers: BTreeSet<PathBuf>,
     aligned_path: PathBuf,
     next_trial: u64,
     started: Instant,
@@ -94,6 +96,7 @@ pub fn run(cfg: &Config, reporter: &dyn Observer) -> Result<std::process::ExitCo
         created: resumed.created,
         built: resumed.built,
         incomplete: resumed.incomplete,
+        leftovers: BTreeSet::new(),
         aligned_path: inputs.aligned_path.clone(),
         next_trial: resumed.next_trial,
         started: Instant::now(),

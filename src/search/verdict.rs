@@ -102,7 +102,18 @@ impl Search<'_> {
             "evaluations": self.evaluations(),
             "minimize": self.cfg.minimize,
             "trials": trials,
-            "kept": self.created.iter().filter(|p| p.exists()).map(|p| path_json(p)).collect::<Vec<_>>(),
+            "kept": self
+                .created
+                .iter()
+                .filter(|p| p.exists() && !self.leftovers.contains(*p))
+                .map(|p| path_json(p))
+                .collect::<Vec<_>>(),
+            "left": self
+                .leftovers
+                .iter()
+                .filter(|p| p.exists())
+                .map(|p| path_json(p))
+                .collect::<Vec<_>>(),
             "rebuild": best.filter(|(a, _)| a.0 != 0).map(|(a, _)| self.rebuild_command(a)),
             "rebuild_any": self.rebuild_command_template(),
             "run": path_json(&self.cfg.run),
