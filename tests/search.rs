@@ -1365,3 +1365,38 @@ fn extreme_scores_are_shown_with_significant_digits() {
     let svg = fs::read_to_string(s.out("run").join("search.svg")).unwrap();
     assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
 }
+
+/// Issue 22 item 2: expo killed after building a candidate and before recording it: the
+/// resumed search recognises the complete candidate at the path its trial started to build
+/// (records it), instead of refusing it as not made by this search.
+#[test]
+fn a_candidate_built_but_not_yet_recorded_when_expo_was_killed_is_adopted_on_resume() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let args: Vec<std::ffi::OsString> = vec![
+        "search".into(),
+        "--sft".into(),
+        s.path("sft").into(),
+        "--aligned".into(),
+        s.path("aligned").into(),
+        "--eval".into(),
+        format!("sh '{}' {{output}}", script.display()).into(),
+        "--run".into(),
+        s.out("run").into(),
+    ];
+    let paused = common::Paused::start(&args, "search-built", &s.path("fp"));
+    assert!(s.out("run").join("alpha-0.1/expo.json").exists());
+    paused.signal(libc::SIGKILL);
+    let _ = paused.wait();
+    let j = search(&s, &script)
+        .args(&["--resume", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert_eq!(candidates(&s), ["alpha-0.3"]);
+    assert!(ledger(&s)
+        .iter()
+        .any(|e| e["event"] == "built" && e["output"].as_str().unwrap().ends_with("alpha-0.1")));
+}

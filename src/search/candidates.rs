@@ -79,6 +79,7 @@ impl Search<'_> {
         crate::failpoint::pause("search-build");
         match build::build(&settings, &Quiet(self.reporter)) {
             Ok(_) => {
+                crate::failpoint::pause("search-built");
                 for &a in &planned.to_build {
                     self.record_built(&alpha_path(&self.cfg.output, a))
                         .map_err(Abort::Broken)?;

@@ -1,6 +1,7 @@
 //! RUN/ledger.jsonl: the search as an append-only log of JSON lines (`header`, `start`,
-//! `end`, `delete`, `done`), each fsynced, written by one process at a time (flock).
-//! Resuming a search is replaying it.
+//! `built`, `end`, `deleting`, `delete`, `done`), each fsynced, written by one process at a
+//! time (flock), never after a torn line. Resuming a search is replaying it. Paths are
+//! written as [`crate::text::path_string`] does (`\xNN` for bytes that are not UTF-8).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -131,6 +132,9 @@ pub struct Replay {
     pub built: Vec<(PathBuf, FileId)>,
     /// Candidates whose deletion started (`deleting` events; a `delete` event ends it).
     pub deleting: Vec<PathBuf>,
+    /// Candidates a trial started to build (`start` with `created`) with no later `built`,
+    /// `deleting` or `delete` event: expo was killed between building and recording them.
+    pub unconfirmed: Vec<PathBuf>,
     /// A last line cut short by a crash, ignored.
     pub torn_tail: bool,
     /// Damaged lines (not JSON) followed by valid events, ignored: their line numbers.
@@ -288,6 +292,12 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
                 let slot = v["slot"].as_u64().unwrap_or(0) as usize;
                 let output = path_from_json(v["output"].as_str().unwrap_or(""));
                 let created = v["created"].as_bool().unwrap_or(false);
+                if created {
+                    r.unconfirmed.retain(|p| *p != output);
+                    if !r.built.iter().any(|(b, _)| *b == output) {
+                        r.unconfirmed.push(output.clone());
+                    }
+                }
                 r.trials.retain(|t| t.trial != trial);
                 r.trials.push(Trial {
                     trial,
@@ -324,6 +334,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
             "delete" => {
                 if let Some(p) = v["output"].as_str() {
                     let p = path_from_json(p);
+                    r.unconfirmed.retain(|d| *d != p);
                     r.deleting.retain(|d| *d != p);
                     r.built.retain(|(b, _)| *b != p);
                     r.deleted.push(p);
@@ -331,7 +342,9 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
             }
             "deleting" => {
                 if let Some(p) = v["output"].as_str() {
-                    r.deleting.push(path_from_json(p));
+                    let p = path_from_json(p);
+                    r.unconfirmed.retain(|d| *d != p);
+                    r.deleting.push(p);
                 }
             }
             "built" => {
@@ -345,6 +358,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
                     ));
                 };
                 let p = path_from_json(p);
+                r.unconfirmed.retain(|d| *d != p);
                 r.built.retain(|(b, _)| *b != p);
                 r.deleting.retain(|d| *d != p);
                 r.built.push((p, FileId { dev, ino }));

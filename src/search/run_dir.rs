@@ -107,7 +107,20 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
     ledger.append(header)?;
     // Expo's candidates: the ones it recorded as built (with their identity) and not
     // deleted, and the ones whose deletion it started.
-    let built: BTreeMap<PathBuf, FileId> = replay.built.iter().cloned().collect();
+    let mut built: BTreeMap<PathBuf, FileId> = replay.built.iter().cloned().collect();
+    // A candidate built but not yet recorded when expo was killed: the build pass commits
+    // each candidate whole (with its expo.json) at a path that was free when the trial
+    // started, so one found complete there is this search's: record it now.
+    for p in &replay.unconfirmed {
+        let complete = p.join(crate::sidefiles::PROVENANCE_NAME).is_file();
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            if complete && m.is_dir() {
+                let id = FileId::of(&m);
+                ledger.append(&ledger::built_event(p, id))?;
+                built.insert(p.clone(), id);
+            }
+        }
+    }
     let incomplete: BTreeSet<PathBuf> = replay.deleting.iter().cloned().collect();
     let created: BTreeSet<PathBuf> = built.keys().chain(&incomplete).cloned().collect();
     // Finished trials stay; started-but-unfinished and interrupted ones run again.
