@@ -1400,3 +1400,52 @@ fn a_candidate_built_but_not_yet_recorded_when_expo_was_killed_is_adopted_on_res
         .iter()
         .any(|e| e["event"] == "built" && e["output"].as_str().unwrap().ends_with("alpha-0.1")));
 }
+
+/// Issue 22 item 14: a candidate whose deletion fails is reported as left on disk, not as
+/// kept, and the search goes on.
+#[test]
+fn a_candidate_that_could_not_be_deleted_is_left_not_kept() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let args: Vec<std::ffi::OsString> = vec![
+        "search".into(),
+        "--sft".into(),
+        s.path("sft").into(),
+        "--aligned".into(),
+        s.path("aligned").into(),
+        "--eval".into(),
+        format!("sh '{}' {{output}}", script.display()).into(),
+        "--run".into(),
+        s.out("run").into(),
+    ];
+    let paused = common::Paused::start(&args, "search-delete", &s.path("fp"));
+    // The first candidate out of contention is 0.1; something in it that expo will not
+    // remove (deeper than it walks).
+    let mut deep = s.out("run").join("alpha-0.1");
+    for _ in 0..70 {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep).unwrap();
+    let (code, stderr) = paused.finish();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("could not delete"), "{stderr}");
+    let summary: Value =
+        serde_json::from_str(&fs::read_to_string(s.out("run").join("summary.json")).unwrap())
+            .unwrap();
+    let left = summary["left"].as_array().unwrap();
+    assert!(
+        left.iter()
+            .any(|p| p.as_str().unwrap().ends_with("alpha-0.1")),
+        "{summary:#}"
+    );
+    assert!(
+        !summary["kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().ends_with("alpha-0.1")),
+        "{summary:#}"
+    );
+    assert_eq!(summary["best"]["alpha"].as_f64(), Some(0.3));
+}

@@ -207,7 +207,9 @@ impl Search<'_> {
     }
 
     /// Deletes the candidate at `p` if it is the very directory this search built, through
-    /// a directory handle. A candidate moved or replaced since is left alone, with a warning.
+    /// a directory handle. A candidate moved or replaced since is left alone, and one that
+    /// could not be deleted is left (not kept), each with a warning; only a ledger that
+    /// cannot be written is an error.
     pub(super) fn delete(&mut self, p: &Path) -> Result<()> {
         let Some(&id) = self.built.get(p) else {
             if p.exists() {
@@ -245,9 +247,9 @@ impl Search<'_> {
                     "could not delete the candidate {} ({e}); it is left on disk, not kept",
                     p.display()
                 ));
+                // The search goes on: a candidate left on disk costs space, not results.
                 self.leftovers.insert(p.to_path_buf());
-                return Err(anyhow::Error::new(e)
-                    .context(format!("deleting the candidate {}", p.display())));
+                return Ok(());
             }
         }
         self.created.remove(p);
