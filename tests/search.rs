@@ -1005,7 +1005,12 @@ fn a_leftover_score_file_is_never_read_as_a_new_trials_score() {
         ])
         .assert_fails(1, &["failed"]);
     assert!(s.out("run").join("trials/2.old-1/score.txt").exists());
+}
 
+/// Issue 22 item 5: a `--score-file` last modified before its trial started is not its
+/// score.
+#[test]
+fn a_score_file_older_than_its_trial_is_not_its_score() {
     // A score file outside the work directory, older than the trial.
     let s = Scratch::new();
     small_pair(&s, 9);
@@ -1276,9 +1281,9 @@ fn a_large_score_json_document_is_not_kept_whole_in_the_ledger() {
 }
 
 /// Issue 22 item 14: `--bounds` out of range or too fine is named as such (not "MIN <
-/// MAX"), and `--timeout 0` is refused.
+/// MAX").
 #[test]
-fn bounds_and_timeout_errors_say_what_is_wrong() {
+fn bounds_errors_say_what_is_wrong() {
     let s = Scratch::new();
     small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
@@ -1291,6 +1296,15 @@ fn bounds_and_timeout_errors_say_what_is_wrong() {
     search(&s, &script)
         .args(&["--bounds", "2:1"])
         .assert_fails(2, &["MIN must be below MAX"]);
+    assert!(!s.path("calls").exists());
+}
+
+/// Issue 22 item 14: `--timeout 0` is refused.
+#[test]
+fn a_zero_timeout_is_refused() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
     search(&s, &script)
         .args(&["--timeout", "0"])
         .assert_fails(2, &["--timeout", "longer than 0"]);
@@ -1324,11 +1338,10 @@ fn a_placeholder_inside_double_quotes_is_quoted_for_them() {
     assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
 }
 
-/// Issue 22 item 14: scores are shown with significant digits: 1e308 is not `inf` (nor a
-/// 300-digit Δ, nor NaN in the plot), scores near 1e-7 are not all `0`, and large scores
-/// do not overflow the table's columns.
+/// Issue 22 item 14: scores are shown with significant digits: scores near 1e-7 are not
+/// all `0`.
 #[test]
-fn extreme_scores_are_shown_with_significant_digits() {
+fn tiny_scores_are_shown_with_significant_digits() {
     let s = Scratch::new();
     small_pair(&s, 9);
     // Scores near 1e-7.
@@ -1346,6 +1359,12 @@ fn extreme_scores_are_shown_with_significant_digits() {
         let score = row.split_whitespace().nth(2).unwrap();
         assert_ne!(score, "0", "{}", out.stderr);
     }
+}
+
+/// Issue 22 item 14: a score of 1e308 is not `inf`, nor a 300-digit Δ, nor NaN in the plot;
+/// perplexity-sized scores fit the table's columns.
+#[test]
+fn huge_scores_fit_the_table_and_the_plot() {
     // 1e308 at the peak, perplexity-sized scores elsewhere.
     let s = Scratch::new();
     small_pair(&s, 9);
