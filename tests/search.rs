@@ -658,10 +658,13 @@ fn keep_all_keeps_every_candidate_and_a_directory_expo_did_not_make_is_never_del
     let s = Scratch::new();
     small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
-    let mine = s.out("run").join("alpha-0.2");
+    let mine = s.out("cands").join("alpha-0.2");
     fs::create_dir_all(&mine).unwrap();
     fs::write(mine.join("notes.txt"), "mine").unwrap();
-    search(&s, &script).assert_fails(1, &["alpha-0.2", "not made by this search"]);
+    search(&s, &script)
+        .arg("--output")
+        .arg(s.out("cands").join("alpha-{alpha}"))
+        .assert_fails(1, &["alpha-0.2", "not made by this search"]);
     assert_eq!(fs::read_to_string(mine.join("notes.txt")).unwrap(), "mine");
 }
 
@@ -718,4 +721,750 @@ fn usage_errors() {
         .arg("--resume")
         .assert_fails(2, &["holds no search"]);
     assert!(!s.out("run").exists());
+}
+
+/// Issue 22 item 1: a `--run` that holds the user's files and no ledger is refused, in the
+/// run and in `--dry-run`, and nothing in it is touched.
+#[test]
+fn a_run_directory_holding_user_files_and_no_ledger_is_refused() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let run = s.out("run");
+    fs::create_dir_all(run.join("trials")).unwrap();
+    for name in ["summary.json", "search.svg", "summary.tmp", "trials/notes"] {
+        fs::write(run.join(name), format!("mine: {name}")).unwrap();
+    }
+    let before = common::snapshot(&run);
+    search(&s, &script)
+        .arg("--dry-run")
+        .assert_fails(2, &["not empty", "holds no search"]);
+    search(&s, &script).assert_fails(2, &["not empty", "holds no search"]);
+    assert_eq!(common::snapshot(&run), before);
+    assert!(!s.path("calls").exists());
+    // An empty directory is fine.
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    fs::create_dir_all(s.out("run")).unwrap();
+    search(&s, &script).arg("--json").assert_ok();
+}
+
+/// `expo search` started with `args`, in `cwd`, the evaluator `script`, not waited for.
+fn spawn_search_in(s: &Scratch, cwd: &Path, script: &Path, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_expo"))
+        .current_dir(cwd)
+        .arg("search")
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' {{output}}", script.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Issue 22 item 2: `--run`/`--output` are resolved before they are compared on resume
+/// (`./run` is `run`), and a resume from another working directory with a relative
+/// `--output` never deletes the user's directory of the same relative name there.
+#[test]
+fn resume_resolves_run_and_output_and_never_deletes_a_same_named_user_directory() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = blocking_evaluator(&s);
+    let (a, b) = (s.out("a"), s.out("b"));
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(b.join("cand/alpha-0.1")).unwrap();
+    fs::write(b.join("cand/alpha-0.1/notes.txt"), "mine").unwrap();
+    let run = s.out("run");
+    let run_arg = run.to_str().unwrap();
+    let args = ["--run", run_arg, "--output", "cand/alpha-{alpha}"];
+    let child = spawn_search_in(&s, &a, &script, &args);
+    wait_for(&s.path("blocked"));
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(a.join("cand/alpha-0.1").exists());
+    fs::write(s.path("go"), "").unwrap();
+    // From b, the same spelling names other directories: refused, nothing touched.
+    let out = spawn_search_in(&s, &b, &script, &[&args[..], &["--resume"]].concat())
+        .wait_with_output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--output"), "{stderr}");
+    assert_eq!(
+        fs::read_to_string(b.join("cand/alpha-0.1/notes.txt")).unwrap(),
+        "mine"
+    );
+    // From a it resumes and tidies its own candidates.
+    let out = spawn_search_in(&s, &a, &script, &[&args[..], &["--resume"]].concat())
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(list_dir(&a.join("cand")), ["alpha-0.3"]);
+    assert_eq!(list_dir(&b.join("cand")), ["alpha-0.1"]);
+
+    // `./run` and `run` are one run directory.
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let outputs = s.outputs();
+    let base = |run: &str| {
+        expo(&["search"])
+            .current_dir(&outputs)
+            .arg("--sft")
+            .arg(s.path("sft"))
+            .arg("--aligned")
+            .arg(s.path("aligned"))
+            .arg("--eval")
+            .arg(format!("sh '{}' {{output}}", script.display()))
+            .args(&["--run", run])
+    };
+    base("run").arg("--json").assert_ok();
+    let j = base("./run")
+        .args(&["--resume", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+}
+
+/// Issue 22 item 2: the candidates' parent swapped for a link mid-search: expo deletes only
+/// the directories it built, never what the link leads to.
+#[test]
+fn a_candidates_parent_swapped_for_a_link_never_gets_the_link_target_deleted() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = blocking_evaluator(&s);
+    let cands = s.out("cands");
+    let template = cands.join("c-{alpha}");
+    let child = spawn_search_in(
+        &s,
+        &s.outputs(),
+        &script,
+        &[
+            "--run",
+            s.out("run").to_str().unwrap(),
+            "--output",
+            template.to_str().unwrap(),
+        ],
+    );
+    wait_for(&s.path("blocked"));
+    assert!(cands.join("c-0.1").exists());
+    // The user moves the candidates away and links their own directory in their place.
+    let decoy = s.out("decoy");
+    fs::create_dir_all(decoy.join("c-0.1")).unwrap();
+    fs::write(decoy.join("c-0.1/notes.txt"), "mine").unwrap();
+    fs::rename(&cands, s.out("cands.real")).unwrap();
+    std::os::unix::fs::symlink(&decoy, &cands).unwrap();
+    fs::write(s.path("go"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        fs::read_to_string(decoy.join("c-0.1/notes.txt")).unwrap(),
+        "mine",
+        "{stderr}"
+    );
+    assert!(stderr.contains("no longer the directory"), "{stderr}");
+}
+
+/// Issue 22 item 3: expo killed while it deletes a candidate: on resume the half-deleted
+/// candidate is never evaluated as if complete; it is removed and built again.
+#[test]
+fn a_candidate_whose_deletion_was_cut_short_is_rebuilt_not_reused() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    // 0.2 blocks until `go`; 0.3 is "not found" (exit 127, which stops the search and
+    // deletes the running trial's candidate) until `fixed`; every evaluation notes a
+    // candidate without weights.
+    let body = format!(
+        "[ -e \"$1/model.safetensors\" ] || echo \"$EXPO_ALPHA\" >> '{missing}'\nif [ \"$EXPO_ALPHA\" = 0.3 ] && [ ! -e '{fixed}' ]; then exit 127; fi\nif [ \"$EXPO_ALPHA\" = 0.2 ] && [ ! -e '{go}' ]; then while [ ! -e '{go}' ]; do sleep 0.05; done; fi\n{}",
+        peak(0.3),
+        missing = s.path("missing").display(),
+        fixed = s.path("fixed").display(),
+        go = s.path("go").display(),
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let args: Vec<std::ffi::OsString> = vec![
+        "search".into(),
+        "--sft".into(),
+        s.path("sft").into(),
+        "--aligned".into(),
+        s.path("aligned").into(),
+        "--eval".into(),
+        format!("sh '{}' {{output}}", script.display()).into(),
+        "--run".into(),
+        s.out("run").into(),
+        "-j".into(),
+        "2".into(),
+    ];
+    let paused = common::Paused::start(&args, "search-delete", &s.path("fp"));
+    let half = s.out("run").join("alpha-0.2");
+    // The deletion got as far as the weights; then expo is killed.
+    let _ = fs::remove_file(half.join("model.safetensors"));
+    assert!(half.exists());
+    paused.signal(libc::SIGKILL);
+    let _ = paused.wait();
+    fs::write(s.path("fixed"), "").unwrap();
+    fs::write(s.path("go"), "").unwrap();
+    let j = search(&s, &script)
+        .args(&["-j", "2", "--resume", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert!(
+        !s.path("missing").exists(),
+        "an evaluator was given a candidate without weights: {}",
+        fs::read_to_string(s.path("missing")).unwrap_or_default()
+    );
+    assert_eq!(candidates(&s), ["alpha-0.3"]);
+}
+
+/// Issue 22 item 4: a line torn by a failed append and followed by later events (what a
+/// full disk and expo's clean-up left) is a warning with its line number on resume, not the
+/// end of the search.
+#[test]
+fn a_torn_line_followed_by_events_is_a_warning_on_resume() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = blocking_evaluator(&s);
+    let child = spawn_search(&s, &script, &[]);
+    wait_for(&s.path("blocked"));
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
+    let path = s.out("run").join("ledger.jsonl");
+    let mut lines: Vec<String> = fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let n = lines.len();
+    lines[n - 1] = format!("{{\"event\":\"end\",\"trial\":3,\"sta{}", lines[n - 1]);
+    fs::write(&path, lines.join("\n") + "\n").unwrap();
+    fs::write(s.path("go"), "").unwrap();
+    let out = search(&s, &script)
+        .args(&["--resume", "--json"])
+        .assert_ok();
+    assert!(out.stderr.contains(&format!("line {n}")), "{}", out.stderr);
+    assert_eq!(out.json.unwrap()["best"]["alpha"].as_f64(), Some(0.3));
+}
+
+/// Issue 22 item 5: `{workdir}` is new for each trial (an old one is moved aside), and a
+/// `--score-file` last modified before the trial started is not its score.
+#[test]
+fn a_leftover_score_file_is_never_read_as_a_new_trials_score() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let body = format!("{} > \"$EXPO_WORKDIR/score.txt\"", peak(0.3));
+    let script = evaluator(&s, "eval.sh", &body);
+    let score_file = ["--score-file", "{workdir}/score.txt"];
+    search(&s, &script)
+        .args(&score_file)
+        .args(&["--keep", "0", "--json"])
+        .assert_ok();
+    // The ledger loses its trials (only its header is left): trial numbers start again.
+    let path = s.out("run").join("ledger.jsonl");
+    let header = fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    fs::write(&path, header + "\n").unwrap();
+    // This evaluator writes no score at α = 0.1.
+    let body = format!(
+        "[ \"$EXPO_ALPHA\" = 0.1 ] && exit 0\n{} > \"$EXPO_WORKDIR/score.txt\"",
+        peak(0.3)
+    );
+    fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+    search(&s, &script)
+        .args(&score_file)
+        .args(&[
+            "--resume",
+            "--keep",
+            "0",
+            "--retries",
+            "0",
+            "--max-failures",
+            "1",
+        ])
+        .assert_fails(1, &["failed"]);
+    assert!(s.out("run").join("trials/2.old-1/score.txt").exists());
+}
+
+/// Issue 22 item 5: a `--score-file` last modified before its trial started is not its
+/// score.
+#[test]
+fn a_score_file_older_than_its_trial_is_not_its_score() {
+    // A score file outside the work directory, older than the trial.
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", "true");
+    let stale = s.path("score.txt");
+    fs::write(&stale, "100\n").unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    search(&s, &script)
+        .arg("--score-file")
+        .arg(&stale)
+        .args(&["--retries", "0", "--max-failures", "1"])
+        .assert_fails(1, &["before the trial started"]);
+}
+
+/// Runs `expo search` (built by `cmd`) to its end, or kills it after a minute and fails
+/// the test (a run blocked on a FIFO never ends by itself).
+fn run_bounded(mut cmd: Command) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut t = String::new();
+        let _ = pipe.read_to_string(&mut t);
+        t
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("expo search did not end within a minute (blocked?)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status.code(), reader.join().unwrap())
+}
+
+/// Issue 22 item 9: a `--score-file` that is a FIFO or a device is refused at once (opened
+/// without blocking, read only when regular).
+#[test]
+fn a_score_file_that_is_a_fifo_or_a_device_is_refused_without_blocking() {
+    for kind in ["fifo", "device"] {
+        let s = Scratch::new();
+        small_pair(&s, 9);
+        let script = evaluator(&s, "eval.sh", &peak(0.3));
+        let score = if kind == "fifo" {
+            let p = s.path("score.fifo");
+            common::mkfifo(&p);
+            p
+        } else {
+            PathBuf::from("/dev/null")
+        };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_expo"));
+        cmd.arg("search")
+            .arg("--sft")
+            .arg(s.path("sft"))
+            .arg("--aligned")
+            .arg(s.path("aligned"))
+            .arg("--eval")
+            .arg(format!("sh '{}' {{output}}", script.display()))
+            .arg("--run")
+            .arg(s.out("run"))
+            .arg("--score-file")
+            .arg(&score)
+            .args(["--retries", "0", "--max-failures", "1"]);
+        let (code, stderr) = run_bounded(cmd);
+        assert_eq!(code, Some(1), "{kind}: {stderr}");
+        assert!(stderr.contains("not a regular file"), "{kind}: {stderr}");
+    }
+}
+
+/// Issue 22 item 6: an edited `adapter_config.json` (or `config.json`) is refused on resume,
+/// naming the file: one search never mixes candidates of both versions.
+#[test]
+fn an_edited_adapter_or_model_config_is_refused_on_resume_naming_the_file() {
+    use crate::common::adapter::{llama, lora_config};
+    let s = Scratch::new();
+    let l = llama(&s, Dtype::F32, lora_config(2, 8.0, &["q_proj", "v_proj"]));
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let run = || {
+        expo(&["search"])
+            .arg("--sft")
+            .arg(&l.base)
+            .arg("--aligned")
+            .arg(&l.adapter)
+            .arg("--eval")
+            .arg(format!("sh '{}' {{output}}", script.display()))
+            .arg("--run")
+            .arg(s.out("run"))
+    };
+    run().arg("--json").assert_ok();
+    let config = l.adapter.join("adapter_config.json");
+    let mut c: Value = serde_json::from_str(&fs::read_to_string(&config).unwrap()).unwrap();
+    c["lora_alpha"] = 64.into();
+    fs::write(&config, c.to_string()).unwrap();
+    run()
+        .arg("--resume")
+        .assert_fails(2, &["adapter_config.json", "--aligned", "changed"]);
+
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    search(&s, &script).arg("--json").assert_ok();
+    fs::write(
+        s.path("aligned").join("config.json"),
+        "{\"torch_dtype\": \"float32\"}\n",
+    )
+    .unwrap();
+    search(&s, &script)
+        .arg("--resume")
+        .assert_fails(2, &["config.json", "--aligned"]);
+}
+
+/// Issue 22 item 12: what a search cannot do is refused before anything is evaluated, in
+/// `--dry-run` too: `--dtype`/`--max-shard-size` with an adapter, `--run` inside `--aligned`.
+#[test]
+fn impossible_settings_are_refused_before_the_baseline_is_evaluated() {
+    use crate::common::adapter::{llama, lora_config};
+    let s = Scratch::new();
+    let l = llama(&s, Dtype::F32, lora_config(2, 8.0, &["q_proj", "v_proj"]));
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let run = || {
+        expo(&["search"])
+            .arg("--sft")
+            .arg(&l.base)
+            .arg("--aligned")
+            .arg(&l.adapter)
+            .arg("--eval")
+            .arg(format!("sh '{}' {{output}}", script.display()))
+            .arg("--run")
+            .arg(s.out("run"))
+    };
+    for flags in [&["--dtype", "bf16"][..], &["--max-shard-size", "1MB"][..]] {
+        for dry in [true, false] {
+            let cmd = run().args(flags);
+            let cmd = if dry { cmd.arg("--dry-run") } else { cmd };
+            cmd.assert_fails(2, &[flags[0], "adapter"]);
+        }
+    }
+    assert!(!s.path("calls").exists());
+
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    for dry in [true, false] {
+        let cmd = expo(&["search"])
+            .arg("--sft")
+            .arg(s.path("sft"))
+            .arg("--aligned")
+            .arg(s.path("aligned"))
+            .arg("--eval")
+            .arg(format!("sh '{}' {{output}}", script.display()))
+            .arg("--run")
+            .arg(s.path("aligned").join("run"))
+            .arg("--output")
+            .arg(s.out("cands").join("c-{alpha}"));
+        let cmd = if dry { cmd.arg("--dry-run") } else { cmd };
+        cmd.assert_fails(2, &["--run", "inside --aligned"]);
+    }
+    assert!(!s.path("calls").exists());
+    assert!(!s.path("aligned").join("run").exists());
+}
+
+/// Issue 22 item 13: paths that are not UTF-8 never panic: `search`, `extrapolate --json`
+/// and `inspect --json` print them in JSON with each invalid byte as `\xNN`.
+#[test]
+fn non_utf8_paths_are_printed_with_escaped_bytes_not_panics() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let run = s.outputs().join(OsStr::from_bytes(b"run-\xff"));
+    let j = expo(&["search"])
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' {{output}}", script.display()))
+        .arg("--run")
+        .arg(&run)
+        .arg("--json")
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert!(j["run"].as_str().unwrap().ends_with("run-\\xff"), "{j:#}");
+    assert_eq!(
+        list_dir(&run)
+            .iter()
+            .filter(|n| n.starts_with("alpha-"))
+            .count(),
+        1
+    );
+    // Resume reads the escaped paths back: the kept candidate is recognised as its own.
+    expo(&["search"])
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' {{output}}", script.display()))
+        .arg("--run")
+        .arg(&run)
+        .args(&["--resume", "--json"])
+        .assert_ok();
+
+    let out = s.outputs().join(OsStr::from_bytes(b"out-\xfe"));
+    let j = common::extrapolate(&s.path("sft"), &s.path("aligned"), "0.3", &out)
+        .arg("--json")
+        .assert_ok()
+        .json
+        .unwrap();
+    assert!(j.to_string().contains("out-\\\\xfe"), "{j:#}");
+
+    let odd = s.outputs().join(OsStr::from_bytes(b"model-\xfd"));
+    fs::rename(&out, &odd).unwrap();
+    let j = expo(&["inspect", "--json"])
+        .arg(&odd)
+        .assert_ok()
+        .json
+        .unwrap();
+    assert!(
+        j["path"].as_str().unwrap().ends_with("model-\\xfd"),
+        "{j:#}"
+    );
+}
+
+/// Issue 22 item 10: the ledger keeps a large `--score-json` document only as the pointer's
+/// value and a note, not whole (a small one stays whole).
+#[test]
+fn a_large_score_json_document_is_not_kept_whole_in_the_ledger() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    // A 300 kB document: the score and a long list of generations.
+    let body = "awk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"{\\\"r\\\": {\\\"score\\\": %.9f}, \\\"gen\\\": [\", -(a-0.3)*(a-0.3); for (i = 0; i < 30000; i++) printf \"%s\\\"xxxxxxx\\\"\", (i ? \",\" : \"\"); print \"]}\" }'";
+    let script = evaluator(&s, "eval.sh", body);
+    let j = search(&s, &script)
+        .args(&["--score-json", "/r/score", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    let text = fs::read_to_string(s.out("run").join("ledger.jsonl")).unwrap();
+    let longest = text.lines().map(str::len).max().unwrap();
+    assert!(longest < 70_000, "a ledger line of {longest} bytes");
+    let end = ledger(&s)
+        .into_iter()
+        .find(|e| e["event"] == "end" && e["alpha"] == 0.3)
+        .unwrap();
+    assert_eq!(end["json"]["value"].as_f64(), Some(0.0), "{end}");
+    assert!(end["json"]["expo_note"].as_str().unwrap().contains("bytes"));
+}
+
+/// Issue 22 item 14: `--bounds` out of range or too fine is named as such (not "MIN <
+/// MAX").
+#[test]
+fn bounds_errors_say_what_is_wrong() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    search(&s, &script)
+        .args(&["--bounds", "0:5000"])
+        .assert_fails(2, &["5000", "out of range"]);
+    search(&s, &script)
+        .args(&["--bounds", "0:0.0000000000001"])
+        .assert_fails(2, &["12 decimals"]);
+    search(&s, &script)
+        .args(&["--bounds", "2:1"])
+        .assert_fails(2, &["MIN must be below MAX"]);
+    assert!(!s.path("calls").exists());
+}
+
+/// Issue 22 item 14: `--timeout 0` is refused.
+#[test]
+fn a_zero_timeout_is_refused() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    search(&s, &script)
+        .args(&["--timeout", "0"])
+        .assert_fails(2, &["--timeout", "longer than 0"]);
+    assert!(!s.path("calls").exists());
+}
+
+/// Issue 22 item 14: a placeholder inside double quotes gets the value quoted for them
+/// (no literal quotes inserted into the path).
+#[test]
+fn a_placeholder_inside_double_quotes_is_quoted_for_them() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let body = format!(
+        "[ -d \"$1\" ] || {{ echo \"not a directory: $1\" >&2; exit 3; }}\n{}",
+        peak(0.3)
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let j = expo(&["search"])
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(format!("sh '{}' \"{{output}}\"", script.display()))
+        .arg("--run")
+        .arg(s.out("run with 'quotes'"))
+        .args(&["--retries", "0", "--max-failures", "1", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+}
+
+/// Issue 22 item 14: scores are shown with significant digits: scores near 1e-7 are not
+/// all `0`.
+#[test]
+fn tiny_scores_are_shown_with_significant_digits() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    // Scores near 1e-7.
+    let body =
+        "awk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"%.6e\\n\", 1e-7 * (1 - (a-0.3)*(a-0.3)) }'";
+    let script = evaluator(&s, "eval.sh", body);
+    let out = search(&s, &script).arg("--json").assert_ok();
+    let rows: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.trim_end().ends_with(" ok"))
+        .collect();
+    assert!(rows.len() >= 6, "{}", out.stderr);
+    for row in &rows {
+        let score = row.split_whitespace().nth(2).unwrap();
+        assert_ne!(score, "0", "{}", out.stderr);
+    }
+}
+
+/// Issue 22 item 14: a score of 1e308 is not `inf`, nor a 300-digit Δ, nor NaN in the plot;
+/// perplexity-sized scores fit the table's columns.
+#[test]
+fn huge_scores_fit_the_table_and_the_plot() {
+    // 1e308 at the peak, perplexity-sized scores elsewhere.
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let body = "case \"$EXPO_ALPHA\" in 0.3) echo 1e308;; *) awk -v a=\"$EXPO_ALPHA\" 'BEGIN { printf \"%.3f\\n\", 212345678.123 + a }';; esac";
+    let script = evaluator(&s, "eval.sh", body);
+    let out = search(&s, &script).arg("--json").assert_ok();
+    assert!(!out.stderr.contains("inf"), "{}", out.stderr);
+    let header = out.stderr.lines().find(|l| l.starts_with("trial")).unwrap();
+    for row in out.stderr.lines().filter(|l| l.trim_end().ends_with(" ok")) {
+        assert!(
+            row.len() <= header.len(),
+            "a row wider than the header:\n{}",
+            out.stderr
+        );
+    }
+    assert!(out.stderr.contains("score 1e308"), "{}", out.stderr);
+    let svg = fs::read_to_string(s.out("run").join("search.svg")).unwrap();
+    assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+}
+
+/// Issue 22 item 2: expo killed after building a candidate and before recording it: the
+/// resumed search recognises the complete candidate at the path its trial started to build
+/// (records it), instead of refusing it as not made by this search.
+#[test]
+fn a_candidate_built_but_not_yet_recorded_when_expo_was_killed_is_adopted_on_resume() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let args: Vec<std::ffi::OsString> = vec![
+        "search".into(),
+        "--sft".into(),
+        s.path("sft").into(),
+        "--aligned".into(),
+        s.path("aligned").into(),
+        "--eval".into(),
+        format!("sh '{}' {{output}}", script.display()).into(),
+        "--run".into(),
+        s.out("run").into(),
+    ];
+    let paused = common::Paused::start(&args, "search-built", &s.path("fp"));
+    assert!(s.out("run").join("alpha-0.1/expo.json").exists());
+    paused.signal(libc::SIGKILL);
+    let _ = paused.wait();
+    let j = search(&s, &script)
+        .args(&["--resume", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert_eq!(candidates(&s), ["alpha-0.3"]);
+    assert!(ledger(&s)
+        .iter()
+        .any(|e| e["event"] == "built" && e["output"].as_str().unwrap().ends_with("alpha-0.1")));
+}
+
+/// Issue 22 item 14: a candidate whose deletion fails is reported as left on disk, not as
+/// kept, and the search goes on.
+#[test]
+fn a_candidate_that_could_not_be_deleted_is_left_not_kept() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let args: Vec<std::ffi::OsString> = vec![
+        "search".into(),
+        "--sft".into(),
+        s.path("sft").into(),
+        "--aligned".into(),
+        s.path("aligned").into(),
+        "--eval".into(),
+        format!("sh '{}' {{output}}", script.display()).into(),
+        "--run".into(),
+        s.out("run").into(),
+    ];
+    let paused = common::Paused::start(&args, "search-delete", &s.path("fp"));
+    // The first candidate out of contention is 0.1; something in it that expo will not
+    // remove (deeper than it walks).
+    let mut deep = s.out("run").join("alpha-0.1");
+    for _ in 0..70 {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep).unwrap();
+    let (code, stderr) = paused.finish();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("could not delete"), "{stderr}");
+    let summary: Value =
+        serde_json::from_str(&fs::read_to_string(s.out("run").join("summary.json")).unwrap())
+            .unwrap();
+    let left = summary["left"].as_array().unwrap();
+    assert!(
+        left.iter()
+            .any(|p| p.as_str().unwrap().ends_with("alpha-0.1")),
+        "{summary:#}"
+    );
+    assert!(
+        !summary["kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().ends_with("alpha-0.1")),
+        "{summary:#}"
+    );
+    assert_eq!(summary["best"]["alpha"].as_f64(), Some(0.3));
 }

@@ -48,6 +48,7 @@ mod target;
 mod test_support;
 
 pub use commit::{sync_dir, CommitOutcome};
+pub use remove::{remove_identified, NotRemoved};
 pub use staging::{remove_active_staging, StagingDir};
 pub use stale::{clean_stale_staging, StaleCleanup};
 pub use target::{check_overlap, location_clash, Existing, OutputTarget};

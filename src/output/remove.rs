@@ -85,3 +85,51 @@ pub(super) fn remove_marked_tree(path: &Path, expected: Option<FileId>) -> io::R
     }
     remove_marked_dir(&dir, path)
 }
+
+/// Why [`remove_identified`] left a directory alone.
+#[derive(Debug)]
+pub enum NotRemoved {
+    /// Nothing is at the path any more.
+    Gone,
+    /// What the path names now is not the directory recorded (moved, or a link swapped in).
+    Replaced,
+    /// Removing failed part-way.
+    Io(io::Error),
+}
+
+/// Removes the directory at `path` only if it still is the directory `id` (the path is
+/// opened without following a final link, and any link on the way leads to another
+/// directory, whose identity differs): `first` inside it is removed before anything else and
+/// the directory synced, so that a removal cut short is recognisably incomplete; then
+/// `between` runs (a test's pause point), then the rest is removed through directory handles
+/// and the directory itself.
+pub fn remove_identified(
+    path: &Path,
+    id: FileId,
+    first: Option<&CStr>,
+    between: impl FnOnce(),
+) -> Result<(), NotRemoved> {
+    let dir = match open_dir(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(NotRemoved::Gone),
+        // ELOOP/ENOTDIR: a link or a file where the directory was.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
+            return Err(NotRemoved::Replaced)
+        }
+        Err(e) => return Err(NotRemoved::Io(e)),
+    };
+    let meta = dir.metadata().map_err(NotRemoved::Io)?;
+    if FileId::of(&meta) != id {
+        return Err(NotRemoved::Replaced);
+    }
+    if let Some(name) = first {
+        match unlink_at(&dir, name, 0) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(NotRemoved::Io(e)),
+            _ => {}
+        }
+        dir.sync_all().map_err(NotRemoved::Io)?;
+    }
+    between();
+    remove_contents(&dir, None, 0).map_err(NotRemoved::Io)?;
+    remove_dir_if(path, id).map_err(NotRemoved::Io)
+}

@@ -11,7 +11,9 @@ use super::rule::{self, Lat, Outcome};
 use super::{Abort, Search};
 use crate::build::{self, Settings as BuildSettings};
 use crate::interrupt;
+use crate::output::NotRemoved;
 use crate::reporter::Quiet;
+use crate::sys::FileId;
 
 /// The trials of a batch, recorded as started, and the α whose candidates to build.
 pub(super) struct Planned {
@@ -32,7 +34,7 @@ impl Search<'_> {
     /// The candidate of α: the `--aligned` model for α = 0, else the `--output` directory,
     /// to build unless this search built it earlier. A directory expo did not make is an
     /// error.
-    pub(super) fn candidate(&self, a: Lat) -> Result<Candidate, Abort> {
+    pub(super) fn candidate(&mut self, a: Lat) -> Result<Candidate, Abort> {
         if a.0 == 0 {
             return Ok(Candidate {
                 output: self.aligned_path.clone(),
@@ -42,8 +44,13 @@ impl Search<'_> {
         }
         let p = alpha_path(&self.cfg.output, a);
         let ours = self.created.contains(&p);
-        // Built earlier in this search (an unfinished or retried trial).
-        let built = ours && p.join(crate::sidefiles::PROVENANCE_NAME).is_file();
+        // Built earlier in this search (an unfinished or retried trial), still the very
+        // directory expo built, and complete.
+        let built = ours && self.is_complete(&p);
+        if !built && ours && p.exists() {
+            // A candidate of this search whose deletion was cut short: finish it.
+            self.delete(&p).map_err(Abort::Broken)?;
+        }
         if !built && p.exists() && !is_empty_dir(&p) {
             return Err(Abort::Broken(anyhow::anyhow!(
                 "{} already exists and was not made by this search; remove it, or choose another --output",
@@ -71,8 +78,22 @@ impl Search<'_> {
         let settings = self.build_settings(&planned.to_build);
         crate::failpoint::pause("search-build");
         match build::build(&settings, &Quiet(self.reporter)) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                crate::failpoint::pause("search-built");
+                for &a in &planned.to_build {
+                    self.record_built(&alpha_path(&self.cfg.output, a))
+                        .map_err(Abort::Broken)?;
+                }
+                Ok(())
+            }
             Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some() => {
+                // What the pass completed before it stopped is this search's.
+                for &a in &planned.to_build {
+                    let p = alpha_path(&self.cfg.output, a);
+                    if p.join(crate::sidefiles::PROVENANCE_NAME).is_file() {
+                        let _ = self.record_built(&p);
+                    }
+                }
                 self.abandon(&planned.trials);
                 Err(Abort::Interrupted)
             }
@@ -162,14 +183,81 @@ impl Search<'_> {
         Ok(())
     }
 
+    /// Records in the ledger that the candidate at `p` was built: the identity of the
+    /// directory there, the only one [`Search::delete`] will remove.
+    fn record_built(&mut self, p: &Path) -> Result<()> {
+        let meta = std::fs::symlink_metadata(p)
+            .with_context(|| format!("checking the candidate {}", p.display()))?;
+        let id = FileId::of(&meta);
+        self.ledger.append(&ledger::built_event(p, id))?;
+        self.built.insert(p.to_path_buf(), id);
+        self.incomplete.remove(p);
+        Ok(())
+    }
+
+    /// A candidate this search built, still the very directory it built (not moved or
+    /// swapped for another) and complete: its deletion never started, its provenance is there.
+    fn is_complete(&self, p: &Path) -> bool {
+        let Some(id) = self.built.get(p) else {
+            return false;
+        };
+        !self.incomplete.contains(p)
+            && std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && FileId::of(&m) == *id)
+            && p.join(crate::sidefiles::PROVENANCE_NAME).is_file()
+    }
+
+    /// Deletes the candidate at `p` if it is the very directory this search built, through
+    /// a directory handle. A candidate moved or replaced since is left alone, and one that
+    /// could not be deleted is left (not kept), each with a warning; only a ledger that
+    /// cannot be written is an error.
     pub(super) fn delete(&mut self, p: &Path) -> Result<()> {
-        if p.exists() {
-            std::fs::remove_dir_all(p)
-                .with_context(|| format!("deleting the candidate {}", p.display()))?;
+        let Some(&id) = self.built.get(p) else {
+            if p.exists() {
+                self.reporter.warn(format!(
+                    "left {} in place: the ledger does not record that this search built it",
+                    p.display()
+                ));
+            }
+            self.created.remove(p);
+            return Ok(());
+        };
+        // Marked as not built before anything is removed: the ledger says the deletion
+        // started, and the provenance goes first (synced), so that a deletion cut short
+        // (a second Ctrl-C, kill -9) leaves a candidate that is never taken as complete.
+        self.ledger
+            .append(&json!({"event": "deleting", "output": crate::text::path_json(p)}))?;
+        self.incomplete.insert(p.to_path_buf());
+        let provenance = std::ffi::CString::new(crate::sidefiles::PROVENANCE_NAME)?;
+        let outcome = crate::output::remove_identified(p, id, Some(&provenance), || {
+            crate::failpoint::pause("search-delete")
+        });
+        match outcome {
+            Ok(()) | Err(NotRemoved::Gone) => {}
+            Err(NotRemoved::Replaced) => {
+                self.reporter.warn(format!(
+                    "left {} in place: it is no longer the directory this search built (moved, or a link on its path was swapped)",
+                    p.display()
+                ));
+                self.created.remove(p);
+                self.built.remove(p);
+                return Ok(());
+            }
+            Err(NotRemoved::Io(e)) => {
+                self.reporter.warn(format!(
+                    "could not delete the candidate {} ({e}); it is left on disk, not kept",
+                    p.display()
+                ));
+                // The search goes on: a candidate left on disk costs space, not results.
+                self.leftovers.insert(p.to_path_buf());
+                return Ok(());
+            }
         }
         self.created.remove(p);
+        self.built.remove(p);
+        self.incomplete.remove(p);
+        self.leftovers.remove(p);
         self.ledger
-            .append(&json!({"event": "delete", "output": p}))?;
+            .append(&json!({"event": "delete", "output": crate::text::path_json(p)}))?;
         Ok(())
     }
 }

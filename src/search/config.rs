@@ -42,6 +42,36 @@ pub struct Config {
     pub command: Vec<String>,
 }
 
+/// `path` made absolute and resolved: its longest existing ancestor with links resolved
+/// (`canonicalize`), the rest appended with `.` dropped and `..` applied. `--run` and
+/// `--output` are resolved once, so that a search records, compares on resume and deletes
+/// the same directories whatever the working directory and spelling (`./run` is `run`).
+pub fn resolve_path(path: &std::path::Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let abs = std::path::absolute(path)?;
+    let comps: Vec<Component> = abs.components().collect();
+    let mut base = PathBuf::from("/");
+    let mut rest = 0;
+    for i in (1..=comps.len()).rev() {
+        let prefix: PathBuf = comps[..i].iter().collect();
+        if let Ok(c) = prefix.canonicalize() {
+            base = c;
+            rest = i;
+            break;
+        }
+    }
+    for c in &comps[rest..] {
+        match c {
+            Component::ParentDir => {
+                base.pop();
+            }
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            Component::Normal(n) => base.push(n),
+        }
+    }
+    Ok(base)
+}
+
 /// Parses a duration: `90`, `90s`, `5m`, `1.5h`, `500ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
@@ -99,14 +129,38 @@ pub fn parse_resolution(s: &str) -> Result<Resolution, String> {
 pub struct Bounds(pub f64, pub f64);
 
 pub fn parse_bounds(s: &str) -> Result<Bounds, String> {
-    let bad = || format!("`{s}` is not MIN:MAX with MIN < MAX (e.g. 0:4)");
+    let bad = || format!("`{s}` is not MIN:MAX, two numbers (e.g. 0:4)");
     let (a, b) = s.split_once(':').ok_or_else(bad)?;
     let a: f64 = a.trim().parse().map_err(|_| bad())?;
     let b: f64 = b.trim().parse().map_err(|_| bad())?;
-    if Lat::from_f64(a).is_none() || Lat::from_f64(b).is_none() || a >= b {
-        return Err(bad());
+    for v in [a, b] {
+        if Lat::from_f64(v).is_some() {
+            continue;
+        }
+        return Err(if !v.is_finite() || v.abs() > rule::MAX_ABS_ALPHA as f64 {
+            format!(
+                "`{s}`: {v} is out of range; a search handles |α| ≤ {}",
+                rule::MAX_ABS_ALPHA
+            )
+        } else {
+            format!("`{s}`: {v} is finer than a search's step; give at most 12 decimals")
+        });
+    }
+    if a >= b {
+        return Err(format!("`{s}`: MIN must be below MAX (e.g. 0:4)"));
     }
     Ok(Bounds(a, b))
+}
+
+/// `--timeout DUR`: a duration longer than zero (no `--timeout` means none).
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "`{s}`: a timeout must be longer than 0 (leave --timeout out for none)"
+        ));
+    }
+    Ok(d)
 }
 
 /// Builds the rule's settings from the command line's values.

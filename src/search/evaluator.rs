@@ -8,7 +8,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::text::shell_quote;
 
@@ -17,6 +17,10 @@ pub const NAMES: [&str; 5] = ["alpha", "output", "workdir", "slot", "trial"];
 
 /// Largest stdout or score file read as a JSON document.
 const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// How much older than its trial a score file may look (the clocks of a network file
+/// system's server and of this machine may differ a little).
+pub const STALE_MARGIN: Duration = Duration::from_secs(2);
 
 /// How much of the end of stdout is searched for the last line.
 const TAIL_BYTES: u64 = 64 << 10;
@@ -43,7 +47,58 @@ pub enum TemplateError {
 #[derive(Debug, Clone, PartialEq)]
 enum Part {
     Text(Vec<u8>),
-    Var(usize),
+    /// A placeholder, and the shell quoting it stands in.
+    Var(usize, Quote),
+}
+
+/// The shell quoting a placeholder stands in, so that its value is quoted for it: bare
+/// (`{output}`), inside double quotes (`"{output}"`) or inside single quotes (`'{output}'`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Quote {
+    Bare,
+    Double,
+    Single,
+}
+
+impl Quote {
+    /// The quoting after the literal byte `c` (with `escaped`: `c` follows a backslash).
+    fn after(self, c: u8, escaped: bool) -> Quote {
+        match (self, c) {
+            (_, _) if escaped => self,
+            (Quote::Bare, b'\'') => Quote::Single,
+            (Quote::Bare, b'"') => Quote::Double,
+            (Quote::Double, b'"') | (Quote::Single, b'\'') => Quote::Bare,
+            _ => self,
+        }
+    }
+
+    /// `value` quoted for this context: one shell word with exactly these bytes.
+    fn quote(self, value: &[u8]) -> Vec<u8> {
+        match self {
+            Quote::Bare => shell_quote(value),
+            Quote::Double => {
+                let mut out = Vec::with_capacity(value.len() + 2);
+                for &b in value {
+                    if matches!(b, b'"' | b'\\' | b'$' | b'`') {
+                        out.push(b'\\');
+                    }
+                    out.push(b);
+                }
+                out
+            }
+            Quote::Single => {
+                let mut out = Vec::with_capacity(value.len() + 2);
+                for &b in value {
+                    if b == b'\'' {
+                        out.extend_from_slice(b"'\\''");
+                    } else {
+                        out.push(b);
+                    }
+                }
+                out
+            }
+        }
+    }
 }
 
 /// A parsed `{name}` template (`--eval`, `--score-file`).
@@ -85,14 +140,19 @@ impl Template {
         let mut lit = Vec::new();
         let b = text.as_bytes();
         let mut i = 0;
+        // The shell quoting at this point of the command (for --eval; a path ignores it).
+        let mut quote = Quote::Bare;
+        let mut escaped = false;
         while i < b.len() {
             match b[i] {
                 b'{' if b.get(i + 1) == Some(&b'{') => {
                     lit.push(b'{');
+                    escaped = false;
                     i += 2;
                 }
                 b'}' if b.get(i + 1) == Some(&b'}') => {
                     lit.push(b'}');
+                    escaped = false;
                     i += 2;
                 }
                 b'{' => {
@@ -114,7 +174,8 @@ impl Template {
                     if !lit.is_empty() {
                         parts.push(Part::Text(std::mem::take(&mut lit)));
                     }
-                    parts.push(Part::Var(var));
+                    parts.push(Part::Var(var, quote));
+                    escaped = false;
                     i += end + 2;
                 }
                 b'}' => {
@@ -126,6 +187,8 @@ impl Template {
                 }
                 c => {
                     lit.push(c);
+                    quote = quote.after(c, escaped);
+                    escaped = c == b'\\' && !escaped && quote != Quote::Single;
                     i += 1;
                 }
             }
@@ -154,10 +217,10 @@ impl Template {
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.extend_from_slice(t),
-                Part::Var(k) => {
+                Part::Var(k, context) => {
                     let value = v.get(*k);
                     if quote {
-                        out.extend_from_slice(&shell_quote(value.as_bytes()));
+                        out.extend_from_slice(&context.quote(value.as_bytes()));
                     } else {
                         out.extend_from_slice(value.as_bytes());
                     }
@@ -202,6 +265,10 @@ pub enum ScoreError {
     },
     #[error("{path} is larger than {limit} bytes")]
     TooLarge { path: PathBuf, limit: u64 },
+    #[error("{path} is not a regular file ({kind}); a score is read from a regular file only")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("the score file {path} was last modified before the trial started (a leftover, not this trial's score)")]
+    Stale { path: PathBuf },
 }
 
 /// A score and, when the evaluator printed one, its whole JSON document.
@@ -225,29 +292,87 @@ pub fn score_from_line(text: &str, what: &str) -> Result<f64, ScoreError> {
     }
 }
 
-/// The number at RFC 6901 `pointer` in the JSON document `text`.
+/// The largest evaluator JSON document kept whole in the ledger; of a larger one only the
+/// pointer's value is kept, with a note.
+pub const MAX_KEPT_JSON_BYTES: usize = 64 << 10;
+
+/// The number at RFC 6901 `pointer` in the JSON document `text`, and what the ledger keeps
+/// of the document (see [`kept_json`]).
+///
+/// Memory stays close to the document's size: the document is checked as one JSON value
+/// without being built (`RawValue`), and only the objects and arrays on the pointer's path
+/// are split, one level at a time, into their keys and raw members.
 pub fn score_from_json(
     text: &str,
     pointer: &str,
     what: &str,
 ) -> Result<(f64, serde_json::Value), ScoreError> {
-    let doc: serde_json::Value =
-        serde_json::from_str(text.trim()).map_err(|e| ScoreError::NotJson {
-            what: what.into(),
-            reason: e.to_string(),
-        })?;
-    let value = doc.pointer(pointer).ok_or_else(|| ScoreError::Missing {
+    use serde_json::value::RawValue;
+    let not_json = |e: serde_json::Error| ScoreError::NotJson {
+        what: what.into(),
+        reason: e.to_string(),
+    };
+    let doc: &RawValue = serde_json::from_str(text.trim()).map_err(not_json)?;
+    let missing = || ScoreError::Missing {
         what: what.into(),
         pointer: pointer.into(),
-    })?;
-    match value.as_f64() {
-        Some(v) if v.is_finite() => Ok((v, doc)),
+    };
+    let mut cur = doc;
+    for token in pointer.split('/').skip(1) {
+        let token = token.replace("~1", "/").replace("~0", "~");
+        let raw = cur.get().trim_start();
+        if raw.starts_with('{') {
+            let map: std::collections::HashMap<String, &RawValue> =
+                serde_json::from_str(cur.get()).map_err(not_json)?;
+            cur = map.get(&token).copied().ok_or_else(missing)?;
+        } else if raw.starts_with('[') {
+            let items: Vec<&RawValue> = serde_json::from_str(cur.get()).map_err(not_json)?;
+            let canonical = token == "0" || (!token.starts_with('0') && !token.is_empty());
+            let k = token
+                .parse::<usize>()
+                .ok()
+                .filter(|_| canonical && token.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(missing)?;
+            cur = items.get(k).copied().ok_or_else(missing)?;
+        } else {
+            return Err(missing());
+        }
+    }
+    let raw = cur.get().trim();
+    let value = if raw.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        serde_json::from_str::<f64>(raw).ok()
+    } else {
+        None
+    };
+    match value {
+        Some(v) if v.is_finite() => Ok((v, kept_json(text, pointer, v))),
         _ => Err(ScoreError::NotNumeric {
             what: what.into(),
             pointer: pointer.into(),
-            value: value.to_string().chars().take(200).collect(),
+            value: raw.chars().take(200).collect(),
         }),
     }
+}
+
+/// What the ledger keeps of an evaluator's JSON document: the whole document when it has at
+/// most [`MAX_KEPT_JSON_BYTES`], else the pointer's value and a note.
+fn kept_json(text: &str, pointer: &str, value: f64) -> serde_json::Value {
+    let text = text.trim();
+    if text.len() <= MAX_KEPT_JSON_BYTES {
+        if let Ok(doc) = serde_json::from_str(text) {
+            return doc;
+        }
+    }
+    serde_json::json!({
+        "expo_note": format!(
+            "the evaluator's JSON document has {} bytes, more than the {} kept; only the score is kept",
+            text.len(),
+            MAX_KEPT_JSON_BYTES
+        ),
+        "bytes": text.len(),
+        "pointer": pointer,
+        "value": value,
+    })
 }
 
 /// Checks `--score-json POINTER` (empty, or starting with `/`).
@@ -261,12 +386,49 @@ pub fn parse_pointer(s: &str) -> Result<String, String> {
     }
 }
 
+/// Opens `path` for reading a score: without blocking (a FIFO would block the open and
+/// every read) and only if it is a regular file (a device such as /dev/zero never ends).
+fn open_regular(path: &Path) -> Result<(File, u64), ScoreError> {
+    let read_err = |source| ScoreError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = crate::sys::open_nonblocking(path).map_err(read_err)?;
+    let meta = f.metadata().map_err(read_err)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_dir() {
+            "a directory"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(ScoreError::NotRegular {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    Ok((f, meta.len()))
+}
+
 fn read_capped(path: &Path, limit: u64) -> Result<String, ScoreError> {
     let read_err = |source| ScoreError::Read {
         path: path.to_path_buf(),
         source,
     };
-    let f = File::open(path).map_err(read_err)?;
+    let (f, len) = open_regular(path)?;
+    if len > limit {
+        return Err(ScoreError::TooLarge {
+            path: path.to_path_buf(),
+            limit,
+        });
+    }
     let mut buf = Vec::new();
     f.take(limit + 1).read_to_end(&mut buf).map_err(read_err)?;
     if buf.len() as u64 > limit {
@@ -278,17 +440,17 @@ fn read_capped(path: &Path, limit: u64) -> Result<String, ScoreError> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
+/// The last `n` bytes (at most) of the regular file `path`.
 fn read_tail(path: &Path, n: u64) -> Result<String, ScoreError> {
     let read_err = |source| ScoreError::Read {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = File::open(path).map_err(read_err)?;
-    let len = f.metadata().map_err(read_err)?.len();
+    let (mut f, len) = open_regular(path)?;
     f.seek(SeekFrom::Start(len.saturating_sub(n)))
         .map_err(read_err)?;
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf).map_err(read_err)?;
+    f.take(n).read_to_end(&mut buf).map_err(read_err)?;
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
@@ -300,12 +462,29 @@ pub fn tail_lines(path: &Path, lines: usize) -> String {
 }
 
 impl ScoreSpec {
-    /// Reads the score of a finished trial.
-    pub fn read(&self, stdout: &Path, v: &Values) -> Result<Score, ScoreError> {
+    /// Reads the score of a finished trial that started at `started`. A score file last
+    /// modified more than [`STALE_MARGIN`] before that is a leftover, not a score.
+    pub fn read(
+        &self,
+        stdout: &Path,
+        v: &Values,
+        started: SystemTime,
+    ) -> Result<Score, ScoreError> {
         let (path, what) = match &self.file {
             Some(t) => {
                 let p = t.path(v);
                 let what = format!("the score file {}", p.display());
+                let (f, _) = open_regular(&p)?;
+                let modified =
+                    f.metadata()
+                        .and_then(|m| m.modified())
+                        .map_err(|source| ScoreError::Read {
+                            path: p.clone(),
+                            source,
+                        })?;
+                if modified + STALE_MARGIN < started {
+                    return Err(ScoreError::Stale { path: p });
+                }
                 (p, what)
             }
             None => (stdout.to_path_buf(), "the evaluator's stdout".to_string()),
@@ -323,7 +502,7 @@ impl ScoreSpec {
                 let tail = read_tail(&path, TAIL_BYTES)?;
                 let value = score_from_line(&tail, &what)?;
                 // Keep the evaluator's JSON when its whole stdout is one document.
-                let json = read_capped(&path, 1 << 20)
+                let json = read_capped(&path, MAX_KEPT_JSON_BYTES as u64)
                     .ok()
                     .and_then(|t| serde_json::from_str::<serde_json::Value>(t.trim()).ok())
                     .filter(|j| j.is_object());
@@ -485,6 +664,14 @@ mod tests {
         assert_eq!(
             t.command(&values()),
             OsString::from("run 0.3 'runs/it'\\''s here/alpha-0.3' /tmp/w 1 7 {x}")
+        );
+        // Inside double or single quotes, the value is quoted for them.
+        let t = Template::parse("--eval", "run \"{output}/x\" '{output}' \\'{alpha}").unwrap();
+        assert_eq!(
+            t.command(&values()),
+            OsString::from(
+                "run \"runs/it's here/alpha-0.3/x\" 'runs/it'\\''s here/alpha-0.3' \\'0.3"
+            )
         );
         let t = Template::parse("--score-file", "{workdir}/s {trial}.json").unwrap();
         assert_eq!(t.path(&values()), PathBuf::from("/tmp/w/s 7.json"));

@@ -1,6 +1,7 @@
 //! RUN/ledger.jsonl: the search as an append-only log of JSON lines (`header`, `start`,
-//! `end`, `delete`, `done`), each fsynced, written by one process at a time (flock).
-//! Resuming a search is replaying it.
+//! `built`, `end`, `deleting`, `delete`, `done`), each fsynced, written by one process at a
+//! time (flock), never after a torn line. Resuming a search is replaying it. Paths are
+//! written as [`crate::text::path_string`] does (`\xNN` for bytes that are not UTF-8).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -10,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::rule::Lat;
+use crate::sys::FileId;
+use crate::text::{path_from_json, path_json};
 
 /// The ledger's file name in the run directory.
 pub const NAME: &str = "ledger.jsonl";
@@ -50,6 +53,12 @@ pub enum LedgerError {
         path: PathBuf,
         line: usize,
         reason: String,
+    },
+    #[error("--resume: {file} of {flag} changed since the search recorded in {path} started; a search must not mix candidates of both versions: restore it, or start a new search with another --run")]
+    FileChanged {
+        path: PathBuf,
+        flag: &'static str,
+        file: String,
     },
     #[error("--resume: {flag} differs from the search recorded in {path} (was {was}, now {now}); resume with the same value, or start a new search with another --run")]
     Changed {
@@ -119,8 +128,17 @@ pub struct Replay {
     pub trials: Vec<Trial>,
     /// Candidates deleted so far.
     pub deleted: Vec<PathBuf>,
+    /// Candidates built, with the identity of the directory expo made (`built` events).
+    pub built: Vec<(PathBuf, FileId)>,
+    /// Candidates whose deletion started (`deleting` events; a `delete` event ends it).
+    pub deleting: Vec<PathBuf>,
+    /// Candidates a trial started to build (`start` with `created`) with no later `built`,
+    /// `deleting` or `delete` event: expo was killed between building and recording them.
+    pub unconfirmed: Vec<PathBuf>,
     /// A last line cut short by a crash, ignored.
     pub torn_tail: bool,
+    /// Damaged lines (not JSON) followed by valid events, ignored: their line numbers.
+    pub damaged: Vec<usize>,
 }
 
 /// The open ledger, locked for this process.
@@ -128,6 +146,10 @@ pub struct Replay {
 pub struct Ledger {
     file: File,
     pub path: PathBuf,
+    /// The length of the file up to its last complete line: where the next event goes.
+    good_len: u64,
+    /// A failed append left a partial line that could not be cut: nothing more is written.
+    broken: bool,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> LedgerError + '_ {
@@ -151,23 +173,62 @@ impl Ledger {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(LedgerError::Locked { path });
         }
-        Ok(Ledger { file, path })
+        let text = std::fs::read(&path).map_err(io(&path))?;
+        let good_len = text.iter().rposition(|b| *b == b'\n').map_or(0, |k| k + 1) as u64;
+        Ok(Ledger {
+            file,
+            path,
+            good_len,
+            broken: false,
+        })
     }
 
     /// Appends one event and syncs it to disk.
     pub fn append(&mut self, event: &Value) -> Result<(), LedgerError> {
         let mut line = event.to_string();
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data())
-            .map_err(io(&self.path))
+        self.append_with(line.as_bytes(), |f, b| f.write_all(b))
     }
 
-    /// Ends a line cut short by a crash, so that the next event starts a line of its own.
-    pub fn append_raw_newline(&mut self) -> Result<(), LedgerError> {
+    /// Appends `bytes` (whole lines) with `write`. When it fails (a full disk), the file is
+    /// cut back to its last complete line, so that no later event ever follows a torn one;
+    /// if even that fails, nothing more is appended.
+    fn append_with(
+        &mut self,
+        bytes: &[u8],
+        write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), LedgerError> {
+        if self.broken {
+            return Err(LedgerError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other(
+                    "an earlier write failed and its partial line could not be removed, so nothing more is written",
+                ),
+            });
+        }
+        match write(&mut self.file, bytes).and_then(|()| self.file.sync_data()) {
+            Ok(()) => {
+                self.good_len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let cut = self
+                    .file
+                    .set_len(self.good_len)
+                    .and_then(|()| self.file.sync_data());
+                if cut.is_err() {
+                    self.broken = true;
+                }
+                Err(io(&self.path)(e))
+            }
+        }
+    }
+
+    /// Removes a last line cut short by a crash, so that the next event starts a line of
+    /// its own right after the last complete one.
+    pub fn drop_torn_tail(&mut self) -> Result<(), LedgerError> {
         self.file
-            .write_all(b"\n")
+            .set_len(self.good_len)
             .and_then(|()| self.file.sync_data())
             .map_err(io(&self.path))
     }
@@ -198,14 +259,20 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
         if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        // The last line of a ledger whose writer was killed mid-line (expo writes each
+        // event with its newline).
+        if k + 1 == n && !complete {
+            r.torn_tail = true;
+            continue;
+        }
         let v: Value = match serde_json::from_slice(raw) {
             Ok(v) => v,
-            // The last line of a ledger whose writer was killed mid-line.
-            Err(_) if k + 1 == n && !complete => {
-                r.torn_tail = true;
+            // A line torn by a failed write, followed by later events (older versions
+            // appended after it): ignored, and reported.
+            Err(_) => {
+                r.damaged.push(lineno);
                 continue;
             }
-            Err(e) => return Err(corrupt(path, lineno, e.to_string())),
         };
         let event = v["event"].as_str().unwrap_or("");
         match event {
@@ -223,8 +290,14 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
                     .and_then(Lat::from_f64)
                     .ok_or_else(|| corrupt(path, lineno, "no alpha"))?;
                 let slot = v["slot"].as_u64().unwrap_or(0) as usize;
-                let output = PathBuf::from(v["output"].as_str().unwrap_or(""));
+                let output = path_from_json(v["output"].as_str().unwrap_or(""));
                 let created = v["created"].as_bool().unwrap_or(false);
+                if created {
+                    r.unconfirmed.retain(|p| *p != output);
+                    if !r.built.iter().any(|(b, _)| *b == output) {
+                        r.unconfirmed.push(output.clone());
+                    }
+                }
                 r.trials.retain(|t| t.trial != trial);
                 r.trials.push(Trial {
                     trial,
@@ -260,8 +333,35 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
             }
             "delete" => {
                 if let Some(p) = v["output"].as_str() {
-                    r.deleted.push(PathBuf::from(p));
+                    let p = path_from_json(p);
+                    r.unconfirmed.retain(|d| *d != p);
+                    r.deleting.retain(|d| *d != p);
+                    r.built.retain(|(b, _)| *b != p);
+                    r.deleted.push(p);
                 }
+            }
+            "deleting" => {
+                if let Some(p) = v["output"].as_str() {
+                    let p = path_from_json(p);
+                    r.unconfirmed.retain(|d| *d != p);
+                    r.deleting.push(p);
+                }
+            }
+            "built" => {
+                let (Some(p), Some(dev), Some(ino)) =
+                    (v["output"].as_str(), v["dev"].as_u64(), v["ino"].as_u64())
+                else {
+                    return Err(corrupt(
+                        path,
+                        lineno,
+                        "a built event without output, dev, ino",
+                    ));
+                };
+                let p = path_from_json(p);
+                r.unconfirmed.retain(|d| *d != p);
+                r.built.retain(|(b, _)| *b != p);
+                r.deleting.retain(|d| *d != p);
+                r.built.push((p, FileId { dev, ino }));
             }
             "done" => {}
             other => return Err(corrupt(path, lineno, format!("unknown event `{other}`"))),
@@ -272,8 +372,28 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
 
 /// Refuses a resumed search whose fixed settings differ from the recorded header.
 pub fn check_header(path: &Path, was: &Value, now: &Value) -> Result<(), LedgerError> {
+    for (key, flag) in [("sft", "--sft"), ("aligned", "--aligned")] {
+        let (a, b) = (&was[key]["files"], &now[key]["files"]);
+        // A ledger of an older expo has no `files`.
+        if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+            for (file, hash) in a {
+                if b.get(file) != Some(hash) {
+                    return Err(LedgerError::FileChanged {
+                        path: path.to_path_buf(),
+                        flag,
+                        file: file.clone(),
+                    });
+                }
+            }
+        }
+    }
     for (key, flag) in FIXED {
-        let (a, b) = (&was[key], &now[key]);
+        let (mut a, mut b) = (was[key].clone(), now[key].clone());
+        if let (Some(a), Some(b)) = (a.as_object_mut(), b.as_object_mut()) {
+            a.remove("files");
+            b.remove("files");
+        }
+        let (a, b) = (&a, &b);
         if a != b {
             return Err(LedgerError::Changed {
                 path: path.to_path_buf(),
@@ -306,9 +426,14 @@ pub fn start_event(t: &Trial) -> Value {
         "trial": t.trial,
         "alpha": t.alpha.to_f64(),
         "slot": t.slot,
-        "output": t.output,
+        "output": path_json(&t.output),
         "created": t.created,
     })
+}
+
+/// A `built` event: the candidate at `output` is the directory `id`.
+pub fn built_event(output: &Path, id: FileId) -> Value {
+    json!({"event": "built", "output": path_json(output), "dev": id.dev, "ino": id.ino})
 }
 
 /// An `end` event.
@@ -318,13 +443,47 @@ pub fn end_event(t: &Trial, e: &End) -> Value {
         "trial": t.trial,
         "alpha": t.alpha.to_f64(),
         "slot": t.slot,
-        "output": t.output,
+        "output": path_json(&t.output),
         "state": e.state.name(),
         "score": e.score,
         "exit": e.exit,
         "seconds": e.seconds,
         "json": e.json,
     })
+}
+
+/// The small files that define a model besides its weights: a change in any of them makes
+/// other candidates (an adapter's `lora_alpha`, a model's `config.json`).
+pub const DEFINING_FILES: [&str; 2] = ["config.json", "adapter_config.json"];
+
+/// Largest defining file hashed (larger ones are recorded by size only).
+const MAX_DEFINING_BYTES: u64 = 16 << 20;
+
+/// A hash of each of [`DEFINING_FILES`] in `dir` (`null` when absent), by name.
+pub fn defining_files(dir: &Path) -> Value {
+    let mut files = serde_json::Map::new();
+    for name in DEFINING_FILES {
+        let p = dir.join(name);
+        let v = match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() && m.len() <= MAX_DEFINING_BYTES => match std::fs::read(&p) {
+                Ok(bytes) => Value::String(format!("fnv1a64:{:016x}", fnv1a(&bytes))),
+                Err(_) => Value::String("unreadable".into()),
+            },
+            Ok(m) => Value::String(format!("size:{}", m.len())),
+            Err(_) => Value::Null,
+        };
+        files.insert(name.to_string(), v);
+    }
+    Value::Object(files)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
 }
 
 /// A fingerprint of a checkpoint's weight files: names, sizes and modification times.
@@ -370,12 +529,9 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_middle_line_is_an_error() {
+    fn a_damaged_middle_line_is_reported_and_an_unknown_end_is_an_error() {
         let text = b"{\"event\":\"header\"}\nxx\n{\"event\":\"done\"}\n";
-        assert!(matches!(
-            parse(Path::new("l"), text),
-            Err(LedgerError::Corrupt { line: 2, .. })
-        ));
+        assert_eq!(parse(Path::new("l"), text).unwrap().damaged, [2]);
         let text = b"{\"event\":\"end\",\"trial\":3,\"state\":\"ok\"}\n";
         assert!(parse(Path::new("l"), text).is_err());
     }
@@ -392,6 +548,34 @@ mod tests {
         );
         let now = json!({"eval": "a {alpha}", "jobs": 2});
         check_header(Path::new("l"), &was, &now).unwrap();
+    }
+
+    #[test]
+    fn a_failed_append_is_cut_back_so_that_no_event_follows_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        l.append(&json!({"event": "header"})).unwrap();
+        let full = l.append_with(b"{\"event\":\"done\"}\n", |f, b| {
+            f.write_all(&b[..5])?;
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        });
+        assert!(full.is_err());
+        l.append(&json!({"event": "delete", "output": "x"}))
+            .unwrap();
+        let text = std::fs::read_to_string(&l.path).unwrap();
+        assert_eq!(
+            text,
+            "{\"event\":\"header\"}\n{\"event\":\"delete\",\"output\":\"x\"}\n"
+        );
+        // A torn tail found when opening is cut the same way.
+        drop(l);
+        std::fs::write(dir.path().join(NAME), "{\"event\":\"header\"}\n{\"ev").unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        assert!(l.replay().unwrap().torn_tail);
+        l.drop_torn_tail().unwrap();
+        l.append(&json!({"event": "done"})).unwrap();
+        let r = l.replay().unwrap();
+        assert!(!r.torn_tail && r.damaged.is_empty());
     }
 
     #[test]

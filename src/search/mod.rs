@@ -21,21 +21,22 @@ mod verdict;
 
 pub use candidates::alpha_path;
 pub use config::{
-    parse_bounds, parse_duration, parse_keep, parse_resolution, settings, Bounds, Config, Keep,
-    Resolution,
+    parse_bounds, parse_duration, parse_keep, parse_resolution, parse_timeout, resolve_path,
+    settings, Bounds, Config, Keep, Resolution,
 };
 pub use dry_run::DryRun;
 pub use groups::kill_all_groups;
 pub(crate) use groups::{register_group, unregister_group};
 pub use verdict::{status_warning, Verdict};
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
 
 use crate::reporter::Reporter;
+use crate::sys::FileId;
 
 use ledger::{Ledger, Trial};
 
@@ -60,6 +61,13 @@ struct Search<'a> {
     trials: Vec<Trial>,
     /// Candidates expo built and has not deleted.
     created: BTreeSet<PathBuf>,
+    /// The identity of each candidate directory expo built, recorded when it was built:
+    /// only that very directory is ever deleted.
+    built: BTreeMap<PathBuf, FileId>,
+    /// Candidates whose deletion started and did not finish: never reused.
+    incomplete: BTreeSet<PathBuf>,
+    /// Candidates whose deletion failed: left on disk, not kept.
+    leftovers: BTreeSet<PathBuf>,
     aligned_path: PathBuf,
     next_trial: u64,
     started: Instant,
@@ -86,6 +94,9 @@ pub fn run(cfg: &Config, reporter: &dyn Observer) -> Result<std::process::ExitCo
         ledger: resumed.ledger,
         trials: resumed.trials,
         created: resumed.created,
+        built: resumed.built,
+        incomplete: resumed.incomplete,
+        leftovers: BTreeSet::new(),
         aligned_path: inputs.aligned_path.clone(),
         next_trial: resumed.next_trial,
         started: Instant::now(),

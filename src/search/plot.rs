@@ -59,12 +59,12 @@ impl Frame {
 
     /// The horizontal position of α `x`.
     fn px(&self, x: f64) -> f64 {
-        M + (x - self.x0) / (self.x1 - self.x0) * (W - 2.0 * M)
+        M + fraction(x, self.x0, self.x1) * (W - 2.0 * M)
     }
 
     /// The vertical position of score `y`.
     fn py(&self, y: f64) -> f64 {
-        H - M - (y - self.y0) / (self.y1 - self.y0) * (H - 2.0 * M)
+        H - M - fraction(y, self.y0, self.y1) * (H - 2.0 * M)
     }
 
     /// Axes and their ranges.
@@ -172,27 +172,38 @@ impl Frame {
     }
 }
 
+/// Where `v` lies between `lo` and `hi` (0 … 1), computed on halves so that scores near
+/// the largest floats do not overflow.
+fn fraction(v: f64, lo: f64, hi: f64) -> f64 {
+    let f = (v / 2.0 - lo / 2.0) / (hi / 2.0 - lo / 2.0);
+    if f.is_finite() {
+        f
+    } else {
+        0.5
+    }
+}
+
 fn span(v: &[f64]) -> (f64, f64) {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if !lo.is_finite() || !hi.is_finite() {
         return (0.0, 1.0);
     }
-    if hi - lo <= f64::EPSILON * hi.abs().max(1.0) {
-        return (lo - 0.5, hi + 0.5);
+    let width = hi / 2.0 - lo / 2.0;
+    if width <= f64::EPSILON * hi.abs().max(lo.abs()).max(1.0) {
+        let pad = 0.5_f64.max(hi.abs() * 1e-6);
+        return (lo - pad, hi + pad);
     }
-    let pad = (hi - lo) * 0.05;
-    (lo - pad, hi + pad)
+    let pad = width * 0.1;
+    let (a, b) = (lo - pad, hi + pad);
+    (
+        if a.is_finite() { a } else { lo },
+        if b.is_finite() { b } else { hi },
+    )
 }
 
 fn short(v: f64) -> String {
-    let r = format!("{:.4}", v);
-    let r = r.trim_end_matches('0').trim_end_matches('.');
-    if r == "-0" {
-        "0".into()
-    } else {
-        r.into()
-    }
+    crate::text::significant(v)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The run directory: a new search or a resumed one, its ledger opened and replayed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -10,6 +10,7 @@ use super::ledger::{self, Ledger, State, Trial};
 use super::Config;
 use crate::error::UsageError;
 use crate::reporter::Reporter;
+use crate::sys::FileId;
 
 /// `--run` holds a search exactly when `--resume` is given.
 pub(super) fn check_run_dir(cfg: &Config) -> Result<()> {
@@ -22,11 +23,43 @@ pub(super) fn check_run_dir(cfg: &Config) -> Result<()> {
         ))
         .into());
     }
+    if !exists && !cfg.resume {
+        refuse_foreign_dir(&cfg.run)?;
+    }
     if !exists && cfg.resume {
         return Err(UsageError(format!(
             "--resume: {} holds no search ({} is missing)",
             cfg.run.display(),
             ledger_path.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// A new search writes only into a new or empty directory: a non-empty one without a
+/// ledger holds the user's files, which expo's names (`summary.json`, `search.svg`,
+/// `trials/`, the candidates …) could replace or remove.
+fn refuse_foreign_dir(run: &std::path::Path) -> Result<()> {
+    let meta = match std::fs::metadata(run) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("--run {}", run.display()))),
+    };
+    if !meta.is_dir() {
+        return Err(UsageError(format!(
+            "--run {} exists and is not a directory; choose a new or empty directory",
+            run.display()
+        ))
+        .into());
+    }
+    let mut entries = std::fs::read_dir(run)
+        .with_context(|| format!("reading the run directory {}", run.display()))?;
+    if entries.next().is_some() {
+        return Err(UsageError(format!(
+            "--run {} is not empty and holds no search (no {}); expo writes its ledger, summary.json, search.svg, trials/ and candidates there, so it needs a new or empty directory: choose another --run",
+            run.display(),
+            ledger::NAME
         ))
         .into());
     }
@@ -40,6 +73,10 @@ pub(super) struct Resumed {
     pub(super) trials: Vec<Trial>,
     /// Candidates expo built and has not deleted.
     pub(super) created: BTreeSet<PathBuf>,
+    /// The identity of each candidate built and not deleted.
+    pub(super) built: BTreeMap<PathBuf, FileId>,
+    /// Candidates whose deletion started and did not finish.
+    pub(super) incomplete: BTreeSet<PathBuf>,
     pub(super) next_trial: u64,
 }
 
@@ -55,22 +92,37 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
             "{}: ignored its last line, cut short when expo was killed",
             ledger.path.display()
         ));
-        // Start the next event on a line of its own.
-        ledger.append_raw_newline()?;
+        // The next event goes right after the last complete line.
+        ledger.drop_torn_tail()?;
+    }
+    for line in &replay.damaged {
+        reporter.warn(format!(
+            "{}: ignored line {line}, which is not a complete event (cut short by a failed write); the events after it are used",
+            ledger.path.display()
+        ));
     }
     if let Some(was) = &replay.header {
         ledger::check_header(&ledger.path, was, header).map_err(|e| UsageError(e.to_string()))?;
     }
     ledger.append(header)?;
-    let mut created = BTreeSet::new();
-    for t in &replay.trials {
-        if t.created {
-            created.insert(t.output.clone());
+    // Expo's candidates: the ones it recorded as built (with their identity) and not
+    // deleted, and the ones whose deletion it started.
+    let mut built: BTreeMap<PathBuf, FileId> = replay.built.iter().cloned().collect();
+    // A candidate built but not yet recorded when expo was killed: the build pass commits
+    // each candidate whole (with its expo.json) at a path that was free when the trial
+    // started, so one found complete there is this search's: record it now.
+    for p in &replay.unconfirmed {
+        let complete = p.join(crate::sidefiles::PROVENANCE_NAME).is_file();
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            if complete && m.is_dir() {
+                let id = FileId::of(&m);
+                ledger.append(&ledger::built_event(p, id))?;
+                built.insert(p.clone(), id);
+            }
         }
     }
-    for d in &replay.deleted {
-        created.remove(d);
-    }
+    let incomplete: BTreeSet<PathBuf> = replay.deleting.iter().cloned().collect();
+    let created: BTreeSet<PathBuf> = built.keys().chain(&incomplete).cloned().collect();
     // Finished trials stay; started-but-unfinished and interrupted ones run again.
     let trials: Vec<Trial> = replay
         .trials
@@ -92,6 +144,33 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
         ledger,
         trials,
         created,
+        built,
+        incomplete,
         next_trial,
     })
+}
+
+/// Makes the trial's work directory `workdir` new and empty: anything already there (left
+/// by an earlier search whose ledger lost its trials) is moved aside to `N.old-K`, so that
+/// no file in it is read as this trial's.
+pub(super) fn fresh_workdir(workdir: &std::path::Path) -> Result<()> {
+    if let Some(parent) = workdir.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if std::fs::symlink_metadata(workdir).is_ok() {
+        let name = workdir.file_name().unwrap_or_default().to_string_lossy();
+        let aside = (1..)
+            .map(|k| workdir.with_file_name(format!("{name}.old-{k}")))
+            .find(|p| std::fs::symlink_metadata(p).is_err())
+            .unwrap_or_default();
+        std::fs::rename(workdir, &aside).with_context(|| {
+            format!(
+                "moving the old work directory {} aside to {}",
+                workdir.display(),
+                aside.display()
+            )
+        })?;
+    }
+    std::fs::create_dir(workdir).with_context(|| format!("creating {}", workdir.display()))
 }

@@ -2,7 +2,7 @@
 //! record each end; and stopping everything on an interrupt or an error.
 
 use std::ffi::OsString;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 
@@ -169,9 +169,7 @@ impl Search<'_> {
     /// Starts the evaluator of `trial` in its own work directory.
     fn start_evaluator(&self, trial: Trial) -> Result<Active, Abort> {
         let workdir = self.cfg.run.join("trials").join(trial.trial.to_string());
-        std::fs::create_dir_all(&workdir)
-            .with_context(|| format!("creating {}", workdir.display()))
-            .map_err(Abort::Broken)?;
+        super::run_dir::fresh_workdir(&workdir).map_err(Abort::Broken)?;
         let values = Values {
             alpha: trial.alpha.to_string(),
             output: trial.output.clone(),
@@ -232,7 +230,11 @@ impl Search<'_> {
         let mut note = None;
         let (state, score, json) = match exit.code {
             Some(125) => (State::Unusable, None, None),
-            Some(0) if !exit.timed_out => match self.cfg.score.read(&stdout, values) {
+            Some(0) if !exit.timed_out => match self.cfg.score.read(
+                &stdout,
+                values,
+                SystemTime::now() - Duration::from_secs_f64(exit.seconds),
+            ) {
                 Ok(s) => (State::Ok, Some(s.value), s.json),
                 Err(e) => {
                     // The whole chain: a read error carries its I/O cause as its source.

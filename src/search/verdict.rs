@@ -13,6 +13,7 @@ use super::rule::{self, Lat, Settings, Status};
 use super::{alpha_path, Search};
 use crate::pairing::DtypeChoice;
 use crate::reporter::Reporter;
+use crate::text::path_json;
 
 /// How a search ended.
 pub struct Verdict {
@@ -83,7 +84,7 @@ impl Search<'_> {
                     "state": e.map(|e| e.state.name()),
                     "score": e.and_then(|e| e.score),
                     "seconds": e.map(|e| e.seconds),
-                    "output": t.output,
+                    "output": path_json(&t.output),
                     "exit": e.and_then(|e| e.exit),
                 })
             })
@@ -94,17 +95,28 @@ impl Search<'_> {
             "best": best.map(|(a, s)| json!({
                 "alpha": a.to_f64(),
                 "score": s,
-                "output": best_output,
+                "output": best_output.as_deref().map(path_json),
                 "kept": best_output.as_ref().is_some_and(|p| p.exists()),
             })),
-            "baseline": self.baseline_score().map(|s| json!({"score": s, "output": self.aligned_path})),
+            "baseline": self.baseline_score().map(|s| json!({"score": s, "output": path_json(&self.aligned_path)})),
             "evaluations": self.evaluations(),
             "minimize": self.cfg.minimize,
             "trials": trials,
-            "kept": self.created.iter().filter(|p| p.exists()).collect::<Vec<_>>(),
+            "kept": self
+                .created
+                .iter()
+                .filter(|p| p.exists() && !self.leftovers.contains(*p))
+                .map(|p| path_json(p))
+                .collect::<Vec<_>>(),
+            "left": self
+                .leftovers
+                .iter()
+                .filter(|p| p.exists())
+                .map(|p| path_json(p))
+                .collect::<Vec<_>>(),
             "rebuild": best.filter(|(a, _)| a.0 != 0).map(|(a, _)| self.rebuild_command(a)),
             "rebuild_any": self.rebuild_command_template(),
-            "run": self.cfg.run,
+            "run": path_json(&self.cfg.run),
             "seconds": self.started.elapsed().as_secs_f64(),
         })
     }

@@ -287,7 +287,7 @@ pub struct SearchArgs {
     pub jobs: u16,
 
     /// Stop an evaluation after DUR (90s, 30m, 2h) and count it as failed.
-    #[arg(long, value_name = "DUR", value_parser = expo::search::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = expo::search::parse_timeout)]
     pub timeout: Option<std::time::Duration>,
 
     /// After SIGTERM (timeout or Ctrl-C), SIGKILL the evaluator's process group after DUR.

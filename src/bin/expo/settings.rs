@@ -84,7 +84,8 @@ pub fn search(args: &SearchArgs) -> Result<search::Config> {
         kill_after: args.kill_after,
         output,
         keep: args.keep.0,
-        run: args.run.clone(),
+        run: search::resolve_path(&args.run)
+            .map_err(|e| anyhow::Error::new(e).context(format!("--run {}", args.run.display())))?,
         resume: args.resume,
         json: args.json,
         dry_run: args.dry_run,
@@ -98,6 +99,8 @@ fn candidate_template(args: &SearchArgs) -> Result<PathBuf> {
         .output
         .clone()
         .unwrap_or_else(|| args.run.join(format!("alpha-{}", alpha::PLACEHOLDER)));
+    let output = search::resolve_path(&output)
+        .map_err(|e| anyhow::Error::new(e).context(format!("--output {}", output.display())))?;
     if !alpha::has_placeholder(&output) {
         return Err(UsageError(format!(
             "--output {} must contain {} to name each candidate, e.g. --output '{}-{}'",

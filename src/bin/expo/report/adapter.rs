@@ -41,7 +41,7 @@ pub fn print_done(
     let summaries: Vec<_> = p
         .outputs
         .iter()
-        .map(|o| json!({"output": o.target.path, "alpha": o.alpha, "ok": true}))
+        .map(|o| json!({"output": expo::text::path_json(&o.target.path), "alpha": o.alpha, "ok": true}))
         .collect();
     let mut doc = json!({
         "dry_run": false,
@@ -103,7 +103,7 @@ fn plan_json(p: &Prepared, reporter: &Reporter) -> serde_json::Value {
         "dry_run": true,
         "as": kind_name(p.kind),
         "alphas": p.outputs.iter().map(|o| o.alpha).collect::<Vec<_>>(),
-        "outputs": p.outputs.iter().map(|o| json!({"output": o.target.path, "alpha": o.alpha})).collect::<Vec<_>>(),
+        "outputs": p.outputs.iter().map(|o| json!({"output": expo::text::path_json(&o.target.path), "alpha": o.alpha})).collect::<Vec<_>>(),
         "sft": InputRecord::resolved(&inputs.base, &inputs.base_in),
         "aligned": InputRecord::resolved(&inputs.adapter, &inputs.adapter_in),
         "adapter": adapter_json(inputs),

@@ -80,7 +80,7 @@ pub fn print_json(
         .zip(&produced.results)
         .map(|(o, result)| {
             json!({
-                "output": o.target.path,
+                "output": expo::text::path_json(&o.target.path),
                 "alpha": o.alpha,
                 "ok": result.is_ok(),
                 "tensors": counts(&o.plan),
@@ -192,7 +192,7 @@ fn plan_json(p: &Prepared, reporter: &Reporter) -> serde_json::Value {
         .iter()
         .map(|o| {
             json!({
-                "output": o.target.path,
+                "output": expo::text::path_json(&o.target.path),
                 "alpha": o.alpha,
                 "tensors": counts(&o.plan),
                 "rules": p.rule_records(o.alpha),

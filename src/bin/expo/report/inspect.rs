@@ -74,6 +74,7 @@ fn index_name(ck: &Checkpoint) -> Option<&str> {
 #[derive(Serialize)]
 struct HubJson<'a> {
     commit: &'a str,
+    #[serde(serialize_with = "expo::text::serialize_path")]
     path: &'a Path,
     repo_id: &'a str,
     revision: &'a str,
@@ -127,6 +128,7 @@ struct InspectJson<'a> {
     files: Vec<FileJson<'a>>,
     hub: Option<HubJson<'a>>,
     index: Option<&'a str>,
+    #[serde(serialize_with = "expo::text::serialize_path")]
     path: &'a Path,
     tensors: Tensors<'a>,
     total: Totals,

@@ -62,7 +62,7 @@ impl Observer for Terminal {
 pub fn table_header() {
     let _ = writeln!(
         std::io::stderr(),
-        "{:>5}  {:>8}  {:>12}  {:>10}  {:>8}  state",
+        "{:>5}  {:>8}  {:>13}  {:>13}  {:>8}  state",
         "trial",
         "alpha",
         "score",
@@ -76,12 +76,12 @@ pub fn table_header() {
 pub fn trial_row(t: &Trial, baseline: Option<f64>) {
     let Some(e) = &t.end else { return };
     let delta = match (e.score, baseline) {
-        (Some(s), Some(b)) if t.alpha.0 != 0 => format!("{:+.4}", s - b),
+        (Some(s), Some(b)) if t.alpha.0 != 0 => expo::text::difference(s, b),
         _ => "".into(),
     };
     let _ = writeln!(
         std::io::stderr(),
-        "{:>5}  {:>8}  {:>12}  {:>10}  {:>8}  {}",
+        "{:>5}  {:>8}  {:>13}  {:>13}  {:>8}  {}",
         t.trial,
         t.alpha.to_string(),
         e.score.map(fmt_score).unwrap_or_default(),
@@ -141,11 +141,9 @@ pub fn dry_run(d: &DryRun, json: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A score for people: at most 6 decimals, never `-0`.
+/// A score for people: six significant digits (see [`expo::text::significant`]).
 pub fn fmt_score(s: f64) -> String {
-    let r = (s * 1e6).round() / 1e6;
-    // No `-0`.
-    format!("{}", if r == 0.0 { 0.0 } else { r })
+    expo::text::significant(s)
 }
 
 pub use expo::text::seconds as fmt_secs;
