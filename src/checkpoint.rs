@@ -146,6 +146,13 @@ pub enum CheckpointError {
     },
     #[error("{path}: {error}{}", header_hint(error))]
     Header { path: PathBuf, error: HeaderError },
+    /// The file could not be read: the I/O error is the source (printed once by `{:#}`).
+    #[error("{path}: reading the header")]
+    HeaderUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What to do about a header error: a damaged file is downloaded or saved again.
@@ -360,9 +367,13 @@ fn discover(dir: &Path) -> Result<Discovered, CheckpointError> {
 fn read_shard(root: &Path, name: &str) -> Result<Shard, CheckpointError> {
     let path = root.join(name);
     let header = read_header(&path).map_err(|error| match error {
-        HeaderError::Io { error } if error.kind() == std::io::ErrorKind::NotFound => {
+        HeaderError::Io { source } if source.kind() == std::io::ErrorKind::NotFound => {
             CheckpointError::NotFound { path: path.clone() }
         }
+        HeaderError::Io { source } => CheckpointError::HeaderUnreadable {
+            path: path.clone(),
+            source,
+        },
         error => CheckpointError::Header {
             path: path.clone(),
             error,

@@ -150,8 +150,12 @@ pub enum HeaderError {
     /// better (e.g. JSON nested deeper than its parser allows).
     #[error("the safetensors library refuses the header: {reason}")]
     Refused { reason: String },
-    #[error("reading the header: {error}")]
-    Io { error: std::io::Error },
+    /// The file could not be read; the cause is the `source`, not part of the message.
+    #[error("reading the header")]
+    Io {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("not a regular file")]
     NotAFile,
 }
@@ -176,18 +180,18 @@ fn known_dtypes() -> String {
 /// Only the header is read; tensor data is not touched.
 pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     let mut file = open_regular(path)
-        .map_err(|error| HeaderError::Io { error })?
+        .map_err(|source| HeaderError::Io { source })?
         .ok_or(HeaderError::NotAFile)?;
     let file_len = file
         .metadata()
-        .map_err(|error| HeaderError::Io { error })?
+        .map_err(|source| HeaderError::Io { source })?
         .len();
     if file_len < 8 {
         return Err(HeaderError::TooShort { file_len });
     }
     let mut prefix = [0u8; 8];
     file.read_exact(&mut prefix)
-        .map_err(|error| HeaderError::Io { error })?;
+        .map_err(|source| HeaderError::Io { source })?;
     let header_len = u64::from_le_bytes(prefix);
     if header_len > MAX_HEADER_LEN {
         return Err(HeaderError::TooLarge {
@@ -204,7 +208,7 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     // Bounded by MAX_HEADER_LEN and by the file's real size.
     let mut bytes = vec![0u8; header_len as usize];
     file.read_exact(&mut bytes)
-        .map_err(|error| HeaderError::Io { error })?;
+        .map_err(|source| HeaderError::Io { source })?;
     parse_header(&bytes, file_len)
 }
 

@@ -108,17 +108,15 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
     // Expo's candidates: the ones it recorded as built (with their identity) and not
     // deleted, and the ones whose deletion it started.
     let mut built: BTreeMap<PathBuf, FileId> = replay.built.iter().cloned().collect();
-    // A candidate built but not yet recorded when expo was killed: the build pass commits
-    // each candidate whole (with its expo.json) at a path that was free when the trial
-    // started, so one found complete there is this search's: record it now.
+    // A candidate started but not recorded as built (expo was killed during its build):
+    // whatever is at its place now cannot be told from a directory the user put there, so
+    // it is neither used nor deleted; the user decides.
     for p in &replay.unconfirmed {
-        let complete = p.join(crate::sidefiles::PROVENANCE_NAME).is_file();
-        if let Ok(m) = std::fs::symlink_metadata(p) {
-            if complete && m.is_dir() {
-                let id = FileId::of(&m);
-                ledger.append(&ledger::built_event(p, id))?;
-                built.insert(p.clone(), id);
-            }
+        if std::fs::symlink_metadata(p).is_ok() {
+            anyhow::bail!(
+                "{} is where this search was building a candidate when it was stopped, but the ledger does not record it as built, so expo cannot tell it from something you put there and will neither use nor delete it; remove or move it (`rm -r` it if it is the interrupted candidate), then --resume again",
+                p.display()
+            );
         }
     }
     let incomplete: BTreeSet<PathBuf> = replay.deleting.iter().cloned().collect();
