@@ -1412,9 +1412,14 @@ fn a_candidate_built_but_not_yet_recorded_when_expo_was_killed_is_neither_used_n
     // tell it from one the user put there, so resume refuses and touches nothing.
     let cand = s.out("run").join("alpha-0.1");
     let before = common::snapshot(&cand);
-    search(&s, &script)
-        .args(&["--resume"])
-        .assert_fails(1, &["alpha-0.1", "does not record it as built", "remove or move it"]);
+    search(&s, &script).args(&["--resume"]).assert_fails(
+        1,
+        &[
+            "alpha-0.1",
+            "does not record it as built",
+            "remove or move it",
+        ],
+    );
     assert_eq!(common::snapshot(&cand), before);
     // Once the user removed it, the search goes on and rebuilds it.
     fs::remove_dir_all(&cand).unwrap();

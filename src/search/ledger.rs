@@ -46,6 +46,10 @@ pub enum LedgerError {
     },
     #[error("{path} is in use by another expo search (it is locked); wait for it or choose another --run")]
     Locked { path: PathBuf },
+    #[error("{path} holds {len} bytes, more than a search ledger ever does ({limit}); it is not expo's, or it was damaged: choose another --run")]
+    TooLarge { path: PathBuf, len: u64, limit: u64 },
+    #[error("{path}: an earlier write failed and its partial line could not be removed, so nothing more is written; free space, then --resume")]
+    Unwritable { path: PathBuf },
     #[error(
         "{path}: line {line} is not a ledger event ({reason}); the file was edited or damaged"
     )]
@@ -173,7 +177,7 @@ impl Ledger {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(LedgerError::Locked { path });
         }
-        let text = std::fs::read(&path).map_err(io(&path))?;
+        let text = read_all(&file, &path)?;
         let good_len = text.iter().rposition(|b| *b == b'\n').map_or(0, |k| k + 1) as u64;
         Ok(Ledger {
             file,
@@ -199,11 +203,8 @@ impl Ledger {
         write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
     ) -> Result<(), LedgerError> {
         if self.broken {
-            return Err(LedgerError::Io {
+            return Err(LedgerError::Unwritable {
                 path: self.path.clone(),
-                source: std::io::Error::other(
-                    "an earlier write failed and its partial line could not be removed, so nothing more is written",
-                ),
             });
         }
         match write(&mut self.file, bytes).and_then(|()| self.file.sync_data()) {
@@ -235,9 +236,45 @@ impl Ledger {
 
     /// Reads back every event.
     pub fn replay(&self) -> Result<Replay, LedgerError> {
-        let text = std::fs::read(&self.path).map_err(io(&self.path))?;
+        let text = read_all(&self.file, &self.path)?;
         parse(&self.path, &text)
     }
+}
+
+/// The most a ledger may hold: thousands of trials take a few megabytes; a larger file is
+/// not one expo wrote, and is refused before it is read.
+pub const MAX_LEDGER_BYTES: u64 = 256 << 20;
+/// The longest line expo writes (an `end` event keeps at most a 64 KiB score document).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// The highest evaluator slot a ledger may name (`--jobs` is a u16).
+const MAX_SLOT: usize = u16::MAX as usize;
+
+/// Reads the whole ledger through the locked descriptor, refusing one over
+/// [`MAX_LEDGER_BYTES`].
+fn read_all(file: &File, path: &Path) -> Result<Vec<u8>, LedgerError> {
+    use std::io::{Read, Seek};
+    let len = file.metadata().map_err(io(path))?.len();
+    if len > MAX_LEDGER_BYTES {
+        return Err(LedgerError::TooLarge {
+            path: path.to_path_buf(),
+            len,
+            limit: MAX_LEDGER_BYTES,
+        });
+    }
+    let mut f = file;
+    f.seek(std::io::SeekFrom::Start(0)).map_err(io(path))?;
+    let mut text = Vec::with_capacity(len as usize);
+    f.take(MAX_LEDGER_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(io(path))?;
+    if text.len() as u64 > MAX_LEDGER_BYTES {
+        return Err(LedgerError::TooLarge {
+            path: path.to_path_buf(),
+            len: text.len() as u64,
+            limit: MAX_LEDGER_BYTES,
+        });
+    }
+    Ok(text)
 }
 
 fn corrupt(path: &Path, line: usize, reason: impl Into<String>) -> LedgerError {
@@ -265,109 +302,145 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
             r.torn_tail = true;
             continue;
         }
-        let v: Value = match serde_json::from_slice(raw) {
-            Ok(v) => v,
+        if raw.len() > MAX_LINE_BYTES {
+            return Err(corrupt(
+                path,
+                lineno,
+                format!(
+                    "the line holds {} bytes, more than expo ever writes",
+                    raw.len()
+                ),
+            ));
+        }
+        match serde_json::from_slice::<Value>(raw) {
+            Ok(v) => apply(&mut r, path, lineno, v)?,
             // A line torn by a failed write, followed by later events (older versions
             // appended after it): ignored, and reported.
-            Err(_) => {
-                r.damaged.push(lineno);
-                continue;
-            }
-        };
-        let event = v["event"].as_str().unwrap_or("");
-        match event {
-            "header" => {
-                if r.header.is_none() {
-                    r.header = Some(v);
-                }
-            }
-            "start" => {
-                let trial = v["trial"]
-                    .as_u64()
-                    .ok_or_else(|| corrupt(path, lineno, "no trial number"))?;
-                let alpha = v["alpha"]
-                    .as_f64()
-                    .and_then(Lat::from_f64)
-                    .ok_or_else(|| corrupt(path, lineno, "no alpha"))?;
-                let slot = v["slot"].as_u64().unwrap_or(0) as usize;
-                let output = path_from_json(v["output"].as_str().unwrap_or(""));
-                let created = v["created"].as_bool().unwrap_or(false);
-                if created {
-                    r.unconfirmed.retain(|p| *p != output);
-                    if !r.built.iter().any(|(b, _)| *b == output) {
-                        r.unconfirmed.push(output.clone());
-                    }
-                }
-                r.trials.retain(|t| t.trial != trial);
-                r.trials.push(Trial {
-                    trial,
-                    alpha,
-                    slot,
-                    output,
-                    created,
-                    end: None,
-                });
-            }
-            "end" => {
-                let trial = v["trial"]
-                    .as_u64()
-                    .ok_or_else(|| corrupt(path, lineno, "no trial number"))?;
-                let state = v["state"]
-                    .as_str()
-                    .and_then(State::parse)
-                    .ok_or_else(|| corrupt(path, lineno, "no state"))?;
-                let Some(t) = r.trials.iter_mut().find(|t| t.trial == trial) else {
-                    return Err(corrupt(
-                        path,
-                        lineno,
-                        format!("trial {trial} never started"),
-                    ));
-                };
-                t.end = Some(End {
-                    state,
-                    score: v["score"].as_f64(),
-                    exit: v["exit"].as_i64().map(|c| c as i32),
-                    seconds: v["seconds"].as_f64().unwrap_or(0.0),
-                    json: v.get("json").cloned().filter(|j| !j.is_null()),
-                });
-            }
-            "delete" => {
-                if let Some(p) = v["output"].as_str() {
-                    let p = path_from_json(p);
-                    r.unconfirmed.retain(|d| *d != p);
-                    r.deleting.retain(|d| *d != p);
-                    r.built.retain(|(b, _)| *b != p);
-                    r.deleted.push(p);
-                }
-            }
-            "deleting" => {
-                if let Some(p) = v["output"].as_str() {
-                    let p = path_from_json(p);
-                    r.unconfirmed.retain(|d| *d != p);
-                    r.deleting.push(p);
-                }
-            }
-            "built" => {
-                let (Some(p), Some(dev), Some(ino)) =
-                    (v["output"].as_str(), v["dev"].as_u64(), v["ino"].as_u64())
-                else {
-                    return Err(corrupt(
-                        path,
-                        lineno,
-                        "a built event without output, dev, ino",
-                    ));
-                };
-                let p = path_from_json(p);
-                r.unconfirmed.retain(|d| *d != p);
-                r.built.retain(|(b, _)| *b != p);
-                r.deleting.retain(|d| *d != p);
-                r.built.push((p, FileId { dev, ino }));
-            }
-            "done" => {}
-            other => return Err(corrupt(path, lineno, format!("unknown event `{other}`"))),
+            Err(_) => r.damaged.push(lineno),
         }
     }
     Ok(r)
+}
+
+/// Applies one event to the replay.
+fn apply(r: &mut Replay, path: &Path, lineno: usize, v: Value) -> Result<(), LedgerError> {
+    match v["event"].as_str().unwrap_or("") {
+        "header" => {
+            if r.header.is_none() {
+                r.header = Some(v);
+            }
+        }
+        "start" => apply_start(r, path, lineno, &v)?,
+        "end" => apply_end(r, path, lineno, &v)?,
+        "delete" => {
+            if let Some(p) = v["output"].as_str() {
+                let p = path_from_json(p);
+                r.unconfirmed.retain(|d| *d != p);
+                r.deleting.retain(|d| *d != p);
+                r.built.retain(|(b, _)| *b != p);
+                r.deleted.push(p);
+            }
+        }
+        "deleting" => {
+            if let Some(p) = v["output"].as_str() {
+                let p = path_from_json(p);
+                r.unconfirmed.retain(|d| *d != p);
+                r.deleting.push(p);
+            }
+        }
+        "built" => apply_built(r, path, lineno, &v)?,
+        "done" => {}
+        other => return Err(corrupt(path, lineno, format!("unknown event `{other}`"))),
+    }
+    Ok(())
+}
+
+/// A `start` event: a trial begins (again, if it was interrupted).
+fn apply_start(r: &mut Replay, path: &Path, lineno: usize, v: &Value) -> Result<(), LedgerError> {
+    let trial = v["trial"]
+        .as_u64()
+        .ok_or_else(|| corrupt(path, lineno, "no trial number"))?;
+    let alpha = v["alpha"]
+        .as_f64()
+        .and_then(Lat::from_f64)
+        .ok_or_else(|| corrupt(path, lineno, "no alpha"))?;
+    let slot = match v["slot"].as_u64() {
+        None => 0,
+        Some(s) => usize::try_from(s)
+            .ok()
+            .filter(|&s| s <= MAX_SLOT)
+            .ok_or_else(|| corrupt(path, lineno, format!("slot {s} is out of range")))?,
+    };
+    let output = path_from_json(v["output"].as_str().unwrap_or(""));
+    let created = v["created"].as_bool().unwrap_or(false);
+    if created {
+        r.unconfirmed.retain(|p| *p != output);
+        if !r.built.iter().any(|(b, _)| *b == output) {
+            r.unconfirmed.push(output.clone());
+        }
+    }
+    r.trials.retain(|t| t.trial != trial);
+    r.trials.push(Trial {
+        trial,
+        alpha,
+        slot,
+        output,
+        created,
+        end: None,
+    });
+    Ok(())
+}
+
+/// An `end` event: how a started trial ended.
+fn apply_end(r: &mut Replay, path: &Path, lineno: usize, v: &Value) -> Result<(), LedgerError> {
+    let trial = v["trial"]
+        .as_u64()
+        .ok_or_else(|| corrupt(path, lineno, "no trial number"))?;
+    let state = v["state"]
+        .as_str()
+        .and_then(State::parse)
+        .ok_or_else(|| corrupt(path, lineno, "no state"))?;
+    let exit = match v["exit"].as_i64() {
+        None => None,
+        Some(c) => Some(
+            i32::try_from(c)
+                .map_err(|_| corrupt(path, lineno, format!("exit code {c} is out of range")))?,
+        ),
+    };
+    let Some(t) = r.trials.iter_mut().find(|t| t.trial == trial) else {
+        return Err(corrupt(
+            path,
+            lineno,
+            format!("trial {trial} never started"),
+        ));
+    };
+    t.end = Some(End {
+        state,
+        score: v["score"].as_f64(),
+        exit,
+        seconds: v["seconds"].as_f64().unwrap_or(0.0),
+        json: v.get("json").cloned().filter(|j| !j.is_null()),
+    });
+    Ok(())
+}
+
+/// A `built` event: a candidate this search built, with the identity of its directory.
+fn apply_built(r: &mut Replay, path: &Path, lineno: usize, v: &Value) -> Result<(), LedgerError> {
+    let (Some(p), Some(dev), Some(ino)) =
+        (v["output"].as_str(), v["dev"].as_u64(), v["ino"].as_u64())
+    else {
+        return Err(corrupt(
+            path,
+            lineno,
+            "a built event without output, dev, ino",
+        ));
+    };
+    let p = path_from_json(p);
+    r.unconfirmed.retain(|d| *d != p);
+    r.built.retain(|(b, _)| *b != p);
+    r.deleting.retain(|d| *d != p);
+    r.built.push((p, FileId { dev, ino }));
+    Ok(())
 }
 
 /// Refuses a resumed search whose fixed settings differ from the recorded header.
@@ -478,7 +551,11 @@ pub fn defining_files(dir: &Path) -> Value {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
+    fnv1a_feed(0xcbf29ce484222325, bytes)
+}
+
+/// FNV-1a over `bytes`, continuing from the hash `h`.
+fn fnv1a_feed(mut h: u64, bytes: &[u8]) -> u64 {
     for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x100000001b3);
@@ -490,12 +567,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 pub fn fingerprint(ck: &crate::checkpoint::Checkpoint) -> String {
     use std::os::unix::fs::MetadataExt;
     let mut h: u64 = 0xcbf29ce484222325;
-    let mut feed = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    };
+    let mut feed = |bytes: &[u8]| h = fnv1a_feed(h, bytes);
     for s in &ck.shards {
         feed(s.name.as_bytes());
         if let Ok(m) = std::fs::metadata(&s.path) {
@@ -590,5 +662,45 @@ mod tests {
         assert!(a.replay().unwrap().trials.is_empty());
         drop(a);
         Ledger::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_ledger_larger_than_any_expo_writes_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        // Sparse: no disk used, and expo must refuse it before reading.
+        let f = File::create(dir.path().join(NAME)).unwrap();
+        f.set_len(MAX_LEDGER_BYTES + 1).unwrap();
+        drop(f);
+        let err = Ledger::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, LedgerError::TooLarge { len, .. } if len == MAX_LEDGER_BYTES + 1),
+            "{err}"
+        );
+        assert!(err.to_string().contains("choose another --run"), "{err}");
+    }
+
+    #[test]
+    fn overlong_lines_and_out_of_range_numbers_are_named_corrupt() {
+        let p = Path::new("RUN/ledger.jsonl");
+        let long = format!(
+            "{{\"event\":\"done\",\"x\":\"{}\"}}\n",
+            "a".repeat(MAX_LINE_BYTES)
+        );
+        assert!(matches!(
+            parse(p, long.as_bytes()),
+            Err(LedgerError::Corrupt { line: 1, .. })
+        ));
+        let slot = b"{\"event\":\"start\",\"trial\":1,\"alpha\":0.1,\"slot\":99999999999}\n";
+        let err = parse(p, slot).unwrap_err();
+        assert!(
+            err.to_string().contains("slot 99999999999 is out of range"),
+            "{err}"
+        );
+        let exit = b"{\"event\":\"start\",\"trial\":1,\"alpha\":0.1}\n{\"event\":\"end\",\"trial\":1,\"state\":\"failed\",\"exit\":4294967296}\n";
+        let err = parse(p, exit).unwrap_err();
+        assert!(
+            err.to_string().contains("line 2") && err.to_string().contains("exit code"),
+            "{err}"
+        );
     }
 }

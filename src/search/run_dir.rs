@@ -107,7 +107,7 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
     ledger.append(header)?;
     // Expo's candidates: the ones it recorded as built (with their identity) and not
     // deleted, and the ones whose deletion it started.
-    let mut built: BTreeMap<PathBuf, FileId> = replay.built.iter().cloned().collect();
+    let built: BTreeMap<PathBuf, FileId> = replay.built.iter().cloned().collect();
     // A candidate started but not recorded as built (expo was killed during its build):
     // whatever is at its place now cannot be told from a directory the user put there, so
     // it is neither used nor deleted; the user decides.
