@@ -421,10 +421,17 @@ fn dora_factors(m: &super::lora::Module, adapter: Mapped, base: Mapped) -> Optio
     let mut sq = vec![0.0f64; mag.len()];
     let mut acc = vec![0.0; cols];
     let mut w = vec![0.0; cols];
+    let row_bytes = cols * d0.size();
     for row in 0..rows {
         f.row(row, &mut acc);
-        let bytes = &w0[row * cols * d0.size()..(row + 1) * cols * d0.size()];
+        let bytes = &w0[row * row_bytes..(row + 1) * row_bytes];
         decode_into(d0, bytes, &mut w);
+        // θ0's pages are dropped as the rows move on (every few MiB), so resident memory
+        // does not grow with the tensor, as in the writer's tasks.
+        if (row + 1) % RELEASE_ROWS == 0 || row + 1 == rows {
+            let from = (row + 1).saturating_sub(RELEASE_ROWS) * row_bytes;
+            base.1.release(&w0[from..(row + 1) * row_bytes]);
+        }
         match m.orientation {
             Orientation::Linear => {
                 sq[row] = w
@@ -444,8 +451,14 @@ fn dora_factors(m: &super::lora::Module, adapter: Mapped, base: Mapped) -> Optio
             }
         }
     }
+    for factor in [&m.a, &m.b] {
+        amaps.release(amaps.tensor(ack, factor.loc));
+    }
     Some(mag.iter().zip(&sq).map(|(m, s)| m / s.sqrt()).collect())
 }
+
+/// Rows of a DoRA base weight read between two releases of its pages.
+const RELEASE_ROWS: usize = 256;
 
 /// Each module's factors in f64, decoded by the first task that needs them and dropped
 /// after its last task, so that memory holds the factors of the modules in progress (tasks
