@@ -482,7 +482,10 @@ impl ScoreSpec {
                             path: p.clone(),
                             source,
                         })?;
-                if modified + STALE_MARGIN < started {
+                if modified
+                    .checked_add(STALE_MARGIN)
+                    .is_some_and(|m| m < started)
+                {
                     return Err(ScoreError::Stale { path: p });
                 }
                 (p, what)
