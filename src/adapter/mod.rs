@@ -33,9 +33,9 @@ use crate::sidefiles::{self, InputRecord, SideFiles};
 use crate::writer::{Run, Target};
 
 use self::config::{AdapterConfig, CONFIG_NAME, WEIGHTS_NAME};
-use self::layout::AdapterLayout;
 use self::lora::{AdapterPlan, BaseFacts};
 use self::source::LoraSource;
+use crate::plan::OutputPlan;
 
 /// True when `dir` is a PEFT adapter directory (it holds `adapter_config.json`).
 pub fn is_adapter_dir(dir: &Path) -> bool {
@@ -155,7 +155,7 @@ pub struct Prepared {
     pub inputs: Inputs,
     pub outputs: Vec<Output>,
     /// The files and tensors of the full checkpoint (`--as model`); `None` for `--as adapter`.
-    pub layout: Option<AdapterLayout>,
+    pub layout: Option<OutputPlan>,
     pub side: AdapterSide,
     /// `--threads`.
     pub threads: Option<u16>,
@@ -196,7 +196,7 @@ pub fn prepare(args: &Settings, reporter: &dyn Reporter) -> Result<Prepared> {
         ));
     }
     let layout = (kind == AsKind::Model)
-        .then(|| AdapterLayout::model(&inputs.base, &inputs.adapter, &inputs.plan));
+        .then(|| OutputPlan::model(&inputs.base, &inputs.adapter, &inputs.plan));
     let side = side_files(kind, &inputs)?;
     for warning in side.warnings() {
         reporter.warn(warning);
@@ -291,7 +291,7 @@ pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<()> {
     let layout = match &p.layout {
         Some(l) => l,
         None => {
-            owned = AdapterLayout::adapter(&p.inputs.adapter, &p.inputs.plan, &p.inputs.base);
+            owned = OutputPlan::adapter(&p.inputs.adapter, &p.inputs.plan, &p.inputs.base);
             &owned
         }
     };
@@ -323,7 +323,7 @@ pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<()> {
 /// Writes the tensor data of every output in one pass.
 fn write_data(
     p: &Prepared,
-    layout: &AdapterLayout,
+    layout: &OutputPlan,
     inputs: (source::Mapped, source::Mapped),
     stagings: &[StagingDir],
     pool: &rayon::ThreadPool,
@@ -334,7 +334,7 @@ fn write_data(
         .iter()
         .map(|o| layout.alphas(&|name| p.alpha_for(o.alpha, name)))
         .collect();
-    let tasks = layout.tasks(&p.inputs.plan, p.outputs.len());
+    let tasks = layout.tasks(p.outputs.len());
     let source = LoraSource::new(layout, &p.inputs.plan, alphas, inputs, &tasks, pool);
     let targets: Vec<Target> = stagings
         .iter()
@@ -447,7 +447,7 @@ pub fn is_tokenizer_file(name: &str) -> bool {
 
 /// Writes the side files, the index, the model card and `expo.json` of one output into
 /// `staging`.
-fn finish(p: &Prepared, o: &Output, layout: &AdapterLayout, staging: &StagingDir) -> Result<()> {
+fn finish(p: &Prepared, o: &Output, layout: &OutputPlan, staging: &StagingDir) -> Result<()> {
     let base_rec = InputRecord::resolved(&p.inputs.base, &p.inputs.base_in);
     let adapter_rec = InputRecord::resolved(&p.inputs.adapter, &p.inputs.adapter_in);
     let mut provenance = serde_json::to_vec_pretty(&provenance(p, o, &base_rec, &adapter_rec))?;
@@ -496,7 +496,7 @@ fn provenance(
         "aligned": adapter_rec,
         "adapter": adapter_json(&p.inputs),
         "tensors": p.layout.as_ref().map(|l| {
-            let (changed, copied, added) = l.counts();
+            let (changed, copied, added) = l.adapter_counts();
             json!({"total": l.tensors.len(), "changed": changed, "copied": copied, "added": added})
         }),
         "side_files": p.side.names(),
