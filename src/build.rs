@@ -574,8 +574,8 @@ fn provenance(p: &Prepared, o: &Output) -> Provenance {
     let plan = &p.plan;
     let (extrapolated, cast, copied) = plan.counts(&o.alphas);
     Provenance {
-        tool: "expo",
-        version: env!("CARGO_PKG_VERSION"),
+        tool: sidefiles::provenance::TOOL,
+        version: sidefiles::provenance::VERSION,
         method: "model extrapolation (ExPO)",
         formula: sidefiles::FORMULA,
         arithmetic: "float64: subtract, multiply, add (no FMA); rounded once to the output dtype, to nearest even",

@@ -29,7 +29,7 @@ use crate::pairing::DtypeChoice;
 use crate::plan::AlphaRule;
 use crate::reporter::{Progress, Reporter};
 use crate::settings::{AsKind, Settings};
-use crate::sidefiles::{self, InputRecord, SideFiles};
+use crate::sidefiles::{self, provenance, InputRecord, SideFiles};
 use crate::writer::{Run, Target};
 
 use self::config::{AdapterConfig, CONFIG_NAME, WEIGHTS_NAME};
@@ -480,8 +480,8 @@ fn provenance(
         .map(|r| json!({"rule": r.spelling, "alpha": r.alpha(o.alpha)}))
         .collect();
     json!({
-        "tool": "expo",
-        "version": env!("CARGO_PKG_VERSION"),
+        "tool": provenance::TOOL,
+        "version": provenance::VERSION,
         "method": "model extrapolation (ExPO) of a LoRA adapter",
         "formula": "theta2 = theta0 + (1 + alpha) * delta_W, delta_W = s * B @ A",
         "arithmetic": match p.kind {
@@ -542,23 +542,16 @@ fn model_card(
     if let Some(b) = &inputs.config.base_model_name_or_path {
         let _ = writeln!(c, "The adapter's config names its base as `{b}`.\n");
     }
-    let _ = writeln!(
-        c,
-        "Made with expo {}:\n\n```sh\n{}\n```\n",
-        env!("CARGO_PKG_VERSION"),
-        sidefiles::shell_join(command)
-    );
-    let _ = writeln!(
-        c,
-        "Method: Zheng et al., *Model Extrapolation Expedites Alignment* ({}). `expo.json` records the exact inputs and settings.",
-        sidefiles::PAPER_URL
-    );
+    c.push_str(&provenance::card_footer(
+        provenance::VERSION,
+        command,
+        sidefiles::PAPER_URL,
+    ));
     c
 }
 
 /// The model card's YAML front matter (with the blank line after it).
 fn card_front_matter(kind: AsKind, inputs: &Inputs, base: &InputRecord) -> String {
-    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut c = String::new();
     // `base_model` holds Hugging Face ids only: θ0's Hub id, or the one the adapter's config
     // names; a local path is not an id (it stays in the card body and expo.json).
@@ -570,16 +563,14 @@ fn card_front_matter(kind: AsKind, inputs: &Inputs, base: &InputRecord) -> Strin
             .filter(|id| sidefiles::card::is_hub_id(id))
     });
     let _ = writeln!(c, "---");
-    if let Some(id) = base_id {
-        let _ = writeln!(c, "base_model:\n- {}", q(&id));
-    }
+    c.push_str(&provenance::card_base_models(&Vec::from_iter(base_id)));
     if kind == AsKind::Adapter {
         let _ = writeln!(c, "library_name: peft");
         let _ = writeln!(c, "base_model_relation: adapter");
     } else {
         let _ = writeln!(c, "base_model_relation: merge");
     }
-    let _ = writeln!(c, "tags:\n- expo\n- model-extrapolation\n- lora\n---\n");
+    c.push_str(&provenance::card_tags(&["lora"]));
     c
 }
 
