@@ -16,7 +16,7 @@ use crate::error::UsageError;
 use crate::hub::{self, CacheEnv, ResolvedInput};
 use crate::interrupt;
 use crate::output::{self, OutputTarget, StagingDir};
-use crate::plan::{self, build_plan, AlphaRule, Plan, PlanError, PlanOptions, ShardPlan};
+use crate::plan::{self, AlphaRule, OutTensor, OutputPlan, PlanError, PlanOptions, ShardPlan};
 use crate::reporter::{Progress, Reporter};
 pub use crate::settings::{AsKind, Settings};
 use crate::sidefiles::{self, InputRecord, Provenance, RuleRecord, SideFiles, TensorCounts};
@@ -35,7 +35,8 @@ pub struct Input {
 pub struct Output {
     pub alpha: f64,
     pub target: OutputTarget,
-    pub plan: Plan,
+    /// Each tensor of the run's plan's α in this output.
+    pub alphas: Vec<f64>,
 }
 
 /// Everything validated before any work ([`prepare`]'s result).
@@ -48,6 +49,8 @@ pub struct Prepared<'a> {
     /// How many tensors each rule set the α of.
     pub matches: Vec<usize>,
     /// One per α, in the order given. All share one layout; only α differs.
+    /// The output plan, the same for every output.
+    pub plan: OutputPlan,
     pub outputs: Vec<Output>,
     pub side: SideFiles,
     /// The inputs' data, mapped; released once the outputs are written.
@@ -139,16 +142,16 @@ pub fn prepare<'a>(settings: &'a Settings, reporter: &dyn Reporter) -> Result<Pr
     for w in inputs.iter().flat_map(|i| &i.checkpoint.warnings) {
         reporter.warn(w.clone());
     }
-    let outputs = plan_outputs(settings, &rules, &inputs)?;
+    let (plan, outputs) = plan_outputs(settings, &rules, &inputs)?;
     warn_about_inputs(reporter, &settings.alphas, &inputs);
-    let matches = rule_matches(&outputs[0].plan, rules.len());
+    let matches = rule_matches(&plan, &rules);
     for (rule, n) in rules.iter().zip(&matches) {
         if *n == 0 {
             reporter.warn(format!("{} matches no tensor", rule.spelling));
         }
     }
-    let side = list_side_files(settings, &inputs[1].checkpoint, &outputs, reporter)?;
-    let maps = map_and_verify(&inputs, &outputs)?;
+    let side = list_side_files(settings, &inputs[1].checkpoint, &plan, reporter)?;
+    let maps = map_and_verify(&inputs, &plan, &outputs)?;
     // Every output's files of one shard are open at once: refuse a sweep that cannot fit
     // under the open-files limit now, not after hours of work (also in --dry-run).
     engine::check_open_files(outputs.len())?;
@@ -157,6 +160,7 @@ pub fn prepare<'a>(settings: &'a Settings, reporter: &dyn Reporter) -> Result<Pr
         inputs,
         rules,
         matches,
+        plan,
         outputs,
         side,
         maps: Some(maps),
@@ -178,8 +182,7 @@ pub fn produce(p: &mut Prepared, reporter: &dyn Reporter) -> Result<Produced> {
         .context("the outputs of one preparation can be produced only once")?;
     let targets: Vec<&OutputTarget> = p.outputs.iter().map(|o| &o.target).collect();
     clean_stale_staging(&targets, reporter);
-    let shards = p.outputs.first().map_or(&[][..], |o| &o.plan.shards[..]);
-    let stagings = create_stagings(&targets, shards)?;
+    let stagings = create_stagings(&targets, &p.plan.shards)?;
     let report = write_data(p, maps, &stagings, &pool, reporter);
     if report
         .outputs
@@ -251,16 +254,18 @@ fn open_inputs(settings: &Settings) -> Result<[Input; 2]> {
     ])
 }
 
-/// Locates and plans the output of every α.
+/// The run's plan and its outputs, one per α (each checked in turn: its target, then the
+/// α rules and the pairing at that α).
 fn plan_outputs(
     settings: &Settings,
     rules: &[AlphaRule],
     inputs: &[Input; 2],
-) -> Result<Vec<Output>> {
-    let mut outputs: Vec<Output> = Vec::with_capacity(settings.alphas.len());
+) -> Result<(OutputPlan, Vec<Output>)> {
+    let mut targets: Vec<(f64, OutputTarget)> = Vec::with_capacity(settings.alphas.len());
+    let mut tensors = None;
     for &a in &settings.alphas {
         let path = alpha::expand_output(&settings.output, a);
-        if outputs.iter().any(|o| o.target.path == path) {
+        if targets.iter().any(|(_, t)| t.path == path) {
             return Err(UsageError(format!(
                 "--output {} names the same directory for two alpha values",
                 settings.output.display()
@@ -268,39 +273,56 @@ fn plan_outputs(
             .into());
         }
         let target = OutputTarget::locate(&path, settings.force)?;
-        if let Some(clash) = output::location_clash(outputs.iter().map(|o| &o.target), &target) {
+        if let Some(clash) = output::location_clash(targets.iter().map(|(_, t)| t), &target) {
             return Err(UsageError(clash).into());
         }
-        // An overlap with an input is a usage error (2), reported before the refusal to
-        // replace a directory that is not a checkpoint (1).
         check_paths(&target, inputs)?;
         target.check_replaceable()?;
-        let opts = PlanOptions {
-            alpha: a,
-            dtype: settings.dtype,
-            max_shard_size: settings.max_shard_size,
-            rules: rules.to_vec(),
-        };
-        let plan = match build_plan(&inputs[0].checkpoint, &inputs[1].checkpoint, &opts) {
-            Ok(plan) => plan,
-            Err(PlanError::Alpha(e)) => return Err(UsageError(e.to_string()).into()),
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "pairing --sft {} with --aligned {}",
-                        settings.sft.display(),
-                        settings.aligned.display()
-                    )
-                })
-            }
-        };
-        outputs.push(Output {
-            alpha: a,
-            target,
-            plan,
-        });
+        let paired = pair_at(settings, rules, inputs, a)?;
+        tensors.get_or_insert(paired);
+        targets.push((a, target));
     }
-    Ok(outputs)
+    let aligned = &inputs[1].checkpoint;
+    let plan = plan::lay_out_pairs(
+        aligned,
+        settings.max_shard_size,
+        tensors.unwrap_or_default(),
+    );
+    let outputs = targets
+        .into_iter()
+        .map(|(alpha, target)| Output {
+            alpha,
+            target,
+            alphas: plan.alphas(&|name| plan::alpha_of(rules, alpha, name).0),
+        })
+        .collect();
+    Ok((plan, outputs))
+}
+
+/// The tensors of the plan, paired at `alpha` (the same at every α that pairs).
+fn pair_at(
+    settings: &Settings,
+    rules: &[AlphaRule],
+    inputs: &[Input; 2],
+    alpha: f64,
+) -> Result<Vec<OutTensor>> {
+    let opts = PlanOptions {
+        alpha,
+        dtype: settings.dtype,
+        max_shard_size: settings.max_shard_size,
+        rules: rules.to_vec(),
+    };
+    match plan::pair_for_output(&inputs[0].checkpoint, &inputs[1].checkpoint, &opts) {
+        Ok(tensors) => Ok(tensors),
+        Err(PlanError::Alpha(e)) => Err(UsageError(e.to_string()).into()),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "pairing --sft {} with --aligned {}",
+                settings.sft.display(),
+                settings.aligned.display()
+            )
+        }),
+    }
 }
 
 /// The side files of θ1 to copy, opened and checked, with a warning for what is not copied;
@@ -308,13 +330,11 @@ fn plan_outputs(
 fn list_side_files(
     settings: &Settings,
     aligned: &Checkpoint,
-    outputs: &[Output],
+    plan: &OutputPlan,
     reporter: &dyn Reporter,
 ) -> Result<SideFiles> {
     let side = sidefiles::open_side_files(aligned, settings.dtype)?;
-    for o in outputs {
-        side.check_plan(&o.plan)?;
-    }
+    side.check_plan(plan)?;
     side.warnings().into_iter().for_each(|w| reporter.warn(w));
     if !aligned.is_dir {
         reporter.warn(
@@ -325,24 +345,29 @@ fn list_side_files(
 }
 
 /// Maps both inputs and checks the tensors that must be identical on both sides.
-fn map_and_verify(inputs: &[Input; 2], outputs: &[Output]) -> Result<[MappedCheckpoint; 2]> {
+fn map_and_verify(
+    inputs: &[Input; 2],
+    plan: &OutputPlan,
+    outputs: &[Output],
+) -> Result<[MappedCheckpoint; 2]> {
     let [sft, aligned] = inputs.each_ref().map(|i| &i.checkpoint);
     // Guarded: an input truncated during the run is an error (the temporary directory is
     // removed as after any other), not a SIGBUS.
     let sft_maps = MappedCheckpoint::map_guarded(sft).context("mapping --sft")?;
     let aligned_maps = MappedCheckpoint::map_guarded(aligned).context("mapping --aligned")?;
-    for plan in plan::plans_to_verify(outputs.iter().map(|o| &o.plan)) {
-        engine::verify_exact_tensors(plan, (sft, &sft_maps), (aligned, &aligned_maps))
+    for j in plan::outputs_to_verify(plan, outputs.iter().map(|o| &o.alphas[..])) {
+        let alphas = &outputs[j].alphas;
+        engine::verify_exact_tensors(plan, alphas, (sft, &sft_maps), (aligned, &aligned_maps))
             .context("comparing the non-float tensors")?;
     }
     Ok([sft_maps, aligned_maps])
 }
 
 /// How many tensors each rule set the α of.
-fn rule_matches(plan: &Plan, rules: usize) -> Vec<usize> {
-    let mut n = vec![0; rules];
-    for p in &plan.pairs {
-        if let Some(r) = p.rule {
+fn rule_matches(plan: &OutputPlan, rules: &[AlphaRule]) -> Vec<usize> {
+    let mut n = vec![0; rules.len()];
+    for t in &plan.tensors {
+        if let Some(r) = plan::alpha_of(rules, 0.0, &t.name).1 {
             n[r] += 1;
         }
     }
@@ -438,15 +463,16 @@ fn write_data(
         .iter()
         .zip(stagings)
         .map(|(o, s)| OutputJob {
-            plan: &o.plan,
+            alphas: &o.alphas,
             dir: s.path(),
         })
         .collect();
-    let total: u64 = p.outputs.iter().map(|o| o.plan.data_bytes()).sum();
+    let total: u64 = p.plan.data_bytes() * p.outputs.len() as u64;
     let progress = Progress::start(reporter, total);
     let [sft, aligned] = p.inputs.each_ref().map(|i| &i.checkpoint);
     let [sft_maps, aligned_maps] = &maps;
     let report = engine::write_outputs(
+        &p.plan,
         &jobs,
         (sft, sft_maps),
         (aligned, aligned_maps),
@@ -483,11 +509,11 @@ fn finish_output(
     reporter: &dyn Reporter,
 ) -> Result<()> {
     interrupt::check()?;
-    let mut provenance = provenance(p, &o.plan);
+    let mut provenance = provenance(p, o);
     provenance.rules = p.rule_records(o.alpha);
     provenance.relative_change = relative_change;
     let files = Finish {
-        index: o.plan.index.as_ref(),
+        index: p.plan.index.as_ref(),
         card: provenance.model_card(&p.side.card),
         provenance: provenance.to_json(),
     };
@@ -543,17 +569,18 @@ pub(crate) fn commit(
     Ok(())
 }
 
-fn provenance(p: &Prepared, plan: &Plan) -> Provenance {
+fn provenance(p: &Prepared, o: &Output) -> Provenance {
     let [sft, aligned] = &p.inputs;
-    let (extrapolated, cast, copied) = plan.counts();
+    let plan = &p.plan;
+    let (extrapolated, cast, copied) = plan.counts(&o.alphas);
     Provenance {
-        tool: "expo",
-        version: env!("CARGO_PKG_VERSION"),
+        tool: sidefiles::provenance::TOOL,
+        version: sidefiles::provenance::VERSION,
         method: "model extrapolation (ExPO)",
         formula: sidefiles::FORMULA,
         arithmetic: "float64: subtract, multiply, add (no FMA); rounded once to the output dtype, to nearest even",
         paper: sidefiles::PAPER_URL,
-        alpha: plan.alpha,
+        alpha: o.alpha,
         rules: Vec::new(),
         dtype: p.settings.dtype.name().to_string(),
         max_shard_size: p.settings.max_shard_size,
@@ -561,7 +588,7 @@ fn provenance(p: &Prepared, plan: &Plan) -> Provenance {
         sft: InputRecord::resolved(&sft.checkpoint, &sft.resolved),
         aligned: InputRecord::resolved(&aligned.checkpoint, &aligned.resolved),
         tensors: TensorCounts {
-            total: plan.pairs.len(),
+            total: plan.tensors.len(),
             extrapolated,
             cast,
             copied,

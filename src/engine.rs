@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::checkpoint::Checkpoint;
-use crate::dtype::{DtypeClass, FloatDtype};
+use crate::checkpoint::TensorLoc;
 use crate::kernel::{self, KernelSpec};
-use crate::plan::{Plan, TensorPair, Treatment};
+use crate::plan::{OutTensor, OutputPlan, Recipe, Treatment};
 use crate::writer::{self, Chunk, ChunkSource, Run, Target, Task};
 
 pub use crate::maps::{MappedCheckpoint, RELEASE_MARGIN};
@@ -97,25 +97,28 @@ pub fn short_number(x: f64) -> String {
 }
 
 /// Checks that the tensors that must be byte-identical in both checkpoints are (integer and
-/// bool tensors whose α is not 0, see [`TensorPair::must_be_identical`]).
+/// bool tensors whose α is not 0, see [`OutTensor::must_be_identical`]) in the output of
+/// `plan` whose tensors' α are `alphas`.
 pub fn verify_exact_tensors(
-    plan: &Plan,
+    plan: &OutputPlan,
+    alphas: &[f64],
     sft: (&Checkpoint, &MappedCheckpoint),
     aligned: (&Checkpoint, &MappedCheckpoint),
 ) -> Result<(), EngineError> {
-    for p in &plan.pairs {
-        if !p.must_be_identical() {
+    for (p, &alpha) in plan.tensors.iter().zip(alphas) {
+        if !p.must_be_identical(alpha) {
             continue;
         }
-        let a = sft.1.tensor(sft.0, p.sft);
-        let b = aligned.1.tensor(aligned.0, p.aligned);
+        let (l0, l1) = locs(p);
+        let a = sft.1.tensor(sft.0, l0);
+        let b = aligned.1.tensor(aligned.0, l1);
         if let Some(offset) = a.iter().zip(b).position(|(x, y)| x != y) {
             // A difference read from a damaged map means nothing.
             sft.1.check_intact()?;
             aligned.1.check_intact()?;
             return Err(EngineError::ExactTensorDiffers {
                 tensor: p.name.clone(),
-                dtype: p.out_dtype,
+                dtype: p.dtype,
                 offset: offset as u64,
             });
         }
@@ -124,23 +127,18 @@ pub fn verify_exact_tensors(
     aligned.1.check_intact()
 }
 
-/// Cuts every tensor of the (shared) output layout into chunks, in file order: float
-/// tensors by elements, the others by bytes.
-fn make_tasks(plan: &Plan, aligned: &Checkpoint) -> Vec<Task> {
-    crate::writer::cut_tasks(&plan.shards, |i| {
-        let p = &plan.pairs[i];
-        match float_in(aligned, p) {
-            Some(_) => (p.elements(), CHUNK_ELEMENTS, p.out_dtype.bits() / 8),
-            None => (p.out_len, COPY_CHUNK_BYTES, 1),
-        }
-    })
+/// Where a paired tensor lives in θ0 and θ1.
+fn locs(p: &OutTensor) -> (TensorLoc, TensorLoc) {
+    match p.recipe {
+        Recipe::Pair { sft, aligned, .. } => (sft, aligned),
+        _ => unreachable!("the tensors of two paired checkpoints are pairs"),
+    }
 }
 
-/// θ1's float format for a float output tensor (chunked by elements), else `None`.
-fn float_in(aligned: &Checkpoint, p: &TensorPair) -> Option<FloatDtype> {
-    let t1 = aligned.get(&p.name)?.1;
-    match (t1.dtype.class(), p.out_dtype.class()) {
-        (DtypeClass::Float(d), DtypeClass::Float(_)) => Some(d),
+/// A paired tensor's kernel formats, when it is a float tensor.
+fn spec_of(p: &OutTensor) -> Option<KernelSpec> {
+    match p.recipe {
+        Recipe::Pair { spec, .. } => spec,
         _ => None,
     }
 }
@@ -153,11 +151,11 @@ pub struct WriteStats {
     pub inherited_nonfinite: Vec<(String, u64)>,
 }
 
-/// One output of a run: its plan and the directory its files go to. All outputs of a run
-/// share one layout (same files, tensors, dtypes and offsets); only α differs.
+/// One output of a run: each tensor's α and the directory its files go to. All outputs of
+/// a run share one plan (same files, tensors, dtypes and offsets); only α differs.
 #[derive(Debug, Clone, Copy)]
 pub struct OutputJob<'a> {
-    pub plan: &'a Plan,
+    pub alphas: &'a [f64],
     pub dir: &'a Path,
 }
 
@@ -180,6 +178,7 @@ pub struct RunReport {
 /// Setting `cancel` makes the workers stop at the next chunk; every output then reports
 /// [`EngineError::Interrupted`].
 pub fn write_outputs(
+    plan: &OutputPlan,
     jobs: &[OutputJob<'_>],
     sft: (&Checkpoint, &MappedCheckpoint),
     aligned: (&Checkpoint, &MappedCheckpoint),
@@ -187,27 +186,19 @@ pub fn write_outputs(
     cancel: &AtomicBool,
     on_progress: &(dyn Fn(u64) + Sync),
 ) -> RunReport {
-    let Some(first) = jobs.first() else {
+    if jobs.is_empty() {
         return RunReport {
             outputs: Vec::new(),
             delta_sq: 0.0,
             base_sq: 0.0,
         };
-    };
-    debug_assert!(jobs
-        .iter()
-        .all(|j| j.plan.shards.len() == first.plan.shards.len()
-            && j.plan
-                .shards
-                .iter()
-                .zip(&first.plan.shards)
-                .all(|(a, b)| a.header == b.header)));
-    let tasks = make_tasks(first.plan, aligned.0);
-    let source = PairSource::new(jobs, sft, aligned, tasks.len());
+    }
+    let tasks = plan.tasks(jobs.len());
+    let source = PairSource::new(plan, jobs, sft, aligned, tasks.len());
     let targets: Vec<Target> = jobs
         .iter()
         .map(|j| Target {
-            shards: &j.plan.shards,
+            shards: &plan.shards,
             dir: j.dir,
         })
         .collect();
@@ -226,7 +217,9 @@ type Computed<'b> = (&'b [u8], u64, Option<(f64, f64)>);
 
 /// The chunk source of two paired checkpoints: copy, cast or extrapolate, per output.
 struct PairSource<'a> {
-    plans: Vec<&'a Plan>,
+    plan: &'a OutputPlan,
+    /// Per output, each tensor's α.
+    alphas: Vec<&'a [f64]>,
     sft: (&'a Checkpoint, &'a MappedCheckpoint),
     aligned: (&'a Checkpoint, &'a MappedCheckpoint),
     /// Which pairs some output extrapolates: only those need θ0, and they make the Δ stats.
@@ -241,22 +234,25 @@ struct PairSource<'a> {
 
 impl<'a> PairSource<'a> {
     fn new(
+        plan: &'a OutputPlan,
         jobs: &[OutputJob<'a>],
         sft: (&'a Checkpoint, &'a MappedCheckpoint),
         aligned: (&'a Checkpoint, &'a MappedCheckpoint),
         tasks: usize,
     ) -> PairSource<'a> {
-        let pairs = jobs[0].plan.pairs.len();
+        let pairs = plan.tensors.len();
         PairSource {
-            plans: jobs.iter().map(|j| j.plan).collect(),
+            plan,
+            alphas: jobs.iter().map(|j| j.alphas).collect(),
             sft,
             aligned,
             extrapolated: (0..pairs)
                 .map(|i| {
-                    jobs.iter().find_map(|j| match j.plan.pairs[i].treatment {
-                        Treatment::Extrapolate(spec) => Some(spec),
-                        _ => None,
-                    })
+                    jobs.iter()
+                        .find_map(|j| match plan.tensors[i].recipe.treatment(j.alphas[i]) {
+                            Treatment::Extrapolate(spec) => Some(spec),
+                            _ => None,
+                        })
                 })
                 .collect(),
             inherited: jobs
@@ -272,9 +268,9 @@ impl<'a> PairSource<'a> {
 
     /// θ1's chunk of `task` (elements of a float tensor, bytes of the others).
     fn aligned_chunk(&self, task: &Task) -> &'a [u8] {
-        let p = &self.plans[0].pairs[task.tensor];
-        let unit = float_in(self.aligned.0, p).map_or(1, |d| d.size());
-        let t1 = self.aligned.1.tensor(self.aligned.0, p.aligned);
+        let p = &self.plan.tensors[task.tensor];
+        let unit = spec_of(p).map_or(1, |s| s.aligned.size());
+        let t1 = self.aligned.1.tensor(self.aligned.0, locs(p).1);
         &t1[task.start as usize * unit..task.end as usize * unit]
     }
 
@@ -284,7 +280,7 @@ impl<'a> PairSource<'a> {
             let t0 = self
                 .sft
                 .1
-                .tensor(self.sft.0, self.plans[0].pairs[task.tensor].sft);
+                .tensor(self.sft.0, locs(&self.plan.tensors[task.tensor]).0);
             &t0[task.start as usize * spec.sft.size()..task.end as usize * spec.sft.size()]
         })
     }
@@ -298,13 +294,15 @@ impl<'a> PairSource<'a> {
         (a, b): (Option<&[u8]>, &'b [u8]),
         buf: &'b mut Vec<u8>,
     ) -> Result<Computed<'b>, EngineError> {
-        let p = &self.plans[j].pairs[task.tensor];
+        let p = &self.plan.tensors[task.tensor];
+        let alpha = self.alphas[j][task.tensor];
+        let treatment = p.recipe.treatment(alpha);
         let n = (task.end - task.start) as usize;
         let max_chunk = (CHUNK_ELEMENTS * 8) as usize;
-        if !matches!(p.treatment, Treatment::Copy) && buf.len() < max_chunk {
+        if !matches!(treatment, Treatment::Copy) && buf.len() < max_chunk {
             buf.resize(max_chunk, 0);
         }
-        match p.treatment {
+        match treatment {
             Treatment::Copy => Ok((b, 0, None)),
             Treatment::Cast(spec) => {
                 let out = &mut buf[..n * spec.out.size()];
@@ -325,13 +323,13 @@ impl<'a> PairSource<'a> {
             Treatment::Extrapolate(spec) => {
                 // θ0's chunk, read here if the caller did not (it always does).
                 let a = a.unwrap_or_else(|| {
-                    &self.sft.1.tensor(self.sft.0, p.sft)
+                    &self.sft.1.tensor(self.sft.0, locs(p).0)
                         [task.start as usize * spec.sft.size()..task.end as usize * spec.sft.size()]
                 });
                 let out = &mut buf[..n * spec.out.size()];
-                let stats = kernel::extrapolate(spec, p.alpha, a, b, out);
+                let stats = kernel::extrapolate(spec, alpha, a, b, out);
                 if stats.nonfinite_out > 0 && kernel::count_new_nonfinite(spec, a, b, out) > 0 {
-                    let e = overflow_error(p, spec, Some(p.alpha), self.sft, self.aligned);
+                    let e = overflow_error(p, spec, Some(alpha), self.sft, self.aligned);
                     return Err(e);
                 }
                 let sums = Some((stats.delta_sq, stats.base_sq));
@@ -346,11 +344,11 @@ impl<'a> PairSource<'a> {
         let outputs = results
             .into_iter()
             .zip(&self.inherited)
-            .zip(&self.plans)
-            .map(|((r, inherited), plan)| {
+            .map(|(r, inherited)| {
                 r.map(|()| WriteStats {
-                    inherited_nonfinite: plan
-                        .pairs
+                    inherited_nonfinite: self
+                        .plan
+                        .tensors
                         .iter()
                         .zip(inherited)
                         .filter_map(|(p, n)| {
@@ -388,7 +386,7 @@ impl ChunkSource for PairSource<'_> {
         let (a, b) = (self.sft_chunk(task), self.aligned_chunk(task));
         // The sums of squares come from the first output that extrapolates the chunk.
         let mut summed = false;
-        for j in (0..self.plans.len()).filter(|&j| live[j]) {
+        for j in (0..self.alphas.len()).filter(|&j| live[j]) {
             let (inherited, sums) = match self.compute(j, task, (a, b), buf) {
                 Ok((out, inherited, sums)) => match sink(j, Ok(out)) {
                     true => (inherited, sums),
@@ -429,14 +427,15 @@ impl ChunkSource for PairSource<'_> {
 /// Counts, over the whole tensor, the values that overflow although θ1's are finite:
 /// `alpha` for an extrapolation, `None` for a conversion (`spec` from [`as_cast`]).
 fn overflow_error(
-    p: &TensorPair,
+    p: &OutTensor,
     spec: KernelSpec,
     alpha: Option<f64>,
     sft: (&Checkpoint, &MappedCheckpoint),
     aligned: (&Checkpoint, &MappedCheckpoint),
 ) -> EngineError {
-    let t0 = sft.1.tensor(sft.0, p.sft);
-    let t1 = aligned.1.tensor(aligned.0, p.aligned);
+    let (l0, l1) = locs(p);
+    let t0 = sft.1.tensor(sft.0, l0);
+    let t1 = aligned.1.tensor(aligned.0, l1);
     let n = p.elements() as usize;
     let step = CHUNK_ELEMENTS as usize;
     let mut out = vec![0u8; step.min(n) * spec.out.size()];
@@ -490,6 +489,7 @@ fn as_cast(spec: KernelSpec) -> KernelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::FloatDtype;
 
     #[test]
     fn io_errors_print_their_cause_once() {

@@ -364,6 +364,13 @@ impl Treatment {
 /// How a tensor paired θ0 → θ1 (two sides, [`Purpose::Produce`]) is produced with `alpha`,
 /// and its output dtype.
 pub fn treatment(entry: &Entry, alpha: f64, dtype: DtypeChoice) -> (Treatment, Dtype) {
+    let (spec, out) = output_of(entry, dtype);
+    (treatment_at(spec, alpha), out)
+}
+
+/// A paired tensor's output dtype, and the formats of its kernel calls when it is a float
+/// tensor (`None`: its bytes are θ1's).
+pub fn output_of(entry: &Entry, dtype: DtypeChoice) -> (Option<KernelSpec>, Dtype) {
     match &entry.kind {
         EntryKind::Float(f) => {
             let (a, b) = (f[0], f[f.len() - 1]);
@@ -376,16 +383,19 @@ pub fn treatment(entry: &Entry, alpha: f64, dtype: DtypeChoice) -> (Treatment, D
                 aligned: b,
                 out,
             };
-            let t = if alpha != 0.0 {
-                Treatment::Extrapolate(spec)
-            } else if out == b {
-                Treatment::Copy
-            } else {
-                Treatment::Cast(spec)
-            };
-            (t, out.dtype())
+            (Some(spec), out.dtype())
         }
-        EntryKind::Bytes(d) => (Treatment::Copy, *d),
+        EntryKind::Bytes(d) => (None, *d),
+    }
+}
+
+/// How a paired tensor (`spec` from [`output_of`]) is produced at `alpha`: extrapolated
+/// when α is not 0; else copied, or cast when its output dtype is not θ1's.
+pub fn treatment_at(spec: Option<KernelSpec>, alpha: f64) -> Treatment {
+    match spec {
+        Some(spec) if alpha != 0.0 => Treatment::Extrapolate(spec),
+        Some(spec) if spec.out != spec.aligned => Treatment::Cast(spec),
+        _ => Treatment::Copy,
     }
 }
 

@@ -9,8 +9,10 @@ use std::fmt;
 use crate::checkpoint::{Checkpoint, Layout, TensorLoc};
 use crate::dtype::Dtype;
 use crate::header::encode_header;
+use crate::kernel::KernelSpec;
 use crate::pairing::{self, PairingError, Purpose, Side};
 use crate::text::number;
+use crate::writer::{cut_tasks, Task, CHUNK_ELEMENTS, COPY_CHUNK_BYTES};
 
 pub use crate::pairing::{DtypeChoice, Treatment};
 
@@ -132,32 +134,83 @@ pub fn alpha_of(rules: &[AlphaRule], alpha: f64, name: &str) -> (f64, Option<usi
     }
 }
 
-/// One output tensor and where its inputs live.
-#[derive(Debug, Clone)]
-pub struct TensorPair {
-    pub name: String,
-    pub shape: Vec<u64>,
-    pub out_dtype: Dtype,
-    pub treatment: Treatment,
-    pub sft: TensorLoc,
-    pub aligned: TensorLoc,
-    /// Bytes of output data.
-    pub out_len: u64,
-    /// This tensor's α (the run's, or a rule's).
-    pub alpha: f64,
-    /// The per-module rule that set `alpha`, as an index into [`PlanOptions::rules`].
-    pub rule: Option<usize>,
+/// Which input a stored tensor is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// --sft, θ0.
+    Sft,
+    /// --aligned: θ1, or the adapter.
+    Aligned,
 }
 
-impl TensorPair {
+/// How one output tensor is made, whatever the kind of --aligned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recipe {
+    /// Stored bytes, copied (θ0's, or an adapter tensor's).
+    Copy { from: Input, loc: TensorLoc },
+    /// A tensor of two paired checkpoints: θ1 + α(θ1 − θ0) with `spec` (a float tensor), or
+    /// θ1's bytes (`spec` is `None`); at α = 0 a float tensor is copied or cast (see
+    /// [`Recipe::treatment`]).
+    Pair {
+        sft: TensorLoc,
+        aligned: TensorLoc,
+        spec: Option<KernelSpec>,
+    },
+    /// θ0 + (1+α)·ΔW of LoRA module `module` (`rows` × `cols`, or DoRA's
+    /// (1+α)·W1 − α·W0), in row blocks.
+    LoraRows {
+        module: usize,
+        base: TensorLoc,
+        rows: u64,
+        cols: u64,
+    },
+    /// θ0 + (1+α)·s·lora_B.bias.
+    LoraBias { module: usize, base: TensorLoc },
+    /// θ1 + α(θ1 − θ0) for the adapter's full tensor `full` (modules_to_save) over θ0 at
+    /// `base`, in the output tensor's dtype. With `zero_copies`, α = 0 copies θ1's bytes.
+    AdapterFull {
+        full: usize,
+        base: TensorLoc,
+        zero_copies: bool,
+    },
+    /// A lora_B factor (or lora_B.bias) of the adapter at `loc` times (1+α); α = 0 copies.
+    ScaledB { loc: TensorLoc },
+}
+
+impl Recipe {
+    /// What a paired tensor amounts to at `alpha`: copy, cast or extrapolate (see
+    /// [`pairing::treatment_at`]). Other recipes are not paired tensors: `Copy`.
+    pub fn treatment(&self, alpha: f64) -> Treatment {
+        match *self {
+            Recipe::Pair { spec, .. } => pairing::treatment_at(spec, alpha),
+            _ => Treatment::Copy,
+        }
+    }
+}
+
+/// One tensor of the output.
+#[derive(Debug, Clone)]
+pub struct OutTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    /// Bytes of output data.
+    pub len: u64,
+    pub recipe: Recipe,
+    /// The name `--skip`/`--alpha-for` match for this tensor's α; `None`: α is 0.
+    pub alpha_name: Option<String>,
+}
+
+impl OutTensor {
     /// Number of elements.
     pub fn elements(&self) -> u64 {
         self.shape.iter().product()
     }
 
-    /// Whether θ0's bytes must equal θ1's (see [`pairing::must_be_identical`]).
-    pub fn must_be_identical(&self) -> bool {
-        pairing::must_be_identical(self.treatment, self.out_dtype, self.alpha)
+    /// Whether θ0's bytes must equal θ1's at `alpha` (see [`pairing::must_be_identical`]).
+    pub fn must_be_identical(&self, alpha: f64) -> bool {
+        matches!(self.recipe, Recipe::Pair { .. })
+            && pairing::must_be_identical(self.recipe.treatment(alpha), self.dtype, alpha)
     }
 }
 
@@ -165,7 +218,7 @@ impl TensorPair {
 #[derive(Debug, Clone)]
 pub struct ShardPlan {
     pub file_name: String,
-    /// Indices into [`Plan::pairs`], in data order.
+    /// Indices into [`OutputPlan::tensors`], in data order.
     pub tensors: Vec<usize>,
     /// Offset of each tensor's data relative to the data section, parallel to `tensors`.
     pub offsets: Vec<u64>,
@@ -182,17 +235,18 @@ impl ShardPlan {
     }
 }
 
-/// Everything the engine needs to write the output.
+/// THE output plan of every kind of --aligned: the output's tensors with their recipes,
+/// its files and its index — the same for every α of a run (each output's α per tensor
+/// comes from [`OutputPlan::alphas`]).
 #[derive(Debug, Clone)]
-pub struct Plan {
-    pub pairs: Vec<TensorPair>,
+pub struct OutputPlan {
+    pub tensors: Vec<OutTensor>,
     pub shards: Vec<ShardPlan>,
     /// File name and contents of the index, when one is written.
     pub index: Option<(String, Vec<u8>)>,
-    pub alpha: f64,
 }
 
-impl Plan {
+impl OutputPlan {
     /// Total bytes of all output files.
     pub fn output_bytes(&self) -> u64 {
         self.shards.iter().map(ShardPlan::file_len).sum::<u64>()
@@ -204,17 +258,55 @@ impl Plan {
         self.shards.iter().map(|s| s.data_len).sum()
     }
 
-    /// Number of tensors with each treatment: (extrapolated, cast, copied).
-    pub fn counts(&self) -> (usize, usize, usize) {
+    /// Each tensor's α in the output whose rules give `alpha_of`.
+    pub fn alphas(&self, alpha_of: &dyn Fn(&str) -> f64) -> Vec<f64> {
+        self.tensors
+            .iter()
+            .map(|t| t.alpha_name.as_deref().map_or(0.0, alpha_of))
+            .collect()
+    }
+
+    /// Number of tensors of each treatment in the output whose tensors' α are `alphas`:
+    /// (extrapolated, cast, copied).
+    pub fn counts(&self, alphas: &[f64]) -> (usize, usize, usize) {
         let mut c = (0, 0, 0);
-        for p in &self.pairs {
-            match p.treatment {
+        for (t, &alpha) in self.tensors.iter().zip(alphas) {
+            match t.recipe.treatment(alpha) {
                 Treatment::Extrapolate(_) => c.0 += 1,
                 Treatment::Cast(_) => c.1 += 1,
                 Treatment::Copy => c.2 += 1,
             }
         }
         c
+    }
+
+    /// The work in file order, for a run of `outputs` outputs: LoRA weights by whole
+    /// register blocks of rows, float tensors by elements, copies by bytes. Adapter tasks of
+    /// `outputs` outputs are `outputs` times smaller (a worker keeps one buffer per output,
+    /// so its buffers stay the size of one output's chunk; each row's arithmetic is the same
+    /// whatever rows share its task).
+    pub fn tasks(&self, outputs: usize) -> Vec<Task> {
+        let chunk = (CHUNK_ELEMENTS / outputs.max(1) as u64).max(1);
+        cut_tasks(&self.shards, |i| {
+            let t = &self.tensors[i];
+            let elem = t.dtype.bits() / 8;
+            match t.recipe {
+                Recipe::Pair { spec: Some(_), .. } => (t.elements(), CHUNK_ELEMENTS, elem),
+                Recipe::Pair { spec: None, .. } | Recipe::Copy { .. } => {
+                    (t.len, COPY_CHUNK_BYTES, 1)
+                }
+                Recipe::LoraRows { rows, cols, .. } => {
+                    let cols = cols.max(1);
+                    // Whole register blocks of rows per task (see adapter/rows.rs).
+                    let step = (chunk / cols).max(1);
+                    let step = if step >= 8 { step / 8 * 8 } else { step };
+                    (rows, step, cols * elem)
+                }
+                Recipe::LoraBias { .. } | Recipe::AdapterFull { .. } | Recipe::ScaledB { .. } => {
+                    (t.elements(), chunk, elem)
+                }
+            }
+        })
     }
 }
 
@@ -228,13 +320,14 @@ pub enum PlanError {
     Pairing(#[from] PairingError),
 }
 
-/// Pairs every tensor of θ1 with θ0's tensor of the same name and decides how to produce
-/// it. The result is in θ1's order.
+/// Pairs every tensor of θ1 with θ0's tensor of the same name at the run's α (the rules
+/// checked first) and decides how to produce it. The result is in θ1's order, and the same
+/// for every α that pairs.
 pub fn pair_for_output(
     sft: &Checkpoint,
     aligned: &Checkpoint,
     opts: &PlanOptions,
-) -> Result<Vec<TensorPair>, PlanError> {
+) -> Result<Vec<OutTensor>, PlanError> {
     opts.check_alphas()?;
     let sides = [
         Side {
@@ -253,46 +346,48 @@ pub fn pair_for_output(
     Ok(entries
         .into_iter()
         .map(|e| {
-            let (alpha, rule) = opts.alpha_for(&e.name);
-            let (treatment, out_dtype) = pairing::treatment(&e, alpha, opts.dtype);
-            let out_len = match treatment {
-                Treatment::Copy => e.len,
-                _ => e.elements() * out_dtype.bits() / 8,
+            let (spec, dtype) = pairing::output_of(&e, opts.dtype);
+            let len = match spec {
+                None => e.len,
+                Some(_) => e.elements() * dtype.bits() / 8,
             };
-            TensorPair {
-                sft: e.locs[0],
-                aligned: e.locs[1],
+            OutTensor {
+                recipe: Recipe::Pair {
+                    sft: e.locs[0],
+                    aligned: e.locs[1],
+                    spec,
+                },
+                alpha_name: Some(e.name.clone()),
                 name: e.name,
                 shape: e.shape,
-                out_dtype,
-                treatment,
-                out_len,
-                alpha,
-                rule,
+                dtype,
+                len,
             }
         })
         .collect())
 }
 
-/// The plans, among `plans` (outputs of one run, sharing one layout), whose tensors that
-/// must be identical on both sides ([`TensorPair::must_be_identical`]) cover those of every
-/// plan: the first plan, then each one that adds a tensor (with a sweep that includes
-/// α = 0, the α = 0 output checks fewer tensors than the others).
-pub fn plans_to_verify<'a>(plans: impl IntoIterator<Item = &'a Plan>) -> Vec<&'a Plan> {
-    let mut covered: Vec<bool> = Vec::new();
+/// The outputs, among those whose tensors' α are `alphas` (outputs of one plan), whose
+/// tensors that must be identical on both sides ([`OutTensor::must_be_identical`]) cover
+/// those of every output: the first, then each one that adds a tensor (with a sweep that
+/// includes α = 0, the α = 0 output checks fewer tensors than the others).
+pub fn outputs_to_verify<'a>(
+    plan: &OutputPlan,
+    alphas: impl IntoIterator<Item = &'a [f64]>,
+) -> Vec<usize> {
+    let mut covered = vec![false; plan.tensors.len()];
     let mut chosen = Vec::new();
-    for plan in plans {
-        covered.resize(covered.len().max(plan.pairs.len()), false);
-        let adds = plan
-            .pairs
+    for (j, alphas) in alphas.into_iter().enumerate() {
+        let must: Vec<bool> = plan
+            .tensors
             .iter()
-            .enumerate()
-            .any(|(i, p)| p.must_be_identical() && !covered[i]);
+            .zip(alphas)
+            .map(|(t, &a)| t.must_be_identical(a))
+            .collect();
+        let adds = must.iter().zip(&covered).any(|(&m, &c)| m && !c);
         if chosen.is_empty() || adds {
-            for (i, p) in plan.pairs.iter().enumerate() {
-                covered[i] |= p.must_be_identical();
-            }
-            chosen.push(plan);
+            covered.iter_mut().zip(&must).for_each(|(c, &m)| *c |= m);
+            chosen.push(j);
         }
     }
     chosen
@@ -301,49 +396,61 @@ pub fn plans_to_verify<'a>(plans: impl IntoIterator<Item = &'a Plan>) -> Vec<&'a
 /// A shard header's `__metadata__`.
 type Metadata = Option<BTreeMap<String, String>>;
 
-/// Builds the whole plan: pairs, output shards with their headers, and the index.
+/// Builds the whole plan of two paired checkpoints at `opts.alpha`: tensors, output shards
+/// with their headers, and the index.
 pub fn build_plan(
     sft: &Checkpoint,
     aligned: &Checkpoint,
     opts: &PlanOptions,
-) -> Result<Plan, PlanError> {
-    let pairs = pair_for_output(sft, aligned, opts)?;
-    let groups = match opts.max_shard_size {
-        None => mirror_groups(aligned, &pairs),
-        Some(max) => packed_groups(aligned, &pairs, max),
+) -> Result<OutputPlan, PlanError> {
+    let tensors = pair_for_output(sft, aligned, opts)?;
+    Ok(lay_out_pairs(aligned, opts.max_shard_size, tensors))
+}
+
+/// The files of paired tensors `tensors` (from [`pair_for_output`]): θ1's, or re-sharded to
+/// at most `max_shard_size` tensor bytes per file.
+pub fn lay_out_pairs(
+    aligned: &Checkpoint,
+    max_shard_size: Option<u64>,
+    tensors: Vec<OutTensor>,
+) -> OutputPlan {
+    let groups = match max_shard_size {
+        None => mirror_groups(aligned, &tensors),
+        Some(max) => packed_groups(aligned, &tensors, max),
     };
     let shards: Vec<ShardPlan> = groups
         .into_iter()
-        .map(|(file_name, metadata, tensors)| shard_plan(&pairs, file_name, metadata, tensors))
+        .map(|(file_name, metadata, ids)| shard_plan(&tensors, file_name, metadata, ids))
         .collect();
-    let index = index_file(aligned, opts.max_shard_size, &pairs, &shards);
-    Ok(Plan {
-        pairs,
+    let index = index_file(aligned, max_shard_size, &tensors, &shards);
+    OutputPlan {
+        tensors,
         shards,
         index,
-        alpha: opts.alpha,
-    })
+    }
 }
 
 /// Which output file each pair goes to, as (file name, metadata, pair indices).
 type Groups = Vec<(String, Metadata, Vec<usize>)>;
 
 /// θ1's files, each with the tensors it holds.
-fn mirror_groups(aligned: &Checkpoint, pairs: &[TensorPair]) -> Groups {
+fn mirror_groups(aligned: &Checkpoint, pairs: &[OutTensor]) -> Groups {
     let mut groups: Groups = aligned
         .shards
         .iter()
         .map(|s| (s.name.clone(), s.header.metadata.clone(), Vec::new()))
         .collect();
     for (i, p) in pairs.iter().enumerate() {
-        groups[p.aligned.shard].2.push(i);
+        if let Recipe::Pair { aligned, .. } = p.recipe {
+            groups[aligned.shard].2.push(i);
+        }
     }
     groups
 }
 
 /// Files of at most `max` tensor bytes, filled greedily in θ1's order (a larger tensor
 /// gets a file of its own).
-fn packed_groups(aligned: &Checkpoint, pairs: &[TensorPair], max: u64) -> Groups {
+fn packed_groups(aligned: &Checkpoint, pairs: &[OutTensor], max: u64) -> Groups {
     let metadata = aligned
         .shards
         .first()
@@ -352,13 +459,13 @@ fn packed_groups(aligned: &Checkpoint, pairs: &[TensorPair], max: u64) -> Groups
     let mut current = 0u64;
     for (i, p) in pairs.iter().enumerate() {
         match bins.last_mut() {
-            Some(bin) if current + p.out_len <= max => {
+            Some(bin) if current + p.len <= max => {
                 bin.push(i);
-                current += p.out_len;
+                current += p.len;
             }
             _ => {
                 bins.push(vec![i]);
-                current = p.out_len;
+                current = p.len;
             }
         }
     }
@@ -381,14 +488,14 @@ fn packed_groups(aligned: &Checkpoint, pairs: &[TensorPair], max: u64) -> Groups
 
 /// One output file: its tensors laid out in order after the encoded header.
 fn shard_plan(
-    pairs: &[TensorPair],
+    pairs: &[OutTensor],
     file_name: String,
     metadata: Metadata,
     tensors: Vec<usize>,
 ) -> ShardPlan {
     lay_out_shard(file_name, metadata.as_ref(), tensors, |i| {
         let p = &pairs[i];
-        (p.name.as_str(), p.out_dtype, p.shape.as_slice(), p.out_len)
+        (p.name.as_str(), p.dtype, p.shape.as_slice(), p.len)
     })
 }
 
@@ -424,7 +531,7 @@ pub fn lay_out_shard<'a>(
 fn index_file(
     aligned: &Checkpoint,
     max_shard_size: Option<u64>,
-    pairs: &[TensorPair],
+    pairs: &[OutTensor],
     shards: &[ShardPlan],
 ) -> Option<(String, Vec<u8>)> {
     let write_index = match (&aligned.layout, max_shard_size) {
@@ -510,20 +617,24 @@ mod tests {
             parse_rule("mlp=2").unwrap(),
             parse_rule("up_proj=7").unwrap(),
         ];
-        let plan = build_plan(&a, &b, &opts(0.4, rules, None)).unwrap();
-        let by_name = |n: &str| plan.pairs.iter().find(|p| p.name == n).unwrap();
-        assert_eq!(by_name("model.embed_tokens.weight").alpha, 0.0);
-        assert_eq!(
-            by_name("model.embed_tokens.weight").treatment,
-            Treatment::Copy
-        );
-        assert_eq!(by_name("lm_head.weight").rule, Some(0));
-        assert_eq!(by_name("model.layers.0.self_attn.q_proj.weight").alpha, 0.2);
+        let o = opts(0.4, rules, None);
+        let plan = build_plan(&a, &b, &o).unwrap();
+        let alphas = plan.alphas(&|n| o.alpha_for(n).0);
+        // (α, treatment, rule) of a tensor.
+        let by_name = |n: &str| {
+            let i = plan.tensors.iter().position(|p| p.name == n).unwrap();
+            let t = plan.tensors[i].recipe.treatment(alphas[i]);
+            (alphas[i], t, o.alpha_for(n).1)
+        };
+        assert_eq!(by_name("model.embed_tokens.weight").0, 0.0);
+        assert_eq!(by_name("model.embed_tokens.weight").1, Treatment::Copy);
+        assert_eq!(by_name("lm_head.weight").2, Some(0));
+        assert_eq!(by_name("model.layers.0.self_attn.q_proj.weight").0, 0.2);
         // "mlp=2" comes before "up_proj=7": the first match wins.
-        assert_eq!(by_name("model.layers.0.mlp.up_proj.weight").alpha, 2.0);
-        assert_eq!(by_name("model.layers.0.mlp.up_proj.bias").rule, Some(2));
+        assert_eq!(by_name("model.layers.0.mlp.up_proj.weight").0, 2.0);
+        assert_eq!(by_name("model.layers.0.mlp.up_proj.bias").2, Some(2));
         assert!(matches!(
-            by_name("model.layers.0.mlp.up_proj.bias").treatment,
+            by_name("model.layers.0.mlp.up_proj.bias").1,
             Treatment::Extrapolate(_)
         ));
     }
@@ -565,9 +676,20 @@ mod tests {
         let layout = [("w", Dtype::F32, &[2][..]), ("ids", Dtype::I64, &[2][..])];
         let a = checkpoint(&dir.path().join("a"), &layout);
         let b = checkpoint(&dir.path().join("b"), &layout);
-        let plan = |alpha, rules| build_plan(&a, &b, &opts(alpha, rules, None)).unwrap();
-        let must =
-            |p: &Plan| -> Vec<bool> { p.pairs.iter().map(|t| t.must_be_identical()).collect() };
+        // The plan and each tensor's α at `alpha` with `rules`.
+        let plan = |alpha, rules| {
+            let o = opts(alpha, rules, None);
+            let plan = build_plan(&a, &b, &o).unwrap();
+            let alphas = plan.alphas(&|n| o.alpha_for(n).0);
+            (plan, alphas)
+        };
+        let must = |(p, alphas): &(OutputPlan, Vec<f64>)| -> Vec<bool> {
+            p.tensors
+                .iter()
+                .zip(alphas)
+                .map(|(t, &a)| t.must_be_identical(a))
+                .collect()
+        };
         let (zero, some) = (plan(0.0, vec![]), plan(0.3, vec![]));
         assert_eq!(must(&zero), [false, false]);
         assert_eq!(must(&some), [false, true]);
@@ -580,10 +702,10 @@ mod tests {
             [false, true]
         );
         // A sweep checks the tensors of every α: here, the plan of 0.3 too.
-        let chosen = plans_to_verify([&zero, &some]);
+        let chosen = outputs_to_verify(&zero.0, [&zero.1[..], &some.1[..]]);
         assert_eq!(chosen.len(), 2);
-        assert!(std::ptr::eq(chosen[1], &some));
-        let chosen = plans_to_verify([&some, &zero, &some]);
+        assert_eq!(chosen[1], 1);
+        let chosen = outputs_to_verify(&zero.0, [&some.1[..], &zero.1[..], &some.1[..]]);
         assert_eq!(chosen.len(), 1);
     }
 

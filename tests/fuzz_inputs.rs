@@ -656,7 +656,8 @@ fn run_library_path(
     };
     let maps = MappedCheckpoint::map(&ck)
         .map_err(|e| TestCaseError::fail(format!("mapping a validated checkpoint failed: {e}")))?;
-    engine::verify_exact_tensors(&plan, (&ck, &maps), (&ck, &maps))
+    let alphas = plan.alphas(&|name| opts.alpha_for(name).0);
+    engine::verify_exact_tensors(&plan, &alphas, (&ck, &maps), (&ck, &maps))
         .map_err(|e| TestCaseError::fail(format!("a checkpoint differs from itself: {e}")))?;
     let out = dir.join("out");
     let _ = fs::remove_dir_all(&out);
@@ -668,8 +669,9 @@ fn run_library_path(
     }
     let cancel = AtomicBool::new(false);
     let report = engine::write_outputs(
+        &plan,
         &[OutputJob {
-            plan: &plan,
+            alphas: &alphas,
             dir: &out,
         }],
         (&ck, &maps),

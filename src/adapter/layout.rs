@@ -1,5 +1,5 @@
-//! The output plan of an adapter run (the adapter-over-base front-end of the one writer):
-//! every output tensor with its recipe, laid out in shards — the adapter's one file for
+//! The output plan ([`OutputPlan`]) of an adapter run (the adapter-over-base front-end of
+//! the one writer): every output tensor with its recipe, laid out in shards — the adapter's one file for
 //! `--as adapter`, --sft's files for `--as model` — plus the index and the name whose α
 //! each tensor takes. The shards and the index are built by [`crate::plan`]'s shared
 //! builders, and written by [`crate::writer`] through [`super::source::LoraSource`].
@@ -9,61 +9,11 @@ use std::collections::HashMap;
 use crate::checkpoint::{Checkpoint, Layout, TensorLoc};
 use crate::dtype::{Dtype, DtypeClass, FloatDtype};
 use crate::header::encode_header;
-use crate::plan::{index_bytes, lay_out_shard, ShardPlan};
-use crate::writer::{cut_tasks, Task, CHUNK_ELEMENTS, COPY_CHUNK_BYTES};
+use crate::plan::{index_bytes, lay_out_shard, Input, OutTensor, OutputPlan, Recipe, ShardPlan};
 
 use super::config::WEIGHTS_NAME;
 use super::lora::{AdapterPlan, Role};
 use super::names::Part;
-
-/// Which input a stored tensor is read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Input {
-    /// --sft, θ0.
-    Base,
-    /// The adapter at --aligned.
-    Adapter,
-}
-
-/// How one output tensor is made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recipe {
-    /// Stored bytes, copied (θ0's, or an adapter tensor's).
-    Copy { from: Input, loc: TensorLoc },
-    /// θ0 + (1+α)·ΔW of module `module` (or DoRA's (1+α)·W1 − α·W0), in row blocks.
-    LoraRows { module: usize, base: TensorLoc },
-    /// θ0 + (1+α)·s·lora_B.bias.
-    LoraBias { module: usize, base: TensorLoc },
-    /// θ1 + α(θ1 − θ0) for the adapter's full tensor `full` (modules_to_save) over θ0 at
-    /// `base`, in the output tensor's dtype. With `zero_copies`, α = 0 copies θ1's bytes.
-    AdapterFull {
-        full: usize,
-        base: TensorLoc,
-        zero_copies: bool,
-    },
-    /// A lora_B factor (or lora_B.bias) of the adapter at `loc` times (1+α); α = 0 copies.
-    ScaledB { loc: TensorLoc },
-}
-
-/// One tensor of the output.
-#[derive(Debug, Clone)]
-pub struct OutTensor {
-    pub name: String,
-    pub dtype: Dtype,
-    pub shape: Vec<u64>,
-    pub len: u64,
-    pub recipe: Recipe,
-    /// The name `--skip`/`--alpha-for` match for this tensor's α; `None`: α is 0.
-    pub alpha_name: Option<String>,
-}
-
-/// The output's files and tensors, the same for every α.
-#[derive(Debug, Clone)]
-pub struct AdapterLayout {
-    pub tensors: Vec<OutTensor>,
-    pub shards: Vec<ShardPlan>,
-    pub index: Option<(String, Vec<u8>)>,
-}
 
 fn float(d: Dtype) -> Option<FloatDtype> {
     match d.class() {
@@ -72,10 +22,10 @@ fn float(d: Dtype) -> Option<FloatDtype> {
     }
 }
 
-impl AdapterLayout {
+impl OutputPlan {
     /// `--as model`: mirrors `base`; adapter tensors with no θ0 go at the end of the last
     /// file.
-    pub fn model(base: &Checkpoint, adapter: &Checkpoint, plan: &AdapterPlan) -> AdapterLayout {
+    pub fn model(base: &Checkpoint, adapter: &Checkpoint, plan: &AdapterPlan) -> OutputPlan {
         let recipes = model_recipes(base, adapter, plan);
         let mut tensors = Vec::new();
         let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -96,7 +46,7 @@ impl AdapterLayout {
                         .get(t.name.as_str())
                         .copied()
                         .unwrap_or(Recipe::Copy {
-                            from: Input::Base,
+                            from: Input::Sft,
                             loc,
                         }),
                     alpha_name: Some(t.name.clone()),
@@ -126,7 +76,7 @@ impl AdapterLayout {
             }
             Layout::Single => None,
         };
-        AdapterLayout {
+        OutputPlan {
             tensors,
             shards,
             index,
@@ -135,7 +85,7 @@ impl AdapterLayout {
 
     /// `--as adapter`: the adapter's one file, its tensors in place, B factors scaled and
     /// full tensors extrapolated against the base.
-    pub fn adapter(adapter: &Checkpoint, plan: &AdapterPlan, base: &Checkpoint) -> AdapterLayout {
+    pub fn adapter(adapter: &Checkpoint, plan: &AdapterPlan, base: &Checkpoint) -> OutputPlan {
         let shard = &adapter.shards[0];
         let tensors: Vec<OutTensor> = adapter
             .tensors()
@@ -172,68 +122,29 @@ impl AdapterLayout {
             header,
             data_len: cursor,
         }];
-        AdapterLayout {
+        OutputPlan {
             tensors,
             shards,
             index: None,
         }
     }
 
-    /// Bytes of tensor data.
-    pub fn data_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.data_len).sum()
-    }
-
     /// Counts: (changed by the adapter, copied from --sft, added from the adapter).
-    pub fn counts(&self) -> (usize, usize, usize) {
+    pub fn adapter_counts(&self) -> (usize, usize, usize) {
         let mut c = (0, 0, 0);
         for t in &self.tensors {
             match t.recipe {
                 Recipe::Copy {
-                    from: Input::Base, ..
+                    from: Input::Sft, ..
                 } => c.1 += 1,
                 Recipe::Copy {
-                    from: Input::Adapter,
+                    from: Input::Aligned,
                     ..
                 } => c.2 += 1,
                 _ => c.0 += 1,
             }
         }
         c
-    }
-
-    /// Each tensor's α in the output whose rules give `alpha_of`.
-    pub fn alphas(&self, alpha_of: &dyn Fn(&str) -> f64) -> Vec<f64> {
-        self.tensors
-            .iter()
-            .map(|t| t.alpha_name.as_deref().map_or(0.0, alpha_of))
-            .collect()
-    }
-
-    /// The work in file order: weights by whole register blocks of rows, float tensors by
-    /// elements, copies by bytes. A task of `outputs` outputs keeps one buffer for each, so
-    /// computed tasks are `outputs` times smaller: a worker's buffers stay the size of one
-    /// output's chunk. (Each row's arithmetic is the same whatever rows share its task.)
-    pub fn tasks(&self, plan: &AdapterPlan, outputs: usize) -> Vec<Task> {
-        let chunk = (CHUNK_ELEMENTS / outputs.max(1) as u64).max(1);
-        cut_tasks(&self.shards, |i| {
-            let t = &self.tensors[i];
-            let elem = t.dtype.bits() / 8;
-            match t.recipe {
-                Recipe::LoraRows { module, .. } => {
-                    let cols = plan.modules[module].cols.max(1);
-                    let rows = plan.modules[module].rows;
-                    // Whole register blocks of rows per task (see rows.rs).
-                    let step = (chunk / cols).max(1);
-                    let step = if step >= 8 { step / 8 * 8 } else { step };
-                    (rows, step, cols * elem)
-                }
-                Recipe::LoraBias { .. } | Recipe::AdapterFull { .. } | Recipe::ScaledB { .. } => {
-                    (t.shape.iter().product(), chunk, elem)
-                }
-                Recipe::Copy { .. } => (t.len, COPY_CHUNK_BYTES, 1),
-            }
-        })
     }
 }
 
@@ -250,6 +161,8 @@ fn model_recipes<'p>(
                 let recipe = Recipe::LoraRows {
                     module: i,
                     base: loc,
+                    rows: m.rows,
+                    cols: m.cols,
                 };
                 recipes.insert(t, recipe);
             }
@@ -280,7 +193,7 @@ fn model_recipes<'p>(
                 zero_copies: false,
             },
             (Some(_), None) => Recipe::Copy {
-                from: Input::Base,
+                from: Input::Sft,
                 loc,
             },
             (None, _) => continue,
@@ -309,7 +222,7 @@ fn append_extras(
             shape: t.shape.clone(),
             len: t.len(),
             recipe: Recipe::Copy {
-                from: Input::Adapter,
+                from: Input::Aligned,
                 loc: f.loc,
             },
             alpha_name: Some(f.name.clone()),
@@ -326,7 +239,7 @@ fn adapter_recipe(
     base: &Checkpoint,
 ) -> Recipe {
     let copy = Recipe::Copy {
-        from: Input::Adapter,
+        from: Input::Aligned,
         loc,
     };
     match (role, float(dtype)) {

@@ -29,13 +29,13 @@ use crate::pairing::DtypeChoice;
 use crate::plan::AlphaRule;
 use crate::reporter::{Progress, Reporter};
 use crate::settings::{AsKind, Settings};
-use crate::sidefiles::{self, InputRecord, SideFiles};
+use crate::sidefiles::{self, provenance, InputRecord, SideFiles};
 use crate::writer::{Run, Target};
 
 use self::config::{AdapterConfig, CONFIG_NAME, WEIGHTS_NAME};
-use self::layout::AdapterLayout;
 use self::lora::{AdapterPlan, BaseFacts};
 use self::source::LoraSource;
+use crate::plan::OutputPlan;
 
 /// True when `dir` is a PEFT adapter directory (it holds `adapter_config.json`).
 pub fn is_adapter_dir(dir: &Path) -> bool {
@@ -155,7 +155,7 @@ pub struct Prepared {
     pub inputs: Inputs,
     pub outputs: Vec<Output>,
     /// The files and tensors of the full checkpoint (`--as model`); `None` for `--as adapter`.
-    pub layout: Option<AdapterLayout>,
+    pub layout: Option<OutputPlan>,
     pub side: AdapterSide,
     /// `--threads`.
     pub threads: Option<u16>,
@@ -196,7 +196,7 @@ pub fn prepare(args: &Settings, reporter: &dyn Reporter) -> Result<Prepared> {
         ));
     }
     let layout = (kind == AsKind::Model)
-        .then(|| AdapterLayout::model(&inputs.base, &inputs.adapter, &inputs.plan));
+        .then(|| OutputPlan::model(&inputs.base, &inputs.adapter, &inputs.plan));
     let side = side_files(kind, &inputs)?;
     for warning in side.warnings() {
         reporter.warn(warning);
@@ -291,7 +291,7 @@ pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<()> {
     let layout = match &p.layout {
         Some(l) => l,
         None => {
-            owned = AdapterLayout::adapter(&p.inputs.adapter, &p.inputs.plan, &p.inputs.base);
+            owned = OutputPlan::adapter(&p.inputs.adapter, &p.inputs.plan, &p.inputs.base);
             &owned
         }
     };
@@ -323,7 +323,7 @@ pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<()> {
 /// Writes the tensor data of every output in one pass.
 fn write_data(
     p: &Prepared,
-    layout: &AdapterLayout,
+    layout: &OutputPlan,
     inputs: (source::Mapped, source::Mapped),
     stagings: &[StagingDir],
     pool: &rayon::ThreadPool,
@@ -334,7 +334,7 @@ fn write_data(
         .iter()
         .map(|o| layout.alphas(&|name| p.alpha_for(o.alpha, name)))
         .collect();
-    let tasks = layout.tasks(&p.inputs.plan, p.outputs.len());
+    let tasks = layout.tasks(p.outputs.len());
     let source = LoraSource::new(layout, &p.inputs.plan, alphas, inputs, &tasks, pool);
     let targets: Vec<Target> = stagings
         .iter()
@@ -447,7 +447,7 @@ pub fn is_tokenizer_file(name: &str) -> bool {
 
 /// Writes the side files, the index, the model card and `expo.json` of one output into
 /// `staging`.
-fn finish(p: &Prepared, o: &Output, layout: &AdapterLayout, staging: &StagingDir) -> Result<()> {
+fn finish(p: &Prepared, o: &Output, layout: &OutputPlan, staging: &StagingDir) -> Result<()> {
     let base_rec = InputRecord::resolved(&p.inputs.base, &p.inputs.base_in);
     let adapter_rec = InputRecord::resolved(&p.inputs.adapter, &p.inputs.adapter_in);
     let mut provenance = serde_json::to_vec_pretty(&provenance(p, o, &base_rec, &adapter_rec))?;
@@ -480,8 +480,8 @@ fn provenance(
         .map(|r| json!({"rule": r.spelling, "alpha": r.alpha(o.alpha)}))
         .collect();
     json!({
-        "tool": "expo",
-        "version": env!("CARGO_PKG_VERSION"),
+        "tool": provenance::TOOL,
+        "version": provenance::VERSION,
         "method": "model extrapolation (ExPO) of a LoRA adapter",
         "formula": "theta2 = theta0 + (1 + alpha) * delta_W, delta_W = s * B @ A",
         "arithmetic": match p.kind {
@@ -496,7 +496,7 @@ fn provenance(
         "aligned": adapter_rec,
         "adapter": adapter_json(&p.inputs),
         "tensors": p.layout.as_ref().map(|l| {
-            let (changed, copied, added) = l.counts();
+            let (changed, copied, added) = l.adapter_counts();
             json!({"total": l.tensors.len(), "changed": changed, "copied": copied, "added": added})
         }),
         "side_files": p.side.names(),
@@ -542,23 +542,16 @@ fn model_card(
     if let Some(b) = &inputs.config.base_model_name_or_path {
         let _ = writeln!(c, "The adapter's config names its base as `{b}`.\n");
     }
-    let _ = writeln!(
-        c,
-        "Made with expo {}:\n\n```sh\n{}\n```\n",
-        env!("CARGO_PKG_VERSION"),
-        sidefiles::shell_join(command)
-    );
-    let _ = writeln!(
-        c,
-        "Method: Zheng et al., *Model Extrapolation Expedites Alignment* ({}). `expo.json` records the exact inputs and settings.",
-        sidefiles::PAPER_URL
-    );
+    c.push_str(&provenance::card_footer(
+        provenance::VERSION,
+        command,
+        sidefiles::PAPER_URL,
+    ));
     c
 }
 
 /// The model card's YAML front matter (with the blank line after it).
 fn card_front_matter(kind: AsKind, inputs: &Inputs, base: &InputRecord) -> String {
-    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut c = String::new();
     // `base_model` holds Hugging Face ids only: θ0's Hub id, or the one the adapter's config
     // names; a local path is not an id (it stays in the card body and expo.json).
@@ -570,16 +563,14 @@ fn card_front_matter(kind: AsKind, inputs: &Inputs, base: &InputRecord) -> Strin
             .filter(|id| sidefiles::card::is_hub_id(id))
     });
     let _ = writeln!(c, "---");
-    if let Some(id) = base_id {
-        let _ = writeln!(c, "base_model:\n- {}", q(&id));
-    }
+    c.push_str(&provenance::card_base_models(&Vec::from_iter(base_id)));
     if kind == AsKind::Adapter {
         let _ = writeln!(c, "library_name: peft");
         let _ = writeln!(c, "base_model_relation: adapter");
     } else {
         let _ = writeln!(c, "base_model_relation: merge");
     }
-    let _ = writeln!(c, "tags:\n- expo\n- model-extrapolation\n- lora\n---\n");
+    c.push_str(&provenance::card_tags(&["lora"]));
     c
 }
 

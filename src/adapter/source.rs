@@ -14,9 +14,9 @@ use crate::engine::{EngineError, MappedCheckpoint};
 use crate::kernel::{self, KernelSpec};
 use crate::writer::{Chunk, ChunkSource, Task};
 
-use super::layout::{AdapterLayout, Input, OutTensor, Recipe};
 use super::lora::{decode, decode_into, encode_into, AdapterPlan, Factors, Orientation};
 use super::rows::{self, Rows};
+use crate::plan::{Input, OutTensor, OutputPlan, Recipe};
 
 /// A checkpoint and its maps.
 pub type Mapped<'a> = (&'a Checkpoint, &'a MappedCheckpoint);
@@ -31,7 +31,7 @@ fn float(d: Dtype) -> Option<FloatDtype> {
 /// Everything the workers read: the layout, the adapter's plan, the inputs, the α of every
 /// output's tensors, and the f64 data shared by all α.
 pub struct LoraSource<'a> {
-    layout: &'a AdapterLayout,
+    layout: &'a OutputPlan,
     plan: &'a AdapterPlan,
     /// Per output, per tensor of the layout.
     alphas: Vec<Vec<f64>>,
@@ -57,9 +57,9 @@ pub struct Scratch {
 }
 
 impl<'a> LoraSource<'a> {
-    /// `alphas`: per output, each tensor's α ([`AdapterLayout::alphas`]).
+    /// `alphas`: per output, each tensor's α ([`OutputPlan::alphas`]).
     pub fn new(
-        layout: &'a AdapterLayout,
+        layout: &'a OutputPlan,
         plan: &'a AdapterPlan,
         alphas: Vec<Vec<f64>>,
         (base, adapter): (Mapped<'a>, Mapped<'a>),
@@ -81,8 +81,8 @@ impl<'a> LoraSource<'a> {
     /// The stored bytes `[start, end)` of a tensor of one input.
     fn stored(&self, from: Input, loc: TensorLoc, task: &Task) -> &'a [u8] {
         let (ck, maps) = match from {
-            Input::Base => self.base,
-            Input::Adapter => self.adapter,
+            Input::Sft => self.base,
+            Input::Aligned => self.adapter,
         };
         &maps.tensor(ck, loc)[task.start as usize..task.end as usize]
     }
@@ -111,7 +111,8 @@ impl<'a> LoraSource<'a> {
         s.counts.resize(s.alphas.len(), 0);
         match t.recipe {
             Recipe::Copy { .. } => unreachable!("copies need no computing"),
-            Recipe::LoraRows { module, base } => self.lora_rows(t, module, base, task, s),
+            Recipe::Pair { .. } => unreachable!("an adapter run pairs no checkpoints"),
+            Recipe::LoraRows { module, base, .. } => self.lora_rows(t, module, base, task, s),
             Recipe::LoraBias { module, base } => self.lora_bias(t, module, base, task, s),
             Recipe::AdapterFull {
                 full,
@@ -237,12 +238,7 @@ impl<'a> LoraSource<'a> {
             ..Scratch::default()
         };
         let mut count = 0;
-        for task in self
-            .layout
-            .tasks(self.plan, 1)
-            .iter()
-            .filter(|k| k.tensor == tensor)
-        {
+        for task in self.layout.tasks(1).iter().filter(|k| k.tensor == tensor) {
             self.compute(t, task, &mut s);
             count += s.counts[0];
         }
@@ -337,12 +333,13 @@ impl ChunkSource for LoraSource<'_> {
             // (two copies of every byte).
             Recipe::Copy { from, loc } => {
                 let maps = match from {
-                    Input::Base => self.base.1,
-                    Input::Adapter => self.adapter.1,
+                    Input::Sft => self.base.1,
+                    Input::Aligned => self.adapter.1,
                 };
                 maps.release(self.stored(from, loc, task));
             }
-            Recipe::LoraRows { module, base } => {
+            Recipe::Pair { .. } => unreachable!("an adapter run pairs no checkpoints"),
+            Recipe::LoraRows { module, base, .. } => {
                 if let Some(d0) = float(t.dtype) {
                     let cols = self.plan.modules[module].cols as usize;
                     self.base.1.release(self.base_part(base, d0, task, cols));
@@ -470,7 +467,7 @@ struct FactorCache {
 }
 
 impl FactorCache {
-    fn new(plan: &AdapterPlan, tasks: &[Task], layout: &AdapterLayout) -> FactorCache {
+    fn new(plan: &AdapterPlan, tasks: &[Task], layout: &OutputPlan) -> FactorCache {
         let left: Vec<AtomicUsize> = plan.modules.iter().map(|_| AtomicUsize::new(0)).collect();
         for t in tasks {
             if let Recipe::LoraRows { module, .. } = layout.tensors[t.tensor].recipe {

@@ -353,7 +353,7 @@ impl SideFiles {
     }
 
     /// [`SideFiles::check_output_names`] for the weight files and index of `plan`.
-    pub fn check_plan(&self, plan: &crate::plan::Plan) -> Result<(), SideFileError> {
+    pub fn check_plan(&self, plan: &crate::plan::OutputPlan) -> Result<(), SideFileError> {
         self.check_output_names(
             plan.shards
                 .iter()

@@ -12,7 +12,7 @@ pub mod card;
 pub mod config_dtype;
 mod copy;
 mod listing;
-mod provenance;
+pub mod provenance;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -163,18 +163,13 @@ impl Provenance {
         let mut card = String::new();
         card.push_str("---\n");
         let ids = self.base_models(theta1_card);
-        if !ids.is_empty() {
-            card.push_str("base_model:\n");
-            for id in &ids {
-                card.push_str(&format!("- {}\n", serde_json::Value::String(id.clone())));
-            }
-        }
+        card.push_str(&card_base_models(&ids));
         // A merge lists what was merged; with fewer than two known ids the Hub infers.
         if ids.len() >= 2 {
             card.push_str("base_model_relation: merge\n");
         }
         card.push_str(&theta1_card.yaml());
-        card.push_str("tags:\n- expo\n- model-extrapolation\n---\n\n");
+        card.push_str(&card_tags(&[]));
         card.push_str("# Model extrapolation (ExPO)\n\n");
         card.push_str(
             "This model was made without training, by extrapolating from a supervised \
@@ -222,18 +217,49 @@ impl Provenance {
                 " (where config.json names a dtype, it names the output's)"
             }
         ));
-        card.push_str("Made with expo ");
-        card.push_str(self.version);
-        card.push_str(":\n\n```sh\n");
-        card.push_str(&shell_join(&self.command));
-        card.push_str("\n```\n\n");
-        card.push_str(&format!(
-            "Method: Zheng et al., *Model Extrapolation Expedites Alignment* ({}). \
-             `expo.json` records the exact inputs and settings.\n",
-            self.paper
-        ));
+        card.push_str(&card_footer(self.version, &self.command, self.paper));
         card
     }
+}
+
+/// The tool every `expo.json` names.
+pub const TOOL: &str = "expo";
+/// Its version, as every `expo.json` and model card records it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The `base_model:` list of a model card's front matter (nothing when `ids` is empty):
+/// Hub ids only, each quoted as a JSON string.
+pub fn card_base_models(ids: &[String]) -> String {
+    let mut s = String::new();
+    if !ids.is_empty() {
+        s.push_str("base_model:\n");
+        for id in ids {
+            s.push_str(&format!("- {}\n", serde_json::Value::String(id.clone())));
+        }
+    }
+    s
+}
+
+/// The end of every model card's front matter: expo's tags, then `extra` ones, the closing
+/// `---` and a blank line.
+pub fn card_tags(extra: &[&str]) -> String {
+    let mut s = String::from("tags:\n- expo\n- model-extrapolation\n");
+    for tag in extra {
+        s.push_str(&format!("- {tag}\n"));
+    }
+    s.push_str("---\n\n");
+    s
+}
+
+/// The end of every model card: the expo `version` and the `command` that made it, and the
+/// method's `paper`.
+pub fn card_footer(version: &str, command: &[String], paper: &str) -> String {
+    format!(
+        "Made with expo {version}:\n\n```sh\n{}\n```\n\n\
+         Method: Zheng et al., *Model Extrapolation Expedites Alignment* ({paper}). \
+         `expo.json` records the exact inputs and settings.\n",
+        shell_join(command)
+    )
 }
 
 #[cfg(test)]

@@ -186,7 +186,7 @@ fn plan_tensors_text(s: &mut String, p: &Prepared) {
         );
     }
     if let Some(l) = &p.layout {
-        let (changed, copied, added) = l.counts();
+        let (changed, copied, added) = l.adapter_counts();
         let _ = writeln!(
             s,
             "  {} tensors changed, {} copied from --sft, {} added; {} in {} file{}",

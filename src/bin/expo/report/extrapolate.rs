@@ -10,7 +10,7 @@ use expo::alpha;
 use expo::build::{Input, Output, Prepared, Produced};
 use expo::checkpoint::Checkpoint;
 use expo::hub::ResolvedInput;
-use expo::plan::Plan;
+use expo::plan::{self, OutputPlan};
 use expo::sidefiles::{self, InputRecord};
 
 /// What an error says when the outputs are complete but printing `what` failed.
@@ -43,21 +43,21 @@ pub fn print_summary(p: &Prepared, produced: &Produced, seconds: f64, reporter: 
         .map(|(o, _)| o)
         .collect();
     for o in &written {
-        let (extrapolated, cast, copied) = o.plan.counts();
+        let (extrapolated, cast, copied) = p.plan.counts(&o.alphas);
         reporter.info(format!(
             "expo: wrote {} with alpha = {}: {} tensors ({} extrapolated{}, {} copied) in {} file{}, {}",
             o.target.path.display(),
             alpha::format_alpha(o.alpha),
-            o.plan.pairs.len(),
+            p.plan.tensors.len(),
             extrapolated,
             if cast > 0 { format!(", {cast} converted") } else { String::new() },
             copied,
-            o.plan.shards.len(),
-            plural(o.plan.shards.len()),
-            report::bytes(o.plan.data_bytes()),
+            p.plan.shards.len(),
+            plural(p.plan.shards.len()),
+            report::bytes(p.plan.data_bytes()),
         ));
     }
-    let total: u64 = written.iter().map(|o| o.plan.data_bytes()).sum();
+    let total: u64 = p.plan.data_bytes() * written.len() as u64;
     if let (Some(rc), false) = (produced.relative_change, written.is_empty()) {
         reporter.info(format!(
             "expo: ‖θ1 − θ0‖/‖θ0‖ = {rc:.3e} over the extrapolated tensors; {} written in {seconds:.1}s ({}/s)",
@@ -83,12 +83,12 @@ pub fn print_json(
                 "output": expo::text::path_json(&o.target.path),
                 "alpha": o.alpha,
                 "ok": result.is_ok(),
-                "tensors": counts(&o.plan),
+                "tensors": counts(&p.plan, o),
                 "rules": p.rule_records(o.alpha),
-                "shards": shards_json(&o.plan),
-                "index": o.plan.index.as_ref().map(|(n, _)| n),
-                "tensor_bytes": o.plan.data_bytes(),
-                "output_bytes": o.plan.output_bytes(),
+                "shards": shards_json(&p.plan),
+                "index": p.plan.index.as_ref().map(|(n, _)| n),
+                "tensor_bytes": p.plan.data_bytes(),
+                "output_bytes": p.plan.output_bytes(),
             })
         })
         .collect();
@@ -143,12 +143,12 @@ fn plural(n: usize) -> &'static str {
     }
 }
 
-fn counts(plan: &Plan) -> serde_json::Value {
-    let (extrapolated, cast, copied) = plan.counts();
-    json!({"total": plan.pairs.len(), "extrapolated": extrapolated, "cast": cast, "copied": copied})
+fn counts(plan: &OutputPlan, o: &Output) -> serde_json::Value {
+    let (extrapolated, cast, copied) = plan.counts(&o.alphas);
+    json!({"total": plan.tensors.len(), "extrapolated": extrapolated, "cast": cast, "copied": copied})
 }
 
-fn shards_json(plan: &Plan) -> serde_json::Value {
+fn shards_json(plan: &OutputPlan) -> serde_json::Value {
     plan.shards
         .iter()
         .map(|s| json!({"file": s.file_name, "bytes": s.file_len(), "tensors": s.tensors.len()}))
@@ -157,13 +157,13 @@ fn shards_json(plan: &Plan) -> serde_json::Value {
 
 /// The α of tensor `i` in each output.
 fn tensor_alphas(outputs: &[Output], i: usize) -> Vec<f64> {
-    outputs.iter().map(|o| o.plan.pairs[i].alpha).collect()
+    outputs.iter().map(|o| o.alphas[i]).collect()
 }
 
 fn plan_json(p: &Prepared, reporter: &Reporter) -> serde_json::Value {
     let [sft, aligned] = &p.inputs;
     // Every output shares one layout; only the α of each tensor differs.
-    let plan = &p.outputs[0].plan;
+    let plan = &p.plan;
     let shards: Vec<_> = plan
         .shards
         .iter()
@@ -172,15 +172,16 @@ fn plan_json(p: &Prepared, reporter: &Reporter) -> serde_json::Value {
                 .tensors
                 .iter()
                 .map(|&i| {
-                    let t = &plan.pairs[i];
+                    let t = &plan.tensors[i];
+                    let rule = plan::alpha_of(&p.rules, 0.0, &t.name).1;
                     json!({
                         "name": t.name,
-                        "dtype": t.out_dtype.name(),
+                        "dtype": t.dtype.name(),
                         "shape": t.shape,
-                        "action": t.treatment.name(),
+                        "action": t.recipe.treatment(p.outputs[0].alphas[i]).name(),
                         "alphas": tensor_alphas(&p.outputs, i),
-                        "rule": t.rule.map(|r| &p.rules[r].spelling),
-                        "bytes": t.out_len,
+                        "rule": rule.map(|r| &p.rules[r].spelling),
+                        "bytes": t.len,
                     })
                 })
                 .collect();
@@ -194,10 +195,10 @@ fn plan_json(p: &Prepared, reporter: &Reporter) -> serde_json::Value {
             json!({
                 "output": expo::text::path_json(&o.target.path),
                 "alpha": o.alpha,
-                "tensors": counts(&o.plan),
+                "tensors": counts(plan, o),
                 "rules": p.rule_records(o.alpha),
-                "tensor_bytes": o.plan.data_bytes(),
-                "output_bytes": o.plan.output_bytes(),
+                "tensor_bytes": plan.data_bytes(),
+                "output_bytes": plan.output_bytes(),
             })
         })
         .collect();
@@ -240,7 +241,7 @@ fn plan_text(p: &Prepared) -> String {
     let _ = writeln!(s, "  --sft      {}", describe(&p.inputs[0]));
     let _ = writeln!(s, "  --aligned  {}", describe(&p.inputs[1]));
     for o in &p.outputs {
-        let (extrapolated, cast, copied) = o.plan.counts();
+        let (extrapolated, cast, copied) = p.plan.counts(&o.alphas);
         let _ = writeln!(
             s,
             "  α = {:<6} → {}  ({} extrapolated, {} converted, {} copied)",
@@ -262,7 +263,7 @@ fn plan_text(p: &Prepared) -> String {
         );
     }
     write_shards(&mut s, p);
-    let plan = &p.outputs[0].plan;
+    let plan = &p.plan;
     if let Some((name, _)) = &plan.index {
         let _ = writeln!(s, "  {name}");
     }
@@ -302,7 +303,7 @@ fn plan_text(p: &Prepared) -> String {
 /// Each output file of the plan and every tensor in it (with its α per output when rules
 /// make them differ).
 fn write_shards(s: &mut String, p: &Prepared) {
-    let plan = &p.outputs[0].plan;
+    let plan = &p.plan;
     let show_alpha = !p.rules.is_empty();
     for shard in &plan.shards {
         let _ = writeln!(
@@ -313,7 +314,7 @@ fn write_shards(s: &mut String, p: &Prepared) {
             report::bytes(shard.file_len())
         );
         for &i in &shard.tensors {
-            let t = &plan.pairs[i];
+            let t = &plan.tensors[i];
             let alpha_col = if show_alpha {
                 let alphas: Vec<String> = tensor_alphas(&p.outputs, i)
                     .into_iter()
@@ -326,11 +327,11 @@ fn write_shards(s: &mut String, p: &Prepared) {
             let _ = writeln!(
                 s,
                 "    {:<11}{} {:<5} {:<16} {:>10}  {}",
-                t.treatment.name(),
+                t.recipe.treatment(p.outputs[0].alphas[i]).name(),
                 alpha_col,
-                t.out_dtype.name(),
+                t.dtype.name(),
                 format!("{:?}", t.shape),
-                report::bytes(t.out_len),
+                report::bytes(t.len),
                 t.name
             );
         }
