@@ -16,7 +16,7 @@ use crate::error::UsageError;
 use crate::hub::{self, CacheEnv, ResolvedInput};
 use crate::interrupt;
 use crate::output::{self, OutputTarget, StagingDir};
-use crate::plan::{self, AlphaRule, OutTensor, OutputPlan, PlanError, PlanOptions, ShardPlan};
+use crate::plan::{self, AlphaRule, OutTensor, OutputPlan, PlanError, PlanOptions};
 use crate::reporter::{Progress, Reporter};
 pub use crate::settings::{AsKind, Settings};
 use crate::sidefiles::{self, InputRecord, Provenance, RuleRecord, SideFiles, TensorCounts};
@@ -113,6 +113,9 @@ impl Produced {
         }
     }
 }
+
+use crate::finish::{check_output_template, clean_stale_staging, commit, create_stagings};
+use crate::finish::{write_finish, Finish};
 
 /// The whole build step for a caller that prints nothing of its own (a search): every
 /// output of `settings` written and committed, from a checkpoint or an adapter as
@@ -222,21 +225,6 @@ pub fn produce(p: &mut Prepared, reporter: &dyn Reporter) -> Result<Produced> {
 // ---------------------------------------------------------------------------------------
 // Preparing
 // ---------------------------------------------------------------------------------------
-
-/// Several α need `{alpha}` in `--output` to name each output.
-pub(crate) fn check_output_template(settings: &Settings) -> Result<()> {
-    let n = settings.alphas.len();
-    if n > 1 && !alpha::has_placeholder(&settings.output) {
-        return Err(UsageError(format!(
-            "--alpha gives {n} values, so --output must contain {} to name each output, e.g. --output '{}-{}'",
-            alpha::PLACEHOLDER,
-            settings.output.display(),
-            alpha::PLACEHOLDER
-        ))
-        .into());
-    }
-    Ok(())
-}
 
 fn open_inputs(settings: &Settings) -> Result<[Input; 2]> {
     let env = CacheEnv::from_process();
@@ -414,42 +402,6 @@ fn warn_inherited_nonfinite(reporter: &dyn Reporter, o: &Output, stats: &WriteSt
     }
 }
 
-/// Tidies what killed runs left beside each output, saying what was found.
-pub(crate) fn clean_stale_staging(targets: &[&OutputTarget], reporter: &dyn Reporter) {
-    for t in targets {
-        for w in output::clean_stale_staging(&t.parent).warnings() {
-            reporter.warn(w);
-        }
-    }
-}
-
-/// One staging directory per output, with the subdirectories its shards (the same layout
-/// for every output) need.
-pub(crate) fn create_stagings(
-    targets: &[&OutputTarget],
-    shards: &[ShardPlan],
-) -> Result<Vec<StagingDir>> {
-    let stagings = targets
-        .iter()
-        .map(|t| StagingDir::create(t))
-        .collect::<Result<Vec<_>, _>>()?;
-    // An index may place shards in a subdirectory (`weights/model-00001-of-00002.safetensors`,
-    // accepted on input); the mirrored output needs the same subdirectory.
-    for s in &stagings {
-        for shard in shards {
-            if let Some(sub) = Path::new(&shard.file_name)
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-            {
-                let dir = s.path().join(sub);
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-        }
-    }
-    Ok(stagings)
-}
-
 /// Writes the tensor data of every output in one pass, then releases the input maps.
 fn write_data(
     p: &Prepared,
@@ -519,54 +471,6 @@ fn finish_output(
     };
     write_finish(&staging, |dest| p.side.copy_into(dest), &files)?;
     commit(staging, &o.target, reporter)
-}
-
-/// What every output gets besides its tensor data.
-pub(crate) struct Finish<'a> {
-    /// The index file's name and bytes, when one is written.
-    pub index: Option<&'a (String, Vec<u8>)>,
-    /// The model card (README.md).
-    pub card: String,
-    /// `expo.json`.
-    pub provenance: Vec<u8>,
-}
-
-/// Writes an output's side files (`side` copies them into the directory it is given), its
-/// index, model card and provenance into `staging`.
-pub(crate) fn write_finish(
-    staging: &StagingDir,
-    side: impl FnOnce(&Path) -> Result<(), sidefiles::SideFileError>,
-    files: &Finish,
-) -> Result<()> {
-    side(staging.path())?;
-    if let Some((name, bytes)) = files.index {
-        sidefiles::write_file(staging.path(), name, bytes)?;
-    }
-    sidefiles::write_file(
-        staging.path(),
-        sidefiles::MODEL_CARD_NAME,
-        files.card.as_bytes(),
-    )?;
-    sidefiles::write_file(
-        staging.path(),
-        sidefiles::PROVENANCE_NAME,
-        &files.provenance,
-    )?;
-    Ok(())
-}
-
-/// Puts a finished output in place (unless interrupted first). Once committed, the new
-/// output is in place: what is left to tidy is only a warning.
-pub(crate) fn commit(
-    staging: StagingDir,
-    target: &OutputTarget,
-    reporter: &dyn Reporter,
-) -> Result<()> {
-    interrupt::check()?;
-    for w in staging.commit(target)?.warnings() {
-        reporter.warn(w);
-    }
-    Ok(())
 }
 
 fn provenance(p: &Prepared, o: &Output) -> Provenance {

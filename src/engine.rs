@@ -9,7 +9,7 @@
 //! dropped from the process's mappings as soon as their chunk is done, so resident
 //! memory does not grow with the model.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::checkpoint::Checkpoint;
@@ -21,80 +21,7 @@ use crate::writer::{self, Chunk, ChunkSource, Run, Target, Task};
 pub use crate::maps::{MappedCheckpoint, RELEASE_MARGIN};
 pub use crate::writer::{check_open_files, CHUNK_ELEMENTS, COPY_CHUNK_BYTES};
 
-/// Errors while reading inputs or writing the output.
-///
-/// The I/O error of [`EngineError::Io`] is its `source()`, not part of its message, so that
-/// `{:#}` prints it once.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("{path}: {op} failed")]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        source: std::io::Error,
-    },
-    #[error("{path}: {reason}")]
-    NoSpace { path: PathBuf, reason: String },
-    #[error(
-        "{path} changed since its header was read (it is now {actual} bytes, expected {expected}, or it was replaced or modified); inputs must not be modified during a run"
-    )]
-    InputChanged {
-        path: PathBuf,
-        expected: u64,
-        actual: u64,
-    },
-    #[error("{path} {what} while expo was reading it; inputs must not be modified during a run")]
-    InputModified { path: PathBuf, what: &'static str },
-    #[error("tensor `{tensor}` ({dtype}) is not float, so it must be identical in both checkpoints, but it differs (first at byte {offset}); are these two checkpoints of the same model?")]
-    ExactTensorDiffers {
-        tensor: String,
-        dtype: crate::dtype::Dtype,
-        offset: u64,
-    },
-    #[error("tensor `{tensor}`: {count} of {elements} values become infinite or NaN in {dtype} at alpha = {alpha} although the inputs are finite; use a smaller --alpha{}", if *wider_dtype { " or a wider --dtype (e.g. f32)" } else { "" }, alpha = short_number(*alpha))]
-    Overflow {
-        tensor: String,
-        count: u64,
-        elements: u64,
-        dtype: crate::dtype::FloatDtype,
-        alpha: f64,
-        /// Whether a wider `--dtype` is a way out (not for an adapter, whose output keeps
-        /// each tensor's dtype).
-        wider_dtype: bool,
-    },
-    #[error("adapter tensor `{tensor}` holds {count} infinite or NaN values, so the merged weights would too; the adapter is damaged (check how it was trained and saved)")]
-    NonFiniteFactor { tensor: String, count: u64 },
-    #[error("tensor `{tensor}`: {count} of {elements} values do not fit in {dtype} (they become infinite) although --aligned's are finite; choose a wider --dtype")]
-    CastOverflow {
-        tensor: String,
-        count: u64,
-        elements: u64,
-        dtype: crate::dtype::FloatDtype,
-    },
-    #[error("writing {outputs} outputs at once keeps at least {needed} files open, but the open-files limit is {limit} (`ulimit -n`; {open} are open already); raise the limit (e.g. `ulimit -n {suggest}`) or write fewer outputs per run (at most {fit})")]
-    TooManyOpenFiles {
-        outputs: usize,
-        needed: u64,
-        limit: u64,
-        open: u64,
-        suggest: u64,
-        fit: u64,
-    },
-    #[error("{path} was replaced or removed while expo was writing it; another process is changing expo's temporary directory")]
-    OutputReplaced { path: PathBuf },
-    #[error("interrupted")]
-    Interrupted,
-}
-
-/// A number for a message: as written when short, else in scientific notation (`1e300`,
-/// not three hundred digits).
-pub fn short_number(x: f64) -> String {
-    if x == 0.0 || !x.is_finite() || (1e-5..1e16).contains(&x.abs()) {
-        format!("{x}")
-    } else {
-        format!("{x:e}")
-    }
-}
+pub use crate::error::EngineError;
 
 /// Checks that the tensors that must be byte-identical in both checkpoints are (integer and
 /// bool tensors whose α is not 0, see [`OutTensor::must_be_identical`]) in the output of
@@ -490,6 +417,7 @@ fn as_cast(spec: KernelSpec) -> KernelSpec {
 mod tests {
     use super::*;
     use crate::dtype::FloatDtype;
+    use std::path::PathBuf;
 
     #[test]
     fn io_errors_print_their_cause_once() {
@@ -509,6 +437,7 @@ mod tests {
 
     #[test]
     fn numbers_in_messages_are_short() {
+        use crate::text::short_number;
         assert_eq!(short_number(0.3), "0.3");
         assert_eq!(short_number(-2.5), "-2.5");
         assert_eq!(short_number(0.0), "0");

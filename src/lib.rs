@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod finish;
 pub mod header;
 pub mod hub;
 pub mod interrupt;

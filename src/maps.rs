@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::checkpoint::{Checkpoint, TensorLoc};
-use crate::engine::EngineError;
+use crate::error::EngineError;
 
 /// Read-only maps of every shard of a checkpoint.
 pub struct MappedCheckpoint {

@@ -12,6 +12,7 @@ use crate::header::encode_header;
 use crate::kernel::KernelSpec;
 use crate::pairing::{self, PairingError, Purpose, Side};
 use crate::text::number;
+pub use crate::writer::ShardPlan;
 use crate::writer::{cut_tasks, Task, CHUNK_ELEMENTS, COPY_CHUNK_BYTES};
 
 pub use crate::pairing::{DtypeChoice, Treatment};
@@ -211,27 +212,6 @@ impl OutTensor {
     pub fn must_be_identical(&self, alpha: f64) -> bool {
         matches!(self.recipe, Recipe::Pair { .. })
             && pairing::must_be_identical(self.recipe.treatment(alpha), self.dtype, alpha)
-    }
-}
-
-/// One output file: which tensors, in which order, at which offsets.
-#[derive(Debug, Clone)]
-pub struct ShardPlan {
-    pub file_name: String,
-    /// Indices into [`OutputPlan::tensors`], in data order.
-    pub tensors: Vec<usize>,
-    /// Offset of each tensor's data relative to the data section, parallel to `tensors`.
-    pub offsets: Vec<u64>,
-    /// The encoded header, including the 8-byte length prefix.
-    pub header: Vec<u8>,
-    /// Bytes of tensor data.
-    pub data_len: u64,
-}
-
-impl ShardPlan {
-    /// Size of the whole file.
-    pub fn file_len(&self) -> u64 {
-        self.header.len() as u64 + self.data_len
     }
 }
 

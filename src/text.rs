@@ -5,6 +5,16 @@ pub fn bytes(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
 }
 
+/// A number for a message: as written when short, else in scientific notation (`1e300`,
+/// not three hundred digits).
+pub fn short_number(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() || (1e-5..1e16).contains(&x.abs()) {
+        format!("{x}")
+    } else {
+        format!("{x:e}")
+    }
+}
+
 /// Seconds for people: `12.3s`, `4.5m`, `1.2h`.
 pub fn seconds(s: f64) -> String {
     if s < 60.0 {

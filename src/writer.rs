@@ -16,8 +16,29 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::engine::{EngineError, MappedCheckpoint};
-use crate::plan::ShardPlan;
+use crate::error::EngineError;
+use crate::maps::MappedCheckpoint;
+
+/// One output file: which tensors, in which order, at which offsets.
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    pub file_name: String,
+    /// Indices into the plan's tensors (`plan::OutputPlan::tensors`), in data order.
+    pub tensors: Vec<usize>,
+    /// Offset of each tensor's data relative to the data section, parallel to `tensors`.
+    pub offsets: Vec<u64>,
+    /// The encoded header, including the 8-byte length prefix.
+    pub header: Vec<u8>,
+    /// Bytes of tensor data.
+    pub data_len: u64,
+}
+
+impl ShardPlan {
+    /// Size of the whole file.
+    pub fn file_len(&self) -> u64 {
+        self.header.len() as u64 + self.data_len
+    }
+}
 
 /// Elements per chunk of float work.
 pub const CHUNK_ELEMENTS: u64 = 1 << 20;

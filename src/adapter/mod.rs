@@ -215,7 +215,7 @@ pub fn prepare(args: &Settings, reporter: &dyn Reporter) -> Result<Prepared> {
 
 /// Refuses the flags that the adapter path does not support.
 fn check_flags(args: &Settings) -> Result<()> {
-    crate::build::check_output_template(args)?;
+    crate::finish::check_output_template(args)?;
     if args.dtype != DtypeChoice::Auto {
         return Err(UsageError(format!(
             "--dtype {} is not supported when --aligned is an adapter: the output keeps each tensor's own dtype",
@@ -296,8 +296,8 @@ pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<()> {
         }
     };
     let targets: Vec<&OutputTarget> = p.outputs.iter().map(|o| &o.target).collect();
-    crate::build::clean_stale_staging(&targets, reporter);
-    let stagings = crate::build::create_stagings(&targets, &layout.shards)?;
+    crate::finish::clean_stale_staging(&targets, reporter);
+    let stagings = crate::finish::create_stagings(&targets, &layout.shards)?;
     let inputs = (
         (&p.inputs.base, &base_maps),
         (&p.inputs.adapter, &adapter_maps),
@@ -356,7 +356,7 @@ fn write_data(
 
 /// Puts one finished output in place and says so.
 fn commit(p: &Prepared, o: &Output, staging: StagingDir, reporter: &dyn Reporter) -> Result<()> {
-    crate::build::commit(staging, &o.target, reporter)?;
+    crate::finish::commit(staging, &o.target, reporter)?;
     reporter.note(&format!(
         "expo: wrote {} ({}) with alpha = {}",
         o.target.path.display(),
@@ -459,12 +459,12 @@ fn finish(p: &Prepared, o: &Output, layout: &OutputPlan, staging: &StagingDir) -
         (&base_rec, &adapter_rec),
         &p.command,
     );
-    let files = crate::build::Finish {
+    let files = crate::finish::Finish {
         index: layout.index.as_ref(),
         card,
         provenance,
     };
-    crate::build::write_finish(staging, |dest| p.side.copy_into(dest), &files)
+    crate::finish::write_finish(staging, |dest| p.side.copy_into(dest), &files)
 }
 
 /// The `expo.json` of one output.

@@ -703,7 +703,7 @@ unsafe fn lora_bf16_with<N: Narrow16>(c: f64, s: f64, w: &[u8], d: &[f64], out: 
                 nonfinite +=
                     _mm256_cmpeq_epi16_mask(exp, _mm256_set1_epi16(0x7f80)).count_ones() as u64;
             } else {
-                nonfinite += super::lora::epilogue::<super::Bf16>(
+                nonfinite += super::lora_ref::epilogue::<super::Bf16>(
                     c,
                     s,
                     &w[2 * i..2 * (i + LANES)],
@@ -715,7 +715,7 @@ unsafe fn lora_bf16_with<N: Narrow16>(c: f64, s: f64, w: &[u8], d: &[f64], out: 
         i += LANES;
     }
     nonfinite
-        + super::lora::epilogue::<super::Bf16>(
+        + super::lora_ref::epilogue::<super::Bf16>(
             c,
             s,
             &w[2 * i..2 * n],
@@ -803,7 +803,7 @@ pub unsafe fn lora_f16(c: f64, s: f64, w: &[u8], d: &[f64], out: &mut [u8]) -> u
         i += LANES;
     }
     nonfinite
-        + super::lora::epilogue::<super::F16>(
+        + super::lora_ref::epilogue::<super::F16>(
             c,
             s,
             &w[2 * i..2 * n],

@@ -41,6 +41,7 @@ mod avx512;
 pub mod convert;
 mod isa;
 pub(crate) mod lora;
+mod lora_ref;
 #[cfg(test)]
 pub(crate) mod testing;
 

@@ -3,14 +3,10 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::listing::{open_regular, Opened, Stamp};
+use super::listing::{copy_range, reopen, Opened, Stamp};
 use super::{io_err, SideFileError, SideFiles};
-
-/// Copy buffer.
-const CHUNK: usize = 1 << 20;
 
 impl SideFiles {
     /// Copies the side files into `dest` (creating subdirectories), from the handles opened
@@ -45,64 +41,6 @@ impl SideFiles {
         Ok(())
     }
 }
-/// Reopens a side file whose handle was not kept, checking it is the file validated.
-fn reopen(opened: &Opened) -> Result<File, SideFileError> {
-    let (file, meta) = open_regular(&opened.full)?;
-    if let Some(what) = opened.stamp.change(&Stamp::of(&meta)) {
-        return Err(SideFileError::Changed {
-            path: opened.full.clone(),
-            what,
-        });
-    }
-    Ok(file)
-}
-
-/// The whole content of a validated side file (at most its validated size).
-pub(super) fn read_validated(opened: &Opened) -> Result<Vec<u8>, SideFileError> {
-    let reopened;
-    let file = match &opened.file {
-        Some(f) => f,
-        None => {
-            reopened = reopen(opened)?;
-            &reopened
-        }
-    };
-    let mut bytes = Vec::new();
-    copy_range(file, opened, &mut bytes, &opened.full)?;
-    Ok(bytes)
-}
-
-/// Copies the validated size of `file` from offset 0 (positional reads, so one handle
-/// serves every output of a sweep), checking for an interrupt between chunks.
-fn copy_range(
-    file: &File,
-    opened: &Opened,
-    out: &mut impl Write,
-    dst: &Path,
-) -> Result<(), SideFileError> {
-    let len = opened.stamp.len;
-    let mut buf = vec![0u8; usize::try_from(len).map_or(CHUNK, |l| l.min(CHUNK)).max(1)];
-    let mut off = 0u64;
-    while off < len {
-        crate::interrupt::check()?;
-        let want = usize::try_from(len - off).map_or(buf.len(), |r| r.min(buf.len()));
-        let n = match file.read_at(&mut buf[..want], off) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err(&opened.full, "read")(e)),
-        };
-        if n == 0 {
-            return Err(SideFileError::Changed {
-                path: opened.full.clone(),
-                what: "changed size",
-            });
-        }
-        out.write_all(&buf[..n]).map_err(io_err(dst, "write"))?;
-        off += n as u64;
-    }
-    Ok(())
-}
-
 /// Fails if the file changed since validation: through its handle (size, mtime), and at
 /// its path (removed, or replaced by another file).
 fn verify(opened: &Opened, file: Option<&File>) -> Result<(), SideFileError> {

@@ -8,7 +8,6 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use super::copy::read_validated;
 use super::{card, config_dtype, io_err, CardMetadata, SideFileError};
 use super::{CONFIG_NAME, MODEL_CARD_NAME, PROVENANCE_NAME};
 use crate::checkpoint::{Checkpoint, FOREIGN_WEIGHT_EXTENSIONS};
@@ -436,6 +435,67 @@ impl SideFiles {
             self.copy.drain(..).zip(self.opened.drain(..)).collect();
         (self.copy, self.opened) = pairs.into_iter().filter(|(p, _)| keep(p)).unzip();
     }
+}
+
+/// Copy buffer.
+const CHUNK: usize = 1 << 20;
+
+/// Reopens a side file whose handle was not kept, checking it is the file validated.
+pub(super) fn reopen(opened: &Opened) -> Result<File, SideFileError> {
+    let (file, meta) = open_regular(&opened.full)?;
+    if let Some(what) = opened.stamp.change(&Stamp::of(&meta)) {
+        return Err(SideFileError::Changed {
+            path: opened.full.clone(),
+            what,
+        });
+    }
+    Ok(file)
+}
+
+/// The whole content of a validated side file (at most its validated size).
+pub(super) fn read_validated(opened: &Opened) -> Result<Vec<u8>, SideFileError> {
+    let reopened;
+    let file = match &opened.file {
+        Some(f) => f,
+        None => {
+            reopened = reopen(opened)?;
+            &reopened
+        }
+    };
+    let mut bytes = Vec::new();
+    copy_range(file, opened, &mut bytes, &opened.full)?;
+    Ok(bytes)
+}
+
+/// Copies the validated size of `file` from offset 0 (positional reads, so one handle
+/// serves every output of a sweep), checking for an interrupt between chunks.
+pub(super) fn copy_range(
+    file: &File,
+    opened: &Opened,
+    out: &mut impl std::io::Write,
+    dst: &Path,
+) -> Result<(), SideFileError> {
+    let len = opened.stamp.len;
+    let mut buf = vec![0u8; usize::try_from(len).map_or(CHUNK, |l| l.min(CHUNK)).max(1)];
+    let mut off = 0u64;
+    while off < len {
+        crate::interrupt::check()?;
+        let want = usize::try_from(len - off).map_or(buf.len(), |r| r.min(buf.len()));
+        let n = match std::os::unix::fs::FileExt::read_at(file, &mut buf[..want], off) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(&opened.full, "read")(e)),
+        };
+        if n == 0 {
+            return Err(SideFileError::Changed {
+                path: opened.full.clone(),
+                what: "changed size",
+            });
+        }
+        out.write_all(&buf[..n]).map_err(io_err(dst, "write"))?;
+        off += n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
