@@ -703,4 +703,17 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn every_end_state_reads_back_as_written() {
+        for state in [
+            State::Ok,
+            State::Unusable,
+            State::Failed,
+            State::Interrupted,
+        ] {
+            assert_eq!(State::parse(state.name()), Some(state));
+        }
+        assert_eq!(State::parse("done"), None);
+    }
 }
