@@ -94,23 +94,7 @@ impl Produced {
     /// The run as one result: `Ok` when every output was written; the one error of a
     /// single output; or one error listing every failed output of several.
     pub fn into_result(self, outputs: &[Output]) -> Result<()> {
-        let written = self.results.iter().filter(|r| r.is_ok()).count();
-        let mut failures: Vec<anyhow::Error> =
-            self.results.into_iter().filter_map(Result::err).collect();
-        match failures.len() {
-            0 => Ok(()),
-            1 if outputs.len() == 1 => Err(failures.remove(0)),
-            n => {
-                let mut msg = format!("{n} of {} outputs failed", outputs.len());
-                for e in &failures {
-                    msg.push_str(&format!("\n  {e:#}"));
-                }
-                if written > 0 {
-                    msg.push_str("\n  (the other outputs were written completely)");
-                }
-                Err(anyhow::anyhow!(msg))
-            }
-        }
+        crate::finish::outcome(self.results, outputs.len())
     }
 }
 
@@ -123,7 +107,9 @@ use crate::finish::{write_finish, Finish};
 pub fn build(settings: &Settings, reporter: &dyn Reporter) -> Result<()> {
     if crate::adapter::is_adapter_run(settings)? {
         let prepared = crate::adapter::prepare(settings, reporter)?;
-        return crate::adapter::produce(&prepared, reporter);
+        let results = crate::adapter::produce(&prepared, reporter)?;
+        interrupt::check()?;
+        return crate::finish::outcome(results, prepared.outputs.len());
     }
     let mut prepared = prepare(settings, reporter)?;
     let produced = produce(&mut prepared, reporter)?;

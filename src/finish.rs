@@ -107,3 +107,25 @@ pub fn commit(staging: StagingDir, target: &OutputTarget, reporter: &dyn Reporte
     }
     Ok(())
 }
+
+/// A run's outputs as one result: `Ok` when every output was written; the one error of a
+/// single output; or one error listing every failed output of several (the others were
+/// committed).
+pub fn outcome(results: Vec<Result<()>>, outputs: usize) -> Result<()> {
+    let written = results.iter().filter(|r| r.is_ok()).count();
+    let mut failures: Vec<anyhow::Error> = results.into_iter().filter_map(Result::err).collect();
+    match failures.len() {
+        0 => Ok(()),
+        1 if outputs == 1 => Err(failures.remove(0)),
+        n => {
+            let mut msg = format!("{n} of {outputs} outputs failed");
+            for e in &failures {
+                msg.push_str(&format!("\n  {e:#}"));
+            }
+            if written > 0 {
+                msg.push_str("\n  (the other outputs were written completely)");
+            }
+            Err(anyhow::anyhow!(msg))
+        }
+    }
+}

@@ -1212,11 +1212,19 @@ fn an_alpha_that_overflows_fails_its_output_with_the_count_over_the_tensor() {
         std::path::Path::new(&template),
     )
     .args(&["--as", "model"])
-    .assert_fails(1, &["values become infinite or NaN"]);
+    .assert_fails(
+        1,
+        &[
+            "1 of 3 outputs failed",
+            "values become infinite or NaN",
+            "the other outputs were written completely",
+        ],
+    );
+    // As for checkpoints, the output that fails does not stop the others, before or after it.
     let written = |a: &str| std::path::PathBuf::from(template.replace("{alpha}", a));
     assert!(written("0.5").join("model.safetensors").is_file());
     assert!(!written(&format!("{}", 1e60)).exists());
-    assert!(!written("2").exists());
+    assert!(written("2").join("model.safetensors").is_file());
     // --as adapter: a B factor times 1 + 1e300 overflows f32.
     let out = s.out("huge-adapter");
     extrapolate(&l.base, &l.adapter, "1e300", &out)
@@ -1230,4 +1238,29 @@ fn an_alpha_that_overflows_fails_its_output_with_the_count_over_the_tensor() {
             ],
         );
     assert!(!out.exists());
+}
+
+/// An adapter sweep is held to the open-files limit like a checkpoint sweep: one that
+/// cannot fit is refused before any work, in --dry-run too.
+#[test]
+fn an_adapter_sweep_that_cannot_fit_the_open_files_limit_fails_before_any_work() {
+    let s = Scratch::new();
+    let l = llama(&s, Dtype::F32, lora_config(2, 4.0, &["q_proj", "v_proj"]));
+    let alphas: Vec<String> = (1..=40).map(|k| format!("0.{k:02}")).collect();
+    let template = format!("{}-{{alpha}}", s.out("sweep").display());
+    for dry_run in [true, false] {
+        let mut run = extrapolate(
+            &l.base,
+            &l.adapter,
+            &alphas.join(","),
+            std::path::Path::new(&template),
+        )
+        .args(&["--as", "model"])
+        .ulimit("-n 24");
+        if dry_run {
+            run = run.arg("--dry-run");
+        }
+        run.assert_fails(1, &["writing 40 outputs at once", "open-files limit is 24"]);
+        assert!(!std::path::Path::new(&template.replace("{alpha}", "0.01")).exists());
+    }
 }

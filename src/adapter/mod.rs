@@ -201,6 +201,9 @@ pub fn prepare(args: &Settings, reporter: &dyn Reporter) -> Result<Prepared> {
     for warning in side.warnings() {
         reporter.warn(warning);
     }
+    // As for checkpoints: a sweep that cannot fit under the open-files limit is refused
+    // now (also in --dry-run), not after the work.
+    crate::writer::check_open_files(outputs.len())?;
     Ok(Prepared {
         kind,
         rules,
@@ -280,7 +283,9 @@ fn changed_tensors(plan: &AdapterPlan) -> impl Iterator<Item = &String> + '_ {
 
 /// Maps the inputs, writes every output in one pass over them (see [`crate::writer`]),
 /// then finishes and commits each output in order; the first that failed stops the run.
-pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<()> {
+/// Writes every output in one pass and finishes and commits each one; an output that
+/// fails does not stop the others (one result per output), an interrupt stops everything.
+pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<Vec<Result<()>>> {
     interrupt::install();
     interrupt::install_sigbus_handler();
     let pool = crate::pool::worker_pool(p.threads, reporter)?;
@@ -304,20 +309,29 @@ pub fn produce(p: &Prepared, reporter: &dyn Reporter) -> Result<()> {
     );
     let results = write_data(p, layout, inputs, &stagings, &pool, reporter);
     drop((base_maps, adapter_maps));
-    for ((o, staging), written) in p.outputs.iter().zip(stagings).zip(results) {
-        if let Err(e) = written {
-            if matches!(e, EngineError::Interrupted) || interrupt::check().is_err() {
-                return Err(interrupt::Interrupted.into());
-            }
-            let path = o.target.path.display();
-            return Err(anyhow::Error::new(e).context(format!("writing {path}")));
-        }
-        interrupt::check()?;
-        finish(p, o, layout, &staging)
-            .with_context(|| format!("writing {}", o.target.path.display()))?;
-        commit(p, o, staging, reporter)?;
+    if results
+        .iter()
+        .any(|r| matches!(r, Err(EngineError::Interrupted)))
+        || interrupt::check().is_err()
+    {
+        return Err(interrupt::Interrupted.into());
     }
-    Ok(())
+    let mut done = Vec::with_capacity(p.outputs.len());
+    for ((o, staging), written) in p.outputs.iter().zip(stagings).zip(results) {
+        let path = o.target.path.display();
+        let result = written
+            .map_err(|e| anyhow::Error::new(e).context(format!("writing {path}")))
+            .and_then(|()| {
+                interrupt::check()?;
+                finish(p, o, layout, &staging).with_context(|| format!("writing {path}"))?;
+                commit(p, o, staging, reporter)
+            });
+        if result.is_err() && interrupt::check().is_err() {
+            return Err(interrupt::Interrupted.into());
+        }
+        done.push(result);
+    }
+    Ok(done)
 }
 
 /// Writes the tensor data of every output in one pass.

@@ -45,7 +45,8 @@ fn run_adapter(args: &ExtrapolateArgs, settings: &Settings) -> Result<ExitCode> 
         report::adapter::print_plan(args.json, &prepared, &reporter)?;
         return Ok(ExitCode::SUCCESS);
     }
-    expo::adapter::produce(&prepared, &reporter)?;
+    let results = expo::adapter::produce(&prepared, &reporter)?;
+    expo::finish::outcome(results, prepared.outputs.len())?;
     let seconds = started.elapsed().as_secs_f64();
     report::adapter::print_done(args.json, &prepared, seconds, &reporter)?;
     Ok(ExitCode::SUCCESS)
