@@ -120,13 +120,7 @@ pub fn build(settings: &Settings, reporter: &dyn Reporter) -> Result<()> {
 /// Step 1: resolves and validates everything, and plans every output. Writes nothing.
 pub fn prepare<'a>(settings: &'a Settings, reporter: &dyn Reporter) -> Result<Prepared<'a>> {
     check_output_template(settings)?;
-    // --skip rules come first: a skipped tensor stays θ1's whatever --alpha-for says.
-    let rules: Vec<AlphaRule> = settings
-        .skip
-        .iter()
-        .chain(&settings.alpha_for)
-        .cloned()
-        .collect();
+    let rules = settings.rules();
     let inputs = open_inputs(settings)?;
     for w in inputs.iter().flat_map(|i| &i.checkpoint.warnings) {
         reporter.warn(w.clone());

@@ -32,6 +32,13 @@ pub enum RuleValue {
     Factor(f64),
 }
 
+/// The rules of a run in the order they are tried: `--skip` rules (α = 0) first, so that a
+/// skipped tensor stays θ1's whatever `--alpha-for` says, then `--alpha-for` rules; the
+/// first that matches a tensor sets its α.
+pub fn rule_chain(skip: &[AlphaRule], alpha_for: &[AlphaRule]) -> Vec<AlphaRule> {
+    skip.iter().chain(alpha_for).cloned().collect()
+}
+
 /// A per-module rule: tensors whose name matches `pattern` get `value` as their α.
 #[derive(Debug, Clone)]
 pub struct AlphaRule {

@@ -43,3 +43,10 @@ pub struct Settings {
     /// The command line recorded in each output's provenance.
     pub command: Vec<String>,
 }
+
+impl Settings {
+    /// `--skip` then `--alpha-for`: the first rule that matches a tensor sets its α.
+    pub fn rules(&self) -> Vec<AlphaRule> {
+        crate::plan::rule_chain(&self.skip, &self.alpha_for)
+    }
+}

@@ -176,7 +176,7 @@ pub fn prepare(args: &Settings, reporter: &dyn Reporter) -> Result<Prepared> {
     let env = &CacheEnv::from_process();
     check_flags(args)?;
     let kind = args.as_kind.unwrap_or(AsKind::Adapter);
-    let rules: Vec<AlphaRule> = args.skip.iter().chain(&args.alpha_for).cloned().collect();
+    let rules = args.rules();
     let inputs = open_inputs(args, env)?;
     if kind == AsKind::Adapter {
         refuse_dora(&args.aligned, &inputs.plan)?;
@@ -383,6 +383,7 @@ fn commit(p: &Prepared, o: &Output, staging: StagingDir, reporter: &dyn Reporter
     Ok(())
 }
 
+/// What `--as` wrote, as recorded in `expo.json` and `--json` (`adapter` or `model`).
 pub fn kind_name(kind: AsKind) -> &'static str {
     match kind {
         AsKind::Adapter => "adapter",

@@ -98,6 +98,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Keep(pub Option<usize>);
 
+/// Parses `--keep N|all` (how many candidates stay on disk).
 pub fn parse_keep(s: &str) -> Result<Keep, String> {
     if s.trim().eq_ignore_ascii_case("all") {
         return Ok(Keep(None));
@@ -112,6 +113,7 @@ pub fn parse_keep(s: &str) -> Result<Keep, String> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Resolution(pub Option<f64>);
 
+/// Parses `--resolution auto|X`: `auto`, or a positive lattice step.
 pub fn parse_resolution(s: &str) -> Result<Resolution, String> {
     if s.trim().eq_ignore_ascii_case("auto") {
         return Ok(Resolution(None));
@@ -128,6 +130,8 @@ pub fn parse_resolution(s: &str) -> Result<Resolution, String> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bounds(pub f64, pub f64);
 
+/// Parses `--bounds MIN:MAX`: two numbers; their order and range are checked when the
+/// search settings are built.
 pub fn parse_bounds(s: &str) -> Result<Bounds, String> {
     let bad = || format!("`{s}` is not MIN:MAX, two numbers (e.g. 0:4)");
     let (a, b) = s.split_once(':').ok_or_else(bad)?;

@@ -33,7 +33,7 @@ pub(super) fn open_inputs(cfg: &Config) -> Result<Inputs> {
     let (sft, sft_in) = crate::hub::open_for("--sft checkpoint", &cfg.sft, &cache_env)?;
     let (aligned, aligned_in) =
         crate::hub::open_for("--aligned checkpoint", &cfg.aligned, &cache_env)?;
-    let rules: Vec<AlphaRule> = cfg.skip.iter().chain(&cfg.alpha_for).cloned().collect();
+    let rules = crate::plan::rule_chain(&cfg.skip, &cfg.alpha_for);
     // An adapter as --aligned makes adapter candidates (checked as extrapolate checks them).
     refuse_run_inside(
         cfg,

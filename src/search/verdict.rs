@@ -148,7 +148,7 @@ impl Search<'_> {
             alpha,
             q(output.as_os_str().as_bytes())
         );
-        for r in self.cfg.skip.iter().chain(&self.cfg.alpha_for) {
+        for r in &crate::plan::rule_chain(&self.cfg.skip, &self.cfg.alpha_for) {
             if let Some((flag, value)) = r.spelling.split_once(' ') {
                 c.push_str(&format!(" {flag} {}", q(value.as_bytes())));
             }
