@@ -130,8 +130,8 @@ pub fn parse_resolution(s: &str) -> Result<Resolution, String> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bounds(pub f64, pub f64);
 
-/// Parses `--bounds MIN:MAX`: two numbers; their order and range are checked when the
-/// search settings are built.
+/// Parses `--bounds MIN:MAX`: two numbers on the search's decimal lattice, within the range
+/// a search handles, MIN below MAX.
 pub fn parse_bounds(s: &str) -> Result<Bounds, String> {
     let bad = || format!("`{s}` is not MIN:MAX, two numbers (e.g. 0:4)");
     let (a, b) = s.split_once(':').ok_or_else(bad)?;
