@@ -1,5 +1,5 @@
 //! RUN/ledger.jsonl: the search as an append-only log of JSON lines (`header`, `start`,
-//! `end`, `delete`, `done`), each fsynced, written by one process at a time (flock).
+//! `job`, `end`, `delete`, `done`), each fsynced, written by one process at a time (flock).
 //! Resuming a search is replaying it.
 
 use std::fs::{File, OpenOptions};
@@ -121,6 +121,8 @@ pub struct Replay {
     pub deleted: Vec<PathBuf>,
     /// A last line cut short by a crash, ignored.
     pub torn_tail: bool,
+    /// Each `job` event (how to find a trial's evaluator again), by trial.
+    pub jobs: Vec<(u64, Value)>,
 }
 
 /// The open ledger, locked for this process.
@@ -261,6 +263,11 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Replay, LedgerError> {
             "delete" => {
                 if let Some(p) = v["output"].as_str() {
                     r.deleted.push(PathBuf::from(p));
+                }
+            }
+            "job" => {
+                if let Some(trial) = v["trial"].as_u64() {
+                    r.jobs.push((trial, v));
                 }
             }
             "done" => {}
