@@ -719,3 +719,221 @@ fn usage_errors() {
         .assert_fails(2, &["holds no search"]);
     assert!(!s.out("run").exists());
 }
+
+/// The pid written (atomically) to `path` by an evaluator.
+fn read_pid(path: &Path) -> i32 {
+    fs::read_to_string(path).unwrap().trim().parse().unwrap()
+}
+
+/// `expo search` with an `--eval` given as it is (not through `sh SCRIPT`), as a child.
+fn spawn_search_eval(s: &Scratch, eval: &str, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_expo"))
+        .arg("search")
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(eval)
+        .arg("--run")
+        .arg(s.out("run"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn kill_after_is_the_grace_of_the_workers_when_the_shell_dies_at_sigterm() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    // A worker with a clean-up trap under a `sh -c` that dies at SIGTERM (a compound
+    // command, so no exec): its clean-up waits for the test's `release`.
+    let worker = s.path("worker.sh");
+    fs::write(
+        &worker,
+        format!(
+            "trap 'touch {termed}; while [ ! -e {release} ]; do sleep 0.2; done; touch {cleaned}; exit 0' TERM\necho $$ > {w}.tmp; mv {w}.tmp {w}\nwhile :; do sleep 0.05; done\n",
+            termed = s.path("termed").display(),
+            release = s.path("release").display(),
+            cleaned = s.path("cleaned").display(),
+            w = s.path("wpid").display(),
+        ),
+    )
+    .unwrap();
+    let eval = format!("sh '{}' & wait", worker.display());
+    let child = spawn_search_eval(
+        &s,
+        &eval,
+        &["-a", "0.1", "--no-baseline", "--kill-after", "1h"],
+    );
+    wait_for(&s.path("wpid"));
+    let wpid = read_pid(&s.path("wpid"));
+    let _cleanup = KillGroupOnDrop(wpid);
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    // The worker got SIGTERM (or, on a run that kills at once, is gone).
+    for _ in 0..6000 {
+        if s.path("termed").exists() || pid_gone(wpid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs::write(s.path("release"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        s.path("cleaned").exists(),
+        "the worker was killed before its clean-up ended: {stderr}"
+    );
+    wait_gone(wpid);
+}
+
+#[test]
+fn a_simple_command_runs_with_exec_as_the_leader_of_its_group() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(
+        &s,
+        "eval.sh",
+        &format!(
+            "echo $$ > '{p}'; cut -d' ' -f5 /proc/$$/stat > '{g}'\necho 0.5",
+            p = s.path("pid").display(),
+            g = s.path("pgid").display()
+        ),
+    );
+    search(&s, &script)
+        .args(&["-a", "0.1", "--no-baseline", "--max-evals", "1"])
+        .run();
+    assert_eq!(read_pid(&s.path("pid")), read_pid(&s.path("pgid")));
+}
+
+#[test]
+fn a_worker_in_its_own_session_is_stopped_with_its_trial() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let spid = s.path("spid");
+    let script = evaluator(
+        &s,
+        "eval.sh",
+        &format!(
+            "setsid sh -c 'echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 1000' &\nwhile [ ! -e {p} ]; do sleep 0.05; done\necho 0.5",
+            p = spid.display()
+        ),
+    );
+    search(&s, &script)
+        .args(&["-a", "0.1", "--no-baseline", "--max-evals", "1"])
+        .run();
+    let pid = read_pid(&spid);
+    let _cleanup = KillGroupOnDrop(pid);
+    wait_gone(pid);
+}
+
+#[test]
+fn kill_9_of_expo_then_resume_stops_the_evaluators_of_the_earlier_run_first() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    // At α = 0.2 the first time: a leader (expo's child) and a worker of its group that
+    // runs until killed. Every later evaluation notes whether that worker still runs (a
+    // zombie left for init to reap runs no more).
+    let body = format!(
+        "if [ -e '{w}' ]; then st=$(cut -d' ' -f3 /proc/$(cat '{w}')/stat 2>/dev/null); if [ -n \"$st\" ] && [ \"$st\" != Z ]; then touch '{overlap}'; fi; fi\n\
+         if [ \"$EXPO_ALPHA\" = 0.2 ] && [ ! -e '{w}' ]; then echo $$ > '{l}'; (while :; do sleep 0.05; done) & echo $! > '{w}.tmp'; mv '{w}.tmp' '{w}'; wait; fi\n{}",
+        peak(0.3),
+        w = s.path("worker").display(),
+        l = s.path("leader").display(),
+        overlap = s.path("overlap").display(),
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let mut child = spawn_search(&s, &script, &[]);
+    wait_for(&s.path("worker"));
+    let leader = read_pid(&s.path("leader"));
+    let worker = read_pid(&s.path("worker"));
+    let _cleanup = KillGroupOnDrop(leader);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The direct child gets SIGTERM when expo dies (PR_SET_PDEATHSIG) ...
+    wait_gone(leader);
+    // ... its worker does not, but the ledger says how to find it.
+    assert!(!pid_gone(worker));
+    let job = ledger(&s)
+        .into_iter()
+        .find(|e| e["event"] == "job" && e["pgid"] == leader)
+        .expect("a job event with the process group");
+    assert!(job["start_time"].as_u64().unwrap() > 0, "{job}");
+    let out = search(&s, &script)
+        .args(&["--resume", "--json"])
+        .assert_ok();
+    assert!(out.stderr.contains("still running"), "{}", out.stderr);
+    wait_gone(worker);
+    assert!(
+        !s.path("overlap").exists(),
+        "an evaluation ran while a process of the earlier run was alive"
+    );
+    assert_eq!(out.json.unwrap()["best"]["alpha"].as_f64(), Some(0.3));
+}
+
+#[test]
+fn max_failures_stops_running_trials_and_shows_the_stderr_of_each_failure() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let blocked = s.path("blocked");
+    let body = format!(
+        "if [ \"$EXPO_ALPHA\" = 0.2 ]; then echo $$ > '{b}.tmp'; mv '{b}.tmp' '{b}'; while :; do sleep 0.05; done; fi\n\
+         while [ ! -e '{b}' ]; do sleep 0.05; done\necho 'oops: CUDA out of memory' >&2\nexit 1",
+        b = blocked.display()
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let child = spawn_search(
+        &s,
+        &script,
+        &[
+            "-a",
+            "0.1,0.2",
+            "--no-baseline",
+            "-j",
+            "2",
+            "--retries",
+            "0",
+            "--max-failures",
+            "1",
+        ],
+    );
+    let (code, stderr) = wait_bounded(child);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--max-failures 1"), "{stderr}");
+    assert!(stderr.contains("oops: CUDA out of memory"), "{stderr}");
+    let pid = read_pid(&blocked);
+    let _cleanup = KillGroupOnDrop(pid);
+    wait_gone(pid);
+    assert!(ledger(&s)
+        .iter()
+        .any(|e| e["event"] == "end" && e["alpha"] == 0.2 && e["state"] == "interrupted"));
+}
+
+/// Waits for a search started by [`spawn_search`] (at most two minutes: a search that does
+/// not end is killed and fails the test): its exit code and stderr.
+fn wait_bounded(mut child: Child) -> (Option<i32>, String) {
+    let err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { err }, &mut text);
+        text
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the search did not end: {}", reader.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), reader.join().unwrap())
+}

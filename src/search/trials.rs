@@ -90,8 +90,20 @@ impl Search<'_> {
                     self.record_end(a, exit)?;
                 }
             }
+            let finished = self.finished();
+            if !active.is_empty() {
+                // --max-failures reached: the running trials are stopped, not waited for.
+                let idle = rule::View::new(&self.cfg.settings, &finished, &[]);
+                if matches!(
+                    rule::decide(&self.cfg.settings, &idle, 0),
+                    Decision::Done(Status::Failures)
+                ) {
+                    self.stop_all(active, State::Interrupted);
+                    return Ok(Status::Failures);
+                }
+            }
             let running: Vec<Lat> = active.iter().map(|a| a.trial.alpha).collect();
-            let view = rule::View::new(&self.cfg.settings, &self.finished(), &running);
+            let view = rule::View::new(&self.cfg.settings, &finished, &running);
             let free = self.cfg.jobs.saturating_sub(active.len());
             match rule::decide(&self.cfg.settings, &view, free) {
                 Decision::Propose(batch) => {
