@@ -937,3 +937,175 @@ fn wait_bounded(mut child: Child) -> (Option<i32>, String) {
     };
     (status.code(), reader.join().unwrap())
 }
+
+/// A fake Slurm on PATH: `sbatch` runs the job script at once in a session of its own,
+/// `squeue -t all -j IDS` says RUNNING / COMPLETED / FAILED / CANCELLED, `scancel` signals
+/// the job's group (TERM with `--signal=TERM`, else KILL), `scontrol show job -o ID` gives
+/// the exit code. Every call is logged in DIR/calls. Returns (bin dir, state dir).
+fn fake_slurm(s: &Scratch) -> (PathBuf, PathBuf) {
+    let bin = s.path("fakebin");
+    let state = s.path("fakeslurm");
+    fs::create_dir_all(&bin).unwrap();
+    fs::create_dir_all(&state).unwrap();
+    let scripts = [
+        (
+            "sbatch",
+            r#"echo "sbatch $*" >> "$FAKE_SLURM/calls"
+for a; do script=$a; done
+case " $* " in *" -p nosuch "*) echo "sbatch: error: invalid partition specified: nosuch" >&2; echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2; exit 1;; esac
+n=$(( $(cat "$FAKE_SLURM/next" 2>/dev/null || echo 0) + 1 )); echo $n > "$FAKE_SLURM/next"
+out=$(sed -n 's/^#SBATCH --output=//p' "$script"); err=$(sed -n 's/^#SBATCH --error=//p' "$script")
+setsid sh -c 'sh "$1" > "$2" 2> "$3"; echo $? > "$4.exit.tmp"; mv "$4.exit.tmp" "$4.exit"' sh "$script" "$out" "$err" "$FAKE_SLURM/$n" < /dev/null > /dev/null 2>&1 &
+echo $! > "$FAKE_SLURM/$n.pid"
+echo $n"#,
+        ),
+        (
+            "squeue",
+            r#"echo "squeue $*" >> "$FAKE_SLURM/calls"
+ids=
+while [ $# -gt 0 ]; do case $1 in -j) ids=$2; shift;; esac; shift; done
+for id in $(echo "$ids" | tr , ' '); do
+  if [ -e "$FAKE_SLURM/$id.cancelled" ] && ! kill -0 "$(cat "$FAKE_SLURM/$id.pid")" 2>/dev/null; then echo "$id CANCELLED None"
+  elif [ -e "$FAKE_SLURM/$id.exit" ]; then
+    if [ -e "$FAKE_SLURM/$id.cancelled" ]; then echo "$id CANCELLED None"
+    elif [ "$(cat "$FAKE_SLURM/$id.exit")" = 0 ]; then echo "$id COMPLETED None"
+    else echo "$id FAILED NonZeroExitCode"; fi
+  elif [ -e "$FAKE_SLURM/$id.pid" ]; then echo "$id RUNNING None"; fi
+done"#,
+        ),
+        (
+            "scancel",
+            r#"echo "scancel $*" >> "$FAKE_SLURM/calls"
+sig=KILL
+for a; do case $a in --signal=*) sig=${a#--signal=};; -*) ;; *) touch "$FAKE_SLURM/$a.cancelled"; kill -$sig -"$(cat "$FAKE_SLURM/$a.pid")" 2>/dev/null;; esac; done
+exit 0"#,
+        ),
+        (
+            "scontrol",
+            r#"echo "scontrol $*" >> "$FAKE_SLURM/calls"
+for a; do id=$a; done
+echo "JobId=$id JobState=X ExitCode=$(cat "$FAKE_SLURM/$id.exit" 2>/dev/null || echo 0):0""#,
+        ),
+    ];
+    for (name, body) in scripts {
+        let p = bin.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (bin, state)
+}
+
+fn with_fake_slurm(e: Expo, bin: &Path, state: &Path) -> Expo {
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    e.env("PATH", path).env("FAKE_SLURM", state)
+}
+
+fn slurm_calls(state: &Path) -> Vec<String> {
+    fs::read_to_string(state.join("calls"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn slurm_jobs_are_submitted_followed_with_one_squeue_for_all_and_recorded() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let (bin, state) = fake_slurm(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let j = with_fake_slurm(search(&s, &script), &bin, &state)
+        .args(&["-j", "2", "--slurm", "--gpus=1", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    let calls = slurm_calls(&state);
+    let sbatch: Vec<&String> = calls.iter().filter(|c| c.starts_with("sbatch")).collect();
+    assert_eq!(sbatch.len(), j["evaluations"].as_u64().unwrap() as usize);
+    assert!(
+        sbatch[0].starts_with("sbatch --parsable --gpus=1 "),
+        "{}",
+        sbatch[0]
+    );
+    // One query per poll for every job in flight; none after a job was seen to end.
+    assert!(calls
+        .iter()
+        .filter(|c| c.starts_with("squeue"))
+        .all(|c| c.contains("-t all") && c.contains("-j ")));
+    assert!(calls
+        .iter()
+        .any(|c| c.starts_with("squeue") && c.contains(',')));
+    let jobs: Vec<Value> = ledger(&s)
+        .into_iter()
+        .filter(|e| e["event"] == "job")
+        .collect();
+    assert_eq!(jobs.len(), sbatch.len());
+    assert!(jobs
+        .iter()
+        .all(|e| e["launcher"] == "slurm" && e["job_id"].as_str().is_some()));
+    let name = jobs[0]["name"].as_str().unwrap();
+    assert!(name.starts_with("expo-") && name.ends_with("-1"), "{name}");
+    let job_sh = fs::read_to_string(s.out("run").join("trials/1/job.sh")).unwrap();
+    assert!(
+        job_sh.contains(&format!("#SBATCH --job-name={name}")),
+        "{job_sh}"
+    );
+}
+
+#[test]
+fn a_slurm_timeout_cancels_with_term_first_then_hard_and_a_refused_submission_aborts() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let (bin, state) = fake_slurm(&s);
+    let script = evaluator(
+        &s,
+        "eval.sh",
+        "trap 'echo termed >> \"$EXPO_WORKDIR/termed\"' TERM\nwhile :; do sleep 0.1; done",
+    );
+    with_fake_slurm(search(&s, &script), &bin, &state)
+        .args(&[
+            "-a",
+            "0.1",
+            "--no-baseline",
+            "--timeout",
+            "1s",
+            "--kill-after",
+            "1s",
+            "--retries",
+            "0",
+            "--max-failures",
+            "1",
+            "--slurm",
+            "",
+        ])
+        .assert_fails(1, &["timed out"]);
+    let calls = slurm_calls(&state);
+    let cancels: Vec<&String> = calls.iter().filter(|c| c.starts_with("scancel")).collect();
+    assert_eq!(cancels[0], "scancel --full --signal=TERM 1", "{calls:?}");
+    assert_eq!(cancels[1], "scancel 1", "{calls:?}");
+    assert!(s.out("run").join("trials/1/termed").exists());
+    // The last call is the query that saw the job leave the queue, and only then was its
+    // candidate deleted.
+    assert!(!s.out("run").join("alpha-0.1").exists());
+
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let (bin, state) = fake_slurm(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    with_fake_slurm(search(&s, &script), &bin, &state)
+        .args(&["--slurm", "-p nosuch"])
+        .assert_fails(1, &["invalid partition specified: nosuch"]);
+    assert_eq!(
+        slurm_calls(&state)
+            .iter()
+            .filter(|c| c.starts_with("sbatch"))
+            .count(),
+        1
+    );
+}

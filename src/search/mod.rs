@@ -65,6 +65,8 @@ struct Search<'a> {
     started: Instant,
     /// Starts, follows and stops the evaluators.
     launcher: Box<dyn launch::Launcher>,
+    /// Jobs the cluster (not the evaluator) ended so far.
+    cluster_failures: u32,
     /// The search's id ([`launch::search_id`]), in job names and `EXPO_SEARCH`.
     id: String,
 }
@@ -85,7 +87,10 @@ pub fn run(cfg: &Config, reporter: &dyn Observer) -> Result<std::process::ExitCo
     }
     let resumed = run_dir::resume(cfg, &header, reporter)?;
     let id = launch::search_id(&cfg.run);
-    let mut launcher: Box<dyn launch::Launcher> = Box::new(launch::local::Local::new(&id));
+    let mut launcher: Box<dyn launch::Launcher> = match &cfg.slurm {
+        Some(options) => Box::new(launch::slurm::Slurm::new(options, &id, cfg.queue_timeout)),
+        None => Box::new(launch::local::Local::new(&id)),
+    };
     if cfg.resume {
         // Nothing is evaluated, built or deleted while an evaluator of the earlier run may
         // still read a candidate.
@@ -102,6 +107,7 @@ pub fn run(cfg: &Config, reporter: &dyn Observer) -> Result<std::process::ExitCo
         next_trial: resumed.next_trial,
         started: Instant::now(),
         launcher,
+        cluster_failures: 0,
         id,
     };
     drop(inputs);

@@ -13,6 +13,9 @@ use super::rule::{self, Decision, Lat, Outcome, Status};
 use super::{Abort, Search};
 use crate::interrupt;
 
+/// How many jobs the cluster may end (node failure, preemption …) before the search stops.
+const MAX_CLUSTER_FAILURES: u32 = 3;
+
 /// A trial in flight.
 struct Active {
     trial: Trial,
@@ -236,6 +239,9 @@ impl Search<'_> {
 
     fn record_end(&mut self, a: Active, exit: evaluator::Exit) -> Result<(), Abort> {
         let Active { trial, values } = a;
+        if let Some(why) = &exit.cluster {
+            return self.cluster_failure(trial, &values, why, exit.fatal);
+        }
         if matches!(exit.code, Some(126) | Some(127)) {
             return Err(self.unrunnable(trial, &values, &exit));
         }
@@ -258,6 +264,46 @@ impl Search<'_> {
         self.store_end(trial, end)?;
         self.tidy()?;
         self.write_outputs(None).map_err(Abort::Broken)?;
+        Ok(())
+    }
+
+    /// A job the cluster ended (node failure, preemption, a cancellation by someone else): not
+    /// α's failure; the trial is recorded as interrupted and α runs again, at most
+    /// [`MAX_CLUSTER_FAILURES`] times in a search. A fatal one (a queue that does not move)
+    /// stops the search at once.
+    fn cluster_failure(
+        &mut self,
+        trial: Trial,
+        values: &Values,
+        why: &str,
+        fatal: bool,
+    ) -> Result<(), Abort> {
+        let end = End {
+            state: State::Interrupted,
+            score: None,
+            exit: None,
+            seconds: 0.0,
+            json: None,
+        };
+        self.store_end(trial.clone(), end)?;
+        self.cluster_failures += 1;
+        if fatal || self.cluster_failures > MAX_CLUSTER_FAILURES {
+            return Err(Abort::Broken(anyhow::anyhow!(
+                "trial {} (alpha {}): {why}{}; the search stopped (logs in {})",
+                trial.trial,
+                trial.alpha,
+                if fatal {
+                    String::new()
+                } else {
+                    format!("; {} jobs were ended by the cluster", self.cluster_failures)
+                },
+                values.workdir.display()
+            )));
+        }
+        self.reporter.warn(format!(
+            "trial {} (alpha {}): {why}; a failure of the cluster, not of alpha: it runs again",
+            trial.trial, trial.alpha
+        ));
         Ok(())
     }
 
@@ -367,6 +413,7 @@ impl Search<'_> {
                             seconds: 0.0,
                             timed_out: false,
                             cluster: None,
+                            fatal: false,
                         };
                         exits.push((a, e));
                     }

@@ -357,6 +357,7 @@ impl Launcher for Local {
                     seconds: j.started.elapsed().as_secs_f64(),
                     timed_out: j.timed_out,
                     cluster: None,
+                    fatal: false,
                 },
             ));
         }

@@ -9,8 +9,10 @@
 //! ([`Launcher::recover`] on `--resume`).
 //!
 //! - [`local::Local`]: `sh -c COMMAND` in its own process group on this machine;
+//! - [`slurm::Slurm`]: one `sbatch` job per trial.
 
 pub mod local;
+pub mod slurm;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -48,6 +50,8 @@ pub struct Exit {
     /// The cluster, not the evaluator, ended the job (node failure, preemption, a
     /// cancellation by someone else, queue wait over its bound): not a failure of α.
     pub cluster: Option<String>,
+    /// The cluster's failure stops the search (a queue wait over `--queue-timeout`).
+    pub fatal: bool,
 }
 
 /// Where a job is.
