@@ -20,6 +20,8 @@ const MAX_CLUSTER_FAILURES: u32 = 3;
 struct Active {
     trial: Trial,
     values: Values,
+    /// The reason it waits in a queue, as last shown.
+    queued: Option<String>,
 }
 
 impl Search<'_> {
@@ -93,6 +95,7 @@ impl Search<'_> {
                     self.record_end(a, exit)?;
                 }
             }
+            self.show_queued(active);
             let finished = self.finished();
             if !active.is_empty() {
                 // --max-failures reached: the running trials are stopped, not waited for.
@@ -122,6 +125,28 @@ impl Search<'_> {
                     return Ok(status);
                 }
             }
+        }
+    }
+
+    /// Says once per reason that a job waits in the scheduler's queue (Slurm's reason).
+    fn show_queued(&self, active: &mut [Active]) {
+        for a in active.iter_mut() {
+            let Some(launch::Phase::Queued(reason)) = self.launcher.phase(a.trial.trial) else {
+                continue;
+            };
+            if reason.is_empty() || reason == "None" || a.queued.as_deref() == Some(&reason) {
+                continue;
+            }
+            self.reporter.warn(format!(
+                "trial {} (alpha {}): PENDING in Slurm's queue ({reason}); queue time is not counted against --timeout{}",
+                a.trial.trial,
+                a.trial.alpha,
+                match self.cfg.queue_timeout {
+                    Some(q) => format!(", --queue-timeout {}", crate::text::seconds(q.as_secs_f64())),
+                    None => String::new(),
+                }
+            ));
+            a.queued = Some(reason);
         }
     }
 
@@ -234,11 +259,15 @@ impl Search<'_> {
         self.ledger
             .append(&event)
             .map_err(|e| Abort::Broken(e.into()))?;
-        Ok(Active { trial, values })
+        Ok(Active {
+            trial,
+            values,
+            queued: None,
+        })
     }
 
     fn record_end(&mut self, a: Active, exit: evaluator::Exit) -> Result<(), Abort> {
-        let Active { trial, values } = a;
+        let Active { trial, values, .. } = a;
         if let Some(why) = &exit.cluster {
             return self.cluster_failure(trial, &values, why, exit.fatal);
         }
