@@ -142,7 +142,7 @@ tail -n 1 "$W/r6.log" | sed 's/^/  /'
 queue_empty "the drained node"
 
 echo "== 7. queue time is not counted against --timeout"
-blocker=$(sbatch --parsable --gpus=4 --wrap 'sleep 8')
+blocker=$(sbatch --parsable --gpus=4 -o /dev/null --wrap 'sleep 8')
 t0=$(date +%s)
 EVAL_SLEEP=2 search r7 -a 0.1,0.2 --no-baseline -j 2 --timeout 5s --max-evals 2 --slurm '--gpus=1' > "$W/r7.log" 2>&1
 rc=$?
