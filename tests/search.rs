@@ -1480,3 +1480,393 @@ fn a_candidate_that_could_not_be_deleted_is_left_not_kept() {
     );
     assert_eq!(summary["best"]["alpha"].as_f64(), Some(0.3));
 }
+
+/// The pid written (atomically) to `path` by an evaluator.
+fn read_pid(path: &Path) -> i32 {
+    fs::read_to_string(path).unwrap().trim().parse().unwrap()
+}
+
+/// `expo search` with an `--eval` given as it is (not through `sh SCRIPT`), as a child.
+fn spawn_search_eval(s: &Scratch, eval: &str, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_expo"))
+        .arg("search")
+        .arg("--sft")
+        .arg(s.path("sft"))
+        .arg("--aligned")
+        .arg(s.path("aligned"))
+        .arg("--eval")
+        .arg(eval)
+        .arg("--run")
+        .arg(s.out("run"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn kill_after_is_the_grace_of_the_workers_when_the_shell_dies_at_sigterm() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    // A worker with a clean-up trap under a `sh -c` that dies at SIGTERM (a compound
+    // command, so no exec): its clean-up waits for the test's `release`.
+    let worker = s.path("worker.sh");
+    fs::write(
+        &worker,
+        format!(
+            "trap 'touch {termed}; while [ ! -e {release} ]; do sleep 0.2; done; touch {cleaned}; exit 0' TERM\necho $$ > {w}.tmp; mv {w}.tmp {w}\nwhile :; do sleep 0.05; done\n",
+            termed = s.path("termed").display(),
+            release = s.path("release").display(),
+            cleaned = s.path("cleaned").display(),
+            w = s.path("wpid").display(),
+        ),
+    )
+    .unwrap();
+    let eval = format!("sh '{}' & wait", worker.display());
+    let child = spawn_search_eval(
+        &s,
+        &eval,
+        &["-a", "0.1", "--no-baseline", "--kill-after", "1h"],
+    );
+    wait_for(&s.path("wpid"));
+    let wpid = read_pid(&s.path("wpid"));
+    let _cleanup = KillGroupOnDrop(wpid);
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    // The worker got SIGTERM (or, on a run that kills at once, is gone).
+    for _ in 0..6000 {
+        if s.path("termed").exists() || pid_gone(wpid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs::write(s.path("release"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        s.path("cleaned").exists(),
+        "the worker was killed before its clean-up ended: {stderr}"
+    );
+    wait_gone(wpid);
+}
+
+#[test]
+fn a_simple_command_runs_with_exec_as_the_leader_of_its_group() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let script = evaluator(
+        &s,
+        "eval.sh",
+        &format!(
+            "echo $$ > '{p}'; cut -d' ' -f5 /proc/$$/stat > '{g}'\necho 0.5",
+            p = s.path("pid").display(),
+            g = s.path("pgid").display()
+        ),
+    );
+    search(&s, &script)
+        .args(&["-a", "0.1", "--no-baseline", "--max-evals", "1"])
+        .run();
+    assert_eq!(read_pid(&s.path("pid")), read_pid(&s.path("pgid")));
+}
+
+#[test]
+fn a_worker_in_its_own_session_is_stopped_with_its_trial() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let spid = s.path("spid");
+    let script = evaluator(
+        &s,
+        "eval.sh",
+        &format!(
+            "setsid sh -c 'echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 1000' &\nwhile [ ! -e {p} ]; do sleep 0.05; done\necho 0.5",
+            p = spid.display()
+        ),
+    );
+    search(&s, &script)
+        .args(&["-a", "0.1", "--no-baseline", "--max-evals", "1"])
+        .run();
+    let pid = read_pid(&spid);
+    let _cleanup = KillGroupOnDrop(pid);
+    wait_gone(pid);
+}
+
+#[test]
+fn kill_9_of_expo_then_resume_stops_the_evaluators_of_the_earlier_run_first() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    // At α = 0.2 the first time: a leader (expo's child) and a worker of its group that
+    // runs until killed. Every later evaluation notes whether that worker still runs (a
+    // zombie left for init to reap runs no more).
+    let body = format!(
+        "if [ -e '{w}' ]; then st=$(cut -d' ' -f3 /proc/$(cat '{w}')/stat 2>/dev/null); if [ -n \"$st\" ] && [ \"$st\" != Z ]; then touch '{overlap}'; fi; fi\n\
+         if [ \"$EXPO_ALPHA\" = 0.2 ] && [ ! -e '{w}' ]; then echo $$ > '{l}'; (while :; do sleep 0.05; done) & echo $! > '{w}.tmp'; mv '{w}.tmp' '{w}'; wait; fi\n{}",
+        peak(0.3),
+        w = s.path("worker").display(),
+        l = s.path("leader").display(),
+        overlap = s.path("overlap").display(),
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let mut child = spawn_search(&s, &script, &[]);
+    wait_for(&s.path("worker"));
+    let leader = read_pid(&s.path("leader"));
+    let worker = read_pid(&s.path("worker"));
+    let _cleanup = KillGroupOnDrop(leader);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The direct child gets SIGTERM when expo dies (PR_SET_PDEATHSIG) ...
+    wait_gone(leader);
+    // ... its worker does not, but the ledger says how to find it.
+    assert!(!pid_gone(worker));
+    let job = ledger(&s)
+        .into_iter()
+        .find(|e| e["event"] == "job" && e["pgid"] == leader)
+        .expect("a job event with the process group");
+    assert!(job["start_time"].as_u64().unwrap() > 0, "{job}");
+    let out = search(&s, &script)
+        .args(&["--resume", "--json"])
+        .assert_ok();
+    assert!(out.stderr.contains("still running"), "{}", out.stderr);
+    wait_gone(worker);
+    assert!(
+        !s.path("overlap").exists(),
+        "an evaluation ran while a process of the earlier run was alive"
+    );
+    assert_eq!(out.json.unwrap()["best"]["alpha"].as_f64(), Some(0.3));
+}
+
+#[test]
+fn max_failures_stops_running_trials_and_shows_the_stderr_of_each_failure() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let blocked = s.path("blocked");
+    let body = format!(
+        "if [ \"$EXPO_ALPHA\" = 0.2 ]; then echo $$ > '{b}.tmp'; mv '{b}.tmp' '{b}'; while :; do sleep 0.05; done; fi\n\
+         while [ ! -e '{b}' ]; do sleep 0.05; done\necho 'oops: CUDA out of memory' >&2\nexit 1",
+        b = blocked.display()
+    );
+    let script = evaluator(&s, "eval.sh", &body);
+    let child = spawn_search(
+        &s,
+        &script,
+        &[
+            "-a",
+            "0.1,0.2",
+            "--no-baseline",
+            "-j",
+            "2",
+            "--retries",
+            "0",
+            "--max-failures",
+            "1",
+        ],
+    );
+    let (code, stderr) = wait_bounded(child);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--max-failures 1"), "{stderr}");
+    assert!(stderr.contains("oops: CUDA out of memory"), "{stderr}");
+    let pid = read_pid(&blocked);
+    let _cleanup = KillGroupOnDrop(pid);
+    wait_gone(pid);
+    assert!(ledger(&s)
+        .iter()
+        .any(|e| e["event"] == "end" && e["alpha"] == 0.2 && e["state"] == "interrupted"));
+}
+
+/// Waits for a search started by [`spawn_search`] (at most two minutes: a search that does
+/// not end is killed and fails the test): its exit code and stderr.
+fn wait_bounded(mut child: Child) -> (Option<i32>, String) {
+    let err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { err }, &mut text);
+        text
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the search did not end: {}", reader.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), reader.join().unwrap())
+}
+
+/// A fake Slurm on PATH: `sbatch` runs the job script at once in a session of its own,
+/// `squeue -t all -j IDS` says RUNNING / COMPLETED / FAILED / CANCELLED, `scancel` signals
+/// the job's group (TERM with `--signal=TERM`, else KILL), `scontrol show job -o ID` gives
+/// the exit code. Every call is logged in DIR/calls. Returns (bin dir, state dir).
+fn fake_slurm(s: &Scratch) -> (PathBuf, PathBuf) {
+    let bin = s.path("fakebin");
+    let state = s.path("fakeslurm");
+    fs::create_dir_all(&bin).unwrap();
+    fs::create_dir_all(&state).unwrap();
+    let scripts = [
+        (
+            "sbatch",
+            r#"echo "sbatch $*" >> "$FAKE_SLURM/calls"
+for a; do script=$a; done
+case " $* " in *" -p nosuch "*) echo "sbatch: error: invalid partition specified: nosuch" >&2; echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2; exit 1;; esac
+n=$(( $(cat "$FAKE_SLURM/next" 2>/dev/null || echo 0) + 1 )); echo $n > "$FAKE_SLURM/next"
+out=$(sed -n 's/^#SBATCH --output=//p' "$script"); err=$(sed -n 's/^#SBATCH --error=//p' "$script")
+setsid sh -c 'sh "$1" > "$2" 2> "$3"; echo $? > "$4.exit.tmp"; mv "$4.exit.tmp" "$4.exit"' sh "$script" "$out" "$err" "$FAKE_SLURM/$n" < /dev/null > /dev/null 2>&1 &
+echo $! > "$FAKE_SLURM/$n.pid"
+echo $n"#,
+        ),
+        (
+            "squeue",
+            r#"echo "squeue $*" >> "$FAKE_SLURM/calls"
+ids=
+while [ $# -gt 0 ]; do case $1 in -j) ids=$2; shift;; esac; shift; done
+for id in $(echo "$ids" | tr , ' '); do
+  if [ -e "$FAKE_SLURM/$id.cancelled" ] && ! kill -0 "$(cat "$FAKE_SLURM/$id.pid")" 2>/dev/null; then echo "$id CANCELLED None"
+  elif [ -e "$FAKE_SLURM/$id.exit" ]; then
+    if [ -e "$FAKE_SLURM/$id.cancelled" ]; then echo "$id CANCELLED None"
+    elif [ "$(cat "$FAKE_SLURM/$id.exit")" = 0 ]; then echo "$id COMPLETED None"
+    else echo "$id FAILED NonZeroExitCode"; fi
+  elif [ -e "$FAKE_SLURM/$id.pid" ]; then echo "$id RUNNING None"; fi
+done"#,
+        ),
+        (
+            "scancel",
+            r#"echo "scancel $*" >> "$FAKE_SLURM/calls"
+sig=KILL
+for a; do case $a in --signal=*) sig=${a#--signal=};; -*) ;; *) touch "$FAKE_SLURM/$a.cancelled"; kill -$sig -"$(cat "$FAKE_SLURM/$a.pid")" 2>/dev/null;; esac; done
+exit 0"#,
+        ),
+        (
+            "scontrol",
+            r#"echo "scontrol $*" >> "$FAKE_SLURM/calls"
+for a; do id=$a; done
+echo "JobId=$id JobState=X ExitCode=$(cat "$FAKE_SLURM/$id.exit" 2>/dev/null || echo 0):0""#,
+        ),
+    ];
+    for (name, body) in scripts {
+        let p = bin.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (bin, state)
+}
+
+fn with_fake_slurm(e: Expo, bin: &Path, state: &Path) -> Expo {
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    e.env("PATH", path).env("FAKE_SLURM", state)
+}
+
+fn slurm_calls(state: &Path) -> Vec<String> {
+    fs::read_to_string(state.join("calls"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn slurm_jobs_are_submitted_followed_with_one_squeue_for_all_and_recorded() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let (bin, state) = fake_slurm(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let j = with_fake_slurm(search(&s, &script), &bin, &state)
+        .args(&["-j", "2", "--slurm", "--gpus=1", "--json"])
+        .assert_ok()
+        .json
+        .unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    let calls = slurm_calls(&state);
+    let sbatch: Vec<&String> = calls.iter().filter(|c| c.starts_with("sbatch")).collect();
+    assert_eq!(sbatch.len(), j["evaluations"].as_u64().unwrap() as usize);
+    assert!(
+        sbatch[0].starts_with("sbatch --parsable --gpus=1 "),
+        "{}",
+        sbatch[0]
+    );
+    // One query per poll for every job in flight; none after a job was seen to end.
+    assert!(calls
+        .iter()
+        .filter(|c| c.starts_with("squeue"))
+        .all(|c| c.contains("-t all") && c.contains("-j ")));
+    assert!(calls
+        .iter()
+        .any(|c| c.starts_with("squeue") && c.contains(',')));
+    let jobs: Vec<Value> = ledger(&s)
+        .into_iter()
+        .filter(|e| e["event"] == "job")
+        .collect();
+    assert_eq!(jobs.len(), sbatch.len());
+    assert!(jobs
+        .iter()
+        .all(|e| e["launcher"] == "slurm" && e["job_id"].as_str().is_some()));
+    let name = jobs[0]["name"].as_str().unwrap();
+    assert!(name.starts_with("expo-") && name.ends_with("-1"), "{name}");
+    let job_sh = fs::read_to_string(s.out("run").join("trials/1/job.sh")).unwrap();
+    assert!(
+        job_sh.contains(&format!("#SBATCH --job-name={name}")),
+        "{job_sh}"
+    );
+}
+
+#[test]
+fn a_slurm_timeout_cancels_with_term_first_then_hard_and_a_refused_submission_aborts() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let (bin, state) = fake_slurm(&s);
+    let script = evaluator(
+        &s,
+        "eval.sh",
+        "trap 'echo termed >> \"$EXPO_WORKDIR/termed\"' TERM\nwhile :; do sleep 0.1; done",
+    );
+    with_fake_slurm(search(&s, &script), &bin, &state)
+        .args(&[
+            "-a",
+            "0.1",
+            "--no-baseline",
+            "--timeout",
+            "1s",
+            "--kill-after",
+            "1s",
+            "--retries",
+            "0",
+            "--max-failures",
+            "1",
+            "--slurm",
+            "",
+        ])
+        .assert_fails(1, &["timed out"]);
+    let calls = slurm_calls(&state);
+    let cancels: Vec<&String> = calls.iter().filter(|c| c.starts_with("scancel")).collect();
+    assert_eq!(cancels[0], "scancel --full --signal=TERM 1", "{calls:?}");
+    assert_eq!(cancels[1], "scancel 1", "{calls:?}");
+    assert!(s.out("run").join("trials/1/termed").exists());
+    // The last call is the query that saw the job leave the queue, and only then was its
+    // candidate deleted.
+    assert!(!s.out("run").join("alpha-0.1").exists());
+
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let (bin, state) = fake_slurm(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    with_fake_slurm(search(&s, &script), &bin, &state)
+        .args(&["--slurm", "-p nosuch"])
+        .assert_fails(1, &["invalid partition specified: nosuch"]);
+    assert_eq!(
+        slurm_calls(&state)
+            .iter()
+            .filter(|c| c.starts_with("sbatch"))
+            .count(),
+        1
+    );
+}

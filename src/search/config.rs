@@ -30,6 +30,10 @@ pub struct Config {
     pub jobs: usize,
     pub timeout: Option<Duration>,
     pub kill_after: Duration,
+    /// `--slurm 'SBATCH OPTIONS'`: each trial is a Slurm job.
+    pub slurm: Option<String>,
+    /// `--queue-timeout`: the longest a Slurm job may wait in the queue.
+    pub queue_timeout: Option<Duration>,
     /// Candidate template, holding `{alpha}`.
     pub output: PathBuf,
     /// How many candidates stay on disk (`None`: all).

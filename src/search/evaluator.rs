@@ -1,14 +1,12 @@
-//! The user's evaluator: a command template run under `sh -c`, one process group per trial,
-//! and the score read back from its stdout or a score file.
+//! The user's evaluator: a command template and the score read back from its stdout or a
+//! score file. How it is run is the [`launch`](super::launch) module's business.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crate::text::shell_quote;
 
@@ -515,133 +513,7 @@ impl ScoreSpec {
     }
 }
 
-/// One running evaluator.
-#[derive(Debug)]
-pub struct Running {
-    child: Child,
-    pgid: i32,
-    pub started: Instant,
-    term_sent: Option<Instant>,
-    pub timed_out: bool,
-}
-
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Exit {
-    /// The exit code, or `None` when killed by a signal.
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-    pub seconds: f64,
-    pub timed_out: bool,
-}
-
-/// Sends `sig` to the whole process group `pgid`.
-pub fn signal_group(pgid: i32, sig: i32) {
-    if pgid > 1 {
-        // SAFETY: kill(2) with a negative pid signals a process group; no memory is shared.
-        unsafe {
-            libc::kill(-pgid, sig);
-        }
-    }
-}
-
-/// True while some process of the group `pgid` exists.
-pub fn group_alive(pgid: i32) -> bool {
-    // SAFETY: signal 0 only checks whether the group exists.
-    pgid > 1 && unsafe { libc::kill(-pgid, 0) } == 0
-}
-
-/// Starts `sh -c COMMAND` in its own process group, stdin /dev/null, output to the logs.
-pub fn spawn(
-    command: &OsString,
-    env: &[(&str, OsString)],
-    stdout: &Path,
-    stderr: &Path,
-) -> std::io::Result<Running> {
-    let out = File::create(stdout)?;
-    let err = File::create(stderr)?;
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(command)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn()?;
-    let pgid = child.id() as i32;
-    super::register_group(pgid);
-    Ok(Running {
-        child,
-        pgid,
-        started: Instant::now(),
-        term_sent: None,
-        timed_out: false,
-    })
-}
-
-impl Running {
-    /// Checks the process; applies the timeout (SIGTERM to the group, then SIGKILL after
-    /// `kill_after`). `Some` once the evaluator's own process has exited; its group is then
-    /// killed so that no worker it left behind keeps running.
-    pub fn poll(
-        &mut self,
-        timeout: Option<Duration>,
-        kill_after: Duration,
-    ) -> std::io::Result<Option<Exit>> {
-        if let Some(status) = self.child.try_wait()? {
-            use std::os::unix::process::ExitStatusExt;
-            self.reap_group();
-            return Ok(Some(Exit {
-                code: status.code(),
-                signal: status.signal(),
-                seconds: self.started.elapsed().as_secs_f64(),
-                timed_out: self.timed_out,
-            }));
-        }
-        if let Some(t) = timeout {
-            if self.term_sent.is_none() && self.started.elapsed() >= t {
-                self.timed_out = true;
-                self.terminate();
-            }
-        }
-        self.escalate(kill_after);
-        Ok(None)
-    }
-
-    /// SIGTERM to the group (once).
-    pub fn terminate(&mut self) {
-        if self.term_sent.is_none() {
-            signal_group(self.pgid, libc::SIGTERM);
-            self.term_sent = Some(Instant::now());
-        }
-    }
-
-    /// SIGKILL to the group once `kill_after` has passed since SIGTERM.
-    pub fn escalate(&mut self, kill_after: Duration) {
-        if self.term_sent.is_some_and(|t| t.elapsed() >= kill_after) {
-            signal_group(self.pgid, libc::SIGKILL);
-        }
-    }
-
-    /// SIGKILL to the group now.
-    pub fn kill_now(&mut self) {
-        signal_group(self.pgid, libc::SIGKILL);
-    }
-
-    fn reap_group(&mut self) {
-        if group_alive(self.pgid) {
-            signal_group(self.pgid, libc::SIGKILL);
-        }
-        super::unregister_group(self.pgid);
-    }
-
-    pub fn pgid(&self) -> i32 {
-        self.pgid
-    }
-}
+pub use super::launch::Exit;
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use super::evaluator;
+use super::launch::local;
 use crate::interrupt;
 
 const GROUP_SLOTS: usize = 256;
@@ -29,6 +29,6 @@ pub(crate) fn unregister_group(pgid: i32) {
 pub fn kill_all_groups() {
     for g in &GROUPS {
         let pgid = g.swap(0, Ordering::AcqRel);
-        evaluator::signal_group(pgid, libc::SIGKILL);
+        local::signal_group(pgid, libc::SIGKILL);
     }
 }

@@ -1,6 +1,6 @@
 //! RUN/ledger.jsonl: the search as an append-only log of JSON lines (`header`, `start`,
-//! `built`, `end`, `deleting`, `delete`, `done`), each fsynced, written by one process at a
-//! time (flock), never after a torn line. Resuming a search is replaying it. Paths are
+//! `built`, `job`, `end`, `deleting`, `delete`, `done`), each fsynced, written by one process
+//! at a time (flock), never after a torn line. Resuming a search is replaying it. Paths are
 //! written as [`crate::text::path_string`] does (`\xNN` for bytes that are not UTF-8).
 
 use std::fs::{File, OpenOptions};
@@ -143,6 +143,8 @@ pub struct Replay {
     pub torn_tail: bool,
     /// Damaged lines (not JSON) followed by valid events, ignored: their line numbers.
     pub damaged: Vec<usize>,
+    /// Each `job` event (how to find a trial's evaluator again), by trial.
+    pub jobs: Vec<(u64, Value)>,
 }
 
 /// The open ledger, locked for this process.
@@ -349,6 +351,11 @@ fn apply(r: &mut Replay, path: &Path, lineno: usize, v: Value) -> Result<(), Led
             }
         }
         "built" => apply_built(r, path, lineno, &v)?,
+        "job" => {
+            if let Some(trial) = v["trial"].as_u64() {
+                r.jobs.push((trial, v));
+            }
+        }
         "done" => {}
         other => return Err(corrupt(path, lineno, format!("unknown event `{other}`"))),
     }

@@ -6,6 +6,7 @@
 //! refilled as soon as it frees: there is no barrier between rounds.
 
 pub mod evaluator;
+pub mod launch;
 pub mod ledger;
 pub mod plot;
 pub mod rule;
@@ -26,7 +27,6 @@ pub use config::{
 };
 pub use dry_run::DryRun;
 pub use groups::kill_all_groups;
-pub(crate) use groups::{register_group, unregister_group};
 pub use verdict::{status_warning, Verdict};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -71,6 +71,12 @@ struct Search<'a> {
     aligned_path: PathBuf,
     next_trial: u64,
     started: Instant,
+    /// Starts, follows and stops the evaluators.
+    launcher: Box<dyn launch::Launcher>,
+    /// Jobs the cluster (not the evaluator) ended so far.
+    cluster_failures: u32,
+    /// The search's id ([`launch::search_id`]), in job names and `EXPO_SEARCH`.
+    id: String,
 }
 
 /// Why the loop stopped early.
@@ -88,6 +94,18 @@ pub fn run(cfg: &Config, reporter: &dyn Observer) -> Result<std::process::ExitCo
         return dry_run::dry_run(cfg, inputs.candidate_bytes, &inputs.aligned_path, reporter);
     }
     let resumed = run_dir::resume(cfg, &header, reporter)?;
+    let id = launch::search_id(&cfg.run);
+    let mut launcher: Box<dyn launch::Launcher> = match &cfg.slurm {
+        Some(options) => Box::new(launch::slurm::Slurm::new(options, &id, cfg.queue_timeout)),
+        None => Box::new(launch::local::Local::new(&id)),
+    };
+    if cfg.resume {
+        // Nothing is evaluated, built or deleted while an evaluator of the earlier run may
+        // still read a candidate.
+        let jobs = resumed.ledger.replay()?.jobs;
+        launcher.recover(&jobs, cfg.kill_after, reporter)?;
+    }
+    resumed.check_unrecorded()?;
     let mut search = Search {
         cfg,
         reporter,
@@ -100,6 +118,9 @@ pub fn run(cfg: &Config, reporter: &dyn Observer) -> Result<std::process::ExitCo
         aligned_path: inputs.aligned_path.clone(),
         next_trial: resumed.next_trial,
         started: Instant::now(),
+        launcher,
+        cluster_failures: 0,
+        id,
     };
     drop(inputs);
     search.go()

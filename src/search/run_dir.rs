@@ -78,6 +78,24 @@ pub(super) struct Resumed {
     /// Candidates whose deletion started and did not finish.
     pub(super) incomplete: BTreeSet<PathBuf>,
     pub(super) next_trial: u64,
+    /// Candidates a trial started to build, not recorded as built, with something at their
+    /// place: the search refuses to go on once the earlier run's evaluators are stopped.
+    pub(super) unrecorded: Vec<PathBuf>,
+}
+
+impl Resumed {
+    /// Refuses to go on when something sits where an unrecorded candidate was being built:
+    /// it cannot be told from something the user put there, so it is neither used nor
+    /// deleted; the user decides.
+    pub(super) fn check_unrecorded(&self) -> Result<()> {
+        if let Some(p) = self.unrecorded.first() {
+            anyhow::bail!(
+                "{} is where this search was building a candidate when it was stopped, but the ledger does not record it as built, so expo cannot tell it from something you put there and will neither use nor delete it; remove or move it (`rm -r` it if it is the interrupted candidate), then --resume again",
+                p.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Opens the ledger in `--run` (made if missing), checks a resumed search's header against
@@ -108,17 +126,13 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
     // Expo's candidates: the ones it recorded as built (with their identity) and not
     // deleted, and the ones whose deletion it started.
     let built: BTreeMap<PathBuf, FileId> = replay.built.iter().cloned().collect();
-    // A candidate started but not recorded as built (expo was killed during its build):
-    // whatever is at its place now cannot be told from a directory the user put there, so
-    // it is neither used nor deleted; the user decides.
-    for p in &replay.unconfirmed {
-        if std::fs::symlink_metadata(p).is_ok() {
-            anyhow::bail!(
-                "{} is where this search was building a candidate when it was stopped, but the ledger does not record it as built, so expo cannot tell it from something you put there and will neither use nor delete it; remove or move it (`rm -r` it if it is the interrupted candidate), then --resume again",
-                p.display()
-            );
-        }
-    }
+    // A candidate started but not recorded as built (expo was killed during its build).
+    let unrecorded: Vec<PathBuf> = replay
+        .unconfirmed
+        .iter()
+        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+        .cloned()
+        .collect();
     let incomplete: BTreeSet<PathBuf> = replay.deleting.iter().cloned().collect();
     let created: BTreeSet<PathBuf> = built.keys().chain(&incomplete).cloned().collect();
     // Finished trials stay; started-but-unfinished and interrupted ones run again.
@@ -145,6 +159,7 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
         built,
         incomplete,
         next_trial,
+        unrecorded,
     })
 }
 

@@ -7,17 +7,22 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 
 use super::candidates::Planned;
-use super::evaluator::{self, Running, Values};
+use super::evaluator::{self, Values};
+use super::launch::{self, JobSpec, LaunchError};
 use super::ledger::{self, End, State, Trial};
 use super::rule::{self, Decision, Lat, Outcome, Status};
 use super::{Abort, Search};
 use crate::interrupt;
 
+/// How many jobs the cluster may end (node failure, preemption …) before the search stops.
+const MAX_CLUSTER_FAILURES: u32 = 3;
+
 /// A trial in flight.
 struct Active {
     trial: Trial,
     values: Values,
-    proc: Running,
+    /// The reason it waits in a queue, as last shown.
+    queued: Option<String>,
 }
 
 impl Search<'_> {
@@ -79,24 +84,33 @@ impl Search<'_> {
             if interrupt::check().is_err() {
                 return Err(Abort::Interrupted);
             }
-            // Reap finished evaluators.
-            let mut k = 0;
-            while k < active.len() {
-                let exit = active[k]
-                    .proc
-                    .poll(self.cfg.timeout, self.cfg.kill_after)
-                    .context("waiting for the evaluator")
-                    .map_err(broken)?;
-                match exit {
-                    Some(exit) => {
-                        let a = active.remove(k);
-                        self.record_end(a, exit)?;
-                    }
-                    None => k += 1,
+            // Reap finished evaluators: one refresh of all of them.
+            let ended = self
+                .launcher
+                .poll(self.cfg.timeout, self.cfg.kill_after)
+                .context("following the evaluators")
+                .map_err(broken)?;
+            for (n, exit) in ended {
+                if let Some(k) = active.iter().position(|a| a.trial.trial == n) {
+                    let a = active.remove(k);
+                    self.record_end(a, exit)?;
+                }
+            }
+            self.show_queued(active);
+            let finished = self.finished();
+            if !active.is_empty() {
+                // --max-failures reached: the running trials are stopped, not waited for.
+                let idle = rule::View::new(&self.cfg.settings, &finished, &[]);
+                if matches!(
+                    rule::decide(&self.cfg.settings, &idle, 0),
+                    Decision::Done(Status::Failures)
+                ) {
+                    self.stop_all(active, State::Interrupted);
+                    return Ok(Status::Failures);
                 }
             }
             let running: Vec<Lat> = active.iter().map(|a| a.trial.alpha).collect();
-            let view = rule::View::new(&self.cfg.settings, &self.finished(), &running);
+            let view = rule::View::new(&self.cfg.settings, &finished, &running);
             let free = self.cfg.jobs.saturating_sub(active.len());
             match rule::decide(&self.cfg.settings, &view, free) {
                 Decision::Propose(batch) => {
@@ -105,9 +119,35 @@ impl Search<'_> {
                     }
                     self.launch(batch, active)?;
                 }
-                Decision::Wait => std::thread::sleep(Duration::from_millis(20)),
-                Decision::Done(status) => return Ok(status),
+                Decision::Wait => std::thread::sleep(self.launcher.interval()),
+                Decision::Done(status) => {
+                    // E.g. --max-failures reached: nothing keeps running.
+                    self.stop_all(active, State::Interrupted);
+                    return Ok(status);
+                }
             }
+        }
+    }
+
+    /// Says once per reason that a job waits in the scheduler's queue (Slurm's reason).
+    fn show_queued(&self, active: &mut [Active]) {
+        for a in active.iter_mut() {
+            let Some(launch::Phase::Queued(reason)) = self.launcher.phase(a.trial.trial) else {
+                continue;
+            };
+            if reason.is_empty() || reason == "None" || a.queued.as_deref() == Some(&reason) {
+                continue;
+            }
+            self.reporter.warn(format!(
+                "trial {} (alpha {}): PENDING in Slurm's queue ({reason}); queue time is not counted against --timeout{}",
+                a.trial.trial,
+                a.trial.alpha,
+                match self.cfg.queue_timeout {
+                    Some(q) => format!(", --queue-timeout {}", crate::text::seconds(q.as_secs_f64())),
+                    None => String::new(),
+                }
+            ));
+            a.queued = Some(reason);
         }
     }
 
@@ -166,8 +206,9 @@ impl Search<'_> {
         Ok(planned)
     }
 
-    /// Starts the evaluator of `trial` in its own work directory.
-    fn start_evaluator(&self, trial: Trial) -> Result<Active, Abort> {
+    /// Starts the evaluator of `trial` in its own work directory, and records how to find it
+    /// again (a `job` event).
+    fn start_evaluator(&mut self, trial: Trial) -> Result<Active, Abort> {
         let workdir = self.cfg.run.join("trials").join(trial.trial.to_string());
         super::run_dir::fresh_workdir(&workdir).map_err(Abort::Broken)?;
         let values = Values {
@@ -178,49 +219,119 @@ impl Search<'_> {
             trial: trial.trial,
         };
         let command = self.cfg.eval.command(&values);
-        let env: Vec<(&str, OsString)> = vec![
-            ("EXPO_ALPHA", values.alpha.clone().into()),
-            ("EXPO_OUTPUT", values.output.clone().into()),
-            ("EXPO_WORKDIR", values.workdir.clone().into()),
-            ("EXPO_SLOT", values.slot.to_string().into()),
-            ("EXPO_TRIAL", values.trial.to_string().into()),
+        let env: Vec<(String, OsString)> = vec![
+            ("EXPO_ALPHA".into(), values.alpha.clone().into()),
+            ("EXPO_OUTPUT".into(), values.output.clone().into()),
+            ("EXPO_WORKDIR".into(), values.workdir.clone().into()),
+            ("EXPO_SLOT".into(), values.slot.to_string().into()),
+            ("EXPO_TRIAL".into(), values.trial.to_string().into()),
         ];
-        let proc = evaluator::spawn(
-            &command,
-            &env,
-            &workdir.join("stdout.log"),
-            &workdir.join("stderr.log"),
-        )
-        .with_context(|| format!("starting the evaluator (sh -c) for trial {}", trial.trial))
-        .map_err(Abort::Broken)?;
+        let spec = JobSpec {
+            trial: trial.trial,
+            command,
+            env,
+            stdout: workdir.join("stdout.log"),
+            stderr: workdir.join("stderr.log"),
+            workdir: workdir.clone(),
+            name: launch::job_name(&self.id, trial.trial),
+        };
+        let record = match self.launcher.start(&spec) {
+            Ok(r) => r,
+            Err(e @ LaunchError::Refused { .. }) => {
+                let _ = self.store_end(
+                    trial,
+                    End {
+                        state: State::Interrupted,
+                        score: None,
+                        exit: None,
+                        seconds: 0.0,
+                        json: None,
+                    },
+                );
+                return Err(Abort::Broken(anyhow::Error::new(e)));
+            }
+            Err(e) => return Err(Abort::Broken(anyhow::Error::new(e))),
+        };
+        let mut event = record;
+        event["event"] = "job".into();
+        event["trial"] = trial.trial.into();
+        self.ledger
+            .append(&event)
+            .map_err(|e| Abort::Broken(e.into()))?;
         Ok(Active {
             trial,
             values,
-            proc,
+            queued: None,
         })
     }
 
     fn record_end(&mut self, a: Active, exit: evaluator::Exit) -> Result<(), Abort> {
-        let Active {
-            trial,
-            values,
-            proc: _,
-        } = a;
+        let Active { trial, values, .. } = a;
+        if let Some(why) = &exit.cluster {
+            return self.cluster_failure(trial, &values, why, exit.fatal);
+        }
         if matches!(exit.code, Some(126) | Some(127)) {
             return Err(self.unrunnable(trial, &values, &exit));
         }
         let (end, note) = self.judge(&exit, &values);
         if let Some(n) = note {
+            let stderr = values.workdir.join("stderr.log");
+            let tail = evaluator::tail_lines(&stderr, 5);
             self.reporter.warn(format!(
-                "trial {} (alpha {}): {n}; logs in {}",
+                "trial {} (alpha {}): {n}; logs in {}{}",
                 trial.trial,
                 trial.alpha,
-                values.workdir.display()
+                values.workdir.display(),
+                if tail.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!("; its stderr ends with:\n{tail}")
+                }
             ));
         }
         self.store_end(trial, end)?;
         self.tidy()?;
         self.write_outputs(None).map_err(Abort::Broken)?;
+        Ok(())
+    }
+
+    /// A job the cluster ended (node failure, preemption, a cancellation by someone else): not
+    /// α's failure; the trial is recorded as interrupted and α runs again, at most
+    /// [`MAX_CLUSTER_FAILURES`] times in a search. A fatal one (a queue that does not move)
+    /// stops the search at once.
+    fn cluster_failure(
+        &mut self,
+        trial: Trial,
+        values: &Values,
+        why: &str,
+        fatal: bool,
+    ) -> Result<(), Abort> {
+        let end = End {
+            state: State::Interrupted,
+            score: None,
+            exit: None,
+            seconds: 0.0,
+            json: None,
+        };
+        self.store_end(trial.clone(), end)?;
+        self.cluster_failures += 1;
+        if fatal || self.cluster_failures > MAX_CLUSTER_FAILURES {
+            return Err(Abort::Broken(anyhow::anyhow!(
+                "trial {} (alpha {}): {why}{}; the search stopped (logs in {})",
+                trial.trial,
+                trial.alpha,
+                if fatal {
+                    String::new()
+                } else {
+                    format!("; {} jobs were ended by the cluster", self.cluster_failures)
+                },
+                values.workdir.display()
+            )));
+        }
+        self.reporter.warn(format!(
+            "trial {} (alpha {}): {why}; a failure of the cluster, not of alpha: it runs again",
+            trial.trial, trial.alpha
+        ));
         Ok(())
     }
 
@@ -306,33 +417,44 @@ impl Search<'_> {
         Ok(())
     }
 
-    /// Stops every running evaluator: SIGTERM to each group, SIGKILL after --kill-after;
-    /// records them as `state` and removes their candidates.
+    /// Stops every running evaluator: SIGTERM to each (its group, or `scancel`), the hard kill
+    /// after --kill-after; waits until nothing of them runs, then records them as `state` and
+    /// removes their candidates.
     fn stop_all(&mut self, active: &mut Vec<Active>, state: State) {
-        for a in active.iter_mut() {
-            a.proc.terminate();
+        for a in active.iter() {
+            self.launcher.terminate(a.trial.trial);
         }
         let mut exits = Vec::new();
         while !active.is_empty() {
-            let mut k = 0;
-            while k < active.len() {
-                match active[k].proc.poll(None, self.cfg.kill_after) {
-                    Ok(Some(e)) => exits.push((active.remove(k), e)),
-                    Ok(None) => k += 1,
-                    Err(_) => {
-                        active[k].proc.kill_now();
-                        let a = active.remove(k);
+            match self.launcher.poll(None, self.cfg.kill_after) {
+                Ok(ended) => {
+                    for (n, e) in ended {
+                        if let Some(k) = active.iter().position(|a| a.trial.trial == n) {
+                            exits.push((active.remove(k), e));
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.reporter
+                        .warn(format!("following the evaluators while stopping them: {e}"));
+                    self.launcher.kill_all();
+                    for a in active.drain(..) {
                         let e = evaluator::Exit {
                             code: None,
                             signal: Some(libc::SIGKILL),
-                            seconds: a.proc.started.elapsed().as_secs_f64(),
+                            seconds: 0.0,
                             timed_out: false,
+                            cluster: None,
+                            fatal: false,
                         };
                         exits.push((a, e));
                     }
+                    break;
                 }
             }
-            std::thread::sleep(Duration::from_millis(10));
+            if !active.is_empty() {
+                std::thread::sleep(self.launcher.interval());
+            }
         }
         for (a, e) in exits {
             let trial = a.trial.clone();

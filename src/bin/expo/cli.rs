@@ -54,7 +54,7 @@ pub enum Command {
             is a result; 125 marks α unusable; 126/127 abort the search; anything else is retried.",
         after_help = "Examples:\n  expo search --sft sft --aligned dpo --eval './eval.sh {output}'\n  expo search --sft sft --aligned dpo -j 4 --eval 'CUDA_VISIBLE_DEVICES={slot} ./eval.sh {output}'\n  expo search --sft sft --aligned dpo --eval 'lm_eval --model hf --model_args pretrained={output} --tasks gsm8k --output_path {workdir}/r.json' --score-file '{workdir}/r.json' --score-json '/results/gsm8k/exact_match,strict-match'\n  expo search --run runs/zephyr --resume ...   (continue after Ctrl-C)"
     )]
-    Search(SearchArgs),
+    Search(Box<SearchArgs>),
 
     /// Print a shell completion script (bash, zsh, fish, powershell, elvish) on stdout.
     #[command(
@@ -293,6 +293,19 @@ pub struct SearchArgs {
     /// After SIGTERM (timeout or Ctrl-C), SIGKILL the evaluator's process group after DUR.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = expo::search::parse_duration)]
     pub kill_after: std::time::Duration,
+
+    /// Run each trial as a Slurm batch job submitted with `sbatch --parsable OPTIONS`
+    /// (shell syntax; '' for Slurm's defaults). expo follows the jobs with squeue, cancels
+    /// them with scancel (TERM first, the hard cancel after --kill-after) and counts
+    /// --timeout from when a job runs. The run and candidate directories must be on a file
+    /// system the compute nodes share.
+    #[arg(long, value_name = "SBATCH OPTIONS", allow_hyphen_values = true)]
+    pub slurm: Option<String>,
+
+    /// With --slurm: stop the search when a job waits in the queue longer than DUR
+    /// [default: no limit].
+    #[arg(long, value_name = "DUR", value_parser = expo::search::parse_duration, requires = "slurm")]
+    pub queue_timeout: Option<std::time::Duration>,
 
     /// Runs again a failed evaluation (an exit code other than 0/125/126/127, a timeout, no
     /// score) this many times before leaving a hole.

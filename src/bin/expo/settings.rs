@@ -82,6 +82,8 @@ pub fn search(args: &SearchArgs) -> Result<search::Config> {
         jobs: usize::from(args.jobs),
         timeout: args.timeout,
         kill_after: args.kill_after,
+        slurm: args.slurm.clone(),
+        queue_timeout: args.queue_timeout,
         output,
         keep: args.keep.0,
         run: search::resolve_path(&args.run)
