@@ -368,22 +368,7 @@ impl Launcher for Slurm {
                     let j = self.jobs.remove(k);
                     scancel(&[], std::slice::from_ref(&j.id));
                     live_remove(&j.id);
-                    ended.push((
-                        j.trial,
-                        Exit {
-                            code: None,
-                            signal: None,
-                            seconds: 0.0,
-                            timed_out: false,
-                            cluster: Some(format!(
-                                "job {} waited in the queue for {} (PENDING, reason: {}), longer than --queue-timeout",
-                                j.id,
-                                crate::text::seconds(j.submitted.elapsed().as_secs_f64()),
-                                if j.reason.is_empty() { "none" } else { &j.reason }
-                            )),
-                            fatal: true,
-                        },
-                    ));
+                    ended.push((j.trial, queued_too_long_exit(&j)));
                     continue;
                 }
                 if self.jobs[k].timed_out && self.jobs[k].term_sent.is_none() {
@@ -400,39 +385,7 @@ impl Launcher for Slurm {
             }
             let j = self.jobs.remove(k);
             live_remove(&j.id);
-            let seconds = j.running_since.map_or(0.0, |s| s.elapsed().as_secs_f64());
-            let ours = j.term_sent.is_some();
-            let (code, signal) = match exit_code(&j.id) {
-                Some((c, 0)) => (Some(c), None),
-                Some((_, s)) => (None, Some(s)),
-                None => (None, None),
-            };
-            let cluster = match state.as_str() {
-                "COMPLETED" | "FAILED" | "OUT_OF_MEMORY" => None,
-                "CANCELLED" if ours => None,
-                "TIMEOUT" => None,
-                "CANCELLED" => Some(format!("job {} was cancelled by someone else", j.id)),
-                "UNKNOWN" => Some(format!(
-                    "job {} is no longer known to Slurm; its end was not seen",
-                    j.id
-                )),
-                other => Some(format!("job {} ended {other}", j.id)),
-            };
-            ended.push((
-                j.trial,
-                Exit {
-                    code: if state == "TIMEOUT" { None } else { code },
-                    signal: if state == "TIMEOUT" {
-                        Some(libc::SIGKILL)
-                    } else {
-                        signal
-                    },
-                    seconds,
-                    timed_out: j.timed_out,
-                    cluster,
-                    fatal: false,
-                },
-            ));
+            ended.push((j.trial, final_exit(&j, &state)));
         }
         Ok(ended)
     }
@@ -526,6 +479,61 @@ impl Launcher for Slurm {
             }
             std::thread::sleep(POLL);
         }
+    }
+}
+
+/// The end of a job that waited in the queue longer than `--queue-timeout` (cancelled):
+/// fatal for the search, whose cluster cannot run it.
+fn queued_too_long_exit(j: &Job) -> Exit {
+    Exit {
+        code: None,
+        signal: None,
+        seconds: 0.0,
+        timed_out: false,
+        cluster: Some(format!(
+            "job {} waited in the queue for {} (PENDING, reason: {}), longer than --queue-timeout",
+            j.id,
+            crate::text::seconds(j.submitted.elapsed().as_secs_f64()),
+            if j.reason.is_empty() {
+                "none"
+            } else {
+                &j.reason
+            }
+        )),
+        fatal: true,
+    }
+}
+
+/// How a job that left the queue in `state` ended: its exit code (from `scontrol`), and
+/// whether the cluster, not the evaluator, ended it (cancelled by someone else, a node
+/// failure, forgotten by Slurm).
+fn final_exit(j: &Job, state: &str) -> Exit {
+    let seconds = j.running_since.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let ours = j.term_sent.is_some();
+    let (code, signal) = match exit_code(&j.id) {
+        Some((c, 0)) => (Some(c), None),
+        Some((_, s)) => (None, Some(s)),
+        None => (None, None),
+    };
+    let cluster = match state {
+        "COMPLETED" | "FAILED" | "OUT_OF_MEMORY" => None,
+        "CANCELLED" if ours => None,
+        "TIMEOUT" => None,
+        "CANCELLED" => Some(format!("job {} was cancelled by someone else", j.id)),
+        "UNKNOWN" => Some(format!(
+            "job {} is no longer known to Slurm; its end was not seen",
+            j.id
+        )),
+        other => Some(format!("job {} ended {other}", j.id)),
+    };
+    let timeout = state == "TIMEOUT";
+    Exit {
+        code: if timeout { None } else { code },
+        signal: if timeout { Some(libc::SIGKILL) } else { signal },
+        seconds,
+        timed_out: j.timed_out,
+        cluster,
+        fatal: false,
     }
 }
 
