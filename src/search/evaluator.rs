@@ -236,6 +236,30 @@ pub struct ScoreSpec {
     pub pointer: Option<String>,
     /// `--score-file TEMPLATE`.
     pub file: Option<Template>,
+    /// How long a score file that does not exist yet is waited for after its evaluator
+    /// ended: a network file system can show a file written on a compute node seconds later
+    /// ([`SCORE_FILE_WAIT`] with `--slurm`; zero for local evaluators).
+    pub wait: Duration,
+}
+
+/// How long a `--slurm` search waits for a score file to appear on the shared file system.
+pub const SCORE_FILE_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens the score file at `path` as [`open_regular`] does; while it does not exist, tries
+/// again for up to `wait`.
+fn open_score_file(path: &Path, wait: Duration) -> Result<(File, u64), ScoreError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match open_regular(path) {
+            Err(ScoreError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Why no score could be read.
@@ -472,7 +496,7 @@ impl ScoreSpec {
             Some(t) => {
                 let p = t.path(v);
                 let what = format!("the score file {}", p.display());
-                let (f, _) = open_regular(&p)?;
+                let (f, _) = open_score_file(&p, self.wait)?;
                 let modified =
                     f.metadata()
                         .and_then(|m| m.modified())
@@ -624,5 +648,29 @@ mod tests {
         ));
         assert!(parse_pointer("results/x").is_err());
         assert!(parse_pointer("").is_ok());
+    }
+
+    #[test]
+    fn a_score_file_is_waited_for_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("score.txt");
+        // Locally: a missing score file is an error at once.
+        assert!(matches!(
+            open_score_file(&p, Duration::ZERO),
+            Err(ScoreError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound
+        ));
+        // With a wait (Slurm): a file that appears later (written on a compute node, seen
+        // late through a network file system) is read.
+        let q = p.clone();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            // Whole at once, as a network file system shows a closed file.
+            let tmp = q.with_extension("tmp");
+            std::fs::write(&tmp, "0.5\n").unwrap();
+            std::fs::rename(&tmp, &q).unwrap();
+        });
+        let (_, len) = open_score_file(&p, Duration::from_secs(60)).unwrap();
+        writer.join().unwrap();
+        assert_eq!(len, 4);
     }
 }

@@ -78,6 +78,11 @@ pub fn search(args: &SearchArgs) -> Result<search::Config> {
         score: evaluator::ScoreSpec {
             pointer: args.score_json.clone(),
             file: score_file,
+            wait: if args.slurm.is_some() {
+                evaluator::SCORE_FILE_WAIT
+            } else {
+                std::time::Duration::ZERO
+            },
         },
         jobs: usize::from(args.jobs),
         timeout: args.timeout,
