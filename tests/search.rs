@@ -1715,6 +1715,7 @@ fn fake_slurm(s: &Scratch) -> (PathBuf, PathBuf) {
 for a; do script=$a; done
 case " $* " in *" -p nosuch "*) echo "sbatch: error: invalid partition specified: nosuch" >&2; echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2; exit 1;; esac
 n=$(( $(cat "$FAKE_SLURM/next" 2>/dev/null || echo 0) + 1 )); echo $n > "$FAKE_SLURM/next"
+for f in ${FAKE_NODE_FAIL:-}; do [ "$f" = "$n" ] && touch "$FAKE_SLURM/$n.nodefail"; done
 out=$(sed -n 's/^#SBATCH --output=//p' "$script"); err=$(sed -n 's/^#SBATCH --error=//p' "$script")
 setsid sh -c 'sh "$1" > "$2" 2> "$3"; echo $? > "$4.exit.tmp"; mv "$4.exit.tmp" "$4.exit"' sh "$script" "$out" "$err" "$FAKE_SLURM/$n" < /dev/null > /dev/null 2>&1 &
 echo $! > "$FAKE_SLURM/$n.pid"
@@ -1726,7 +1727,8 @@ echo $n"#,
 ids=
 while [ $# -gt 0 ]; do case $1 in -j) ids=$2; shift;; esac; shift; done
 for id in $(echo "$ids" | tr , ' '); do
-  if [ -e "$FAKE_SLURM/$id.cancelled" ] && ! kill -0 "$(cat "$FAKE_SLURM/$id.pid")" 2>/dev/null; then echo "$id CANCELLED None"
+  if [ -e "$FAKE_SLURM/$id.nodefail" ] && [ -e "$FAKE_SLURM/$id.exit" ]; then echo "$id NODE_FAIL None"
+  elif [ -e "$FAKE_SLURM/$id.cancelled" ] && ! kill -0 "$(cat "$FAKE_SLURM/$id.pid")" 2>/dev/null; then echo "$id CANCELLED None"
   elif [ -e "$FAKE_SLURM/$id.exit" ]; then
     if [ -e "$FAKE_SLURM/$id.cancelled" ]; then echo "$id CANCELLED None"
     elif [ "$(cat "$FAKE_SLURM/$id.exit")" = 0 ]; then echo "$id COMPLETED None"
@@ -1869,4 +1871,55 @@ fn a_slurm_timeout_cancels_with_term_first_then_hard_and_a_refused_submission_ab
             .count(),
         1
     );
+}
+
+/// Issue 23: a job the cluster ended (NODE_FAIL) is not a failure of α: the trial is recorded
+/// as interrupted and α runs again without spending its retries (here none are allowed, so
+/// a failure of α would stop the search); more cluster failures than the search allows stop
+/// it, saying so.
+#[test]
+fn a_node_failure_is_not_a_failure_of_alpha_and_runs_again() {
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let (bin, state) = fake_slurm(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    let out = with_fake_slurm(search(&s, &script), &bin, &state)
+        .env("FAKE_NODE_FAIL", "1")
+        .args(&[
+            "--slurm",
+            "",
+            "--retries",
+            "0",
+            "--max-failures",
+            "1",
+            "--json",
+        ])
+        .assert_ok();
+    let j = out.json.unwrap();
+    assert_eq!(j["best"]["alpha"].as_f64(), Some(0.3));
+    assert!(
+        out.stderr.contains("ended NODE_FAIL") && out.stderr.contains("runs again"),
+        "{}",
+        out.stderr
+    );
+    let events = ledger(&s);
+    let first = &events.iter().find(|e| e["event"] == "start").unwrap()["alpha"];
+    let starts = events
+        .iter()
+        .filter(|e| e["event"] == "start" && e["alpha"] == *first)
+        .count();
+    assert_eq!(starts, 2, "the α of the failed node ran again");
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "end" && e["state"] == "interrupted"));
+
+    // Every job failing on its node: the search stops after the few it allows.
+    let s = Scratch::new();
+    small_pair(&s, 9);
+    let (bin, state) = fake_slurm(&s);
+    let script = evaluator(&s, "eval.sh", &peak(0.3));
+    with_fake_slurm(search(&s, &script), &bin, &state)
+        .env("FAKE_NODE_FAIL", "1 2 3 4 5 6 7 8 9 10 11 12")
+        .args(&["--slurm", "", "-j", "1"])
+        .assert_fails(1, &["ended NODE_FAIL", "jobs were ended by the cluster"]);
 }
