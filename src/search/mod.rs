@@ -102,8 +102,7 @@ pub fn run(cfg: &Config, reporter: &dyn Observer) -> Result<std::process::ExitCo
     if cfg.resume {
         // Nothing is evaluated, built or deleted while an evaluator of the earlier run may
         // still read a candidate.
-        let jobs = resumed.ledger.replay()?.jobs;
-        launcher.recover(&jobs, cfg.kill_after, reporter)?;
+        launcher.recover(&resumed.jobs, cfg.kill_after, reporter)?;
     }
     resumed.check_unrecorded()?;
     let mut search = Search {

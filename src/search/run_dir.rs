@@ -81,6 +81,8 @@ pub(super) struct Resumed {
     /// Candidates a trial started to build, not recorded as built, with something at their
     /// place: the search refuses to go on once the earlier run's evaluators are stopped.
     pub(super) unrecorded: Vec<PathBuf>,
+    /// Each `job` event (how to find an earlier run's evaluators again), by trial.
+    pub(super) jobs: Vec<(u64, Value)>,
 }
 
 impl Resumed {
@@ -135,6 +137,8 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
         .collect();
     let incomplete: BTreeSet<PathBuf> = replay.deleting.iter().cloned().collect();
     let created: BTreeSet<PathBuf> = built.keys().chain(&incomplete).cloned().collect();
+    // Trial numbers go on after every trial the ledger knows, interrupted ones included.
+    let next_trial = replay.trials.iter().map(|t| t.trial).max().unwrap_or(0) + 1;
     // Finished trials stay; started-but-unfinished and interrupted ones run again.
     let trials: Vec<Trial> = replay
         .trials
@@ -145,13 +149,6 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
                 .is_some_and(|e| e.state != State::Interrupted)
         })
         .collect();
-    let next_trial = trials.iter().map(|t| t.trial).max().unwrap_or(0) + 1;
-    let next_trial = next_trial.max(
-        ledger
-            .replay()
-            .map(|r| r.trials.iter().map(|t| t.trial).max().unwrap_or(0) + 1)
-            .unwrap_or(1),
-    );
     Ok(Resumed {
         ledger,
         trials,
@@ -160,6 +157,7 @@ pub(super) fn resume(cfg: &Config, header: &Value, reporter: &dyn Reporter) -> R
         incomplete,
         next_trial,
         unrecorded,
+        jobs: replay.jobs,
     })
 }
 
