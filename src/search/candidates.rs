@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::ledger::{self, End, State, Trial};
+use super::ledger::{self, End, Trial};
 use super::rule::{self, Lat, Outcome};
 use super::{Abort, Search};
 use crate::build::{self, Settings as BuildSettings};
@@ -112,13 +112,7 @@ impl Search<'_> {
     /// Records `trials`, none of which started, as interrupted, and removes what was built.
     fn abandon(&mut self, trials: &[Trial]) {
         for trial in trials {
-            let end = End {
-                state: State::Interrupted,
-                score: None,
-                exit: None,
-                seconds: 0.0,
-                json: None,
-            };
+            let end = End::interrupted();
             let _ = self.ledger.append(&ledger::end_event(trial, &end));
             let needed = self.trials.iter().any(|t| t.output == trial.output);
             if trial.created && !needed && self.created.contains(&trial.output) {

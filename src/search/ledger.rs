@@ -113,6 +113,20 @@ pub struct End {
     pub json: Option<Value>,
 }
 
+impl End {
+    /// The end of a trial that did not run to its end (expo stopped it, or it never
+    /// started): it runs again on `--resume`.
+    pub fn interrupted() -> End {
+        End {
+            state: State::Interrupted,
+            score: None,
+            exit: None,
+            seconds: 0.0,
+            json: None,
+        }
+    }
+}
+
 /// One trial as the ledger records it.
 #[derive(Debug, Clone)]
 pub struct Trial {

@@ -238,16 +238,7 @@ impl Search<'_> {
         let record = match self.launcher.start(&spec) {
             Ok(r) => r,
             Err(e @ LaunchError::Refused { .. }) => {
-                let _ = self.store_end(
-                    trial,
-                    End {
-                        state: State::Interrupted,
-                        score: None,
-                        exit: None,
-                        seconds: 0.0,
-                        json: None,
-                    },
-                );
+                let _ = self.store_end(trial, End::interrupted());
                 return Err(Abort::Broken(anyhow::Error::new(e)));
             }
             Err(e) => return Err(Abort::Broken(anyhow::Error::new(e))),
@@ -306,14 +297,7 @@ impl Search<'_> {
         why: &str,
         fatal: bool,
     ) -> Result<(), Abort> {
-        let end = End {
-            state: State::Interrupted,
-            score: None,
-            exit: None,
-            seconds: 0.0,
-            json: None,
-        };
-        self.store_end(trial.clone(), end)?;
+        self.store_end(trial.clone(), End::interrupted())?;
         self.cluster_failures += 1;
         if fatal || self.cluster_failures > MAX_CLUSTER_FAILURES {
             return Err(Abort::Broken(anyhow::anyhow!(
