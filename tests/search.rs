@@ -36,15 +36,25 @@ fn calls(s: &Scratch) -> Vec<String> {
 
 /// `expo search --sft … --aligned … --eval 'sh SCRIPT {output}' --run RUN`.
 fn search(s: &Scratch, script: &Path) -> Expo {
-    expo(&["search"])
-        .arg("--sft")
-        .arg(s.path("sft"))
-        .arg("--aligned")
-        .arg(s.path("aligned"))
-        .arg("--eval")
-        .arg(format!("sh '{}' {{output}}", script.display()))
-        .arg("--run")
-        .arg(s.out("run"))
+    search_args(s, script)
+        .into_iter()
+        .skip(1)
+        .fold(expo(&["search"]), |e, a| e.arg(a))
+}
+
+/// The arguments of [`search`], for a search started as a child (failpoints, signals).
+fn search_args(s: &Scratch, script: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "search".into(),
+        "--sft".into(),
+        s.path("sft").into(),
+        "--aligned".into(),
+        s.path("aligned").into(),
+        "--eval".into(),
+        format!("sh '{}' {{output}}", script.display()).into(),
+        "--run".into(),
+        s.out("run").into(),
+    ]
 }
 
 fn ledger(s: &Scratch) -> Vec<Value> {
@@ -432,17 +442,7 @@ fn ctrl_c_while_candidates_are_built_leaves_nothing_behind() {
     let s = Scratch::new();
     small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
-    let args: Vec<std::ffi::OsString> = vec![
-        "search".into(),
-        "--sft".into(),
-        s.path("sft").into(),
-        "--aligned".into(),
-        s.path("aligned").into(),
-        "--eval".into(),
-        format!("sh '{}' {{output}}", script.display()).into(),
-        "--run".into(),
-        s.out("run").into(),
-    ];
+    let args = search_args(&s, &script);
     let paused = common::Paused::start(&args, "search-build", &s.path("fp"));
     paused.signal(libc::SIGINT);
     let (code, stderr) = paused.wait();
@@ -898,19 +898,8 @@ fn a_candidate_whose_deletion_was_cut_short_is_rebuilt_not_reused() {
         go = s.path("go").display(),
     );
     let script = evaluator(&s, "eval.sh", &body);
-    let args: Vec<std::ffi::OsString> = vec![
-        "search".into(),
-        "--sft".into(),
-        s.path("sft").into(),
-        "--aligned".into(),
-        s.path("aligned").into(),
-        "--eval".into(),
-        format!("sh '{}' {{output}}", script.display()).into(),
-        "--run".into(),
-        s.out("run").into(),
-        "-j".into(),
-        "2".into(),
-    ];
+    let mut args = search_args(&s, &script);
+    args.extend(["-j".into(), "2".into()]);
     let paused = common::Paused::start(&args, "search-delete", &s.path("fp"));
     let half = s.out("run").join("alpha-0.2");
     // The deletion got as far as the weights; then expo is killed.
@@ -1393,17 +1382,7 @@ fn a_candidate_built_but_not_yet_recorded_when_expo_was_killed_is_neither_used_n
     let s = Scratch::new();
     small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
-    let args: Vec<std::ffi::OsString> = vec![
-        "search".into(),
-        "--sft".into(),
-        s.path("sft").into(),
-        "--aligned".into(),
-        s.path("aligned").into(),
-        "--eval".into(),
-        format!("sh '{}' {{output}}", script.display()).into(),
-        "--run".into(),
-        s.out("run").into(),
-    ];
+    let args = search_args(&s, &script);
     let paused = common::Paused::start(&args, "search-built", &s.path("fp"));
     assert!(s.out("run").join("alpha-0.1/expo.json").exists());
     paused.signal(libc::SIGKILL);
@@ -1439,17 +1418,7 @@ fn a_candidate_that_could_not_be_deleted_is_left_not_kept() {
     let s = Scratch::new();
     small_pair(&s, 9);
     let script = evaluator(&s, "eval.sh", &peak(0.3));
-    let args: Vec<std::ffi::OsString> = vec![
-        "search".into(),
-        "--sft".into(),
-        s.path("sft").into(),
-        "--aligned".into(),
-        s.path("aligned").into(),
-        "--eval".into(),
-        format!("sh '{}' {{output}}", script.display()).into(),
-        "--run".into(),
-        s.out("run").into(),
-    ];
+    let args = search_args(&s, &script);
     let paused = common::Paused::start(&args, "search-delete", &s.path("fp"));
     // The first candidate out of contention is 0.1; something in it that expo will not
     // remove (deeper than it walks).
